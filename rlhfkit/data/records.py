@@ -167,3 +167,49 @@ def _reply(value: Any, where: Where, field: str) -> dict:
     if not msg["content"].strip():
         raise where.error("empty completion", f"{field}.content")
     return msg
+
+
+@dataclass
+class ComparisonPair:
+    """Two unlabelled replies to one prompt, as written by ``rlhfkit sample`` (one JSON line each).
+
+    ``a`` and ``b`` are assistant messages; labelling (a person, a judge, a simulated annotator)
+    turns a pair into a :class:`PreferenceRecord`. ``metadata`` holds how the replies were generated
+    (model, checkpoint, seed, sampling settings) and, for built-in tasks, the task name.
+    """
+
+    id: str
+    prompt: list[dict]
+    a: dict
+    b: dict
+    task: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: Where = NOWHERE) -> ComparisonPair:
+        if not isinstance(d, dict):
+            raise where.error(f"expected a JSON object, got {type(d).__name__}")
+        for key in ("id", "prompt", "a", "b"):
+            if key not in d:
+                raise where.error("missing field", key)
+        if not isinstance(d["id"], str) or not d["id"]:
+            raise where.error(f"must be a non-empty string, got {d['id']!r}", "id")
+        a, b = _reply(d["a"], where, "a"), _reply(d["b"], where, "b")
+        if a["content"] == b["content"]:
+            raise where.error("the two sides are identical; a comparison needs two different replies", "b")
+        return cls(
+            id=d["id"], prompt=check_messages(d["prompt"], where, "prompt", must_end_with="user"),
+            a=a, b=b, task=d.get("task"), metadata=dict(d.get("metadata") or {}),
+        )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def label(self, winner: str, **fields: Any) -> PreferenceRecord:
+        """A PreferenceRecord with ``winner`` ('a', 'b' or 'tie'; a tie keeps a as 'chosen')."""
+        if winner not in ("a", "b", "tie"):
+            raise ValueError(f"winner must be 'a', 'b' or 'tie', got {winner!r}")
+        chosen, rejected = (self.b, self.a) if winner == "b" else (self.a, self.b)
+        meta = {"pair_id": self.id, "task": self.task, **self.metadata, **fields.pop("metadata", {})}
+        return PreferenceRecord(prompt=self.prompt, chosen=chosen, rejected=rejected, tie=winner == "tie",
+                                metadata=meta, **fields)
