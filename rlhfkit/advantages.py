@@ -1,0 +1,224 @@
+"""KL estimators, reward shaping, advantage estimators and KL coefficient controllers.
+
+Shapes: B batch, T completion time steps. Masks are bool, ``True`` = a real completion token.
+Masked-out inputs are selected away with ``torch.where``, so padding values (even ``inf``) never leak
+into results. Everything here is normally called under ``torch.no_grad``, but stays differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhfkit.ops import exact_div, masked_whiten
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def kl_per_token(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π || π_ref) from tokens sampled from π (http://joschu.net/blog/kl-approx.html).
+
+    With ``log r = ref_per_token_logps - per_token_logps`` (= log π_ref(x)/π(x), x ~ π):
+        ``"k1"``: ``-log r = logp - ref``. Unbiased, high variance, can be negative per token.
+        ``"k2"``: ``½ (log r)²``. Biased (low bias near π = π_ref), low variance, >= 0.
+        ``"k3"``: ``(r - 1) - log r``. Unbiased and >= 0 for every sample (``e^u >= 1 + u``).
+    Args are (B, T); returns (B, T), not masked (the caller masks; padding may hold anything).
+    Sign: positive when π puts more mass than π_ref on what it samples. k3 overflows to ``inf`` once
+    ``ref - logp`` exceeds ~88 in fp32; that is the true value of the estimator, not clamped.
+    """
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {', '.join(KL_ESTIMATORS)}")
+    log_ratio = ref_per_token_logps - per_token_logps
+    if estimator == "k1":
+        return -log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    return torch.expm1(log_ratio) - log_ratio  # expm1: exact near r = 1 where k3 ~ ½(log r)²
+
+
+def _zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _check_rows_nonempty(mask: torch.Tensor, fn: str) -> None:
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):  # one host sync, once per rollout
+        rows = empty.nonzero().flatten().tolist()[:10]
+        raise ValueError(f"{fn}: rows {rows} have no True mask entry; every completion needs at least one token")
+
+
+def kl_shaped_rewards(
+    scores: torch.Tensor, per_token_kl: torch.Tensor, mask: torch.Tensor, beta: float
+) -> torch.Tensor:
+    """Per-token PPO rewards: ``-beta * kl_t`` at every valid token, plus the score at the last one.
+
+    Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", §2.2
+    (R(x, y) = r(x, y) - β log π(y|x)/ρ(y|x)), spread per token as in N implementation details #8.
+
+    Args:
+        scores: (B,) reward-model score per completion (after any EOS-trick penalty / normalisation).
+        per_token_kl: (B, T) e.g. ``kl_per_token(logps, ref_logps, "k1")``.
+        mask: (B, T) bool, True = completion token. Need not be a prefix; the score goes to the last
+            True position of each row.
+        beta: KL coefficient (>= 0).
+    Returns:
+        (B, T) rewards; masked positions are exactly 0. Raises ``ValueError`` for a row with no token.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = counts), got {mask.dtype}")
+    _check_rows_nonempty(mask, "kl_shaped_rewards")
+    rewards = torch.where(mask, -beta * per_token_kl, _zero(per_token_kl))
+    T = mask.shape[1]
+    last = T - 1 - mask.flip(1).int().argmax(dim=1)  # (B,) argmax returns the first max: last True
+    return rewards.scatter_add(1, last.unsqueeze(1), scores.to(rewards.dtype).unsqueeze(1))
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16), vectorised over B.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` and ``A_t = delta_t + gamma * lam * A_{t+1}``, where
+    t+1 means the next *valid* token of the row; after the last valid token ``V = 0`` and ``A = 0``
+    (the episode ends). Masked positions are skipped (so a mask with holes, e.g. tool output in a
+    multi-turn completion, chains across them) and are 0 in both outputs. Returns = A + V.
+
+    Args: rewards, values (B, T) float; mask (B, T) bool; gamma discount, lam GAE λ (N details #8:
+    gamma = 1, lam = 0.95). Returns ``(advantages, returns)``, both (B, T).
+
+    Worked example (one row, gamma = 0.9, lam = 0.5; the 4th position is padding)::
+
+        rewards = [0, 0, 1, *], values = [0.5, 0.4, 0.8, *], mask = [T, T, T, F]
+        delta_2 = 1 + 0.9*0   - 0.8 =  0.2     A_2 =  0.2
+        delta_1 = 0 + 0.9*0.8 - 0.4 =  0.32    A_1 =  0.32 + 0.45*0.2  = 0.41
+        delta_0 = 0 + 0.9*0.4 - 0.5 = -0.14    A_0 = -0.14 + 0.45*0.41 = 0.0445
+        advantages = [0.0445, 0.41, 0.2, 0], returns = [0.5445, 0.81, 1.0, 0]
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = counts), got {mask.dtype}")
+    zero = _zero(rewards)
+    B, T = rewards.shape
+    next_value = rewards.new_zeros(B)
+    next_adv = rewards.new_zeros(B)
+    advs_reversed = []
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        v = torch.where(m, values[:, t], zero)
+        delta = torch.where(m, rewards[:, t], zero) + gamma * next_value - v
+        adv_t = torch.where(m, delta + gamma * lam * next_adv, zero)
+        next_adv = torch.where(m, adv_t, next_adv)  # a masked step carries the future through unchanged
+        next_value = torch.where(m, v, next_value)
+        advs_reversed.append(adv_t)
+    advantages = torch.stack(advs_reversed[::-1], dim=1)
+    returns = torch.where(mask, advantages + values, zero)
+    return advantages, returns
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
+
+    ``scores`` (B,) holds consecutive groups of ``group_size`` completions of the same prompt.
+    ``scale=True``: ``(r_i - mean(r)) / (std(r) + eps)``, std with Bessel's correction (as TRL's
+    ``torch.std``); ``scale=False``: ``r_i - mean(r)`` (Dr. GRPO, Liu et al. 2025, drops the std that
+    up-weights too-easy/too-hard prompts). A group with equal scores gets advantage 0.
+    Returns (B,). ``group_size`` must be >= 2 and divide B (``exact_div``).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of 1 has no baseline), got {group_size}")
+    n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
+    grouped = scores.view(n_groups, group_size)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
+    for Learning from Human Feedback in LLMs"; the estimator is Kool et al. 2019's).
+
+    ``A_i = r_i - 1/(K-1) sum_{j != i} r_j`` within each consecutive group of ``K = group_size``
+    completions of one prompt (equivalently ``K/(K-1) (r_i - mean(r))``). Returns (B,).
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"leave-one-out needs group_size >= 2 (the baseline averages the other K-1), got {group_size}")
+    n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
+    grouped = scores.view(n_groups, group_size)
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - others_mean).reshape(-1)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """REINFORCE++ advantages (Hu 2025, arXiv 2501.03262): whitened discounted return-to-go.
+
+    ``G_t = r_t + gamma * G_{t+1}`` over the valid tokens of each row (masked positions skipped, as in
+    ``gae``), then whitened with mean shift over *all* valid tokens of the batch (global batch
+    normalisation, ``masked_whiten``). Usually ``rewards = kl_shaped_rewards(...)``.
+    Args (B, T); returns (B, T) with masked positions 0. Needs at least 2 valid tokens in the batch.
+    """
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = counts), got {mask.dtype}")
+    zero = _zero(rewards)
+    running = rewards.new_zeros(rewards.shape[0])
+    returns_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        running = torch.where(m, rewards[:, t] + gamma * running, running)
+        returns_reversed.append(torch.where(m, running, zero))
+    returns = torch.stack(returns_reversed[::-1], dim=1)
+    return masked_whiten(returns, mask, shift_mean=True)
+
+
+class FixedKLController:
+    """A constant KL coefficient ``beta`` (N details #11: β ≈ 0.05 in the TL;DR reproduction)."""
+
+    def __init__(self, beta: float):
+        if beta < 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+        self.beta = float(beta)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op; present so trainers treat both controllers alike."""
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
+
+
+class AdaptiveKLController:
+    """Proportional controller steering the observed KL to ``target`` (Ziegler et al. 2019, §2.2).
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``; ``beta <- beta * (1 + e * n_steps / horizon)``.
+    ``n_steps`` is how many samples (episodes) the KL was measured over since the last update, in the
+    same unit as ``horizon`` (Ziegler et al.: horizon 10000 samples). ``state_dict`` holds only
+    ``beta``; ``target``/``horizon`` are configuration and come from the (possibly edited) config.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: float):
+        if init_beta < 0:
+            raise ValueError(f"init_beta must be >= 0, got {init_beta}")
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+        self.beta = float(init_beta)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        current_kl = float(current_kl)
+        if not math.isfinite(current_kl):
+            raise ValueError(f"current_kl must be finite, got {current_kl}; the policy has diverged")
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta = float(state["beta"])
