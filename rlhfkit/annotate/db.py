@@ -1,0 +1,134 @@
+"""Database connections and schema migrations.
+
+SQLite (the default, ``sqlite:///annotate.db``) runs in WAL mode so page loads read while a label is
+written. Two SQLite facts shape this module:
+
+- A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY when another
+  connection committed in between (the busy timeout does not apply to that upgrade), so every
+  write transaction starts with ``BEGIN IMMEDIATE``.
+- SQLite's busy handler waits in sleeps of up to 100 ms, which would dominate label latency under
+  load. Writers in one server process therefore queue on a Python lock first; the busy timeout only
+  arbitrates between processes (a CLI import while the server runs).
+
+``synchronous=FULL``: a label is on disk before the server acknowledges it, so a power cut cannot
+lose an acknowledged label (``NORMAL`` in WAL mode survives process crashes but not power loss).
+
+PostgreSQL (``postgresql+psycopg://user:pass@host/db``) needs none of this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+class Database:
+    """Engines and session factories for one database URL.
+
+    ``write()`` yields a session inside a transaction that commits on exit (``BEGIN IMMEDIATE`` and
+    a process-wide writer lock on SQLite); ``read()`` yields a session for queries only.
+    """
+
+    def __init__(self, url: str, *, pool_size: int = 20):
+        self.url = check_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        if self.is_sqlite:
+            kw = {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S, "check_same_thread": False}}
+            if make_url(self.url).database in (None, "", ":memory:"):
+                raise ValueError("--db: an in-memory SQLite database cannot be shared by the server's "
+                                 "threads; give a file, e.g. sqlite:///annotate.db")
+            self.engine = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size, **kw)
+            self.read_engine = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size, **kw)
+            _sqlite_setup(self.engine, begin="BEGIN IMMEDIATE")
+            _sqlite_setup(self.read_engine, begin="BEGIN")
+        else:
+            self.engine = create_engine(self.url, pool_size=pool_size, max_overflow=pool_size,
+                                        pool_pre_ping=True)
+            self.read_engine = self.engine
+        self._write_factory = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_factory = sessionmaker(self.read_engine, expire_on_commit=False)
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        with self._write_lock, self._write_factory() as session, session.begin():
+            yield session
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._read_factory() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.read_engine is not self.engine:
+            self.read_engine.dispose()
+
+
+def check_url(url: str) -> str:
+    """Reject values that are not SQLAlchemy URLs with a message that shows the expected form."""
+    if "://" not in url:
+        raise ValueError(f"--db expects a database URL such as sqlite:///annotate.db or "
+                         f"postgresql+psycopg://user:password@127.0.0.1/dbname, got {url!r}")
+    try:
+        make_url(url)
+    except ArgumentError as e:
+        raise ValueError(f"--db: cannot parse {url!r}: {e}") from None
+    return url
+
+
+def _sqlite_setup(engine: Engine, *, begin: str) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_conn, _record):
+        # Let SQLAlchemy's "begin" event below issue BEGIN instead of the sqlite3 module.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(conn):
+        conn.exec_driver_sql(begin)
+
+
+def alembic_config(connection=None):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def upgrade(db: Database, revision: str = "head") -> None:
+    """Bring the schema up to ``revision`` (creating it on an empty database)."""
+    from alembic import command
+
+    # One transaction (DDL is transactional on SQLite and PostgreSQL): a failed upgrade changes nothing.
+    with db._write_lock, db.engine.begin() as conn:
+        command.upgrade(alembic_config(conn), revision)
+
+
+def current_revision(db: Database) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with db.read_engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def has_schema(db: Database) -> bool:
+    with db.read_engine.connect() as conn:
+        return inspect(conn).has_table("alembic_version")
