@@ -1,0 +1,105 @@
+"""The one entry point: ``rlhfkit <command>``.
+
+Training commands build their options from their config dataclass (``--field-name VALUE`` for every
+field, plus ``--config FILE.yaml``), so the command line, YAML files and the Python API agree.
+Modules are imported only for the command being run, so ``rlhfkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# command -> (module, config class, one-line description)
+TRAINERS = {
+    "sft": ("rlhfkit.train.sft", "SFTConfig", "supervised fine-tuning on chat data (assistant-only loss)"),
+}
+# command -> (module with main(argv) -> int, description)
+TOOLS = {
+    "info": ("rlhfkit.cli", "versions, device, threads and the bundled model's cache state"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rlhfkit",
+        description="Train dialogue models from human feedback.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(
+            f"  {name:<10} {desc}" for name, (*_, desc) in {**TRAINERS, **TOOLS}.items()
+        ) + "\n\nrun `rlhfkit COMMAND --help` for a command's options",
+    )
+    p.add_argument("command", choices=sorted({**TRAINERS, **TOOLS}), metavar="COMMAND")
+    return p
+
+
+def run_trainer(name: str, argv: list[str]) -> int:
+    from rlhfkit.config import ConfigError, add_config_arguments, config_from_args
+
+    module_name, cls_name, desc = TRAINERS[name]
+    module = importlib.import_module(module_name)
+    cls = getattr(module, cls_name)
+    parser = argparse.ArgumentParser(prog=f"rlhfkit {name}", description=desc)
+    add_config_arguments(parser, cls)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(cls, args)
+    except (ConfigError, ValueError) as e:
+        parser.error(str(e))
+    result = module.train(cfg)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def info(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="rlhfkit info", description=TOOLS["info"][1]).parse_args(argv)
+    import platform
+
+    import torch
+    import transformers
+
+    import rlhfkit
+    from rlhfkit.models import bundled_cache_state
+
+    rows = {
+        "rlhfkit": rlhfkit.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "cpu threads": torch.get_num_threads(),
+    }
+    for mod in ("accelerate", "peft", "datasets", "vllm", "trl"):
+        try:
+            rows[mod] = importlib.import_module(mod).__version__
+        except ImportError:
+            rows[mod] = "not installed"
+    for k, v in bundled_cache_state().items():
+        rows[f"bundled model {k}"] = v
+    width = max(map(len, rows))
+    for k, v in rows.items():
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in TRAINERS:
+        return run_trainer(name, rest)
+    if name == "info":
+        return info(rest)
+    if name in TOOLS:
+        module = importlib.import_module(TOOLS[name][0])
+        return int(module.main(rest) or 0)
+    _top_parser().parse_args(argv[:1])  # prints the usage error and exits 2
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Config dataclasses: YAML loading, command-line overrides, and the shared blocks every method uses.
+
+Each training method defines one dataclass whose fields carry a docstring (the string literal under
+the field). Defaults live in the dataclass only. ``load_config`` merges, in order: defaults, a YAML
+file whose keys mirror the dataclass, then command-line overrides; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the file and key."""
+
+
+@dataclass
+class CommonConfig:
+    """Fields every training command shares."""
+
+    model: str = "smollm2-135m-instruct"
+    """Model to start from: 'smollm2-135m-instruct' (bundled), 'tiny' (random 2-layer test model),
+    a local Hugging Face directory, or a hub id."""
+    output_dir: str | None = None
+    """Run directory; default runs/<method>-<time>."""
+    seed: int = 0
+    """Random seed. Each process adds its rank, so processes sample differently (N details #12)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (None: run the configured epochs/episodes)."""
+    log_every: int = 1
+    """Write metrics.jsonl every this many optimizer steps."""
+    save_every: int | None = None
+    """Save a checkpoint every this many steps (None: only at the end)."""
+    resume: str | None = None
+    """Checkpoint directory to resume from (runs/X/checkpoints/step-N), or 'auto' for the latest in output_dir."""
+    mixed_precision: str = "auto"
+    """'auto' (bf16 on CUDA with bf16 support, else fp16 on CUDA, none on CPU), 'no', 'bf16' or 'fp16'."""
+    report_to: str = "none"
+    """Extra trackers: 'none', 'tensorboard', 'wandb', or a comma-separated list."""
+    progress: bool = True
+    """Show a progress bar with ETA on the console."""
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring written under it, across the dataclass's bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or not dataclasses.is_dataclass(klass):
+            continue
+        docs.update(_class_field_docs(klass))
+    return docs
+
+
+@lru_cache(maxsize=None)
+def _class_field_docs(klass: type) -> dict[str, str]:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) and isinstance(nxt.value.value, str):
+                out[node.target.id] = " ".join(nxt.value.value.split())
+    return out
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value or command-line string to the field's type, or raise naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return str(value)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        return [coerce(v, inner, key) for v in value] if inner is not Any else list(value)
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def load_config(cls: type, path: str | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults <- YAML file <- overrides. Unknown keys raise ConfigError naming file and key."""
+    types_ = _field_types(cls)
+    values: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        for key, value in data.items():
+            if key not in types_:
+                raise ConfigError(f"{path}: unknown config key '{key}' for {cls.__name__}; known keys: {', '.join(types_)}")
+            try:
+                values[key] = coerce(value, types_[key], key)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for key, value in (overrides or {}).items():
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{key}' for {cls.__name__}")
+        values[key] = coerce(value, types_[key], f"--{key.replace('_', '-')}")
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name VALUE`` option per dataclass field, with the field's docstring as help."""
+    docs = field_docs(cls)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file whose keys mirror the config fields")
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = (docs.get(f.name, "") + f" (default: {default!r})").replace("%", "%%")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS,
+                            metavar="VALUE", help=help_)
+
+
+def config_from_args(cls: type, args: argparse.Namespace):
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return load_config(cls, getattr(args, "config", None), overrides)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+

@@ -1,0 +1,144 @@
+"""Plumbing shared by the trainers: accelerator and seeds, schedules, checkpoints, perf figures.
+
+No math lives here (that is in ops/losses/advantages); only the machinery every loop needs.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhfkit.tracking import RunDir, default_run_dir
+
+
+def make_accelerator(mixed_precision: str = "auto"):
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        if torch.cuda.is_available():
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mixed_precision = "no"
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {mixed_precision!r}")
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def device_report(acc) -> str:
+    if acc.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(acc.device)} x{acc.num_processes}, mixed precision {acc.mixed_precision}"
+    return f"CPU, {torch.get_num_threads()} threads per process x{acc.num_processes} processes"
+
+
+def open_run(cfg, method: str, acc, total_steps: int | None) -> RunDir:
+    """Create the run directory (on the main process) and record the resolved config."""
+    from rlhfkit.config import to_dict
+
+    if cfg.output_dir is None:
+        # every process must agree on the directory: take the main process's choice
+        from accelerate.utils import broadcast_object_list
+
+        name = [str(default_run_dir(method))]
+        if acc.num_processes > 1:
+            broadcast_object_list(name, from_process=0)
+        cfg.output_dir = name[0]
+    run = RunDir(cfg.output_dir, to_dict(cfg), method=method, is_main=acc.is_main_process,
+                 report_to=cfg.report_to, total_steps=total_steps, progress=cfg.progress)
+    if acc.is_main_process:
+        print(f"[rlhfkit] {method}: run dir {run.path} | {device_report(acc)}", flush=True)
+    return run
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """Linear warmup then ``kind`` decay (cosine / linear to 0, or constant); transformers' schedules."""
+    from transformers import get_scheduler
+
+    names = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    if kind not in names:
+        raise ValueError(f"lr_schedule must be one of {', '.join(names)}, got {kind!r}")
+    return get_scheduler(names[kind], optimizer, num_warmup_steps=warmup_steps, num_training_steps=max(total_steps, 1))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def perf_metrics(tokens: int, seconds: float, acc) -> dict:
+    out = {"perf/tokens_per_s": tokens / max(seconds, 1e-9), "perf/step_s": seconds, "perf/peak_rss_mb": peak_rss_mb()}
+    if acc.device.type == "cuda":
+        out["perf/peak_mem_mb"] = torch.cuda.max_memory_allocated(acc.device) / 2**20
+    return out
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.pt"
+
+
+def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimizer, scheduler, state: dict) -> Path:
+    """``checkpoints/step-N/``: the policy in Hugging Face format at the top level (loadable by plain
+    ``transformers`` and vLLM), other models (value, reward) in sub-folders, trainer state beside."""
+    path = run.path / "checkpoints" / f"step-{step}"
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        for name, model in models.items():
+            target = path if name == "policy" else path / name
+            acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
+            tokenizer.save_pretrained(target)
+        torch.save({
+            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            **state,
+        }, path / STATE_FILE)
+    acc.wait_for_everyone()
+    return path
+
+
+def find_checkpoint(resume: str | None, output_dir: str | None) -> Path | None:
+    """Resolve ``resume``: a checkpoint dir, or 'auto' = the latest step-N in output_dir (if any)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        ckpts = sorted((Path(output_dir or ".") / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not (p / STATE_FILE).exists():
+        raise FileNotFoundError(f"resume: {p} is not a checkpoint directory (no {STATE_FILE})")
+    return p
+
+
+def load_trainer_state(path: Path) -> dict:
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    rng = state.pop("rng", None)
+    if rng:
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+    return state
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def num_threads_note() -> str:
+    return f"torch threads={torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})"

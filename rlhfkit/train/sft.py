@@ -1,0 +1,237 @@
+"""Supervised fine-tuning on chat data, loss on assistant tokens only.
+
+Reads top to bottom: the config, then ``train(cfg)`` whose loop is numbered phases. Runs under
+``accelerate`` (one process, or several via ``torchrun``/``accelerate launch``).
+
+Batch vocabulary (shared by every rlhfkit method): ``batch_size`` sequences per optimizer step
+across all processes = ``micro_batch_size`` x ``grad_accum_steps`` x processes.
+
+Loss normalisation: token mean over the *whole global batch* — each micro-batch's summed NLL is
+divided by the global batch's loss-token count, so 1 x 8 accumulation equals 8 x 1 and two
+processes equal one (the gradient-accumulation bug TRL/transformers fixed in 2024 came from
+averaging per micro-batch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.config import CommonConfig
+from rlhfkit.data.chat import TokenizedChat, tokenize_chat
+from rlhfkit.data.records import Where
+from rlhfkit.ops import exact_div
+from rlhfkit.train import runtime
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    data: str = "builtin:demo-sft"
+    """Training conversations: a JSONL/Parquet file, a save_to_disk directory, a hub dataset name, or
+    'builtin:demo-sft' (the bundled model's own greedy replies to the built-in train prompts)."""
+    eval_data: str | None = None
+    """Held-out conversations (same formats); None: hold out eval_fraction of data."""
+    eval_fraction: float = 0.05
+    """Fraction of data held out for eval loss when eval_data is None (0 disables)."""
+    max_length: int = 512
+    """Maximum tokens per conversation; longer ones are right-truncated (a prompt alone longer is an error)."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set)."""
+    batch_size: int = 16
+    """Sequences per optimizer step, summed over processes and accumulation steps."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass per process; batch_size / (micro_batch_size x processes) = accumulation steps."""
+    lr: float = 2e-5
+    """AdamW peak learning rate (typical 1e-6..1e-4 for full fine-tuning)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.03
+    """Fraction of steps with linear warmup."""
+    lr_schedule: str = "cosine"
+    """Decay after warmup: cosine, linear (both to 0) or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    packing: str = "padding_free"
+    """'padding_free': each micro-batch is one row of concatenated conversations with position ids
+    restarting per conversation (no pad tokens computed); 'padded': right-padded rows, length-grouped."""
+    eval_every: int = 50
+    """Compute the eval loss every this many steps (and at the end)."""
+    stop_at_step: int | None = None
+    """Stop (saving a checkpoint) at this step without changing the LR schedule: splits one run into parts."""
+
+    def validate(self) -> None:
+        if self.packing not in ("padding_free", "padded"):
+            raise ValueError(f"packing must be 'padding_free' or 'padded', got {self.packing!r}")
+
+
+def load_sft_data(source: str, tok, max_length: int) -> list[TokenizedChat]:
+    """Conversations from ``source``, tokenized with assistant masks."""
+    if source == "builtin:demo-sft":
+        from rlhfkit.data.builtin import demo_sft_conversations
+
+        convs = [(Where("builtin:demo-sft", i + 1), c) for i, c in enumerate(demo_sft_conversations())]
+    else:
+        from rlhfkit.data.formats import to_conversation
+        from rlhfkit.data.io import read_rows
+
+        convs = [(where, to_conversation(row, where)) for where, row in read_rows(source)]
+    out = [tokenize_chat(tok, c.messages, max_length, where) for where, c in convs]
+    if not out:
+        raise ValueError(f"{source}: no conversations")
+    return out
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Deterministic shuffled order for an epoch, cut into global batches (incomplete tail dropped)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def collate(examples: list[TokenizedChat], packing: str, pad_id: int) -> dict:
+    """Inputs for one forward pass; ``target_pos`` are the (row, position) pairs whose *next* token
+    is a loss token, so logits are computed only there (no full-vocab work on prompt tokens)."""
+    if packing == "padding_free":
+        ids = torch.tensor([i for e in examples for i in e.input_ids])[None]
+        pos = torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None]
+        mask = torch.tensor([m for e in examples for m in e.loss_mask])[None]
+        # a position's next token counts if it is a loss token inside the same conversation
+        nxt = torch.zeros_like(mask)
+        nxt[:, :-1] = mask[:, 1:] & (pos[:, 1:] != 0)
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": None, "next_is_target": nxt}
+    examples = sorted(examples, key=lambda e: len(e.input_ids))
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    att = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.bool)
+    for r, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[r, :n], att[r, :n], mask[r, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.loss_mask)
+    nxt = torch.zeros_like(mask)
+    nxt[:, :-1] = mask[:, 1:]
+    return {"input_ids": ids, "position_ids": None, "attention_mask": att, "next_is_target": nxt}
+
+
+def summed_nll(model, batch: dict, device) -> tuple[torch.Tensor, int]:
+    """Sum of -log p(target) over target tokens, and their count."""
+    ids = batch["input_ids"].to(device)
+    nxt = batch["next_is_target"].to(device)
+    kwargs = {"use_cache": False}
+    if batch["position_ids"] is not None:
+        kwargs["position_ids"] = batch["position_ids"].to(device)
+    if batch["attention_mask"] is not None:
+        kwargs["attention_mask"] = batch["attention_mask"].to(device)
+    if ids.shape[0] == 1:
+        keep = nxt[0].nonzero().squeeze(-1)
+        logits = model(ids, logits_to_keep=keep, **kwargs).logits[0]  # (K, V)
+        targets = ids[0, keep + 1]
+    else:
+        hidden = model(ids, **kwargs).logits  # (B, T, V); padded mode computes every position
+        logits, targets = hidden[nxt], ids[:, 1:][nxt[:, :-1]]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+@torch.no_grad()
+def eval_loss(model, data: list[TokenizedChat], cfg: SFTConfig, pad_id: int, acc) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device)
+    shard = data[acc.process_index::acc.num_processes]
+    for i in range(0, len(shard), cfg.micro_batch_size):
+        nll, n = summed_nll(model, collate(shard[i:i + cfg.micro_batch_size], cfg.packing, pad_id), acc.device)
+        total += nll
+        count += n
+    total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+    model.train()
+    return (total / count.clamp(min=1)).item()
+
+
+def train(cfg: SFTConfig) -> dict:
+    from rlhfkit.models import load_model
+
+    # 1. runtime: accelerator, per-process seed, model
+    acc = runtime.make_accelerator(cfg.mixed_precision)
+    runtime.seed_everything(cfg.seed + acc.process_index)
+    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
+    model, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model.config.use_cache = False
+
+    # 2. data: tokenize, split off eval, fix the step count
+    data = load_sft_data(cfg.data, tok, cfg.max_length)
+    if cfg.eval_data:
+        eval_set = load_sft_data(cfg.eval_data, tok, cfg.max_length)
+    else:
+        n_eval = int(len(data) * cfg.eval_fraction)
+        perm = np.random.default_rng(cfg.seed).permutation(len(data))
+        eval_set, data = [data[i] for i in perm[:n_eval]], [data[i] for i in perm[n_eval:]]
+    local_bs = exact_div(cfg.batch_size, acc.num_processes, "batch_size / processes")
+    accum = exact_div(local_bs, cfg.micro_batch_size, "batch_size / (micro_batch_size x processes)")
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(data)} conversations, fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+
+    # 3. optimizer and schedule
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, opt = acc.prepare(model, opt)
+    step = 0
+    if ckpt:
+        state = runtime.load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    run = runtime.open_run(cfg, "sft", acc, total_steps)
+    run.advance(step)
+    model.train()
+    last_stop = min(total_steps, cfg.stop_at_step or total_steps)
+    result = {"run_dir": str(run.path)}
+
+    while step < last_stop:
+        epoch, i = divmod(step, steps_per_epoch)
+        gbatch = global_batches(len(data), cfg.batch_size, cfg.seed, epoch)[i]
+        examples = [data[j] for j in gbatch]
+        # 4. the loss denominator: loss tokens in the whole global batch, known to every process
+        global_tokens = sum(sum(e.loss_mask[1:]) for e in examples)
+        local = examples[acc.process_index * local_bs:(acc.process_index + 1) * local_bs]
+        with runtime.Timer() as t:
+            # 5. forward/backward over micro-batches, syncing gradients only on the last
+            loss_sum = 0.0
+            for k in range(accum):
+                micro = collate(local[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size], cfg.packing, tok.pad_token_id)
+                ctx = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
+                with ctx:
+                    nll, _ = summed_nll(model, micro, acc.device)
+                    # DDP averages gradients over processes; multiply back so the result is sum/global_tokens
+                    acc.backward(nll / max(global_tokens, 1) * acc.num_processes)
+                loss_sum += nll.item()
+            # 6. clip and step
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        # 7. log (the loss summed over processes / global token count = the true global token mean)
+        loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(global_tokens, 1)
+        metrics = {"loss/sft": loss, "optim/lr": sched.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
+                   **runtime.perf_metrics(sum(len(e.input_ids) for e in examples), t.seconds, acc)}
+        if grad_norm is not None:
+            metrics["optim/grad_norm"] = float(grad_norm)
+        if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
+            metrics["eval/loss"] = eval_loss(model, eval_set, cfg, tok.pad_token_id, acc)
+            result["eval_loss"] = metrics["eval/loss"]
+        if step % cfg.log_every == 0 or step == last_stop:
+            run.log(step, metrics)
+        run.advance()
+        result["loss"] = loss
+        # 8. checkpoint
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last_stop:
+            result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
+    run.close()
+    result["steps"] = step
+    return result
