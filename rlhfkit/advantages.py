@@ -16,7 +16,9 @@ from rlhfkit.ops import exact_div, masked_whiten
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def kl_per_token(per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_per_token(
+    per_token_logps: torch.Tensor, ref_per_token_logps: torch.Tensor, estimator: str
+) -> torch.Tensor:
     """Per-token estimate of KL(π || π_ref) from tokens sampled from π (http://joschu.net/blog/kl-approx.html).
 
     With ``log r = ref_per_token_logps - per_token_logps`` (= log π_ref(x)/π(x), x ~ π):
@@ -45,7 +47,9 @@ def _check_rows_nonempty(mask: torch.Tensor, fn: str) -> None:
     empty = ~mask.any(dim=1)
     if bool(empty.any()):  # one host sync, once per rollout
         rows = empty.nonzero().flatten().tolist()[:10]
-        raise ValueError(f"{fn}: rows {rows} have no True mask entry; every completion needs at least one token")
+        raise ValueError(
+            f"{fn}: rows {rows} have no True mask entry; every completion needs at least one token"
+        )
 
 
 def kl_shaped_rewards(
@@ -115,7 +119,9 @@ def gae(
     return advantages, returns
 
 
-def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
 
     ``scores`` (B,) holds consecutive groups of ``group_size`` completions of the same prompt.
@@ -146,7 +152,9 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     if scores.dim() != 1:
         raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
     if group_size < 2:
-        raise ValueError(f"leave-one-out needs group_size >= 2 (the baseline averages the other K-1), got {group_size}")
+        raise ValueError(
+            f"leave-one-out needs group_size >= 2 (the baseline averages the other K-1), got {group_size}"
+        )
     n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
     grouped = scores.view(n_groups, group_size)
     others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)

@@ -21,7 +21,9 @@ def exact_div(a: int, b: int, what: str = "") -> int:
     if b == 0:
         raise ValueError(f"{label}cannot divide {a} by 0")
     if a % b != 0:
-        raise ValueError(f"{label}{a} is not divisible by {b} (remainder {a % b}); choose sizes that divide exactly")
+        raise ValueError(
+            f"{label}{a} is not divisible by {b} (remainder {a % b}); choose sizes that divide exactly"
+        )
     return a // b
 
 
@@ -64,7 +66,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     if n == 0:
         raise ValueError("masked_var: the mask has no True entry; there is nothing to take the variance of")
     if unbiased and n == 1:
-        raise ValueError("masked_var: a single True entry has no unbiased variance; pass unbiased=False or more data")
+        raise ValueError(
+            "masked_var: a single True entry has no unbiased variance; pass unbiased=False or more data"
+        )
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
@@ -72,7 +76,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` with mean/var (unbiased) over the True entries of ``mask``.
 
     With ``shift_mean=False`` the mean is added back (scale only): N implementation details #9 whiten
@@ -173,5 +179,7 @@ def aggregate_loss(
     if mode == "seq_mean":
         return masked_mean(per_token, mask, dim=1).mean()
     if max_tokens is None or max_tokens <= 0:
-        raise ValueError(f"aggregation 'dr_grpo' needs max_tokens > 0 (the max completion length), got {max_tokens}")
+        raise ValueError(
+            f"aggregation 'dr_grpo' needs max_tokens > 0 (the max completion length), got {max_tokens}"
+        )
     return masked_sum(per_token, mask) / (max_tokens * per_token.shape[0])

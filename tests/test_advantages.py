@@ -96,7 +96,10 @@ def test_kl_shaped_rewards_padding_never_contributes():
     perturbed = kl.clone()
     perturbed[~mask] += 1e6
     torch.testing.assert_close(
-        kl_shaped_rewards(scores, kl, mask, 0.2), kl_shaped_rewards(scores, perturbed, mask, 0.2), atol=0, rtol=0
+        kl_shaped_rewards(scores, kl, mask, 0.2),
+        kl_shaped_rewards(scores, perturbed, mask, 0.2),
+        atol=0,
+        rtol=0,
     )
 
 
@@ -211,7 +214,9 @@ def test_leave_one_out_by_hand():
     """(1, 2, 3): 1 - (2+3)/2 = -1.5, 2 - (1+3)/2 = 0, 3 - (1+2)/2 = 1.5; (0, 4): -4, 4."""
     out = leave_one_out_advantages(torch.tensor([1.0, 2.0, 3.0]), 3)
     torch.testing.assert_close(out, torch.tensor([-1.5, 0.0, 1.5]))
-    torch.testing.assert_close(leave_one_out_advantages(torch.tensor([0.0, 4.0]), 2), torch.tensor([-4.0, 4.0]))
+    torch.testing.assert_close(
+        leave_one_out_advantages(torch.tensor([0.0, 4.0]), 2), torch.tensor([-4.0, 4.0])
+    )
 
 
 def test_leave_one_out_equals_scaled_mean_baseline():
@@ -235,7 +240,9 @@ def test_reinforce_pp_by_hand():
     mask = torch.tensor([[True, True], [True, False]])
     out = reinforce_pp_advantages(rewards, mask, gamma=0.5)
     s = math.sqrt(7 / 12)
-    torch.testing.assert_close(out, torch.tensor([[(0.5 - 7 / 6) / s, (1 - 7 / 6) / s], [(2 - 7 / 6) / s, 0.0]]))
+    torch.testing.assert_close(
+        out, torch.tensor([[(0.5 - 7 / 6) / s, (1 - 7 / 6) / s], [(2 - 7 / 6) / s, 0.0]])
+    )
 
 
 def test_reinforce_pp_matches_naive():

@@ -20,13 +20,28 @@ from rlhfkit.losses.dpo import (
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-METRIC_KEYS = {"rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"}
+METRIC_KEYS = {
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+}
 LOG2 = math.log(2.0)
 NEG_LOG_SIG_HALF = math.log1p(math.exp(-0.5))  # -log σ(0.5) = 0.474077
 NEG_LOG_SIG_MHALF = math.log1p(math.exp(0.5))  # -log σ(-0.5) = 0.974077
 
 
-def pair(chosen=-1.0, rejected=-2.0, ref_chosen=-1.5, ref_rejected=-1.5, chosen_len=2.0, rejected_len=4.0, grad=False):
+def pair(
+    chosen=-1.0,
+    rejected=-2.0,
+    ref_chosen=-1.5,
+    ref_rejected=-1.5,
+    chosen_len=2.0,
+    rejected_len=4.0,
+    grad=False,
+):
     """One pair; by default h = (-1 + 1.5) - (-2 + 1.5) = 1."""
     c = torch.tensor([chosen], requires_grad=grad)
     r = torch.tensor([rejected], requires_grad=grad)
@@ -66,7 +81,12 @@ def test_sigmoid_by_hand():
 
 def test_sigmoid_margin_is_subtracted_inside():
     """β h = 0.5, margin 0.5 -> -log σ(0) = log 2; margin 1 -> -log σ(-0.5) = 0.974077."""
-    p = PairLogps(torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -2.0]), torch.tensor([-1.5, -1.5]), torch.tensor([-1.5, -1.5]))
+    p = PairLogps(
+        torch.tensor([-1.0, -1.0]),
+        torch.tensor([-2.0, -2.0]),
+        torch.tensor([-1.5, -1.5]),
+        torch.tensor([-1.5, -1.5]),
+    )
     loss, _ = sigmoid_loss(p, beta=0.5, margin=torch.tensor([0.5, 1.0]))
     torch.testing.assert_close(loss, torch.tensor([LOG2, NEG_LOG_SIG_MHALF]))
 
@@ -142,7 +162,14 @@ def test_ipo_is_minimised_at_the_target_margin():
     """Chosen logp such that h̄ = 1/(2β) exactly: loss 0, gradient 0; the gradient points to it."""
     beta = 0.5  # target h̄ = 1; with ref 0, rejected 0, length 2: chosen = 2
     for chosen, expected_grad_sign in ((2.0, 0), (1.0, -1), (3.0, 1)):
-        p = PairLogps(torch.tensor([chosen], requires_grad=True), torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.tensor([2.0]), torch.tensor([3.0]))
+        p = PairLogps(
+            torch.tensor([chosen], requires_grad=True),
+            torch.zeros(1),
+            torch.zeros(1),
+            torch.zeros(1),
+            torch.tensor([2.0]),
+            torch.tensor([3.0]),
+        )
         loss, _ = ipo_loss(p, beta)
         loss.sum().backward()
         g = p.chosen_logps.grad.item()
@@ -200,7 +227,12 @@ def test_orpo_log1mexp_is_accurate_and_certain_completions_stay_finite():
     """Compare log odds against float64 over ā from -50 to -1e-6; ā = 0 (probability 1) gives finite
     loss and gradients thanks to the -eps clamp."""
     a = torch.tensor([-50.0, -5.0, -0.7, -0.69, -0.1, -1e-3, -1e-6])
-    p = PairLogps(a.clone(), torch.full_like(a, -1.0), chosen_lengths=torch.ones_like(a), rejected_lengths=torch.ones_like(a))
+    p = PairLogps(
+        a.clone(),
+        torch.full_like(a, -1.0),
+        chosen_lengths=torch.ones_like(a),
+        rejected_lengths=torch.ones_like(a),
+    )
     _, m = orpo_loss(p, beta=1.0)
     a64 = a.double()
     lo = lambda x: x - torch.log(-torch.expm1(x))
@@ -239,7 +271,15 @@ def test_every_loss_is_per_pair_and_reports_its_metrics(name):
 def test_gradient_raises_chosen_and_lowers_rejected(name):
     """At a point where no loss is saturated (β h = 0.1 < 1 for hinge; h̄ below the IPO target), a
     gradient step increases the chosen logp and decreases the rejected one."""
-    p = pair(chosen=-3.0, rejected=-3.2, ref_chosen=-3.0, ref_rejected=-3.0, chosen_len=3.0, rejected_len=3.0, grad=True)
+    p = pair(
+        chosen=-3.0,
+        rejected=-3.2,
+        ref_chosen=-3.0,
+        ref_rejected=-3.0,
+        chosen_len=3.0,
+        rejected_len=3.0,
+        grad=True,
+    )
     loss, _ = DPO_LOSSES[name](p, beta=0.5)
     loss.sum().backward()
     assert p.chosen_logps.grad.item() < 0, name
@@ -302,7 +342,9 @@ def test_kto_gradients_and_detached_reference_point():
 
 
 def test_kto_all_desirable_has_zero_rejected_metrics():
-    _, m = kto_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([True]), torch.tensor(0.0), beta=0.1)
+    _, m = kto_loss(
+        torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([True]), torch.tensor(0.0), beta=0.1
+    )
     assert m["rewards/rejected"].item() == 0.0 and m["logps/rejected"].item() == 0.0
     with pytest.raises(TypeError, match="bool"):
         kto_loss(torch.zeros(1), torch.zeros(1), torch.ones(1), torch.tensor(0.0), beta=0.1)

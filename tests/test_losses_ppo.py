@@ -53,7 +53,12 @@ def test_policy_loss_uses_the_requested_aggregation(mode):
 def one_token_grad(ratio, advantage, clip_eps=0.2, clip_eps_high=None):
     logp = torch.tensor([[math.log(ratio)]], requires_grad=True)
     loss, m = ppo_policy_loss(
-        logp, torch.zeros(1, 1), torch.tensor([[advantage]]), torch.ones(1, 1, dtype=torch.bool), clip_eps, clip_eps_high
+        logp,
+        torch.zeros(1, 1),
+        torch.tensor([[advantage]]),
+        torch.ones(1, 1, dtype=torch.bool),
+        clip_eps,
+        clip_eps_high,
     )
     loss.backward()
     return logp.grad.item(), m["policy/clipfrac"].item()
@@ -161,7 +166,9 @@ def test_value_clip_engages_exactly_past_eps():
     v - R). Moving away from R is never stopped (v = -0.201: (1.201)² beats (1.2)²)."""
     for v, expect_zero in ((0.199, False), (0.201, True), (-0.201, False)):
         values = torch.tensor([[v]], requires_grad=True)
-        loss, _ = value_loss(values, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), 0.2)
+        loss, _ = value_loss(
+            values, torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1, dtype=torch.bool), 0.2
+        )
         loss.backward()
         assert (values.grad.item() == 0.0) == expect_zero
 

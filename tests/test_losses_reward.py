@@ -27,7 +27,9 @@ def test_bradley_terry_by_hand():
 
 def test_margin_is_subtracted_inside_the_sigmoid():
     """d = 1, m = 1 -> -log σ(0) = log 2; d = 1, m = 2 -> -log σ(-1) = 1.313262."""
-    loss, _ = bradley_terry_loss(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), margin=torch.tensor([1.0, 2.0]))
+    loss, _ = bradley_terry_loss(
+        torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), margin=torch.tensor([1.0, 2.0])
+    )
     torch.testing.assert_close(loss, torch.tensor((math.log(2) + LOG_SIG_M1) / 2))
 
 

@@ -133,7 +133,9 @@ def test_selective_log_softmax_matches_naive(dtype):
     g = torch.Generator().manual_seed(4)
     logits = (torch.randn(3, 5, 50, generator=g) * 4).to(dtype)
     index = torch.randint(0, 50, (3, 5), generator=g)
-    torch.testing.assert_close(selective_log_softmax(logits, index), naive_selective_log_softmax(logits, index), **TOL)
+    torch.testing.assert_close(
+        selective_log_softmax(logits, index), naive_selective_log_softmax(logits, index), **TOL
+    )
 
 
 def test_selective_log_softmax_gradient_matches_naive():
@@ -189,7 +191,9 @@ def test_entropy_known_values():
 def test_entropy_matches_naive_for_any_chunking(chunk_size):
     g = torch.Generator().manual_seed(7)
     logits = torch.randn(3, 11, 40, generator=g) * 3
-    torch.testing.assert_close(entropy_from_logits(logits, chunk_size=chunk_size), naive_entropy(logits), **TOL)
+    torch.testing.assert_close(
+        entropy_from_logits(logits, chunk_size=chunk_size), naive_entropy(logits), **TOL
+    )
 
 
 def test_entropy_bf16_and_bad_chunk():
@@ -215,7 +219,9 @@ def test_aggregate_loss_by_hand():
     assert AGGREGATIONS == ("token_mean", "seq_mean", "dr_grpo")
     torch.testing.assert_close(aggregate_loss(PER_TOKEN, AGG_MASK, "token_mean"), torch.tensor(2.5))
     torch.testing.assert_close(aggregate_loss(PER_TOKEN, AGG_MASK, "seq_mean"), torch.tensor(3.0))
-    torch.testing.assert_close(aggregate_loss(PER_TOKEN, AGG_MASK, "dr_grpo", max_tokens=5), torch.tensor(1.0))
+    torch.testing.assert_close(
+        aggregate_loss(PER_TOKEN, AGG_MASK, "dr_grpo", max_tokens=5), torch.tensor(1.0)
+    )
 
 
 @pytest.mark.parametrize("mode", AGGREGATIONS)
@@ -243,7 +249,10 @@ def test_aggregate_loss_accumulation_invariance():
     m = torch.arange(6)[None, :] < lengths[:, None]
     for mode in ("seq_mean", "dr_grpo"):
         whole = aggregate_loss(x, m, mode, max_tokens=6)
-        halves = (aggregate_loss(x[:2], m[:2], mode, max_tokens=6) + aggregate_loss(x[2:], m[2:], mode, max_tokens=6)) / 2
+        halves = (
+            aggregate_loss(x[:2], m[:2], mode, max_tokens=6)
+            + aggregate_loss(x[2:], m[2:], mode, max_tokens=6)
+        ) / 2
         torch.testing.assert_close(whole, halves, **TOL)
     whole = aggregate_loss(x, m, "token_mean")
     halves = (aggregate_loss(x[:2], m[:2], "token_mean") + aggregate_loss(x[2:], m[2:], "token_mean")) / 2

@@ -48,7 +48,13 @@ class PairLogps:
         shape = self.chosen_logps.shape
         if len(shape) != 1:
             raise ValueError(f"PairLogps fields must be (B,), chosen_logps has shape {tuple(shape)}")
-        for name in ("rejected_logps", "ref_chosen_logps", "ref_rejected_logps", "chosen_lengths", "rejected_lengths"):
+        for name in (
+            "rejected_logps",
+            "ref_chosen_logps",
+            "ref_rejected_logps",
+            "chosen_lengths",
+            "rejected_lengths",
+        ):
             value = getattr(self, name)
             if value is not None and value.shape != shape:
                 raise ValueError(f"PairLogps.{name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
@@ -68,7 +74,9 @@ def _require_reference(p: PairLogps, loss: str) -> tuple[torch.Tensor, torch.Ten
 def _lengths(p: PairLogps, loss: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion lengths as floats of the logps dtype, (B,) each."""
     if p.chosen_lengths is None or p.rejected_lengths is None:
-        raise ValueError(f"the {loss!r} loss is length-normalised: set PairLogps.chosen_lengths and rejected_lengths")
+        raise ValueError(
+            f"the {loss!r} loss is length-normalised: set PairLogps.chosen_lengths and rejected_lengths"
+        )
     dtype = p.chosen_logps.dtype
     return p.chosen_lengths.to(dtype), p.rejected_lengths.to(dtype)
 
