@@ -87,6 +87,8 @@ def gae(
     t+1 means the next *valid* token of the row; after the last valid token ``V = 0`` and ``A = 0``
     (the episode ends). Masked positions are skipped (so a mask with holes, e.g. tool output in a
     multi-turn completion, chains across them) and are 0 in both outputs. Returns = A + V.
+    Naive equivalent: a python loop per row over that row's valid tokens (``naive_gae`` in
+    ``tests/test_advantages.py``, compared on random right-padded and holed masks).
 
     Args: rewards, values (B, T) float; mask (B, T) bool; gamma discount, lam GAE λ (N details #8:
     gamma = 1, lam = 0.95). Returns ``(advantages, returns)``, both (B, T).
@@ -166,7 +168,8 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
 
     ``G_t = r_t + gamma * G_{t+1}`` over the valid tokens of each row (masked positions skipped, as in
     ``gae``), then whitened with mean shift over *all* valid tokens of the batch (global batch
-    normalisation, ``masked_whiten``). Usually ``rewards = kl_shaped_rewards(...)``.
+    normalisation, ``masked_whiten``). Usually ``rewards = kl_shaped_rewards(...)``. Naive equivalent:
+    a per-row python loop for G, then ``(G[mask] - G[mask].mean()) / G[mask].std()`` (tested).
     Args (B, T); returns (B, T) with masked positions 0. Needs at least 2 valid tokens in the batch.
     """
     if mask.dtype != torch.bool:
