@@ -1,5 +1,7 @@
 """Format converters: each public layout → our records, auto-detection, and the error for each bad row."""
 
+import re
+
 import pytest
 
 from rlhfkit.data.formats import (
@@ -230,3 +232,17 @@ def test_pair_keeps_unknown_keys():
     row = {"id": "p1", "prompt": [U("q")], "a": A("x"), "b": A("y"), "metadata": '{"seed": 3}', "temp": 0.7}
     assert to_pair(row).metadata == {"seed": 3, "temp": 0.7}
     assert "prefs.jsonl:7: field 'b': missing field" in err({"id": "p1", "prompt": [U("q")], "a": A("x")}, to_pair)
+
+
+def test_examples_in_the_docs_are_detected_as_the_format_they_document():
+    import json
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    doc = doc[doc.index("## Formats"):doc.index("## Errors")]
+    found = re.findall(r"\*\*`(\w+)`\*\*[^\n]*\n(?:[^\n]*\n)*?```json\n(.*?)```", doc, re.S)
+    assert {name for name, _ in found} == set(PREFERENCE_FORMATS)
+    for name, block in found:
+        row = json.loads(block)
+        assert detect_preference_format(row) == name
+        to_preference(row)

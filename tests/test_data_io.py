@@ -194,6 +194,14 @@ def test_unsupported_extension(tmp_path):
         write_rows(tmp_path / "y.csv", [{"a": 1}])
 
 
+def test_unknown_format_name_fails_before_reading(tmp_path):
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ValueError, match="unknown preference format 'trl'; choose 'auto' or one of native,"):
+        load_preferences(tmp_path / "empty.jsonl", format="trl")
+    with pytest.raises(ValueError, match="unknown conversation format 'chatml'"):
+        load_conversations(tmp_path / "empty.jsonl", format="chatml")
+
+
 def test_split_on_a_single_table_file(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [PREFERENCE_EXAMPLES["trl_standard"][0]])
     assert len(load_preferences(tmp_path / "a.jsonl", split="train")) == 1
@@ -296,3 +304,12 @@ def test_read_rows_where_labels(tmp_path):
     write_rows(tmp_path / "t.parquet", [{"a": 1}, {"a": 2}])
     assert [(str(w.path), w.line, r) for w, r in read_rows(tmp_path / "t.parquet")] == [
         (str(tmp_path / "t.parquet"), 0, {"a": 1}), (str(tmp_path / "t.parquet"), 1, {"a": 2})]
+
+
+def test_metadata_struct_column_from_other_tools(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "metadata": {"k": 1}}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
+    assert load_preferences(tmp_path / "s.parquet")[0].metadata == {"k": 1}

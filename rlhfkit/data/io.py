@@ -26,7 +26,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.data.formats import to_conversation, to_pair, to_preference
+from rlhfkit.data.formats import (
+    CONVERSATION_FORMATS,
+    PREFERENCE_FORMATS,
+    to_conversation,
+    to_pair,
+    to_preference,
+)
 from rlhfkit.data.records import ComparisonPair, Conversation, DataError, PreferenceRecord, Where
 
 PathLike = str | os.PathLike
@@ -364,12 +370,20 @@ def _save_to_disk(path: Path, rows: list[dict]) -> int:
 def load_preferences(source: PathLike, split: str | None = None, format: str = "auto") -> list[PreferenceRecord]:
     """Preference records from any source ``read_rows`` takes, in any format of
     ``rlhfkit.data.formats.PREFERENCE_FORMATS`` (detected row by row unless ``format`` names one)."""
+    _check_format(format, PREFERENCE_FORMATS, "preference")
     return [to_preference(row, where, format) for where, row in read_rows(source, split)]
 
 
 def load_conversations(source: PathLike, split: str | None = None, format: str = "auto") -> list[Conversation]:
     """SFT conversations: ``{"messages": ...}``, ShareGPT ``conversations``, or prompt/completion rows."""
+    _check_format(format, CONVERSATION_FORMATS, "conversation")
     return [to_conversation(row, where, format) for where, row in read_rows(source, split)]
+
+
+def _check_format(format: str, formats: dict, what: str) -> None:
+    # Before reading, so a typo fails at once and not only when the source has a first row.
+    if format != "auto" and format not in formats:
+        raise ValueError(f"unknown {what} format {format!r}; choose 'auto' or one of {', '.join(formats)}")
 
 
 def load_pairs(source: PathLike, split: str | None = None) -> list[ComparisonPair]:
