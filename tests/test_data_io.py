@@ -313,3 +313,22 @@ def test_metadata_struct_column_from_other_tools(tmp_path):
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b", "metadata": {"k": 1}}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     assert load_preferences(tmp_path / "s.parquet")[0].metadata == {"k": 1}
+
+
+def test_written_files_get_normal_permissions_and_keep_existing_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_jsonl(tmp_path / "new.jsonl", [{"a": 1}])
+        write_rows(tmp_path / "new.parquet", [{"a": 1}])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "new.parquet").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "new.jsonl").chmod(0o600)
+    write_jsonl(tmp_path / "new.jsonl", [{"a": 2}])
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o600
+
+
+def test_json_array_with_byte_order_mark(tmp_path):
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf [{"prompt": "q", "chosen": "a", "rejected": "b"}]')
+    assert load_preferences(tmp_path / "bom.json")[0].prompt_text == "q"

@@ -20,8 +20,9 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -138,30 +139,34 @@ def _ends_with_newline(path: Path) -> bool:
 
 
 class _atomic_file:
-    """Context manager giving a temporary path next to ``path``; on success it replaces ``path``."""
+    """Context manager giving a new empty file next to ``path``; on success it replaces ``path``."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def __enter__(self) -> Path:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        os.close(fd)
-        self.tmp = Path(tmp)
+        self.tmp = _sibling(self.path, ".tmp")
+        # O_EXCL with mode 0o666: the umask applies as for a plain open() (mkstemp would force 0600).
+        os.close(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.tmp.unlink(missing_ok=True)
             return
-        # mkstemp creates the file 0600; give it the mode a plain open() would have.
-        os.chmod(self.tmp, 0o666 & ~_umask())
+        _keep_mode(self.path, self.tmp)
         os.replace(self.tmp, self.path)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _sibling(path: Path, suffix: str) -> Path:
+    """A fresh hidden name in ``path``'s folder (same filesystem, so os.replace is a rename)."""
+    return path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _keep_mode(old: Path, new: Path) -> None:
+    """Replacing a file keeps its permissions, as overwriting it in place would."""
+    if old.exists():
+        os.chmod(new, stat.S_IMODE(os.stat(old).st_mode))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,13 +200,16 @@ def read_rows(source: PathLike, split: str | None = None) -> Iterator[tuple[Wher
                 yield Where(name, line), row
         return
     if _HUB_ID.match(name) and not name.lower().endswith(_FILE_SUFFIXES):
-        yield from _read_hub(name, split)
+        yield from _read_loaded(name, split, hub=True)
         return
     raise DataError("file not found", path=name)
 
 
 def _first_byte(path: Path) -> bytes:
+    """The first byte after a UTF-8 byte-order mark and whitespace."""
     with open(path, "rb") as f:
+        if f.read(3) != b"\xef\xbb\xbf":
+            f.seek(0)
         while (b := f.read(1)) and b.isspace():
             pass
         return b
@@ -266,10 +274,6 @@ def _read_dir(path: Path, split: str | None) -> Iterator[tuple[Where, dict]]:
                         path=name)
     for i, row in enumerate(ds):
         yield RowWhere(name, i), row
-
-
-def _read_hub(name: str, split: str | None) -> Iterator[tuple[Where, dict]]:
-    yield from _read_loaded(name, split, hub=True)
 
 
 def _read_loaded(name: str, split: str | None, hub: bool = False) -> Iterator[tuple[Where, dict]]:
@@ -346,13 +350,15 @@ def _save_to_disk(path: Path, rows: list[dict]) -> int:
     if path.exists() and any(path.iterdir()) and not _is_saved_dataset(path):
         raise DataError("is a folder that is not a saved dataset; refusing to replace it. "
                         "Pass a new path, or a .jsonl or .parquet file name", path=str(path))
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    tmp = _sibling(path, ".tmp")
     try:
         datasets.Dataset.from_list(rows).save_to_disk(str(tmp))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "d")
+            # A folder cannot be renamed over a non-empty one: move the old one aside first. Between
+            # the two renames `path` is briefly absent, never half-written.
+            _keep_mode(path, tmp)
+            old = _sibling(path, ".old")
+            os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
