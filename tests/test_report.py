@@ -169,3 +169,25 @@ def test_report_of_empty_run_dirs(tmp_path):
     assert "<img" not in doc
     with pytest.raises(ValueError, match="at least one run"):
         write_report([], tmp_path / "x.html")
+
+
+def test_report_survives_off_schema_files(tmp_path):
+    """eval.json with wrong types, a metrics line that is a JSON list, non-string sample fields."""
+    run = tmp_path / "odd"
+    run.mkdir()
+    (run / "config.yaml").write_text("- not\n- a mapping\n")
+    (run / "metrics.jsonl").write_text(
+        '[1, 2]\n{"step": 0, "reward/mean": "high"}\n{"step": 1, "reward/mean": 1.5}\n'
+    )
+    (run / "samples.jsonl").write_text(
+        json.dumps({"step": 0, "prompt": ["x"], "completion": 7, "reward": "r"}) + "\n"
+    )
+    (run / "eval.json").write_text(
+        json.dumps({"win_rate": "bogus", "alpha": "x", "length": "y", "n_prompts": 3})
+    )
+    with pytest.warns(UserWarning):
+        doc = write_report([run], tmp_path / "r.html").read_text()
+    assert "metrics.jsonl line 1 is not a JSON object" in doc
+    assert "config.yaml is not a YAML mapping" in doc
+    assert "<td>odd</td>" in doc and "<td>3</td>" in doc
+    assert "[&#x27;x&#x27;]" in doc  # the list prompt is shown as text

@@ -2,10 +2,10 @@
 
 Source: Gao, Schulman, Hilton 2022, "Scaling Laws for Reward Model Overoptimization",
 https://arxiv.org/abs/2210.10760. With d = sqrt(KL(pi || pi_init)) in sqrt-nats and R the gold reward
-measured relative to the initial policy (R(0) = 0), the paper fits
+measured relative to the initial policy (the paper sets R(0) := 0), the paper finds
 
-    best-of-n:  R_bon(d) = d (alpha_bon - beta_bon * d)        (eq. 1)
-    RL:         R_RL(d)  = d (alpha_RL  - beta_RL  * log d)    (eq. 2)
+    best-of-n:  R_bon(d) = d (alpha_bon - beta_bon * d)
+    RL:         R_RL(d)  = d (alpha_RL  - beta_RL  * log d)
 
 Both are linear in (alpha, beta), so the least-squares fit is an exact linear solve (no initial
 guess, no local minima); `scipy.optimize.curve_fit` would reach the same optimum iteratively.
@@ -40,13 +40,13 @@ def _d_log_d(d: np.ndarray) -> np.ndarray:
 
 
 def gold_rl(d: npt.ArrayLike, alpha: float, beta: float) -> np.ndarray:
-    """Gao et al. eq. 2: R_RL(d) = d (alpha - beta log d), with R_RL(0) = 0."""
+    """Gao et al.'s RL form: R_RL(d) = d (alpha - beta log d), with R_RL(0) = 0."""
     d = np.asarray(d, dtype=float)
     return alpha * d - beta * _d_log_d(d)
 
 
 def gold_bon(d: npt.ArrayLike, alpha: float, beta: float) -> np.ndarray:
-    """Gao et al. eq. 1: R_bon(d) = d (alpha - beta d)."""
+    """Gao et al.'s best-of-n form: R_bon(d) = d (alpha - beta d)."""
     d = np.asarray(d, dtype=float)
     return d * (alpha - beta * d)
 
@@ -65,7 +65,7 @@ def _check_fit_input(d: npt.ArrayLike, gold: npt.ArrayLike) -> tuple[np.ndarray,
 
 
 def fit_rl(d: npt.ArrayLike, gold: npt.ArrayLike) -> tuple[float, float]:
-    """Least-squares (alpha, beta) of R = d (alpha - beta log d) (Gao et al. eq. 2).
+    """Least-squares (alpha, beta) of R = d (alpha - beta log d) (Gao et al.'s RL form).
 
     `gold` must be relative to the initial policy (gold(pi) - gold(pi_init)); the form has no intercept.
     """
@@ -76,7 +76,7 @@ def fit_rl(d: npt.ArrayLike, gold: npt.ArrayLike) -> tuple[float, float]:
 
 
 def fit_bon(d: npt.ArrayLike, gold: npt.ArrayLike) -> tuple[float, float]:
-    """Least-squares (alpha, beta) of R = d (alpha - beta d) (Gao et al. eq. 1); gold relative to pi_init."""
+    """Least-squares (alpha, beta) of R = d (alpha - beta d) (best-of-n form); gold relative to pi_init."""
     d, g = _check_fit_input(d, gold)
     A = np.stack([d, -(d**2)], axis=1)  # (N, 2)
     (alpha, beta), *_ = np.linalg.lstsq(A, g, rcond=None)
@@ -94,7 +94,7 @@ def bon_peak_d(alpha: float, beta: float) -> float | None:
 
 
 def bon_kl(n: int | npt.ArrayLike) -> float | np.ndarray:
-    """Analytic best-of-n KL, log n - (n - 1) / n nats (Stiennon et al. 2020, App. G; Gao et al. Sec. 2).
+    """Analytic best-of-n KL, log n - (n - 1) / n nats (as used by Stiennon et al. 2020 and Gao et al. 2022).
 
     An upper bound on the true KL of best-of-n sampling (Beirami et al. 2024), not the KL itself.
     bon_kl(1) = 0; bon_kl(4) = log 4 - 3/4 = 0.6363.
@@ -173,7 +173,7 @@ def overopt_summary(metrics_rows: Iterable[Mapping], window: int = 5) -> dict:
     - turnover_step: `find_turnover` on the rows having both gold and proxy (None if not found);
     - proxy_rises_gold_does_not: smoothed gold set no new high in the last `window` evals while
       smoothed proxy rose above its value at the gold peak;
-    - fit_rl {alpha, beta, rmse, kl_peak, baseline_step} or None: Gao eq. 2 fitted to
+    - fit_rl {alpha, beta, rmse, kl_peak, baseline_step} or None: Gao's RL form fitted to
       gold - gold(first eval) against d = sqrt(max(KL, 0)) (KL estimates can dip below 0 by noise;
       they are clamped only for the square root). Needs >= 3 evals with KL; assumes the first eval
       is the initial policy (log an eval at step 0);

@@ -125,6 +125,8 @@ def load_run(run_dir: Path, name: str | None = None) -> RunData:
                 run.problems.append(f"config.yaml does not parse as YAML: {e}")
                 cfg = None
             run.config = cfg if isinstance(cfg, dict) else None
+            if cfg is not None and run.config is None:
+                run.problems.append("config.yaml is not a YAML mapping")
         elif fname == "metrics.jsonl":
             run.metrics = _read_jsonl(p, run)
         elif fname == "samples.jsonl":
@@ -342,76 +344,51 @@ def _ci_cell(est: dict | None, pct: bool = False) -> str:
     return f"{f(est['value'])} [{f(est.get('ci_low'))}, {f(est.get('ci_high'))}]"
 
 
+def _d(x) -> dict:
+    """x if it is a dict, else {}: eval.json comes from disk and may not follow the schema."""
+    return x if isinstance(x, dict) else {}
+
+
+def _table(head: list[str], rows: list[list]) -> str:
+    """HTML table; every cell is escaped."""
+    th = "".join(f"<th>{_esc(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{trs}</table>"
+
+
 def _section_win_rates(runs: list[RunData]) -> str:
     parts = [_missing_note(runs, "eval.json")]
-    head = [
-        "run",
-        "source",
-        "win rate",
-        "LC win rate",
-        "gold diff",
-        "proxy diff",
-        "KL",
-        "prompts",
-        "words (pol/ref)",
-        "distinct-2 (pol/ref)",
-    ]
-    body = []
+    head = ["run", "source", "win rate", "LC win rate", "gold diff", "proxy diff", "KL", "prompts",
+            "words (pol/ref)", "distinct-2 (pol/ref)"]  # fmt: skip
+
+    def pair(block: dict, key: str, fmt: str) -> str:
+        vals = [_d(block.get(side)).get(key) for side in ("policy", "reference")]
+        return " / ".join(fmt.format(v) if isinstance(v, (int, float)) else "-" for v in vals)
+
+    rows = []
     for r in runs:
-        e = r.eval
-        if e is None:
+        if r.eval is None:
             continue
-        wr = e.get("win_rate") or {}
-        ln, ds = e.get("length") or {}, e.get("distinct") or {}
-
-        def pair(block, key, fmt="{:.1f}"):
-            vals = [(block.get(side) or {}).get(key) for side in ("policy", "reference")]
-            return " / ".join(fmt.format(v) if isinstance(v, (int, float)) else "-" for v in vals)
-
-        cells = [
-            r.name,
-            wr.get("source", "-"),
-            _ci_cell(e.get("win_rate"), True),
-            _ci_cell(e.get("lc_win_rate"), True),
-            _ci_cell((e.get("gold") or {}).get("difference")),
-            _ci_cell((e.get("proxy") or {}).get("difference")),
-            _ci_cell(e.get("kl")),
-            e.get("n_prompts", "-"),
-            pair(ln, "mean_words"),
-            pair(ds, "distinct_2", "{:.3f}"),
-        ]
-        body.append("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
-    if body:
-        level = next(
-            (f"{100 * (1 - r.eval['alpha']):.0f}%" for r in runs if r.eval and "alpha" in r.eval), "95%"
-        )
+        e = r.eval
+        rows.append([
+            r.name, _d(e.get("win_rate")).get("source", "-"), _ci_cell(e.get("win_rate"), True),
+            _ci_cell(e.get("lc_win_rate"), True), _ci_cell(_d(e.get("gold")).get("difference")),
+            _ci_cell(_d(e.get("proxy")).get("difference")), _ci_cell(e.get("kl")), e.get("n_prompts", "-"),
+            pair(_d(e.get("length")), "mean_words", "{:.1f}"), pair(_d(e.get("distinct")), "distinct_2", "{:.3f}"),
+        ])  # fmt: skip
+    if rows:
+        alphas = [r.eval["alpha"] for r in runs if r.eval and isinstance(r.eval.get("alpha"), float)]
+        level = f"{100 * (1 - alphas[0]):.0f}%" if alphas else "95%"
         parts.append(
-            f"<p>Policy against its reference on the same prompts; brackets are {level} bootstrap intervals over prompts. "
-            "Diff = policy minus reference, paired per prompt.</p><table><tr>"
-            + "".join(f"<th>{_esc(h)}</th>" for h in head)
-            + "</tr>"
-            + "".join(body)
-            + "</table>"
+            f"<p>Policy against its reference on the same prompts; brackets are {level} bootstrap intervals "
+            "over prompts. Diff = policy minus reference, paired per prompt.</p>" + _table(head, rows)
         )
     rm = [(r.name, r.reward_eval) for r in runs if r.reward_eval]
     if rm:
         keys = sorted({k for _, d in rm for k in d})
-        rows = "".join(
-            "<tr><td>"
-            + _esc(n)
-            + "</td>"
-            + "".join(f"<td>{_esc(_fmt_val(d.get(k)))}</td>" for k in keys)
-            + "</tr>"
-            for n, d in rm
-        )
-        parts.append(
-            "<h3>Reward model (reward_eval.json)</h3><table><tr><th>run</th>"
-            + "".join(f"<th>{_esc(k)}</th>" for k in keys)
-            + "</tr>"
-            + rows
-            + "</table>"
-        )
-    if not body and not rm:
+        table = _table(["run", *keys], [[n, *(_fmt_val(d.get(k)) for k in keys)] for n, d in rm])
+        parts.append("<h3>Reward model (reward_eval.json)</h3>" + table)
+    if not rows and not rm:
         parts.append(_note("No run has an eval.json (written by evaluate_pairs) or a reward_eval.json."))
     return "".join(parts)
 

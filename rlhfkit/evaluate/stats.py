@@ -125,7 +125,7 @@ def stratified_bootstrap_ci(
 ) -> Estimate:
     """`statistic` of all run x task scores pooled, with a stratified percentile bootstrap CI.
 
-    Stratified (rliable, Sec. 4 / Appendix A.2): each bootstrap replicate redraws, with replacement,
+    Stratified (as in rliable): each bootstrap replicate redraws, with replacement,
     n_t runs from task t's own n_t runs, so every task keeps its weight; the statistic is applied to
     the pooled replicate. `statistic(x)` takes a 1-D array; if it accepts `axis`, it is called once on
     the (n_boot, total) matrix.
@@ -227,7 +227,7 @@ def _common_tasks(x: dict, y: dict) -> list[str]:
 
 
 def probability_of_improvement(x: Scores | npt.ArrayLike, y: Scores | npt.ArrayLike) -> float:
-    """P(X > Y): mean over tasks of U / (n_x n_y), ties counting half (rliable, Sec. 4.3).
+    """P(X > Y): mean over tasks of U / (n_x n_y), ties counting half (as in rliable).
 
     For one task, the chance that a random run of X beats a random run of Y. 0.5 means no
     difference; rliable calls an improvement meaningful when the CI's lower end is above 0.5.
@@ -271,7 +271,7 @@ def performance_profile(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score distribution: fraction of all run x task scores strictly above each tau, with bands.
 
-    rliable's "run-score distribution" (Sec. 4.1): F(tau) = #{scores > tau} / #scores over the
+    rliable's "run-score distribution": F(tau) = #{scores > tau} / #scores over the
     pooled runs of all tasks; the bands are pointwise stratified percentile bootstrap intervals.
     Returns (fractions, lo, hi), each shaped like `taus`.
     """
