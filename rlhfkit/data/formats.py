@@ -2,18 +2,16 @@
 
 Preference formats (``to_preference``), tried in this order by ``format="auto"``:
 
-==================== ============================================================================
-``native``           ``PreferenceRecord.to_dict()``: ``prompt`` messages, ``chosen``/``rejected``
-                     assistant message objects, optional tie/strength/rationale/... fields
-``trl_conversational`` TRL: ``prompt`` messages, ``chosen``/``rejected`` one-assistant-message lists
-``trl_standard``     TRL: ``prompt``, ``chosen``, ``rejected`` plain strings
-``ultrafeedback``    UltraFeedback-binarized: ``prompt`` string, ``chosen``/``rejected`` full chats
-                     ``[user, assistant]``; ``prompt_id`` and ``score_*`` go to ``metadata``
-``trl_implicit``     TRL implicit prompt: no ``prompt``; ``chosen``/``rejected`` full chats that
-                     share every message but the last
-``hh``               Anthropic HH: no ``prompt``; ``chosen``/``rejected`` transcripts
-                     ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing all but the final turn
-==================== ============================================================================
+- ``native``: ``PreferenceRecord.to_dict()``; ``prompt`` messages, ``chosen``/``rejected`` assistant
+  message objects, optional tie/strength/rationale/... fields.
+- ``trl_conversational``: TRL; ``prompt`` messages, ``chosen``/``rejected`` one-message lists.
+- ``trl_standard``: TRL; ``prompt``, ``chosen``, ``rejected`` plain strings.
+- ``ultrafeedback``: UltraFeedback-binarized; ``prompt`` string, ``chosen``/``rejected`` full chats
+  ``[user, assistant]``; ``prompt_id`` and ``score_*`` go to ``metadata``.
+- ``trl_implicit``: TRL implicit prompt; no ``prompt``, ``chosen``/``rejected`` full chats that share
+  every message but the last.
+- ``hh``: Anthropic HH; no ``prompt``, ``chosen``/``rejected`` transcripts
+  ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing all but the final turn.
 
 Conversation formats (``to_conversation``): ``native`` (``{"messages": [...]}``), ``sharegpt``
 (``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``) and ``prompt_completion``
