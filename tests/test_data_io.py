@@ -1,10 +1,11 @@
 """Readers and writers: every format through every container, and every bad input's message."""
 
+import importlib.util
 import json
 import os
+import pathlib
 
 import pytest
-from test_data_formats import CONVERSATION_EXAMPLES, PREFERENCE_EXAMPLES, A, U
 
 from rlhfkit.data.io import (
     load_conversations,
@@ -19,6 +20,14 @@ from rlhfkit.data.io import (
     write_rows,
 )
 from rlhfkit.data.records import ComparisonPair, DataError, PreferenceRecord
+
+# The one example row per format lives in test_data_formats.py; load it by path so this works under
+# any pytest import mode and whether or not tests/ is a package.
+_spec = importlib.util.spec_from_file_location("_format_examples", pathlib.Path(__file__).with_name("test_data_formats.py"))
+_examples = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_examples)
+PREFERENCE_EXAMPLES, CONVERSATION_EXAMPLES = _examples.PREFERENCE_EXAMPLES, _examples.CONVERSATION_EXAMPLES
+A, U = _examples.A, _examples.U
 
 CONTAINERS = ["data.jsonl", "data.parquet", "data_dir"]
 
