@@ -1,0 +1,554 @@
+"""Offline preference optimisation: DPO and its family (IPO, cDPO, SLiC hinge, SimPO, ORPO) and KTO.
+
+Reads top to bottom: the config, data preparation, the reference pre-pass, then ``train(cfg)`` whose
+loop is numbered phases. The losses themselves are the pure functions of ``rlhfkit.losses.dpo``;
+docs/dpo.md gives every loss's equation and when to use it.
+
+Efficiency by design (docs/dpo.md, "Efficiency"):
+
+- the reference model is run ONCE over the dataset before the policy exists (``reference_pass``);
+  its log-probs are kept in memory and in ``<run dir>/ref_logps.pt`` keyed by a hash of the data and
+  the reference model, and the reference is deleted before training. Reference-free losses
+  (simpo, orpo) never load one;
+- chosen and rejected go through the policy in ONE forward pass, packed without padding
+  (``rlhfkit.train.logps.completion_logps``), with logits computed on completion tokens only.
+
+Batch vocabulary (as in SFT): ``batch_size`` examples per optimizer step across all processes =
+``micro_batch_size`` x accumulation steps x processes. An example is a pair (two sequences) for the
+pairwise losses and one labelled completion for KTO. The loss is the mean over the global batch:
+each micro-batch's *summed* per-example loss is divided by ``batch_size``, so accumulation and data
+parallelism do not change it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhfkit.config import CommonConfig
+from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
+from rlhfkit.data.records import DataError, Where
+from rlhfkit.losses.dpo import DPO_LOSSES, REFERENCE_FREE, PairLogps, kto_kl_estimate, kto_loss
+from rlhfkit.ops import exact_div, masked_sum
+from rlhfkit.train import runtime
+from rlhfkit.train.logps import PACKINGS, completion_logps
+
+LOSSES = (*DPO_LOSSES, "kto")
+# Loss parameters and the one loss each applies to: setting one for another loss is an error, never ignored.
+LOSS_PARAMS = {"label_smoothing": "robust", "gamma_beta_ratio": "simpo", "strength_margin": "sigmoid",
+               "desirable_weight": "kto", "undesirable_weight": "kto"}
+# ties='half' averages the loss over both orientations: meaningful where the loss is the likelihood of
+# a preference probability (target 1/2) or IPO's regression (target h = 0). hinge only penalises
+# margins beyond 1/beta (flat inside), orpo adds SFT on the chosen side, kto has no pairs.
+TIE_LOSSES = ("sigmoid", "robust", "ipo", "simpo")
+
+
+@dataclass
+class DPOConfig(CommonConfig):
+    data: str | None = None
+    """Training preferences (required): a JSONL/JSON/Parquet file, a save_to_disk folder or a hub id, in
+    any format rlhfkit.data.formats reads (native PreferenceRecord, TRL, HH, UltraFeedback). For
+    loss=kto also unpaired rows {prompt, completion, label: true|false} (label may sit in metadata)."""
+    data_format: str = "auto"
+    """Preference format name of rlhfkit.data.formats.PREFERENCE_FORMATS, or 'auto' (detected per row)."""
+    eval_data: str | None = None
+    """Held-out preferences (same formats); None: hold out eval_fraction of data."""
+    eval_fraction: float = 0.05
+    """Fraction of data held out for eval metrics when eval_data is None (0 disables eval)."""
+    reference_model: str | None = None
+    """Frozen reference policy π_ref; None: the starting model (model), as in the DPO paper."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO), ipo, robust (cDPO), hinge (SLiC), simpo, orpo (reference-free) or kto (unpaired)."""
+    beta: float = 0.1
+    """Inverse temperature β of the implicit reward β log(π/π_ref). Typical: DPO 0.01-0.5 (paper 0.1),
+    IPO τ 0.01-1, SimPO 2-10, ORPO λ 0.05-1, KTO 0.1."""
+    label_smoothing: float = 0.0
+    """loss=robust only: probability ε in [0, 0.5) that a label is flipped (cDPO)."""
+    gamma_beta_ratio: float = 0.5
+    """loss=simpo only: target margin γ/β (paper 0.3-0.8)."""
+    desirable_weight: float = 1.0
+    """loss=kto only: λ_D, weight of desirable examples (paper: λ_D n_D / (λ_U n_U) in [1, 4/3])."""
+    undesirable_weight: float = 1.0
+    """loss=kto only: λ_U, weight of undesirable examples."""
+    ties: str = "skip"
+    """Pairs marked tie: 'skip' (dropped at load) or 'half' (target 1/2: the loss averaged over both
+    orientations; losses sigmoid, robust, ipo, simpo)."""
+    strength_margin: float = 0.0
+    """loss=sigmoid only: margin m = strength_margin x (strength - 1) inside the sigmoid for records with a
+    preference strength (Llama 2 §3.2.2); records without one get m = 0. 0 disables."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens (chat template included); longer prompts follow long_prompts."""
+    max_completion_length: int = 256
+    """Maximum tokens per completion; longer ones are right-truncated (losing their EOS)."""
+    long_prompts: str = "error"
+    """A prompt over max_prompt_length: 'error' (naming the record) or 'skip' (dropped, counted in the log)."""
+    epochs: float = 1.0
+    """Passes over the data (ignored when max_steps is set). DPO usually trains 1-3 epochs."""
+    batch_size: int = 32
+    """Examples (pairs; KTO: completions) per optimizer step, summed over processes and accumulation steps."""
+    micro_batch_size: int = 4
+    """Examples per forward pass per process (a pair is two sequences in the same packed row);
+    batch_size / (micro_batch_size x processes) = accumulation steps."""
+    packing: str = "padding_free"
+    """'padding_free': a micro-batch is one row of concatenated sequences with position ids restarting
+    per sequence; 'padded': one row per sequence, the micro-batches of a batch grouped by length."""
+    lr: float = 1e-6
+    """AdamW peak learning rate (DPO paper 1e-6 with batch 64; smaller models tolerate ~1e-5)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.1
+    """Fraction of steps with linear warmup (DPO paper: 150 warmup steps)."""
+    lr_schedule: str = "linear"
+    """Decay after warmup: cosine, linear (both to 0) or constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = 50
+    """Compute eval metrics (and the KL estimate) every this many steps and at the end."""
+    kl_prompts: int = 8
+    """Held-out prompts sampled from the policy for eval/kl_ref (0 disables; needs an eval set and a
+    reference-based loss). Each estimate loads the reference model for a moment."""
+    kl_max_new_tokens: int = 32
+    """Tokens sampled per prompt for eval/kl_ref (temperature 1, no top-k/top-p)."""
+    stop_at_step: int | None = None
+    """Stop (saving a checkpoint) at this step without changing the LR schedule: splits one run into parts."""
+
+    def validate(self) -> None:
+        if self.data is None:
+            raise ValueError("data is required: --data FILE.jsonl (or a Parquet file, save_to_disk folder, hub id)")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        for name, owner in LOSS_PARAMS.items():
+            default = next(f.default for f in dataclasses.fields(self) if f.name == name)
+            if getattr(self, name) != default and self.loss != owner:
+                raise ValueError(f"{name} applies to loss={owner} only (loss is {self.loss}); leave it at {default}")
+        if self.ties not in ("skip", "half"):
+            raise ValueError(f"ties must be 'skip' or 'half', got {self.ties!r}")
+        if self.ties == "half" and self.loss not in TIE_LOSSES:
+            raise ValueError(f"ties=half is not defined for loss={self.loss} (it is for {', '.join(TIE_LOSSES)}); "
+                             "use ties=skip")
+        if self.long_prompts not in ("error", "skip"):
+            raise ValueError(f"long_prompts must be 'error' or 'skip', got {self.long_prompts!r}")
+        if self.packing not in PACKINGS:
+            raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0, got {self.beta}")
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_prompt_length < 1 or self.max_completion_length < 1:
+            raise ValueError("max_prompt_length and max_completion_length must be >= 1")
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """Token ids of one training example: two completions of one prompt.
+
+    Pairwise losses: ``first`` = chosen, ``second`` = rejected. KTO: ``first`` = the labelled completion,
+    ``second`` = a completion of *another* prompt, paired with this prompt to estimate KTO's reference
+    point z0 (a fixed derangement chosen at load time, so its reference log-prob can be cached).
+    """
+
+    prompt_ids: list[int]
+    first_ids: list[int]
+    second_ids: list[int]
+    tie: bool = False
+    strength: float = 1.0
+    desirable: bool = True
+    where: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return 2 * len(self.prompt_ids) + len(self.first_ids) + len(self.second_ids)
+
+
+def _prompt(tok, prompt: list[dict], where: Where, cfg: DPOConfig, counts: dict) -> list[int] | None:
+    try:
+        return tokenize_prompt(tok, prompt, cfg.max_prompt_length, where)
+    except DataError:
+        if cfg.long_prompts == "error":
+            raise
+        counts["long_prompts"] += 1
+        return None
+
+
+def load_pairs(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
+    """Tokenized preference pairs from ``source``; ties dropped unless ``cfg.ties == 'half'``."""
+    from rlhfkit.data.formats import to_preference
+    from rlhfkit.data.io import read_rows
+
+    out, same = [], 0
+    for where, row in read_rows(source):
+        rec = to_preference(row, where, cfg.data_format)
+        if rec.tie and cfg.ties == "skip":
+            counts["ties_skipped"] += 1
+            continue
+        same += rec.chosen["content"] == rec.rejected["content"] and not rec.tie
+        if (prompt := _prompt(tok, rec.prompt, where, cfg, counts)) is None:
+            continue
+        out.append(Example(
+            prompt, tokenize_completion(tok, rec.prompt, rec.chosen["content"], cfg.max_completion_length),
+            tokenize_completion(tok, rec.prompt, rec.rejected["content"], cfg.max_completion_length),
+            tie=rec.tie, strength=1.0 if rec.strength is None else float(rec.strength),
+            where=f"{where.path}:{where.line}"))
+    if same:
+        warnings.warn(f"{source}: {same} pairs have identical chosen and rejected replies (they carry no signal); "
+                      "remove them or mark them tie", stacklevel=2)
+    return out
+
+
+def load_kto(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
+    """Unpaired examples for KTO: rows ``{prompt, completion, label}`` (label true = desirable; a
+    ``label`` column or ``metadata.label``), and preference rows, each split into a desirable chosen and
+    an undesirable rejected example (ties skipped). ``second_ids`` is a derangement of completions."""
+    from rlhfkit.data.formats import to_conversation, to_preference
+    from rlhfkit.data.io import read_rows
+
+    rows = []  # (prompt ids, prompt messages, completion text, desirable, where)
+    for where, row in read_rows(source):
+        if isinstance(row, dict) and "chosen" in row and "rejected" in row:
+            rec = to_preference(row, where, cfg.data_format)
+            if rec.tie:
+                counts["ties_skipped"] += 1
+            elif (prompt := _prompt(tok, rec.prompt, where, cfg, counts)) is not None:
+                rows += [(prompt, rec.prompt, rec.chosen["content"], True, where),
+                         (prompt, rec.prompt, rec.rejected["content"], False, where)]
+            continue
+        conv = to_conversation(row, where)
+        field = "label" if isinstance(row, dict) and "label" in row else "metadata.label"
+        if "label" not in conv.metadata:
+            raise where.error("missing: loss=kto needs a true/false label per unpaired example (a 'label' column or "
+                              "metadata.label), or chosen/rejected pairs", "label")
+        if not isinstance(conv.metadata["label"], bool):
+            raise where.error(f"must be true or false, got {conv.metadata['label']!r}", field)
+        *prompt_msgs, reply = conv.messages
+        if reply["role"] != "assistant" or not prompt_msgs:
+            raise where.error("an unpaired KTO example is a prompt followed by one assistant reply", "completion")
+        if (prompt := _prompt(tok, prompt_msgs, where, cfg, counts)) is not None:
+            rows.append((prompt, prompt_msgs, reply["content"], conv.metadata["label"], where))
+    # z0's mismatched pairs: each example borrows the completion of the next example with a different
+    # prompt in a seeded permutation (fixed at load time, so its reference log-prob is cached too)
+    order = np.random.default_rng(cfg.seed).permutation(len(rows)).tolist()
+    partner = {}
+    for k, i in enumerate(order):
+        later = (order[(k + s) % len(order)] for s in range(1, len(order)))
+        partner[i] = next((j for j in later if rows[j][0] != rows[i][0]), None)
+        if partner[i] is None:
+            raise DataError("loss=kto needs at least two different prompts: its reference point z0 pairs "
+                            "completions with other prompts", path=source)
+    out = []
+    for i, (prompt_ids, msgs, text, desirable, where) in enumerate(rows):
+        out.append(Example(prompt_ids, tokenize_completion(tok, msgs, text, cfg.max_completion_length),
+                           tokenize_completion(tok, msgs, rows[partner[i]][2], cfg.max_completion_length),
+                           desirable=desirable, where=f"{where.path}:{where.line}"))
+    return out
+
+
+def load_examples(source: str, tok, cfg: DPOConfig) -> tuple[list[Example], dict]:
+    counts = {"ties_skipped": 0, "long_prompts": 0}
+    examples = (load_kto if cfg.loss == "kto" else load_pairs)(source, tok, cfg, counts)
+    if not examples:
+        raise ValueError(f"{source}: no usable examples ({counts['ties_skipped']} ties skipped, "
+                         f"{counts['long_prompts']} prompts over max_prompt_length skipped)")
+    return examples, counts
+
+
+# --- log-probs and losses ---------------------------------------------------------------------------
+
+
+def forward_examples(model, examples: list[Example], packing: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and lengths of both completions of every example, in ONE forward pass.
+
+    Returns ``logps`` (B, 2) float32 and ``lengths`` (B, 2) long; column 0 = ``first``, 1 = ``second``.
+    The B first sequences and B second ones share the packed row (the prompt is computed twice).
+    """
+    prompts = [e.prompt_ids for e in examples]
+    per_token, mask = completion_logps(model, prompts + prompts, [e.first_ids for e in examples] +
+                                       [e.second_ids for e in examples], packing=packing, pad_id=pad_id)  # (2B, T)
+    b = len(examples)
+    logps = masked_sum(per_token, mask, dim=1)  # (2B,)
+    lengths = mask.sum(1)
+    return torch.stack([logps[:b], logps[b:]], 1), torch.stack([lengths[:b], lengths[b:]], 1)
+
+
+def example_losses(cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor | None, lengths: torch.Tensor,
+                   examples: list[Example], z0: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The configured loss per example (B,) and its metrics; ``logps``, ``ref``, ``lengths`` are (B, 2)
+    as returned by ``forward_examples`` (``ref`` None for reference-free losses; ``z0`` for KTO)."""
+    dev = logps.device
+    ref = ref.to(dev) if ref is not None else None
+    if cfg.loss == "kto":
+        desirable = torch.tensor([e.desirable for e in examples], device=dev)
+        return kto_loss(logps[:, 0], ref[:, 0], desirable, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+    fn = DPO_LOSSES[cfg.loss]
+    params = {"robust": {"label_smoothing": cfg.label_smoothing}, "simpo": {"gamma_beta_ratio": cfg.gamma_beta_ratio}
+              }.get(cfg.loss, {})
+    tie = torch.tensor([e.tie for e in examples], device=dev)
+    margin = None
+    if cfg.strength_margin:
+        strength = torch.tensor([e.strength for e in examples], device=dev, dtype=logps.dtype)
+        margin = torch.where(tie, torch.zeros((), device=dev), cfg.strength_margin * (strength - 1))
+
+    def pairs(c: int, r: int) -> PairLogps:
+        return PairLogps(logps[:, c], logps[:, r], None if ref is None else ref[:, c],
+                         None if ref is None else ref[:, r], lengths[:, c], lengths[:, r])
+
+    loss, metrics = fn(pairs(0, 1), cfg.beta, **params, **({"margin": margin} if margin is not None else {}))
+    if bool(tie.any()):  # only with ties='half': target 1/2 = the mean of both orientations
+        backward, _ = fn(pairs(1, 0), cfg.beta, **params)
+        loss = torch.where(tie, 0.5 * (loss + backward), loss)
+    return loss, metrics
+
+
+def logps_table(model, examples: list[Example], cfg: DPOConfig, pad_id: int, acc) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward_examples`` over a whole dataset without gradients, sharded over processes.
+
+    Returns ``logps`` (N, 2) and ``lengths`` (N, 2) on the CPU, identical on every process.
+    """
+    from accelerate.utils import gather_object
+
+    was_training = model.training
+    model.eval()
+    shard = list(range(acc.process_index, len(examples), acc.num_processes))
+    shard.sort(key=lambda i: examples[i].num_tokens)  # length-grouped: little padding in 'padded' mode
+    rows = []
+    with torch.no_grad():
+        for k in range(0, len(shard), cfg.micro_batch_size):
+            idx = shard[k:k + cfg.micro_batch_size]
+            logps, lengths = forward_examples(model, [examples[i] for i in idx], cfg.packing, pad_id)
+            rows += [(i, lp, ln) for i, lp, ln in zip(idx, logps.cpu().tolist(), lengths.cpu().tolist())]
+    if acc.num_processes > 1:
+        rows = gather_object(rows)
+    rows.sort(key=lambda r: r[0])
+    model.train(was_training)
+    return torch.tensor([r[1] for r in rows], dtype=torch.float32), torch.tensor([r[2] for r in rows])
+
+
+# --- the reference pre-pass ------------------------------------------------------------------------
+
+
+def load_reference(name: str, seed: int):
+    """The frozen reference policy; the only place a reference model is loaded (tests patch it)."""
+    from rlhfkit.models import load_model
+
+    model, tok = load_model(name, seed=seed)
+    model.requires_grad_(False)
+    return model.eval(), tok
+
+
+def reference_key(name: str, seed: int, examples: list[Example], acc) -> str:
+    """Hash of what the cached reference log-probs depend on: the reference model's identity (local
+    files' names, sizes and modification times; 'tiny' with its seed; a hub id by name), the
+    precision, and every example's token ids."""
+    from rlhfkit.models.loading import TINY, resolve
+
+    if name == TINY or name.startswith(TINY + ":"):
+        ident: object = f"{name}:seed={seed}"
+    elif Path(path := resolve(name)).is_dir():
+        ident = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(path).iterdir() if f.is_file())
+    else:
+        ident = name
+    h = hashlib.sha256(json.dumps([ident, acc.mixed_precision, acc.device.type, 1]).encode())
+    for e in examples:
+        h.update(np.asarray([*e.prompt_ids, -1, *e.first_ids, -1, *e.second_ids, -2], dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def reference_logps(cfg: DPOConfig, examples: list[Example], run_path: Path, tok, acc) -> tuple[torch.Tensor, str]:
+    """(N, 2) reference log-probs of ``examples``: read from ``run_path/ref_logps.pt`` when its key
+    matches, else computed once with the reference model, which is deleted before returning."""
+    name = cfg.reference_model or cfg.model
+    key = reference_key(name, cfg.seed, examples, acc)
+    cache = run_path / "ref_logps.pt"
+    if cache.exists():
+        saved = torch.load(cache, map_location="cpu", weights_only=True)
+        if saved.get("key") == key:
+            return saved["logps"], "cached"
+    ref, ref_tok = load_reference(name, cfg.seed)
+    if ref_tok.get_vocab() != tok.get_vocab():
+        raise ValueError(f"reference_model {name!r} has a different tokenizer from the policy {cfg.model!r}; "
+                         "DPO compares log-probs of the same token ids, so both must share one vocabulary")
+    ref = ref.to(acc.device)
+    logps, _ = logps_table(ref, examples, cfg, tok.pad_token_id, acc)
+    del ref  # the reference never coexists with the policy's weights, gradients and optimizer state
+    gc.collect()
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        torch.save({"key": key, "logps": logps}, cache)
+    return logps, "computed"
+
+
+# --- eval ------------------------------------------------------------------------------------------
+
+
+def evaluate(model, examples: list[Example], ref: torch.Tensor | None, cfg: DPOConfig, pad_id: int, acc) -> dict:
+    """``eval/`` versions of the training metrics over the whole held-out set."""
+    logps, lengths = logps_table(model, examples, cfg, pad_id, acc)
+    z0 = kto_kl_estimate(logps[:, 1], ref[:, 1]) if cfg.loss == "kto" else None
+    loss, metrics = example_losses(cfg, logps, ref, lengths, examples, z0)
+    return {"eval/loss": loss.mean().item(), **{f"eval/{k}": float(v) for k, v in metrics.items()}}
+
+
+@torch.no_grad()
+def kl_to_reference(model, prompts: list[list[int]], cfg: DPOConfig, tok, acc, step: int) -> tuple[float, list[dict]]:
+    """Sequence KL(π || π_ref) on held-out prompts: sample y ~ π, then mean of Σ_t log π - log π_ref
+    (the unbiased "k1" estimator, http://joschu.net/blog/kl-approx.html). Also returns the samples."""
+    policy = acc.unwrap_model(model)
+    policy.eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=acc.device)
+    with torch.random.fork_rng(devices=[acc.device] if acc.device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + step)  # the same draw on every process, and training RNG untouched
+        out = policy.generate(ids, attention_mask=(ids != tok.pad_token_id).long(), do_sample=True, temperature=1.0,
+                              top_k=0, top_p=1.0, max_new_tokens=cfg.kl_max_new_tokens, use_cache=True,
+                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    completions = []
+    for row in out[:, width:].tolist():  # tokens up to the first EOS are all sampled (pads only follow EOS)
+        completions.append(row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
+    logp, mask = completion_logps(policy, prompts, completions)
+    ref, _ = load_reference(cfg.reference_model or cfg.model, cfg.seed)
+    ref_logp, _ = completion_logps(ref.to(acc.device), prompts, completions)
+    del ref
+    gc.collect()
+    kl = masked_sum(logp - ref_logp, mask, dim=1)  # (B,)
+    policy.train()
+    samples = [{"prompt": tok.decode(p), "completion": tok.decode(c), "kl": k} for p, c, k in
+               zip(prompts, completions, kl.tolist())]
+    return kl.mean().item(), samples
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Deterministic shuffled order for an epoch, cut into global batches (incomplete tail dropped)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def train(cfg: DPOConfig) -> dict:
+    from rlhfkit.models import load_model, load_tokenizer
+
+    cfg.validate()
+    # 1. runtime: accelerator, per-process seed, tokenizer (the models come after the data)
+    acc = runtime.make_accelerator(cfg.mixed_precision)
+    runtime.seed_everything(cfg.seed + acc.process_index)
+    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
+    tok = load_tokenizer(str(ckpt) if ckpt else cfg.model)
+
+    # 2. data: tokenize, split off eval, fix the step count
+    data, counts = load_examples(cfg.data, tok, cfg)
+    if cfg.eval_data:
+        eval_set, _ = load_examples(cfg.eval_data, tok, cfg)
+    else:
+        n_eval = int(len(data) * cfg.eval_fraction)
+        perm = np.random.default_rng(cfg.seed).permutation(len(data))
+        eval_set, data = [data[i] for i in perm[:n_eval]], [data[i] for i in perm[n_eval:]]
+    local_bs = exact_div(cfg.batch_size, acc.num_processes, "batch_size / processes")
+    accum = exact_div(local_bs, cfg.micro_batch_size, "batch_size / (micro_batch_size x processes)")
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(data)} training examples, fewer than one batch of {cfg.batch_size}")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+    run = runtime.open_run(cfg, "dpo", acc, total_steps)
+    result = {"run_dir": str(run.path), **counts, "train_examples": len(data), "eval_examples": len(eval_set)}
+
+    # 3. reference log-probs: once per dataset, before the policy exists; none for reference-free losses
+    ref = None
+    if cfg.loss not in REFERENCE_FREE:
+        with runtime.Timer() as t:
+            ref, result["ref_logps"] = reference_logps(cfg, data + eval_set, run.path, tok, acc)
+        result["ref_pass_s"] = t.seconds
+        ref, eval_ref = ref[:len(data)], ref[len(data):]
+    kl_prompts = list({tuple(e.prompt_ids): None for e in eval_set})[:cfg.kl_prompts] if ref is not None else []
+
+    # 4. policy, optimizer, schedule, resumed state
+    model, _ = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
+    model, opt = acc.prepare(model, opt)
+    step = 0
+    if ckpt:
+        state = runtime.load_trainer_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step = state["step"]
+    run.advance(step)
+    model.train()
+    last_stop = min(total_steps, cfg.stop_at_step or total_steps)
+
+    while step < last_stop:
+        epoch, i = divmod(step, steps_per_epoch)
+        gbatch = global_batches(len(data), cfg.batch_size, cfg.seed, epoch)[i]
+        local = gbatch[acc.process_index * local_bs:(acc.process_index + 1) * local_bs].tolist()
+        if cfg.packing == "padded":  # group by length: the sum over the batch does not depend on the order
+            local.sort(key=lambda j: data[j].num_tokens)
+        with runtime.Timer() as t:
+            # 5. forward/backward over micro-batches (chosen + rejected in one pass), syncing on the last
+            seen = {"idx": [], "logps": [], "lengths": [], "loss": [], "z0": []}
+            for k in range(accum):
+                idx = local[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
+                micro = [data[j] for j in idx]
+                with acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext():
+                    logps, lengths = forward_examples(model, micro, cfg.packing, tok.pad_token_id)
+                    micro_ref = ref[idx] if ref is not None else None
+                    z0 = None
+                    if cfg.loss == "kto":  # z0 from this micro-batch's mismatched pairs on every process
+                        z0 = kto_kl_estimate(acc.gather(logps[:, 1].detach()), acc.gather(micro_ref[:, 1].to(acc.device)))
+                        seen["z0"].append(z0)
+                    loss, _ = example_losses(cfg, logps, micro_ref, lengths, micro, z0)
+                    # mean over the global batch; DDP averages gradients over processes, so multiply back
+                    acc.backward(loss.sum() / cfg.batch_size * acc.num_processes)
+                seen["idx"].append(torch.tensor(idx, device=acc.device))
+                seen["logps"].append(logps.detach())
+                seen["lengths"].append(lengths)
+                seen["loss"].append(loss.detach())
+            # 6. clip and step
+            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        step += 1
+        # 7. log: the metrics of the whole global batch, from the gathered per-example values
+        gathered = {k: acc.gather(torch.cat(v)) for k, v in seen.items() if k != "z0"}
+        order = gathered["idx"].cpu()
+        batch = [data[j] for j in order.tolist()]
+        z0 = torch.stack(seen["z0"]).mean() if seen["z0"] else None
+        _, metrics = example_losses(cfg, gathered["logps"], ref[order] if ref is not None else None,
+                                    gathered["lengths"], batch, z0)
+        metrics = {"loss/dpo": gathered["loss"].mean().item(), **{k: float(v) for k, v in metrics.items()},
+                   "optim/lr": sched.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
+                   **runtime.perf_metrics(sum(e.num_tokens for e in batch), t.seconds, acc),
+                   "perf/examples_per_s": cfg.batch_size / max(t.seconds, 1e-9)}
+        if grad_norm is not None:
+            metrics["optim/grad_norm"] = float(grad_norm)
+        # 8. eval: held-out metrics, and the KL to the reference of fresh policy samples
+        if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
+            metrics.update(evaluate(model, eval_set, eval_ref if ref is not None else None, cfg, tok.pad_token_id, acc))
+            if kl_prompts:
+                metrics["eval/kl_ref"], samples = kl_to_reference(model, [list(p) for p in kl_prompts], cfg, tok, acc, step)
+                run.log_samples(step, samples)
+        if step % cfg.log_every == 0 or step == last_stop:
+            run.log(step, metrics)
+        run.advance()
+        result.update({k: v for k, v in metrics.items() if not k.startswith(("perf/", "optim/", "train/"))})
+        # 9. checkpoint
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last_stop:
+            result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
+    run.close()
+    result["steps"] = step
+    return result
