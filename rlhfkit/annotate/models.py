@@ -135,7 +135,7 @@ class WebSession(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime)
     __table_args__ = (
-        CheckConstraint("(annotator_id IS NULL) <> (is_admin = true)", name="one_kind"),
+        CheckConstraint("(annotator_id IS NULL) = (is_admin = true)", name="one_kind"),
     )
 
 

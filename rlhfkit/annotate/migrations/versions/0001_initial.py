@@ -21,8 +21,8 @@ def upgrade() -> None:
         sa.Column("token_hash", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("revoked_at", sa.DateTime(), nullable=True),
-        sa.PrimaryKeyConstraint("id", name="pk_admin_tokens"),
-        sa.UniqueConstraint("token_hash", name="uq_admin_tokens_token_hash"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_admin_tokens")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_admin_tokens_token_hash")),
     )
     op.create_table(
         "projects",
@@ -31,9 +31,9 @@ def upgrade() -> None:
         sa.Column("gold_rate", sa.Float(), nullable=False),
         sa.Column("lease_minutes", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="ck_projects_gold_rate_range"),
-        sa.PrimaryKeyConstraint("id", name="pk_projects"),
-        sa.UniqueConstraint("name", name="uq_projects_name"),
+        sa.CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name=op.f("ck_projects_gold_rate_range")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_projects")),
+        sa.UniqueConstraint("name", name=op.f("uq_projects_name")),
     )
     op.create_table(
         "pairs",
@@ -51,14 +51,14 @@ def upgrade() -> None:
         sa.Column("uncertainty", sa.Float(), nullable=True),
         sa.Column("rm_p", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.CheckConstraint("gold_winner IS NULL OR gold_winner IN ('a', 'b')", name="ck_pairs_gold_winner_side"),
-        sa.CheckConstraint("overlap >= 1", name="ck_pairs_overlap_positive"),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name="fk_pairs_project_id_projects",
+        sa.CheckConstraint("gold_winner IS NULL OR gold_winner IN ('a', 'b')", name=op.f("ck_pairs_gold_winner_side")),
+        sa.CheckConstraint("overlap >= 1", name=op.f("ck_pairs_overlap_positive")),
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_pairs_project_id_projects"),
                                 ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id", name="pk_pairs"),
-        sa.UniqueConstraint("project_id", "key", name="uq_pairs_project_id"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_pairs")),
+        sa.UniqueConstraint("project_id", "key", name=op.f("uq_pairs_project_id")),
     )
-    op.create_index("ix_pairs_queue", "pairs", ["project_id", "gold_winner", "n_active"])
+    op.create_index(op.f("ix_pairs_queue"), "pairs", ["project_id", "gold_winner", "n_active"])
     op.create_table(
         "annotators",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -67,11 +67,11 @@ def upgrade() -> None:
         sa.Column("token_hash", sa.String(64), nullable=False),
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name="fk_annotators_project_id_projects",
+        sa.ForeignKeyConstraint(["project_id"], ["projects.id"], name=op.f("fk_annotators_project_id_projects"),
                                 ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id", name="pk_annotators"),
-        sa.UniqueConstraint("project_id", "name", name="uq_annotators_project_id"),
-        sa.UniqueConstraint("token_hash", name="uq_annotators_token_hash"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_annotators")),
+        sa.UniqueConstraint("project_id", "name", name=op.f("uq_annotators_project_id")),
+        sa.UniqueConstraint("token_hash", name=op.f("uq_annotators_token_hash")),
     )
     op.create_table(
         "sessions",
@@ -81,12 +81,12 @@ def upgrade() -> None:
         sa.Column("csrf_token", sa.String(64), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.Column("expires_at", sa.DateTime(), nullable=False),
-        sa.CheckConstraint("(annotator_id IS NULL) <> (is_admin = true)", name="ck_sessions_one_kind"),
-        sa.ForeignKeyConstraint(["annotator_id"], ["annotators.id"], name="fk_sessions_annotator_id_annotators",
+        sa.CheckConstraint("(annotator_id IS NULL) = (is_admin = true)", name=op.f("ck_sessions_one_kind")),
+        sa.ForeignKeyConstraint(["annotator_id"], ["annotators.id"], name=op.f("fk_sessions_annotator_id_annotators"),
                                 ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id_hash", name="pk_sessions"),
+        sa.PrimaryKeyConstraint("id_hash", name=op.f("pk_sessions")),
     )
-    op.create_index("ix_sessions_annotator_id", "sessions", ["annotator_id"])
+    op.create_index(op.f("ix_sessions_annotator_id"), "sessions", ["annotator_id"])
     op.create_table(
         "assignments",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -96,15 +96,15 @@ def upgrade() -> None:
         sa.Column("is_gold", sa.Boolean(), nullable=False),
         sa.Column("status", sa.String(10), nullable=False),
         sa.Column("created_at", sa.DateTime(), nullable=False),
-        sa.CheckConstraint("\"left\" IN ('a', 'b')", name="ck_assignments_left_side"),
-        sa.CheckConstraint("status IN ('open', 'done', 'skipped', 'expired')", name="ck_assignments_status_value"),
+        sa.CheckConstraint("\"left\" IN ('a', 'b')", name=op.f("ck_assignments_left_side")),
+        sa.CheckConstraint("status IN ('open', 'done', 'skipped', 'expired')", name=op.f("ck_assignments_status_value")),
         sa.ForeignKeyConstraint(["annotator_id"], ["annotators.id"],
-                                name="fk_assignments_annotator_id_annotators", ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["pair_id"], ["pairs.id"], name="fk_assignments_pair_id_pairs", ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id", name="pk_assignments"),
-        sa.UniqueConstraint("pair_id", "annotator_id", name="uq_assignments_pair_id"),
+                                name=op.f("fk_assignments_annotator_id_annotators"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(["pair_id"], ["pairs.id"], name=op.f("fk_assignments_pair_id_pairs"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_assignments")),
+        sa.UniqueConstraint("pair_id", "annotator_id", name=op.f("uq_assignments_pair_id")),
     )
-    op.create_index("ix_assignments_annotator_status", "assignments", ["annotator_id", "status"])
+    op.create_index(op.f("ix_assignments_annotator_status"), "assignments", ["annotator_id", "status"])
     op.create_table(
         "labels",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -122,20 +122,20 @@ def upgrade() -> None:
         sa.Column("updated_at", sa.DateTime(), nullable=True),
         sa.CheckConstraint(
             "(skipped = true AND winner IS NULL) OR (skipped = false AND winner IN ('a', 'b', 'tie'))",
-            name="ck_labels_winner_or_skip"),
-        sa.CheckConstraint("strength IS NULL OR (strength >= 1 AND strength <= 3)", name="ck_labels_strength_range"),
-        sa.CheckConstraint("strength IS NULL OR winner IN ('a', 'b')", name="ck_labels_strength_needs_winner"),
-        sa.ForeignKeyConstraint(["annotator_id"], ["annotators.id"], name="fk_labels_annotator_id_annotators",
+            name=op.f("ck_labels_winner_or_skip")),
+        sa.CheckConstraint("strength IS NULL OR (strength >= 1 AND strength <= 3)", name=op.f("ck_labels_strength_range")),
+        sa.CheckConstraint("strength IS NULL OR winner IN ('a', 'b')", name=op.f("ck_labels_strength_needs_winner")),
+        sa.ForeignKeyConstraint(["annotator_id"], ["annotators.id"], name=op.f("fk_labels_annotator_id_annotators"),
                                 ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["assignment_id"], ["assignments.id"], name="fk_labels_assignment_id_assignments",
+        sa.ForeignKeyConstraint(["assignment_id"], ["assignments.id"], name=op.f("fk_labels_assignment_id_assignments"),
                                 ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["pair_id"], ["pairs.id"], name="fk_labels_pair_id_pairs", ondelete="CASCADE"),
-        sa.PrimaryKeyConstraint("id", name="pk_labels"),
-        sa.UniqueConstraint("assignment_id", name="uq_labels_assignment_id"),
-        sa.UniqueConstraint("submission_id", name="uq_labels_submission_id"),
+        sa.ForeignKeyConstraint(["pair_id"], ["pairs.id"], name=op.f("fk_labels_pair_id_pairs"), ondelete="CASCADE"),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_labels")),
+        sa.UniqueConstraint("assignment_id", name=op.f("uq_labels_assignment_id")),
+        sa.UniqueConstraint("submission_id", name=op.f("uq_labels_submission_id")),
     )
-    op.create_index("ix_labels_annotator_id", "labels", ["annotator_id"])
-    op.create_index("ix_labels_pair_id", "labels", ["pair_id"])
+    op.create_index(op.f("ix_labels_annotator_id"), "labels", ["annotator_id"])
+    op.create_index(op.f("ix_labels_pair_id"), "labels", ["pair_id"])
 
 
 def downgrade() -> None:

@@ -1,0 +1,204 @@
+"""``rlhfkit annotate <command>``: run a human preference annotation project.
+
+    init           create or upgrade the database; print the admin token (once)
+    serve          run the web app
+    import         add pairs (and/or gold answers, reward-model uncertainty) to a project
+    add-annotator  create an annotator and print their secret link
+    deactivate-annotator / activate-annotator
+    export         write PreferenceRecords (jsonl or a Hugging Face dataset directory)
+    stats          print agreement and annotator-quality figures
+
+Every command takes ``--db URL`` (default ``$RLHFKIT_ANNOTATE_DB`` or ``sqlite:///annotate.db``) and
+brings the schema up to date first. See docs/annotate.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_DB = "sqlite:///annotate.db"
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    from rlhfkit.annotate.store import Refused
+    from rlhfkit.data.records import DataError
+
+    try:
+        return args.run(args)
+    except (DataError, Refused, ValueError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhfkit annotate", description="Human preference annotation.")
+    sub = p.add_subparsers(dest="command", metavar="command")
+
+    def command(name: str, run, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("--db", default=os.environ.get("RLHFKIT_ANNOTATE_DB", DEFAULT_DB),
+                       help="database URL: sqlite:///path.db or postgresql+psycopg://user:pw@host/db "
+                            "(default: $RLHFKIT_ANNOTATE_DB or %(default)s)")
+        c.set_defaults(run=run)
+        return c
+
+    c = command("init", cmd_init, "create or upgrade the schema and print a new admin token")
+    c.add_argument("--new-admin-token", action="store_true",
+                   help="revoke the existing admin token(s) and sessions, print a new token")
+
+    c = command("serve", cmd_serve, "run the annotation web app")
+    c.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; "
+                                                      "use 0.0.0.0 only behind HTTPS)")
+    c.add_argument("--port", type=int, default=8000)
+    c.add_argument("--secure-cookies", action="store_true",
+                   help="mark cookies Secure (when served over HTTPS, e.g. behind a reverse proxy)")
+    c.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    c = command("import", cmd_import, "import comparison pairs, gold answers and/or uncertainty scores")
+    c.add_argument("pairs", nargs="?", help="pairs.jsonl: one ComparisonPair per line")
+    c.add_argument("--project", required=True)
+    c.add_argument("--overlap", type=int, default=3, help="annotators per pair (default %(default)s)")
+    c.add_argument("--gold-rate", type=float, default=None,
+                   help="fraction of each annotator's items that are gold checks (new project: 0.1)")
+    c.add_argument("--gold", help='gold answers: {"id", "winner": "a"|"b"} per line')
+    c.add_argument("--uncertainty", help='reward-model scores {"id", "p": P(a better) or [p, ...]} per line: '
+                                        "serve the most uncertain pairs first")
+    c.add_argument("--skip-existing", action="store_true", help="ignore pairs already in the project")
+
+    c = command("add-annotator", cmd_add_annotator, "create an annotator and print their secret link")
+    c.add_argument("name")
+    c.add_argument("--project", required=True)
+    c.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="where annotators reach the server (default %(default)s)")
+
+    for name, active in (("deactivate-annotator", False), ("activate-annotator", True)):
+        c = command(name, cmd_set_active, ("end the annotator's sessions, void their link and free their open "
+                                           "items" if not active else "allow a deactivated annotator again"))
+        c.add_argument("name")
+        c.add_argument("--project", required=True)
+        c.set_defaults(active=active)
+
+    c = command("export", cmd_export, "write labelled pairs as PreferenceRecords")
+    c.add_argument("--project", required=True)
+    c.add_argument("--format", choices=["jsonl", "hf-dataset"], default="jsonl")
+    c.add_argument("--out", required=True, help="a .jsonl file, or a directory for hf-dataset")
+    c.add_argument("--votes", action="store_true", help="one record per individual vote")
+    c.add_argument("--consensus", choices=["majority", "dawid-skene"], default="majority")
+    c.add_argument("--min-votes", type=int, default=1, help="leave out pairs with fewer votes")
+    c.add_argument("--include-gold", action="store_true", help="also export gold pairs")
+    c.add_argument("--drop-unsafe", action="store_true", help="leave out pairs flagged unsafe by anyone")
+    c.add_argument("--exclude-annotator", action="append", default=[], metavar="NAME",
+                   help="ignore this annotator's votes (repeatable)")
+    c.add_argument("--min-gold-accuracy", type=float, default=None,
+                   help="ignore annotators whose gold accuracy is below this")
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    c = command("stats", cmd_stats, "print agreement and annotator-quality statistics")
+    c.add_argument("--project", required=True)
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def _store(args, migrate: bool = True):
+    from rlhfkit.annotate.store import Store
+
+    store = Store(args.db)
+    if migrate:
+        store.migrate()
+    return store
+
+
+def cmd_init(args) -> int:
+    store = _store(args)
+    token = store.ensure_admin_token(rotate=args.new_admin_token)
+    if token is None:
+        print(f"database {args.db} is up to date; an admin token exists already "
+              "(lost it? run init --new-admin-token)")
+    else:
+        print(f"database {args.db} is ready.")
+        print(f"admin token (shown once; sign in at /admin/login): {token}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from rlhfkit.annotate.server import create_app
+
+    store = _store(args)
+    token = store.ensure_admin_token()
+    if token is not None:
+        print(f"new database: admin token (shown once; sign in at /admin/login): {token}", flush=True)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    app = create_app(store, secure_cookies=args.secure_cookies)
+    # uvicorn's own access log would print /a/<token> links; ours (rlhfkit.annotate.access) redacts them.
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+def cmd_import(args) -> int:
+    if args.pairs is None and args.gold is None and args.uncertainty is None:
+        raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE and/or --uncertainty FILE")
+    r = _store(args).import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
+                                  gold_path=args.gold, uncertainty_path=args.uncertainty,
+                                  skip_existing=args.skip_existing)
+    what = "created project" if r.created_project else "project"
+    print(f"{what} {r.project}: imported {r.n_pairs} pairs (overlap {args.overlap})"
+          + (f", skipped {r.n_existing_skipped} already present" if r.n_existing_skipped else "")
+          + f"; {r.n_gold} gold pairs in the project; gold rate {r.gold_rate:g}"
+          + (f" (was {r.previous_gold_rate:g})" if r.previous_gold_rate is not None else "")
+          + (f"; uncertainty scores for {r.n_scored} pairs" if r.n_scored else ""))
+    if r.gold_rate > 0 and r.n_gold == 0:
+        print("note: the gold rate has no effect until gold pairs exist (metadata.gold_winner or --gold FILE)")
+    return 0
+
+
+def cmd_add_annotator(args) -> int:
+    token = _store(args).add_annotator(args.project, args.name)
+    print(f"annotator {args.name} added to {args.project}. Secret link (shown once; send it privately):")
+    print(f"{args.base_url.rstrip('/')}/a/{token}")
+    return 0
+
+
+def cmd_set_active(args) -> int:
+    _store(args).set_annotator_active(args.project, args.name, args.active)
+    print(f"annotator {args.name} is now {'active' if args.active else 'deactivated'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from rlhfkit.annotate.export import ExportOptions, export
+
+    opts = ExportOptions(format=args.format, votes=args.votes, consensus=args.consensus, min_votes=args.min_votes,
+                         include_gold=args.include_gold, drop_unsafe=args.drop_unsafe,
+                         exclude_annotators=tuple(args.exclude_annotator),
+                         min_gold_accuracy=args.min_gold_accuracy, force=args.force)
+    r = export(_store(args), args.project, args.out, opts)
+    print(f"wrote {r.records} {'vote' if args.votes else 'consensus'} records to {args.out} ({args.format}); "
+          f"{r.pairs_with_votes} pairs have votes, {r.unresolved} without a consensus, "
+          f"{r.below_min_votes} below --min-votes, {r.dropped_unsafe} dropped as unsafe"
+          + (f"; ignored annotators: {', '.join(r.excluded_annotators)}" if r.excluded_annotators else ""))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from rlhfkit.annotate.stats import format_table, json_safe, project_stats
+
+    stats = project_stats(_store(args), args.project)
+    print(json.dumps(json_safe(stats), indent=1) if args.json else format_table(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

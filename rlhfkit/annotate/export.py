@@ -1,0 +1,200 @@
+"""Export labels as :class:`~rlhfkit.data.records.PreferenceRecord` dicts the trainers read as is.
+
+Consensus mode (default): one record per pair with a consensus winner.
+
+- ``majority``: the strict plurality of the votes over {a, tie, b}; a draw between the top
+  categories is *unresolved* and the pair is left out (counted in the report).
+- ``dawid-skene``: the category with the highest Dawid–Skene posterior, which weighs each
+  annotator by their estimated accuracy and so resolves most draws.
+
+A tie consensus gives ``tie=true`` with ``chosen`` = side a. ``annotator_id`` is ``"consensus"``,
+``strength`` the lower median of the agreeing votes' strengths, ``rationale`` the agreeing votes'
+rationales joined by blank lines, ``presented_order`` the order every agreeing vote saw (None if
+they saw different orders). ``metadata`` carries the pair's own metadata plus ``pair_id``, ``task``,
+``votes`` (every vote: annotator, winner, strength, rationale, presented_order "ab"/"ba", unsafe,
+duration_ms, time), ``agreement`` (fraction of votes equal to the consensus), ``n_votes`` and
+``consensus_method``.
+
+Votes mode (``--votes``): one record per individual vote, ``annotator_id`` the annotator's name, and
+in ``metadata`` the single ``vote``, the pair's ``consensus`` (or None) and ``agreement``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import select
+
+from rlhfkit.annotate import agreement as ag
+from rlhfkit.annotate.models import Pair
+from rlhfkit.annotate.stats import Vote, load_votes
+from rlhfkit.annotate.store import Store
+from rlhfkit.data.records import ComparisonPair
+
+FORMATS = ("jsonl", "hf-dataset")
+CONSENSUS = ("majority", "dawid-skene")
+
+
+@dataclass
+class ExportOptions:
+    format: str = "jsonl"
+    """'jsonl' (one JSON object per line) or 'hf-dataset' (datasets.Dataset.save_to_disk directory)."""
+    votes: bool = False
+    """One record per individual vote instead of one per pair."""
+    consensus: str = "majority"
+    """How the pair's label is decided: 'majority' or 'dawid-skene' (see module docstring)."""
+    min_votes: int = 1
+    """Leave out pairs with fewer votes (e.g. the project's overlap, to export complete pairs only)."""
+    include_gold: bool = False
+    """Also export gold pairs (attention checks; usually easy, so left out by default)."""
+    drop_unsafe: bool = False
+    """Leave out pairs that any annotator flagged as unsafe."""
+    exclude_annotators: tuple[str, ...] = ()
+    """Annotators whose votes are ignored entirely."""
+    min_gold_accuracy: float | None = None
+    """Also ignore annotators whose accuracy on gold pairs is below this (annotators without gold
+    answers are kept)."""
+    force: bool = False
+    """Replace ``out`` if it exists."""
+
+
+@dataclass
+class ExportReport:
+    records: int
+    pairs_with_votes: int
+    unresolved: int
+    below_min_votes: int
+    dropped_unsafe: int
+    excluded_annotators: list[str] = field(default_factory=list)
+
+
+def export(store: Store, project: str, out: str | Path, opts: ExportOptions) -> ExportReport:
+    if opts.format not in FORMATS:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
+    if opts.consensus not in CONSENSUS:
+        raise ValueError(f"--consensus must be one of {', '.join(CONSENSUS)}, got {opts.consensus!r}")
+    out = Path(out)
+    if out.exists() and not opts.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    records, report = build_records(store, project, opts)
+    if opts.format == "jsonl":
+        write_jsonl(records, out)
+    else:
+        write_hf_dataset(records, out)
+    return report
+
+
+def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list[dict], ExportReport]:
+    exclude = tuple(opts.exclude_annotators)
+    if opts.min_gold_accuracy is not None:
+        exclude += tuple(_low_gold(store, project, opts.min_gold_accuracy, exclude))
+    data = load_votes(store, project, exclude)
+    with store.db.read() as s:
+        proj = store._project(s, project)
+        pairs = {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == proj.id).order_by(Pair.id))}
+    by_pair: dict[int, list[Vote]] = {}
+    for v in data.votes:
+        if opts.include_gold or v.pair_id not in data.gold:
+            by_pair.setdefault(v.pair_id, []).append(v)
+    winners = _consensus(data, by_pair, opts.consensus)
+
+    records, report = [], ExportReport(0, len(by_pair), 0, 0, 0, list(exclude))
+    for pair_id, votes in by_pair.items():
+        if len(votes) < opts.min_votes:
+            report.below_min_votes += 1
+            continue
+        if opts.drop_unsafe and any(v.unsafe for v in votes):
+            report.dropped_unsafe += 1
+            continue
+        p = pairs[pair_id]
+        pair = ComparisonPair(id=p.key, prompt=p.prompt, a=p.a, b=p.b, task=p.task, metadata=dict(p.meta))
+        winner = winners.get(pair_id)
+        agreeing = [v for v in votes if v.winner == winner]
+        agreement = len(agreeing) / len(votes) if winner else None
+        if winner is None:
+            report.unresolved += 1
+        if opts.votes:
+            for v in votes:
+                records.append(_record(pair, v.winner, [v], v.annotator, {
+                    "vote": v.to_dict(), "consensus": winner, "agreement": agreement}))
+        elif winner is not None:
+            records.append(_record(pair, winner, agreeing, "consensus", {
+                "votes": [v.to_dict() for v in votes], "agreement": agreement, "n_votes": len(votes),
+                "consensus_method": opts.consensus}))
+    report.records = len(records)
+    return records, report
+
+
+def _record(pair: ComparisonPair, winner: str, basis: list[Vote], annotator_id: str, meta: dict) -> dict:
+    """A PreferenceRecord dict; ``basis`` are the votes strength/rationale/order come from."""
+    strengths = [v.strength for v in basis if v.strength is not None]
+    rationales = [v.rationale for v in basis if v.rationale]
+    chosen_side = "b" if winner == "b" else "a"
+    orders = {"chosen" if v.left == chosen_side else "rejected" for v in basis}
+    rec = pair.label(
+        winner, strength=statistics.median_low(strengths) if strengths and winner != "tie" else None,
+        rationale="\n\n".join(rationales) or None, annotator_id=annotator_id,
+        presented_order=orders.pop() if len(orders) == 1 else None, source="human", metadata=meta)
+    return rec.to_dict()
+
+
+def _consensus(data, by_pair: dict[int, list[Vote]], method: str) -> dict[int, str]:
+    ids = sorted(by_pair)
+    ratings, rows = data.matrix([v for p in ids for v in by_pair[p]])
+    if not len(rows):
+        return {}
+    if method == "majority":
+        winner = ag.plurality(ag.category_counts(ratings))
+    else:
+        post = ag.dawid_skene(ratings).posteriors
+        top = post.max(axis=1, keepdims=True)
+        winner = np.where(np.isclose(post, top).sum(axis=1) == 1, post.argmax(axis=1), ag.MISSING)
+    return {p: ag.CATEGORIES[w] for p, w in zip(rows, winner) if w != ag.MISSING}
+
+
+def _low_gold(store: Store, project: str, threshold: float, exclude: tuple[str, ...]) -> list[str]:
+    data = load_votes(store, project, exclude)
+    ratings, ids = data.matrix([v for v in data.votes if v.pair_id in data.gold])
+    acc, n = ag.gold_accuracy(ratings, np.array([ag.CODE[data.gold[p]] for p in ids], dtype=int))
+    return [name for name, a, k in zip(data.annotators, acc, n) if k > 0 and a < threshold]
+
+
+def write_jsonl(records: list[dict], out: Path) -> None:
+    """Write to a temporary file beside ``out`` and rename: a failed export leaves ``out`` as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_hf_dataset(records: list[dict], out: Path) -> None:
+    """``datasets.Dataset.from_list(records).save_to_disk(out)``, built beside ``out`` then moved."""
+    import datasets
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        try:
+            ds = datasets.Dataset.from_list(records)
+        except Exception as e:  # pyarrow cannot type mixed metadata values (e.g. int and str)
+            raise ValueError(f"cannot build an Arrow table from these records ({e}); pair metadata "
+                             "values probably differ in type between pairs. Export --format jsonl instead.") from e
+        ds.save_to_disk(str(tmp / "ds"))
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp / "ds", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

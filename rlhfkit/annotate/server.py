@@ -1,0 +1,81 @@
+"""The annotation web app: ``create_app(store)`` returns the FastAPI application.
+
+Routes (all HTML is server-rendered with Jinja2 autoescaping; the only scripts are in ``static/``):
+
+    GET  /                          redirect to /label or /admin, or a sign-in hint
+    GET  /healthz                   {"ok": true}
+    GET  /a/{token}                 annotator sign-in by secret link -> cookie, 303 /label
+    GET  /label                     labelling page (current assignment) or "all done"
+    POST /label                     answer without JavaScript (form; csrf_token field)
+    POST /logout                    end the annotator session (form; csrf_token field)
+    GET  /api/me                    annotator name, progress, CSRF token
+    GET  /api/next                  current assignment as JSON
+    POST /api/labels                store an answer (JSON; X-CSRF-Token header; idempotent)
+    GET  /api/labels                the caller's own answers, newest first
+    GET  /api/labels/{id}           one of the caller's answers
+    PATCH /api/labels/{id}          change one of the caller's answers
+    GET  /admin/login, POST /admin/login, POST /admin/logout
+    GET  /admin                     projects and progress
+    GET  /admin/projects/{p}        dashboard: agreement, annotator quality, annotators, export
+    POST /admin/projects/{p}/annotators               create an annotator, show their link once
+    POST /admin/projects/{p}/annotators/{name}/active  activate / deactivate
+    GET  /admin/projects/{p}/export.jsonl             download PreferenceRecords
+    GET  /api/admin/projects/{p}/stats                dashboard figures as JSON
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from rlhfkit.annotate import views_admin, views_annotator
+from rlhfkit.annotate.store import Store
+from rlhfkit.annotate.web import HERE, Auth, Problem, SecurityHeaders, error_response, render
+
+
+def create_app(store: Store, *, secure_cookies: bool = False) -> FastAPI:
+    """``secure_cookies``: mark cookies Secure; set it when the app is served over HTTPS (behind a
+    reverse proxy), never for plain-HTTP loopback use, or browsers drop the cookie."""
+    app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
+    auth = Auth(store, secure_cookies)
+    app.state.store = store
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "field", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request"}
+        loc = [str(x) for x in first["loc"] if x not in ("body", "query", "path")]
+        field = ".".join(loc) or "body"
+        message = f"{field}: {first['msg']}"
+        if request.url.path.startswith("/api/"):
+            detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
+            return JSONResponse({"detail": detail, "field": field, "message": message}, status_code=422)
+        return render("message.html", 422, title="Invalid request", message=message)
+
+    @app.get("/")
+    def home(request: Request):
+        who = auth.principal(request)
+        if who is not None:
+            return RedirectResponse("/admin" if who.is_admin else "/label", status_code=303)
+        return render("message.html", title="rlhfkit annotate",
+                      message="Open the personal link your annotation lead sent you. Leads: /admin/login")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True}
+
+    app.include_router(views_annotator.router(store, auth))
+    app.include_router(views_admin.router(store, auth))
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.add_middleware(SecurityHeaders)
+    return app
+
+
+__all__ = ["Problem", "create_app"]

@@ -1,0 +1,172 @@
+"""Project statistics from the database: the glue between the store and ``agreement.py``.
+
+Agreement figures (Fleiss, Krippendorff, Cohen, Dawid–Skene, consensus) use regular pairs only:
+gold pairs are chosen to be easy and would inflate them; they give ``gold_accuracy`` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import func, select
+
+from rlhfkit.annotate import agreement as ag
+from rlhfkit.annotate.models import Annotator, Assignment, Label, Pair
+from rlhfkit.annotate.store import Store
+
+
+@dataclass
+class Vote:
+    pair_id: int
+    annotator: str
+    winner: str
+    """'a', 'b' or 'tie'."""
+    strength: int | None
+    rationale: str | None
+    unsafe: bool
+    left: str
+    """The side shown on the left: 'a' or 'b'."""
+    duration_ms: int | None
+    time: datetime
+
+    def to_dict(self) -> dict:
+        return {"annotator": self.annotator, "winner": self.winner, "strength": self.strength,
+                "rationale": self.rationale, "presented_order": "ab" if self.left == "a" else "ba",
+                "unsafe": self.unsafe, "duration_ms": self.duration_ms,
+                "time": self.time.isoformat(timespec="milliseconds") + "Z"}
+
+
+@dataclass
+class Votes:
+    """All answers in a project, skips counted separately."""
+
+    annotators: list[str]
+    votes: list[Vote]
+    gold: dict[int, str]
+    """pair id -> known winner, for gold pairs."""
+    skips: dict[str, int] = field(default_factory=dict)
+
+    def regular(self) -> list[Vote]:
+        return [v for v in self.votes if v.pair_id not in self.gold]
+
+    def matrix(self, votes: list[Vote]) -> tuple[np.ndarray, list[int]]:
+        """(I, R) ratings over the pairs in ``votes`` (see agreement.py) and the pair id of each row."""
+        pair_ids = sorted({v.pair_id for v in votes})
+        row = {p: i for i, p in enumerate(pair_ids)}
+        col = {a: j for j, a in enumerate(self.annotators)}
+        m = np.full((len(pair_ids), len(self.annotators)), ag.MISSING, dtype=int)
+        for v in votes:
+            m[row[v.pair_id], col[v.annotator]] = ag.CODE[v.winner]
+        return m, pair_ids
+
+
+def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Votes:
+    with store.db.read() as s:
+        proj = store._project(s, project)
+        annotators = [n for n in s.scalars(select(Annotator.name).where(Annotator.project_id == proj.id)
+                                           .order_by(Annotator.id)) if n not in exclude]
+        rows = s.execute(
+            select(Label.pair_id, Annotator.name, Label.winner, Label.strength, Label.rationale, Label.unsafe,
+                   Assignment.left, Label.duration_ms, Label.created_at)
+            .join(Assignment, Assignment.id == Label.assignment_id)
+            .join(Annotator, Annotator.id == Label.annotator_id)
+            .where(Annotator.project_id == proj.id, Label.skipped.is_(False))
+            .order_by(Label.pair_id, Label.id)).all()
+        skips = dict(s.execute(select(Annotator.name, func.count()).join(Label, Label.annotator_id == Annotator.id)
+                               .where(Annotator.project_id == proj.id, Label.skipped.is_(True))
+                               .group_by(Annotator.name)).all())
+        gold = dict(s.execute(select(Pair.id, Pair.gold_winner)
+                              .where(Pair.project_id == proj.id, Pair.gold_winner.is_not(None))).all())
+    votes = [Vote(*r) for r in rows if r[1] not in exclude]
+    return Votes(annotators, votes, gold, skips)
+
+
+def project_stats(store: Store, project: str) -> dict:
+    """Everything the dashboard and ``rlhfkit annotate stats`` show. NaN means "not enough data"."""
+    data = load_votes(store, project)
+    regular = data.regular()
+    ratings, _ = data.matrix(regular)
+    counts = ag.category_counts(ratings)
+    multi = counts.sum(axis=1) >= 2
+    consensus = ag.plurality(counts)
+    kappa, shared = ag.pairwise_cohen_kappa(ratings)
+    loo, loo_n = ag.agreement_with_consensus(ratings)
+    gold_ratings, gold_ids = data.matrix([v for v in data.votes if v.pair_id in data.gold])
+    gold_acc, gold_n = ag.gold_accuracy(gold_ratings, np.array([ag.CODE[data.gold[p]] for p in gold_ids], dtype=int))
+    ds = ag.dawid_skene(ratings) if len(ratings) else None
+
+    per = []
+    for j, name in enumerate(data.annotators):
+        mine = [v for v in data.votes if v.annotator == name]
+        tp = ag.throughput(np.array([v.time.replace(tzinfo=timezone.utc).timestamp() for v in mine]))
+        durations = [v.duration_ms for v in mine if v.duration_ms is not None]
+        weights = shared[j].astype(float)
+        valid = ~np.isnan(kappa[j])
+        mean_kappa = (float(np.average(kappa[j][valid], weights=weights[valid]))
+                      if valid.any() and weights[valid].sum() > 0 else float("nan"))
+        per.append({
+            "annotator": name, "labels": len(mine), "skips": data.skips.get(name, 0),
+            "unsafe_flags": sum(v.unsafe for v in mine),
+            "agreement_with_consensus": float(loo[j]), "consensus_items": int(loo_n[j]),
+            "gold_accuracy": float(gold_acc[j]), "gold_items": int(gold_n[j]),
+            "ds_accuracy": float(ds.accuracy[j]) if ds is not None else float("nan"),
+            "mean_cohen_kappa": mean_kappa,
+            "labels_per_hour": tp.labels_per_hour,
+            "median_s_per_label": float(np.median(durations)) / 1000.0 if durations else float("nan"),
+        })
+    return {
+        "project": project,
+        "items": int(len(ratings)), "items_multi": int(multi.sum()), "votes": len(regular),
+        "fleiss_kappa": ag.fleiss_kappa(counts),
+        "krippendorff_alpha_ordinal": ag.krippendorff_alpha(ratings, "ordinal"),
+        "krippendorff_alpha_nominal": ag.krippendorff_alpha(ratings, "nominal"),
+        "consensus": {name: int(((consensus == k) & multi).sum()) for k, name in enumerate(ag.CATEGORIES)}
+        | {"unresolved": int(((consensus == ag.MISSING) & multi).sum())},
+        "ds_priors": {n: float(p) for n, p in zip(ag.CATEGORIES, ds.priors)} if ds is not None else {},
+        "annotators": per,
+        "cohen_kappa": {"annotators": data.annotators, "kappa": kappa.tolist(), "shared": shared.tolist()},
+    }
+
+
+def format_table(stats: dict) -> str:
+    """The plain-text report ``rlhfkit annotate stats`` prints."""
+    def f(x, digits=3):
+        return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+    c = stats["consensus"]
+    lines = [
+        f"project {stats['project']}: {stats['votes']} votes on {stats['items']} pairs "
+        f"({stats['items_multi']} with 2+ votes)",
+        f"  Fleiss kappa                  {f(stats['fleiss_kappa'])}",
+        f"  Krippendorff alpha (ordinal)  {f(stats['krippendorff_alpha_ordinal'])}   a < tie < b",
+        f"  Krippendorff alpha (nominal)  {f(stats['krippendorff_alpha_nominal'])}",
+        f"  consensus on 2+ vote pairs    a {c['a']}  b {c['b']}  tie {c['tie']}  unresolved {c['unresolved']}",
+        "",
+    ]
+    header = ("annotator", "labels", "skips", "unsafe", "agree", "gold", "DS acc", "mean k", "labels/h", "s/label")
+    rows = [header]
+    for a in stats["annotators"]:
+        rows.append((a["annotator"], str(a["labels"]), str(a["skips"]), str(a["unsafe_flags"]),
+                     f"{f(a['agreement_with_consensus'], 2)} ({a['consensus_items']})",
+                     f"{f(a['gold_accuracy'], 2)} ({a['gold_items']})", f(a["ds_accuracy"], 2),
+                     f(a["mean_cohen_kappa"], 2), f(a["labels_per_hour"], 0), f(a["median_s_per_label"], 1)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for r in rows:
+        lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    lines += ["", "agree: agreement with the other annotators' plurality (items counted); gold: accuracy on gold "
+              "pairs; DS acc: Dawid-Skene estimated accuracy; mean k: mean pairwise Cohen's kappa; "
+              "see docs/annotate.md"]
+    return "\n".join(lines)
+
+
+def json_safe(x):
+    """NaN ("not enough data") becomes None: JSON has no NaN."""
+    if isinstance(x, float) and np.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x

@@ -1,0 +1,433 @@
+"""Everything the CLI and the server do to the annotation database, as plain methods.
+
+Annotators only ever see sides as ``left``/``right`` (their screen); the store translates to the
+pair's ``a``/``b`` with the assignment's recorded order, so the page never reveals which side is
+which model. Refusals raise :class:`Refused` with the HTTP status and the field at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from rlhfkit.annotate import assignment as assign
+from rlhfkit.annotate.db import Database, upgrade
+from rlhfkit.annotate.imports import read_gold, read_pairs, read_uncertainty
+from rlhfkit.annotate.models import (
+    AdminToken,
+    Annotator,
+    Assignment,
+    Label,
+    Pair,
+    Project,
+    WebSession,
+    utcnow,
+)
+from rlhfkit.data.records import DataError
+
+ANNOTATOR_SESSION = timedelta(days=30)
+ADMIN_SESSION = timedelta(hours=12)
+CHOICES = ("left", "right", "tie", "skip")
+PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+ANNOTATOR_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
+
+
+class Refused(Exception):
+    """A request the store turns down. ``status`` is the HTTP status the server answers with."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status, self.message, self.field = status, message, field
+
+
+@dataclass
+class Principal:
+    """Who a session belongs to: the admin, or one annotator of one project."""
+
+    session_hash: str
+    csrf_token: str
+    is_admin: bool
+    annotator_id: int | None = None
+    annotator_name: str | None = None
+    project_id: int | None = None
+
+
+@dataclass
+class Item:
+    """One assignment as the annotator sees it."""
+
+    assignment_id: int
+    prompt: list[dict]
+    left: str
+    right: str
+
+
+@dataclass
+class LabelInput:
+    submission_id: str
+    assignment_id: int
+    choice: str
+    """'left', 'right', 'tie' or 'skip' (screen sides)."""
+    strength: int | None = None
+    rationale: str | None = None
+    unsafe: bool = False
+    duration_ms: int | None = None
+
+
+@dataclass
+class ImportReport:
+    project: str
+    created_project: bool
+    n_pairs: int
+    n_gold: int
+    n_scored: int
+    n_existing_skipped: int
+    gold_rate: float
+    previous_gold_rate: float | None
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Store:
+    def __init__(self, url: str):
+        self.db = Database(url)
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        upgrade(self.db)
+
+    def ensure_admin_token(self, rotate: bool = False) -> str | None:
+        """A new admin token if there is none (or ``rotate``: revoke all and make a new one).
+
+        Returns the token, which is stored only as a hash, or None when one exists already.
+        """
+        with self.db.write() as s:
+            live = select(AdminToken).where(AdminToken.revoked_at.is_(None))
+            if s.scalars(live).first() is not None and not rotate:
+                return None
+            now = utcnow()
+            s.execute(update(AdminToken).where(AdminToken.revoked_at.is_(None)).values(revoked_at=now))
+            s.execute(update(WebSession).where(WebSession.is_admin.is_(True)).values(expires_at=now))
+            token = secrets.token_urlsafe(32)
+            s.add(AdminToken(token_hash=digest(token), created_at=now))
+            return token
+
+    # ---- projects, pairs, annotators ----------------------------------------------------------
+
+    def import_pairs(self, project: str, pairs_path: str | Path | None = None, *, overlap: int = 3,
+                     gold_rate: float | None = None, gold_path: str | Path | None = None,
+                     uncertainty_path: str | Path | None = None, skip_existing: bool = False) -> ImportReport:
+        """Import pairs and/or gold answers and/or uncertainty scores in one transaction.
+
+        All files are parsed and checked first; any error (bad line, unknown id, id already in the
+        project) raises :class:`DataError` and stores nothing.
+        """
+        if not PROJECT_NAME.match(project):
+            raise ValueError(f"--project: {project!r} is not a valid name: use letters, digits, '.', '_' and '-' "
+                             "(up to 100 characters, starting with a letter or digit)")
+        if overlap < 1:
+            raise ValueError(f"--overlap must be at least 1, got {overlap}")
+        if gold_rate is not None and not 0.0 <= gold_rate <= 1.0:
+            raise ValueError(f"--gold-rate must be in [0, 1], got {gold_rate}")
+        pairs = read_pairs(pairs_path) if pairs_path is not None else []
+        gold = read_gold(gold_path) if gold_path is not None else []
+        scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
+        with self.db.write() as s:
+            proj = s.scalars(select(Project).where(Project.name == project)).first()
+            created = proj is None
+            previous_rate = None if created else proj.gold_rate
+            if created:
+                proj = Project(name=project, gold_rate=0.1 if gold_rate is None else gold_rate,
+                               lease_minutes=60, created_at=utcnow())
+                s.add(proj)
+                s.flush()
+            elif gold_rate is not None:
+                proj.gold_rate = gold_rate
+            existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
+            rows, n_skipped, now = [], 0, utcnow()
+            for where, pair in pairs:
+                if pair.id in existing:
+                    if skip_existing:
+                        n_skipped += 1
+                        continue
+                    raise where.error(f"pair {pair.id!r} is already in project {project!r}; pass "
+                                      "--skip-existing to import only the new pairs", "id")
+                rows.append({"project_id": proj.id, "key": pair.id, "prompt": pair.prompt, "a": pair.a,
+                             "b": pair.b, "task": pair.task, "meta": pair.metadata,
+                             "gold_winner": pair.metadata.get("gold_winner"), "overlap": overlap,
+                             "n_active": 0, "created_at": now})
+            if rows:
+                s.execute(insert(Pair), rows)
+            ids = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
+            for where, key, winner in gold:
+                s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
+                          .values(gold_winner=winner))
+            for where, key, ps in scores:
+                s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
+                          .values(uncertainty=assign.uncertainty_score(ps), rm_p=ps))
+            n_gold = s.scalar(select(func.count()).select_from(Pair)
+                              .where(Pair.project_id == proj.id, Pair.gold_winner.is_not(None)))
+            return ImportReport(project, created, len(rows), n_gold, len(scores), n_skipped, proj.gold_rate,
+                                previous_rate if previous_rate != proj.gold_rate else None)
+
+    def add_annotator(self, project: str, name: str) -> str:
+        """Create an annotator; returns the secret for their link (stored only as a hash)."""
+        if name != name.strip() or not ANNOTATOR_NAME.match(name):
+            raise Refused(422, f"{name!r} is not a valid annotator name: 1-100 characters, no '/', '\\', "
+                               "control characters or surrounding spaces", "name")
+        token = secrets.token_urlsafe(32)
+        try:
+            with self.db.write() as s:
+                proj = self._project(s, project)
+                s.add(Annotator(project_id=proj.id, name=name, token_hash=digest(token), active=True,
+                                created_at=utcnow()))
+        except IntegrityError:
+            raise Refused(409, f"annotator {name!r} already exists in project {project!r}", "name") from None
+        return token
+
+    def set_annotator_active(self, project: str, name: str, active: bool) -> None:
+        """Deactivating ends the annotator's sessions, voids their link and frees their open items."""
+        with self.db.write() as s:
+            proj = self._project(s, project)
+            ann = s.scalars(select(Annotator).where(Annotator.project_id == proj.id, Annotator.name == name)).first()
+            if ann is None:
+                raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
+            ann.active = active
+            if not active:
+                s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
+                for a in s.scalars(select(Assignment).where(Assignment.annotator_id == ann.id,
+                                                            Assignment.status == "open")):
+                    a.status = "expired"
+                    s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active - 1))
+
+    def project_names(self) -> list[str]:
+        with self.db.read() as s:
+            return list(s.scalars(select(Project.name).order_by(Project.name)))
+
+    def project_info(self, name: str) -> dict:
+        with self.db.read() as s:
+            proj = self._project(s, name)
+            q = select(func.count()).select_from(Pair).where(Pair.project_id == proj.id)
+            n_pairs = s.scalar(q.where(Pair.gold_winner.is_(None)))
+            n_gold = s.scalar(q.where(Pair.gold_winner.is_not(None)))
+            labelled = s.execute(
+                select(Pair.overlap, func.count(Label.id)).select_from(Pair)
+                .outerjoin(Label, (Label.pair_id == Pair.id) & Label.skipped.is_(False))
+                .where(Pair.project_id == proj.id, Pair.gold_winner.is_(None)).group_by(Pair.id)).all()
+            annotators = s.execute(select(Annotator.name, Annotator.active).where(Annotator.project_id == proj.id)
+                                   .order_by(Annotator.name)).all()
+            return {"name": proj.name, "gold_rate": proj.gold_rate, "n_pairs": n_pairs, "n_gold": n_gold,
+                    "n_complete": sum(1 for overlap, n in labelled if n >= overlap),
+                    "n_started": sum(1 for _, n in labelled if n > 0),
+                    "n_labels": sum(n for _, n in labelled), "n_wanted": sum(o for o, _ in labelled),
+                    "annotators": [{"name": n, "active": a} for n, a in annotators]}
+
+    # ---- sessions -----------------------------------------------------------------------------
+
+    def admin_token_ok(self, token: str) -> bool:
+        with self.db.read() as s:
+            return s.scalars(select(AdminToken.id).where(AdminToken.token_hash == digest(token),
+                                                         AdminToken.revoked_at.is_(None))).first() is not None
+
+    def login_admin(self, token: str) -> tuple[str, Principal] | None:
+        if not self.admin_token_ok(token):
+            return None
+        return self._new_session(None, ADMIN_SESSION)
+
+    def login_annotator(self, token: str) -> tuple[str, Principal] | None:
+        with self.db.read() as s:
+            ann_id = s.scalars(select(Annotator.id).where(Annotator.token_hash == digest(token),
+                                                          Annotator.active.is_(True))).first()
+        return None if ann_id is None else self._new_session(ann_id, ANNOTATOR_SESSION)
+
+    def _new_session(self, annotator_id: int | None, ttl: timedelta) -> tuple[str, Principal]:
+        secret, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), utcnow()
+        with self.db.write() as s:
+            s.add(WebSession(id_hash=digest(secret), annotator_id=annotator_id, is_admin=annotator_id is None,
+                             csrf_token=csrf, created_at=now, expires_at=now + ttl))
+        return secret, self.principal(secret)
+
+    def principal(self, secret: str) -> Principal | None:
+        with self.db.read() as s:
+            row = s.execute(
+                select(WebSession, Annotator.name, Annotator.project_id, Annotator.active)
+                .outerjoin(Annotator, Annotator.id == WebSession.annotator_id)
+                .where(WebSession.id_hash == digest(secret))).first()
+        if row is None:
+            return None
+        sess, name, project_id, active = row
+        if sess.expires_at <= utcnow() or (not sess.is_admin and not active):
+            return None
+        return Principal(sess.id_hash, sess.csrf_token, sess.is_admin, sess.annotator_id, name, project_id)
+
+    def logout(self, principal: Principal) -> None:
+        with self.db.write() as s:
+            s.execute(update(WebSession).where(WebSession.id_hash == principal.session_hash)
+                      .values(expires_at=utcnow()))
+
+    # ---- labelling ----------------------------------------------------------------------------
+
+    def next_item(self, who: Principal) -> Item | None:
+        with self.db.write() as s:
+            ann, proj = s.get(Annotator, who.annotator_id), s.get(Project, who.project_id)
+            a = assign.next_assignment(s, ann, proj)
+            if a is None:
+                return None
+            pair = s.get(Pair, a.pair_id)
+            left, right = (pair.a, pair.b) if a.left == "a" else (pair.b, pair.a)
+            return Item(a.id, pair.prompt, left["content"], right["content"])
+
+    def progress(self, who: Principal) -> dict:
+        with self.db.read() as s:
+            rows = dict(s.execute(select(Label.skipped, func.count()).where(Label.annotator_id == who.annotator_id)
+                                  .group_by(Label.skipped)).all())
+            ann, proj = s.get(Annotator, who.annotator_id), s.get(Project, who.project_id)
+            remaining = assign.remaining_for(s, ann, proj)
+        return {"labelled": rows.get(False, 0), "skipped": rows.get(True, 0), "remaining": remaining}
+
+    def submit(self, who: Principal, x: LabelInput) -> tuple[dict, bool]:
+        """Store one answer. Returns ``(label, created)``; a retry of a stored submission returns the
+        stored label with ``created=False``. The unique key on ``submission_id`` decides races."""
+        if x.choice not in CHOICES:
+            raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
+        replay = self._replay(who, x)
+        if replay is not None:
+            return replay, False
+        try:
+            with self.db.write() as s:
+                a = s.get(Assignment, x.assignment_id)
+                if a is None or a.annotator_id != who.annotator_id:
+                    raise Refused(404, "no such assignment for this annotator", "assignment_id")
+                if a.status in ("done", "skipped"):
+                    raise Refused(409, "this assignment is already answered; change the answer with "
+                                       "PATCH /api/labels/{id}", "assignment_id")
+                skip = x.choice == "skip"
+                label = Label(submission_id=x.submission_id, assignment_id=a.id, annotator_id=a.annotator_id,
+                              pair_id=a.pair_id, winner=None if skip else _winner(x.choice, a.left), skipped=skip,
+                              strength=x.strength, rationale=x.rationale or None, unsafe=x.unsafe,
+                              duration_ms=x.duration_ms, created_at=utcnow())
+                s.add(label)
+                delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
+                a.status = "skipped" if skip else "done"
+                if delta:
+                    s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active + delta))
+                s.flush()
+                return _label_view(label, a.left), True
+        except IntegrityError:
+            # Another request with the same submission_id committed between our check and insert.
+            replay = self._replay(who, x)
+            if replay is None:
+                raise Refused(409, "this assignment is already answered", "assignment_id") from None
+            return replay, False
+
+    def _replay(self, who: Principal, x: LabelInput) -> dict | None:
+        with self.db.read() as s:
+            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+                            .where(Label.submission_id == x.submission_id)).first()
+        if row is None:
+            return None
+        label, left = row
+        view = _label_view(label, left)
+        same = (label.annotator_id == who.annotator_id and label.assignment_id == x.assignment_id
+                and view["choice"] == x.choice and label.strength == x.strength
+                and label.rationale == (x.rationale or None) and label.unsafe == x.unsafe)
+        if not same:
+            raise Refused(409, "this submission_id was already used for a different answer; "
+                               "generate a new one for each answer", "submission_id")
+        return view
+
+    def labels_of(self, who: Principal, limit: int = 50, offset: int = 0) -> list[dict]:
+        with self.db.read() as s:
+            rows = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+                             .where(Label.annotator_id == who.annotator_id)
+                             .order_by(Label.id.desc()).limit(limit).offset(offset)).all()
+        return [_label_view(label, left) for label, left in rows]
+
+    def label_of(self, who: Principal, label_id: int) -> dict:
+        with self.db.read() as s:
+            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+                            .where(Label.id == label_id, Label.annotator_id == who.annotator_id)).first()
+        if row is None:
+            raise Refused(404, "no such label for this annotator", "label_id")
+        return _label_view(*row)
+
+    def update_label(self, who: Principal, label_id: int, changes: dict) -> dict:
+        """Change one's own label (choice left/right/tie, strength, rationale, unsafe)."""
+        with self.db.write() as s:
+            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+                            .where(Label.id == label_id, Label.annotator_id == who.annotator_id)).first()
+            if row is None:
+                raise Refused(404, "no such label for this annotator", "label_id")
+            label, left = row
+            if label.skipped:
+                raise Refused(409, "a skipped item cannot be labelled afterwards (its slot may have gone to "
+                                   "someone else)", "label_id")
+            if "choice" in changes:
+                if changes["choice"] not in ("left", "right", "tie"):
+                    raise Refused(422, f"must be left, right or tie, got {changes['choice']!r}", "choice")
+                label.winner = _winner(changes["choice"], left)
+            if "strength" in changes:
+                label.strength = changes["strength"]
+            if "rationale" in changes:
+                label.rationale = changes["rationale"] or None
+            if "unsafe" in changes:
+                label.unsafe = bool(changes["unsafe"])
+            if label.winner == "tie" and label.strength is not None:
+                raise Refused(422, "must be empty for a tie", "strength")
+            label.updated_at = utcnow()
+            s.flush()
+            return _label_view(label, left)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _project(s, name: str) -> Project:
+        proj = s.scalars(select(Project).where(Project.name == name)).first()
+        if proj is None:
+            raise Refused(404, f"no project {name!r}", "project")
+        return proj
+
+
+def _known(ids: dict, key: str, where, project: str) -> int:
+    if key not in ids:
+        raise where.error(f"no pair {key!r} in project {project!r} (import the pairs first, or in the same "
+                          "command)", "id")
+    return ids[key]
+
+
+def _winner(choice: str, left: str) -> str:
+    if choice == "tie":
+        return "tie"
+    right = "b" if left == "a" else "a"
+    return left if choice == "left" else right
+
+
+def _label_view(label: Label, left: str) -> dict:
+    """A label in screen terms, as the annotator who gave it sees it."""
+    if label.skipped:
+        choice = "skip"
+    elif label.winner == "tie":
+        choice = "tie"
+    else:
+        choice = "left" if label.winner == left else "right"
+    return {"id": label.id, "submission_id": label.submission_id, "assignment_id": label.assignment_id,
+            "choice": choice, "strength": label.strength, "rationale": label.rationale, "unsafe": label.unsafe,
+            "duration_ms": label.duration_ms, "created_at": _iso(label.created_at),
+            "updated_at": _iso(label.updated_at)}
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
+
+
+__all__ = ["DataError", "ImportReport", "Item", "LabelInput", "Principal", "Refused", "Store"]

@@ -1,0 +1,126 @@
+"""Admin routes: sign-in, project dashboard (progress, agreement, annotator quality), annotator
+management and export. Cookie sessions for the browser; ``Authorization: Bearer <admin token>``
+works for the GET routes and the JSON stats, for scripts."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+import secrets
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import RedirectResponse, Response
+
+from rlhfkit.annotate.export import CONSENSUS, ExportOptions, build_records
+from rlhfkit.annotate.stats import json_safe, project_stats
+from rlhfkit.annotate.store import ADMIN_SESSION, Refused, Store
+from rlhfkit.annotate.web import COOKIE, LOGIN_CSRF_COOKIE, Auth, Problem, check_csrf, render
+
+
+def router(store: Store, auth: Auth) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/admin/login")
+    def login_page():
+        # Login CSRF: a double-submit token (cookie + form field), as there is no session yet.
+        token = secrets.token_urlsafe(24)
+        response = render("admin_login.html", csrf=token)
+        response.set_cookie(LOGIN_CSRF_COOKIE, token, max_age=1800, httponly=True, samesite="strict",
+                            secure=auth.secure_cookies, path="/admin/login")
+        return response
+
+    @r.post("/admin/login")
+    def login(request: Request, token: str = Form(""), csrf_token: str = Form("")):
+        expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        if not csrf_token or not expected or not hmac.compare_digest(csrf_token.encode(), expected.encode()):
+            raise Problem(403, "missing or wrong CSRF token: reload the sign-in page and try again", "csrf_token")
+        got = store.login_admin(token.strip())
+        if got is None:
+            return render("admin_login.html", 401, csrf=expected, error="That is not a valid admin token.")
+        response = RedirectResponse("/admin", status_code=303)
+        auth.set_session_cookie(response, got[0], int(ADMIN_SESSION.total_seconds()))
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/admin/login")
+        return response
+
+    @r.post("/admin/logout")
+    def logout(request: Request, csrf_token: str = Form("")):
+        who = auth.admin(request)
+        if who is not None:
+            check_csrf(request, who.csrf_token, csrf_token)
+            store.logout(who)
+        response = RedirectResponse("/admin/login", status_code=303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    @r.get("/admin")
+    def index(request: Request):
+        who = auth.admin(request)
+        projects = [store.project_info(name) for name in store.project_names()]
+        return render("admin_index.html", projects=projects, csrf=who.csrf_token if who else "")
+
+    @r.get("/admin/projects/{project}")
+    def dashboard(request: Request, project: str):
+        who = auth.admin(request)
+        info, stats = _guard(store.project_info, project), _guard(project_stats, store, project)
+        active = {a["name"]: a["active"] for a in info["annotators"]}
+        return render("admin_project.html", info=info, stats=stats, active=active,
+                      csrf=who.csrf_token if who else "", fmt=_fmt, consensus_methods=CONSENSUS)
+
+    @r.get("/api/admin/projects/{project}/stats")
+    def stats_json(request: Request, project: str):
+        auth.admin(request)
+        return json_safe(_guard(project_stats, store, project))
+
+    @r.post("/admin/projects/{project}/annotators")
+    def add_annotator(request: Request, project: str, name: str = Form(""), csrf_token: str = Form("")):
+        _admin_form(auth, request, csrf_token)
+        name = name.strip()
+        if not name:
+            raise Problem(422, "name: an annotator needs a name", "name")
+        token = _guard(store.add_annotator, project, name)
+        link = str(request.base_url).rstrip("/") + f"/a/{token}"
+        return render("annotator_created.html", 201, project=project, name=name, link=link)
+
+    @r.post("/admin/projects/{project}/annotators/{name}/active")
+    def set_active(request: Request, project: str, name: str, active: str = Form(""), csrf_token: str = Form("")):
+        _admin_form(auth, request, csrf_token)
+        _guard(store.set_annotator_active, project, name, active == "1")
+        return RedirectResponse(f"/admin/projects/{project}", status_code=303)
+
+    @r.get("/admin/projects/{project}/export.jsonl")
+    def export_jsonl(request: Request, project: str, votes: bool = False,
+                     consensus: str = Query("majority", pattern="^(majority|dawid-skene)$"),
+                     min_votes: int = Query(1, ge=1), include_gold: bool = False, drop_unsafe: bool = False):
+        auth.admin(request)
+        opts = ExportOptions(votes=votes, consensus=consensus, min_votes=min_votes, include_gold=include_gold,
+                             drop_unsafe=drop_unsafe)
+        records, _ = _guard(build_records, store, project, opts)
+        body = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
+        name = f"{project}-{'votes' if votes else 'consensus'}.jsonl".replace('"', "")
+        return Response(body, media_type="application/x-ndjson",
+                        headers={"content-disposition": f'attachment; filename="{name}"'})
+
+    return r
+
+
+def _admin_form(auth: Auth, request: Request, csrf_token: str):
+    who = auth.admin(request)
+    if who is not None:
+        check_csrf(request, who.csrf_token, csrf_token)
+    return who
+
+
+def _guard(fn, *args):
+    try:
+        return fn(*args)
+    except Refused as e:
+        raise Problem.of(e) from None
+
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+

@@ -1,0 +1,161 @@
+"""Annotator routes: the secret-link sign-in, the labelling page and the JSON API it uses.
+
+Page flow: ``GET /label`` renders the annotator's current assignment; the page's script posts the
+answer to ``POST /api/labels`` (retrying with the same ``submission_id`` on network errors) and
+loads ``/label`` again. Without JavaScript the same form posts to ``POST /label``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Literal
+
+from fastapi import APIRouter, Form, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from rlhfkit.annotate.store import ANNOTATOR_SESSION, LabelInput, Refused, Store
+from rlhfkit.annotate.web import Auth, Problem, check_csrf, render
+
+SUBMISSION_ID = r"^[A-Za-z0-9_-]{8,64}$"
+
+
+class LabelBody(BaseModel):
+    """``POST /api/labels``. Sides are the annotator's screen sides."""
+
+    model_config = ConfigDict(extra="forbid")
+    submission_id: str = Field(pattern=SUBMISSION_ID, description="client-chosen id, 8-64 of [A-Za-z0-9_-]; "
+                                                                  "a retry reuses it and stores nothing new")
+    assignment_id: int
+    choice: Literal["left", "right", "tie", "skip"]
+    strength: int | None = Field(None, ge=1, le=3, description="1 slight, 2 clear, 3 strong; left/right only")
+    rationale: str | None = Field(None, max_length=5000)
+    unsafe: bool = False
+    duration_ms: int | None = Field(None, ge=0, le=86_400_000)
+
+    @field_validator("strength")
+    @classmethod
+    def _strength_needs_side(cls, v, info: ValidationInfo):
+        if v is not None and info.data.get("choice") in ("tie", "skip"):
+            raise ValueError("must be empty (null) for a tie or a skip")
+        return v
+
+    def to_input(self) -> LabelInput:
+        return LabelInput(**self.model_dump())
+
+
+class LabelPatch(BaseModel):
+    """``PATCH /api/labels/{id}``: change one's own answer. Absent fields stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+    choice: Literal["left", "right", "tie"] | None = None
+    strength: int | None = Field(None, ge=1, le=3)
+    rationale: str | None = Field(None, max_length=5000)
+    unsafe: bool | None = None
+
+
+def router(store: Store, auth: Auth) -> APIRouter:
+    r = APIRouter()
+
+    @r.get("/a/{token}")
+    def sign_in(token: str):
+        got = store.login_annotator(token)
+        if got is None:
+            raise Problem(403, "this link is not valid (mistyped, or the annotator was deactivated); ask your "
+                               "annotation lead for a new one")
+        response = RedirectResponse("/label", status_code=303)
+        auth.set_session_cookie(response, got[0], int(ANNOTATOR_SESSION.total_seconds()))
+        return response
+
+    @r.get("/label")
+    def label_page(request: Request):
+        who = auth.annotator(request)
+        item = store.next_item(who)
+        progress = store.progress(who)
+        if item is None:
+            return render("done.html", who=who, progress=progress, csrf=who.csrf_token)
+        return render("label.html", who=who, item=item, progress=progress, csrf=who.csrf_token,
+                      submission_id=secrets.token_hex(16))
+
+    @r.post("/label")
+    def label_form(request: Request, csrf_token: str = Form(""), assignment_id: str = Form(""),
+                   submission_id: str = Form(""), choice: str = Form(""), strength: str = Form(""),
+                   rationale: str = Form(""), unsafe: str = Form(""), duration_ms: str = Form("")):
+        """The no-JavaScript path. The strength control is documented on the page as applying to
+        left/right only, so here it is dropped for tie and skip rather than refused."""
+        who = auth.annotator(request)
+        check_csrf(request, who.csrf_token, csrf_token)
+        fields = {"submission_id": submission_id, "assignment_id": assignment_id, "choice": choice,
+                  "strength": strength if strength and choice in ("left", "right") else None,
+                  "rationale": rationale or None, "unsafe": unsafe in ("1", "on", "true"),
+                  "duration_ms": duration_ms or None}
+        try:
+            body = LabelBody.model_validate(fields)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise Problem(422, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
+        _submit(store, who, body)
+        return RedirectResponse("/label", status_code=303)
+
+    @r.post("/logout")
+    def logout(request: Request, csrf_token: str = Form("")):
+        who = auth.principal(request)
+        if who is not None:
+            check_csrf(request, who.csrf_token, csrf_token)
+            store.logout(who)
+        response = render("message.html", title="Signed out", message="You are signed out. Use your personal "
+                                                                      "link to sign in again.")
+        response.delete_cookie("rlhfkit_session", path="/")
+        return response
+
+    @r.get("/api/me")
+    def me(request: Request):
+        who = auth.annotator(request)
+        return {"annotator": who.annotator_name, "progress": store.progress(who), "csrf_token": who.csrf_token}
+
+    @r.get("/api/next")
+    def next_item(request: Request):
+        """The current assignment (the same one until it is answered), or ``{"item": null}``."""
+        who = auth.annotator(request)
+        item = store.next_item(who)
+        body = None if item is None else {"assignment_id": item.assignment_id, "prompt": item.prompt,
+                                          "left": item.left, "right": item.right}
+        return {"item": body, "csrf_token": who.csrf_token}
+
+    @r.post("/api/labels")
+    def post_label(request: Request, body: LabelBody):
+        who = auth.annotator(request)
+        check_csrf(request, who.csrf_token)
+        label, created = _submit(store, who, body)
+        return JSONResponse({**label, "replayed": not created}, status_code=201 if created else 200)
+
+    @r.get("/api/labels")
+    def list_labels(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
+        who = auth.annotator(request)
+        return {"labels": store.labels_of(who, limit, offset)}
+
+    @r.get("/api/labels/{label_id}")
+    def get_label(request: Request, label_id: int):
+        who = auth.annotator(request)
+        try:
+            return store.label_of(who, label_id)
+        except Refused as e:
+            raise Problem.of(e) from None
+
+    @r.patch("/api/labels/{label_id}")
+    def patch_label(request: Request, label_id: int, body: LabelPatch):
+        who = auth.annotator(request)
+        check_csrf(request, who.csrf_token)
+        try:
+            return store.update_label(who, label_id, body.model_dump(exclude_unset=True))
+        except Refused as e:
+            raise Problem.of(e) from None
+
+    return r
+
+
+def _submit(store: Store, who, body: LabelBody):
+    try:
+        return store.submit(who, body.to_input())
+    except Refused as e:
+        raise Problem.of(e) from None

@@ -1,0 +1,158 @@
+"""Web plumbing shared by the annotator and admin views: sessions, CSRF, headers, templates, errors.
+
+Security model (GitHub issue 7):
+
+- Annotators log in with a secret link ``/a/<token>``; the token is exchanged for a random session
+  secret in an HttpOnly, SameSite=Lax cookie and the browser is redirected off the token URL.
+  The access log redacts ``/a/<token>``.
+- The admin logs in with the token printed by ``init`` (form at ``/admin/login``), or sends it as
+  ``Authorization: Bearer <token>`` for scripted exports.
+- Every state-changing request authenticated by the cookie must carry the session's CSRF token
+  (form field ``csrf_token`` or header ``X-CSRF-Token``), and a cross-origin ``Origin`` header is
+  refused. Bearer-token requests need no CSRF token: browsers never attach that header by themselves.
+- Every response carries a strict Content-Security-Policy: scripts and styles only from
+  ``/static``, no inline script, no framing, forms post only to this origin.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from fastapi import HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from jinja2 import Environment, FileSystemLoader
+
+from rlhfkit.annotate.store import Principal, Refused, Store
+
+HERE = Path(__file__).parent
+COOKIE = "rlhfkit_session"
+LOGIN_CSRF_COOKIE = "rlhfkit_login_csrf"
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+NO_STORE = (b"cache-control", b"no-store")
+access_log = logging.getLogger("rlhfkit.annotate.access")
+
+templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
+                        lstrip_blocks=True)
+
+
+class Problem(HTTPException):
+    """An error answered as JSON ``{"detail", "field"}`` on /api routes and as a page elsewhere."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None):
+        super().__init__(status, detail)
+        self.field = field
+
+    @classmethod
+    def of(cls, refused: Refused) -> Problem:
+        return cls(refused.status, refused.message, refused.field)
+
+
+def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
+    return HTMLResponse(templates.get_template(name).render(**ctx), status_code=status)
+
+
+def wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def error_response(request: Request, status: int, detail: str, field: str | None = None):
+    if wants_json(request):
+        return JSONResponse({"detail": detail, "field": field}, status_code=status)
+    return render("message.html", status, title=f"Error {status}", message=detail)
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware: security headers on every response, ``no-store`` on everything but
+    static files, and an access log line with secrets in paths redacted."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, path = time.perf_counter(), scope["path"]
+        static = path.startswith("/static/")
+        status = {}
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                headers = list(message.get("headers", [])) + SECURITY_HEADERS
+                if not static:
+                    headers.append(NO_STORE)
+                message["headers"] = headers
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info("%s %s %s %.1fms", scope["method"], redact(path), status.get("code", "-"),
+                                (time.perf_counter() - start) * 1000)
+
+
+def redact(path: str) -> str:
+    return re.sub(r"^/a/[^/]+", "/a/<token>", path)
+
+
+class Auth:
+    """Resolves the caller of a request from the session cookie or an admin bearer token."""
+
+    def __init__(self, store: Store, secure_cookies: bool):
+        self.store, self.secure_cookies = store, secure_cookies
+
+    def principal(self, request: Request) -> Principal | None:
+        secret = request.cookies.get(COOKIE)
+        return self.store.principal(secret) if secret else None
+
+    def annotator(self, request: Request) -> Principal:
+        who = self.principal(request)
+        if who is None or who.is_admin:
+            raise Problem(401, "not signed in as an annotator: open the personal link your annotation lead "
+                               "sent you")
+        return who
+
+    def admin(self, request: Request, *, mutating: bool = False) -> Principal | None:
+        """The admin session, or None when the request carries a valid admin bearer token."""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            if self.store.admin_token_ok(header[7:].strip()):
+                return None
+            raise Problem(401, "the bearer token is not a valid admin token", "Authorization")
+        who = self.principal(request)
+        if who is None or not who.is_admin:
+            raise Problem(401, "admin sign-in required: /admin/login")
+        if mutating:
+            check_csrf(request, who.csrf_token)
+        return who
+
+    def set_session_cookie(self, response, secret: str, max_age: int) -> None:
+        response.set_cookie(COOKIE, secret, max_age=max_age, httponly=True, samesite="lax",
+                            secure=self.secure_cookies, path="/")
+
+
+def check_csrf(request: Request, expected: str, form_value: str | None = None) -> None:
+    """Refuse a cookie-authenticated state change without the session's CSRF token (403)."""
+    origin = request.headers.get("origin")
+    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+        raise Problem(403, f"cross-origin request from {origin} refused", "Origin")
+    given = request.headers.get("x-csrf-token") or form_value or ""
+    if not given:
+        raise Problem(403, "missing CSRF token: send the page's token in the X-CSRF-Token header or the "
+                           "csrf_token form field", "csrf_token")
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise Problem(403, "wrong CSRF token for this session: reload the page", "csrf_token")

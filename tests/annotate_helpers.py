@@ -1,0 +1,165 @@
+"""Shared fixtures and helpers for the tests/test_annotate_*.py files.
+
+The ``db_url`` fixture runs a test once on SQLite and once on PostgreSQL when ``RLHFKIT_TEST_PG`` is set (each
+PostgreSQL test gets its own schema through ``search_path``, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PG_ENV = "RLHFKIT_TEST_PG"
+
+
+def pair_dict(i: int, **overrides) -> dict:
+    d = {"id": f"p{i}", "prompt": [{"role": "user", "content": f"Question {i}: what is {i} + {i}?"}],
+         "a": {"role": "assistant", "content": f"The answer is {2 * i}."},
+         "b": {"role": "assistant", "content": f"I think it is {2 * i + 1}."},
+         "task": "arith", "metadata": {"generator": "test"}}
+    d.update(overrides)
+    return d
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def write_pairs(path: Path, n: int, n_gold: int = 0, start: int = 0) -> Path:
+    rows = []
+    for i in range(start, start + n):
+        d = pair_dict(i)
+        if i - start < n_gold:
+            d["metadata"] = {"gold_winner": "a"}
+        rows.append(d)
+    return write_jsonl(path, rows)
+
+
+DB_KINDS = ["sqlite", "postgresql"]
+
+
+def db_url_fixture(request, tmp_path):
+    """Use as ``_db_url = pytest.fixture(name="db_url", params=DB_KINDS)(db_url_fixture)``."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'annotate.db'}"
+        return
+    base = os.environ.get(PG_ENV)
+    if not base:
+        pytest.skip(f"{PG_ENV} is not set (source .ci/services.sh to start PostgreSQL)")
+    from sqlalchemy import create_engine, text
+
+    schema = f"t_{secrets.token_hex(6)}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE SCHEMA {schema}"))
+    sep = "&" if "?" in base else "?"
+    yield f"{base}{sep}options={quote(f'-csearch_path={schema}')}"
+    with admin.begin() as conn:
+        conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def new_store(url: str):
+    from rlhfkit.annotate.store import Store
+
+    store = Store(url)
+    store.migrate()
+    return store
+
+
+def setup_project(store, tmp_path: Path, *, n_pairs: int = 10, n_gold: int = 0, overlap: int = 3,
+                  gold_rate: float = 0.0, annotators=("alice", "bob", "carol"), project: str = "demo") -> dict:
+    """Import pairs and create annotators; returns {name: login token}."""
+    write_pairs(tmp_path / f"{project}-pairs.jsonl", n_pairs, n_gold)
+    store.import_pairs(project, tmp_path / f"{project}-pairs.jsonl", overlap=overlap, gold_rate=gold_rate)
+    return {name: store.add_annotator(project, name) for name in annotators}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "rlhfkit.annotate", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"rlhfkit annotate {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+class Server:
+    """``rlhfkit annotate serve`` as a subprocess on 127.0.0.1 and a free port."""
+
+    def __init__(self, db: str, log_level: str = "warning"):
+        self.db, self.log_level = db, log_level
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> Server:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", self.db, "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", self.log_level],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"server did not answer /healthz within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown handlers, no flushing — a crash."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def sign_in(client: httpx.Client, token: str) -> str:
+    """Open the annotator's link; returns the session's CSRF token."""
+    r = client.get(f"/a/{token}", follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return client.get("/api/me").json()["csrf_token"]
+
+
+def page_values(html: str) -> dict:
+    """The hidden inputs of the labelling form."""
+    return dict(re.findall(r'name="(csrf_token|assignment_id|submission_id)" value="([^"]*)"', html))
