@@ -163,6 +163,10 @@ def resolve(name_or_path: str) -> str:
 
 
 def _from_pretrained(cls, name: str, **kwargs):
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        # huggingface_hub reads HF_HUB_OFFLINE once, at import; a value set later (a test's monkeypatch,
+        # a notebook's os.environ) would be ignored and a missing model would retry the network for ~50 s.
+        kwargs.setdefault("local_files_only", True)
     try:
         return cls.from_pretrained(name, **kwargs)
     except OSError as e:

@@ -27,7 +27,14 @@ def make_accelerator(mixed_precision: str = "auto"):
             mixed_precision = "no"
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {mixed_precision!r}")
-    return Accelerator(mixed_precision=mixed_precision)
+    # Without cpu=True, accelerate (checked on 1.15) sees a torchrun launch on a machine with no GPU as
+    # a single process: each rank would train alone on its own shard, never averaging gradients.
+    return Accelerator(mixed_precision=mixed_precision, cpu=not _has_accelerator())
+
+
+def _has_accelerator() -> bool:
+    devices = getattr(torch, "accelerator", None)  # torch >= 2.6 knows CUDA, XPU, MPS, ...
+    return devices.is_available() if devices is not None else torch.cuda.is_available()
 
 
 def seed_everything(seed: int) -> None:
