@@ -252,7 +252,7 @@ class Store:
 
     def _new_session(self, annotator_id: int | None, ttl: timedelta) -> tuple[str, Principal]:
         secret, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), utcnow()
-        with self.db.write() as s:
+        with self.db.write(durable=False) as s:
             s.add(WebSession(id_hash=digest(secret), annotator_id=annotator_id, is_admin=annotator_id is None,
                              csrf_token=csrf, created_at=now, expires_at=now + ttl))
         return secret, self.principal(secret)
@@ -271,14 +271,14 @@ class Store:
         return Principal(sess.id_hash, sess.csrf_token, sess.is_admin, sess.annotator_id, name, project_id)
 
     def logout(self, principal: Principal) -> None:
-        with self.db.write() as s:
+        with self.db.write(durable=False) as s:
             s.execute(update(WebSession).where(WebSession.id_hash == principal.session_hash)
                       .values(expires_at=utcnow()))
 
     # ---- labelling ----------------------------------------------------------------------------
 
     def next_item(self, who: Principal) -> Item | None:
-        with self.db.write() as s:
+        with self.db.write(durable=False) as s:
             ann, proj = s.get(Annotator, who.annotator_id), s.get(Project, who.project_id)
             a = assign.next_assignment(s, ann, proj)
             if a is None:
@@ -314,7 +314,7 @@ class Store:
                 skip = x.choice == "skip"
                 label = Label(submission_id=x.submission_id, assignment_id=a.id, annotator_id=a.annotator_id,
                               pair_id=a.pair_id, winner=None if skip else _winner(x.choice, a.left), skipped=skip,
-                              strength=x.strength, rationale=x.rationale or None, unsafe=x.unsafe,
+                              strength=x.strength, rationale=_text(x.rationale), unsafe=x.unsafe,
                               duration_ms=x.duration_ms, created_at=utcnow())
                 s.add(label)
                 delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
@@ -340,7 +340,7 @@ class Store:
         view = _label_view(label, left)
         same = (label.annotator_id == who.annotator_id and label.assignment_id == x.assignment_id
                 and view["choice"] == x.choice and label.strength == x.strength
-                and label.rationale == (x.rationale or None) and label.unsafe == x.unsafe)
+                and label.rationale == _text(x.rationale) and label.unsafe == x.unsafe)
         if not same:
             raise Refused(409, "this submission_id was already used for a different answer; "
                                "generate a new one for each answer", "submission_id")
@@ -379,7 +379,7 @@ class Store:
             if "strength" in changes:
                 label.strength = changes["strength"]
             if "rationale" in changes:
-                label.rationale = changes["rationale"] or None
+                label.rationale = _text(changes["rationale"])
             if "unsafe" in changes:
                 label.unsafe = bool(changes["unsafe"])
             if label.winner == "tie" and label.strength is not None:
@@ -403,6 +403,11 @@ def _known(ids: dict, key: str, where, project: str) -> int:
         raise where.error(f"no pair {key!r} in project {project!r} (import the pairs first, or in the same "
                           "command)", "id")
     return ids[key]
+
+
+def _text(value: str | None) -> str | None:
+    """An empty or whitespace-only rationale is no rationale; any other text is kept exactly."""
+    return value if value and value.strip() else None
 
 
 def _winner(choice: str, left: str) -> str:

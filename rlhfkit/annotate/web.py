@@ -60,8 +60,8 @@ class Problem(HTTPException):
         return cls(refused.status, refused.message, refused.field)
 
 
-def render(name: str, status: int = 200, **ctx) -> HTMLResponse:
-    return HTMLResponse(templates.get_template(name).render(**ctx), status_code=status)
+def render(template: str, status: int = 200, **ctx) -> HTMLResponse:
+    return HTMLResponse(templates.get_template(template).render(**ctx), status_code=status)
 
 
 def wants_json(request: Request) -> bool:
