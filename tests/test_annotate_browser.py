@@ -1,0 +1,100 @@
+"""A real browser (Debian's Chromium driven by Playwright) labels three pairs with the keyboard
+against a real ``rlhfkit annotate serve`` on 127.0.0.1; the database must hold exactly those labels.
+
+Skipped only where /usr/bin/chromium is missing and the CI variable is unset; in CI,
+``.ci/services.sh`` installs Chromium and this test must run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from annotate_helpers import Server, new_store, pair_dict, write_jsonl
+from sqlalchemy import select
+
+from rlhfkit.annotate.models import Assignment, Label, Pair
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+XSS = ('<script>alert("xss-1")</script><img src=x onerror="alert(\'xss-2\')">'
+       '<a href="javascript:alert(\'xss-3\')">click me</a> [link](javascript:alert(4))')
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+                                reason=f"{CHROMIUM} not installed (apt-get install chromium, or source .ci/services.sh)")
+
+
+def test_keyboard_labelling_in_a_real_browser(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    long_text = "\n".join(f"line {i} of a very long answer" for i in range(400))
+    write_jsonl(tmp_path / "pairs.jsonl", [
+        pair_dict(0, a={"role": "assistant", "content": XSS}, b={"role": "assistant", "content": "A calm reply."},
+                  prompt=[{"role": "user", "content": "Say <b>hi</b> <script>alert('prompt')</script>"}]),
+        pair_dict(1, a={"role": "assistant", "content": long_text}),
+        pair_dict(2),
+    ])
+    store.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0)
+    token = store.add_annotator("web", "alice")
+
+    dialogs, csp_errors, page_errors = [], [], []
+    with Server(db) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("console", lambda m: "Content Security Policy" in m.text and csp_errors.append(m.text))
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/a/{token}")
+            assert page.url == f"{server.url}/label"  # the token left the address bar
+
+            # Each step: keys pressed, then the screen side expected to win (None for a tie).
+            steps = [
+                (["1"], "left"),
+                (["w", "f", "r", "TYPE:because it is shorter", "Escape", "2"], "right"),
+                (["t"], None),
+            ]
+            shown = []
+            for keys, _side in steps:
+                page.wait_for_selector("#label-form")
+                left = page.inner_text("#side-left .completion")
+                right = page.inner_text("#side-right .completion")
+                shown.append((left, right))
+                with page.expect_navigation():
+                    for key in keys:
+                        if key.startswith("TYPE:"):
+                            page.keyboard.type(key[5:])  # typing "t" or "s" here must not submit
+                        else:
+                            page.keyboard.press(key)
+            page.wait_for_selector("#done")
+            assert "3 labelled · 0 skipped · 0 waiting" in page.inner_text("#progress")
+
+            # The hostile pair was shown as text and nothing ran.
+            texts = [t for pair in shown for t in pair]
+            assert XSS in texts
+            assert dialogs == [] and page_errors == [] and csp_errors == []
+            long_box = [t for t in texts if t.startswith("line 0")]
+            assert long_box and long_box[0].count("\n") == 399
+        finally:
+            browser.close()
+
+    with store.db.read() as s:
+        rows = s.execute(select(Label, Assignment.left, Pair.a, Pair.b)
+                         .join(Assignment, Assignment.id == Label.assignment_id)
+                         .join(Pair, Pair.id == Label.pair_id).order_by(Label.id)).all()
+    assert len(rows) == 3
+    for (label, left, a, b), (keys, side), (left_text, right_text) in zip(rows, steps, shown):
+        assert not label.skipped and label.duration_ms is not None and label.duration_ms >= 0
+        assert (a if left == "a" else b)["content"] == left_text
+        if side is None:
+            assert label.winner == "tie" and label.strength is None
+        else:
+            winner_text = left_text if side == "left" else right_text
+            assert (a if label.winner == "a" else b)["content"] == winner_text
+    assert rows[1][0].strength == 2 and rows[1][0].unsafe and rows[1][0].rationale == "because it is shorter"
+    assert rows[0][0].strength is None and not rows[0][0].unsafe and rows[0][0].rationale is None
