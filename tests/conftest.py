@@ -82,3 +82,9 @@ def sft_conversations() -> list[dict]:
 def sft_jsonl(tmp_path, sft_conversations) -> Path:
     """``sft.jsonl`` holding the eight conversations, one per line (line N = conversation N-1)."""
     return write_jsonl(tmp_path / "sft.jsonl", sft_conversations)
+
+
+@pytest.fixture(scope="session")
+def shared_sft_jsonl(tmp_path_factory) -> Path:
+    """The same file, written once per session for module-scoped fixtures: do not modify it."""
+    return write_jsonl(tmp_path_factory.mktemp("sft-data") / "sft.jsonl", SFT_CONVERSATIONS)
