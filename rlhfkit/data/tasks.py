@@ -1,0 +1,340 @@
+"""Built-in tasks: the built-in prompts plus a hidden *gold* reward that code computes.
+
+A task stands in for the human whose preferences RLHF tries to learn (AlpacaFarm's simulated
+annotators; Gao et al. 2022's "gold" reward model): the simulated labeler draws preferences from
+the gold score, a reward model is trained on those labels, and the policy's gold score shows whether
+optimising the learned reward improved the thing that was wanted (or only the proxy).
+
+Every ``gold`` is deterministic, cheap (no model calls) and lies in [0, 1]. docs/tasks.md lists
+the bundled model's measured starting score for each task (``rlhfkit tasks --measure``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import re
+import zlib
+
+from rlhfkit.data.prompts import load_prompts
+
+_WORD = re.compile(r"[A-Za-z0-9']+")
+
+# Function words and instruction verbs that say nothing about a prompt's topic; a reply is not
+# credited for repeating them (the `concise` task's keyword coverage and the `avoid` constraint).
+STOPWORDS = frozenset("""
+a about above after again against all also am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have having
+he her here hers him his how i if in into is it its itself just me more most my no nor not now of off on
+once only or other our out over own same she should so some such than that the their them then there these
+they this those through to too under until up very was we were what when where which while who whom why
+will with would you your yours yourself give write tell explain describe suggest list share make get
+short brief briefly small some few one two three four five sentence sentences words reply answer please
+think view opinion summary summarize help want need like
+""".split())
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased word tokens (letters, digits, apostrophes)."""
+    return [w.lower().strip("'") for w in _WORD.findall(text) if w.strip("'")]
+
+
+def stem(word: str) -> str:
+    """A crude suffix stripper so 'gardens'/'gardening'/'garden' match; deterministic, no lexicon."""
+    for suffix in ("ing", "ies", "ed", "es", "s", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 4:
+            return word[: -len(suffix)] + ("y" if suffix == "ies" else "")
+    return word
+
+
+def content_words(text: str) -> list[str]:
+    """Distinct stems of the words of ``text`` that carry its topic, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for w in words(text):
+        if len(w) >= 3 and w not in STOPWORDS and not w.isdigit():
+            seen.setdefault(stem(w), None)
+    return list(seen)
+
+
+class Task:
+    """A prompt set plus a gold reward. Subclasses set ``name``, ``description``, ``categories``
+    and implement ``_gold_one``; ``_prompt_text`` may rewrite a built-in prompt (e.g. add constraints)."""
+
+    name: str = ""
+    description: str = ""
+    categories: tuple[str, ...] | None = None
+    """Built-in prompt categories the task draws on (None: all ten)."""
+
+    def prompt_rows(self, split: str = "train") -> list[dict]:
+        """``{"id", "category", "messages"}`` for each of the task's prompts in ``split``."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        return [{"id": f"{self.name}/{r['id']}", "category": r["category"],
+                 "messages": [{"role": "user", "content": self._prompt_text(r)}]}
+                for r in load_prompts(split, self.categories)]
+
+    def prompts(self, split: str = "train") -> list[list[dict]]:
+        """Chat prompts (each a one-message list ending with the user turn) from the built-in collection."""
+        return [r["messages"] for r in self.prompt_rows(split)]
+
+    def gold(self, prompts: list[list[dict]], completions: list[str]) -> list[float]:
+        """Gold score of each completion to its prompt (the prompt's last user message is read)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return [float(self._gold_one(_last_user(p), c)) for p, c in zip(prompts, completions)]
+
+    def _prompt_text(self, row: dict) -> str:
+        return row["prompt"]
+
+    def _gold_one(self, prompt: str, completion: str) -> float:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+
+def _last_user(prompt: list[dict]) -> str:
+    if not isinstance(prompt, list) or not prompt or not isinstance(prompt[-1], dict):
+        raise ValueError(f"a prompt must be a non-empty list of chat messages, got {prompt!r:.80}")
+    users = [m.get("content", "") for m in prompt if m.get("role") == "user"]
+    if not users:
+        raise ValueError("the prompt has no user message")
+    return users[-1]
+
+
+# --- sentiment --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+class SentimentTask(Task):
+    """Positive sentiment, by VADER (Hutto & Gilbert 2014), on prompts that invite a judgement.
+
+    VADER's ``compound`` score of a whole text saturates towards ±1 as it grows (it normalises the
+    summed valence by x/sqrt(x² + 15)), so most multi-sentence replies would score near 1 and leave
+    nothing to learn. The gold is therefore the *mean of the per-sentence compound scores*, mapped from
+    [-1, 1] to [0, 1]: every sentence has to be positive for a high score, and neutral sentences pull
+    it towards 0.5.
+    """
+
+    name = "sentiment"
+    description = ("positive sentiment: mean VADER compound score of the reply's sentences, mapped to [0, 1] "
+                   "(reviews, opinions, messages, advice, stories)")
+    categories = ("review", "opinion", "message", "advice", "creative", "howto", "explanation")
+
+    def _gold_one(self, prompt: str, completion: str) -> float:
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+|\n+", completion) if words(s)]
+        if not sentences:
+            return 0.5  # no words: neutral
+        compound = sum(_vader().polarity_scores(s)["compound"] for s in sentences) / len(sentences)
+        return (compound + 1) / 2
+
+
+# --- concise --------------------------------------------------------------------------------------
+
+
+class ConciseTask(Task):
+    """Short *and* on-topic: half length window, half keyword coverage.
+
+    ``length``: 1 for ``min_words <= n <= max_words`` words, falling linearly to 0 at 0 words and at
+    ``2 * max_words``. ``coverage``: the fraction of the prompt's content words (stems, stop words
+    removed; at most ``max_keywords`` counted, so a long passage to summarise is not hopeless) that
+    the reply uses. Length alone is easy to hack (reply "Yes."); coverage alone rewards rambling.
+    """
+
+    name = "concise"
+    description = ("concise and on-topic: 0.5 x [reply of 8-25 words] + 0.5 x [coverage of the prompt's "
+                   "content words]")
+    min_words = 8
+    max_words = 25
+    max_keywords = 6
+
+    def _gold_one(self, prompt: str, completion: str) -> float:
+        return 0.5 * self.length_score(len(words(completion))) + 0.5 * self.coverage(prompt, completion)
+
+    def length_score(self, n: int) -> float:
+        if n < self.min_words:
+            return n / self.min_words
+        if n <= self.max_words:
+            return 1.0
+        return max(0.0, 1.0 - (n - self.max_words) / self.max_words)
+
+    def coverage(self, prompt: str, completion: str) -> float:
+        keys = content_words(prompt)
+        if not keys:
+            return 1.0
+        used = {stem(w) for w in words(completion)}
+        return min(1.0, sum(k in used for k in keys) / min(len(keys), self.max_keywords))
+
+
+# --- constraints ----------------------------------------------------------------------------------
+
+# Words to include: concrete, easy to fit into any reply, and rare in a reply that was not asked for them.
+INCLUDE_WORDS = ("sunshine", "lantern", "compass", "garden", "ocean", "bridge", "river", "window", "music",
+                 "coffee", "morning", "mountain", "friend", "journey", "kitchen", "library")
+_CONSTRAINTS = {
+    "include": re.compile(r'Include the word "([^"]+)"\.'),
+    "bullets": re.compile(r"Use exactly (\d+) bullet points \(lines starting with \"- \"\)\."),
+    "avoid": re.compile(r'Do not use the word "([^"]+)"\.'),
+    "question": re.compile(r"End your reply with a question\."),
+}
+_BULLET = re.compile(r"^\s*[-*\u2022]\s+\S", re.M)
+
+
+class ConstraintsTask(Task):
+    """Instruction following checked by code (IFEval-style verifiable instructions).
+
+    Each prompt gets two constraints, chosen from the prompt id by a hash, appended to the prompt
+    text as fixed sentences; ``gold`` reads them back from the prompt with regular expressions (so
+    it scores any prompt written in the same phrasing) and returns the mean of the checks:
+
+    - ``Include the word "W".`` 1 if W (or W + s) occurs as a word.
+    - ``Use exactly N bullet points (lines starting with "- ").`` 1 - |count - N| / N, floored at 0
+      (lines starting with -, * or • count).
+    - ``Do not use the word "W".`` 1 if W does not occur; W is a content word of the prompt itself.
+    - ``End your reply with a question.`` 1 if the reply ends with '?', 0.5 if it asks one elsewhere.
+    """
+
+    name = "constraints"
+    description = ("verifiable instructions appended to the prompt (include a word, exactly N bullets, avoid a "
+                   "word, end with a question); gold = fraction satisfied")
+
+    def _prompt_text(self, row: dict) -> str:
+        return row["prompt"] + "\n\n" + " ".join(self.constraints_for(row["id"], row["prompt"]))
+
+    @staticmethod
+    def constraints_for(prompt_id: str, prompt: str) -> list[str]:
+        h = zlib.crc32(prompt_id.encode())
+        kinds = ["include", "bullets", "avoid", "question"]
+        first = kinds[h % 4]
+        second = [k for k in kinds if k != first][(h >> 2) % 3]
+        out = []
+        for kind in sorted((first, second), key=kinds.index):
+            if kind == "include":
+                out.append(f'Include the word "{INCLUDE_WORDS[(h >> 4) % len(INCLUDE_WORDS)]}".')
+            elif kind == "bullets":
+                out.append(f'Use exactly {2 + (h >> 8) % 3} bullet points (lines starting with "- ").')
+            elif kind == "avoid":
+                candidates = [w for w in words(prompt) if len(w) >= 4 and w not in STOPWORDS] or ["very"]
+                out.append(f'Do not use the word "{candidates[(h >> 10) % len(candidates)]}".')
+            else:
+                out.append("End your reply with a question.")
+        return out
+
+    def _gold_one(self, prompt: str, completion: str) -> float:
+        checks = self.check(prompt, completion)
+        if not checks:
+            raise ValueError(f"no constraints found in the prompt {prompt[-120:]!r}; the constraints task reads "
+                             "sentences such as 'Include the word \"ocean\".' from the prompt's last user message")
+        return sum(checks.values()) / len(checks)
+
+    @staticmethod
+    def check(prompt: str, completion: str) -> dict[str, float]:
+        """Each constraint found in ``prompt`` -> its score in [0, 1] for ``completion``."""
+        out: dict[str, float] = {}
+        used = set(words(completion))
+        for m in _CONSTRAINTS["include"].finditer(prompt):
+            w = m.group(1).lower()
+            out[f"include:{w}"] = float(w in used or w + "s" in used)
+        for m in _CONSTRAINTS["bullets"].finditer(prompt):
+            n = int(m.group(1))
+            out[f"bullets:{n}"] = max(0.0, 1.0 - abs(len(_BULLET.findall(completion)) - n) / n)
+        for m in _CONSTRAINTS["avoid"].finditer(prompt):
+            w = m.group(1).lower()
+            out[f"avoid:{w}"] = float(w not in used and w + "s" not in used)
+        if _CONSTRAINTS["question"].search(prompt):
+            text = completion.strip()
+            out["question"] = 1.0 if text.endswith("?") else 0.5 if "?" in text else 0.0
+        return out
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), ConciseTask(), ConstraintsTask())}
+
+
+def get_task(name: str) -> Task:
+    """The built-in task called ``name`` (``ValueError`` listing the names otherwise)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# --- measuring a policy's starting score ------------------------------------------------------------
+
+
+def measure(task: Task, model, tokenizer, *, num_prompts: int = 48, split: str = "heldout", temperature: float = 0.7,
+            max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0) -> dict:
+    """Mean gold score of ``model``'s samples on ``num_prompts`` prompts of ``split`` (a seeded subset)."""
+    import numpy as np
+
+    from rlhfkit.rollout.engine import Sampler, SamplingConfig
+
+    rows = task.prompt_rows(split)
+    if len(rows) > num_prompts:
+        keep = sorted(np.random.default_rng(seed).choice(len(rows), num_prompts, replace=False).tolist())
+        rows = [rows[i] for i in keep]
+    sampler = Sampler(model, tokenizer, SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens))
+    scores, ended = [], []
+    for i in range(0, len(rows), batch_size):
+        prompts = [r["messages"] for r in rows[i:i + batch_size]]
+        out = sampler.sample(prompts, seed=seed + i, with_logps=False)
+        scores += task.gold(prompts, out.completions)
+        ended += out.ended.tolist()
+    g = np.array(scores)
+    return {"task": task.name, "n": len(g), "gold_mean": float(g.mean()), "gold_std": float(g.std(ddof=1)) if len(g) > 1
+            else 0.0, "gold_sem": float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else 0.0,
+            "ended_frac": float(np.mean(ended)), "split": split, "temperature": temperature,
+            "max_new_tokens": max_new_tokens, "seed": seed}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rlhfkit tasks", description="List the built-in tasks (prompts + hidden gold "
+                                "reward); with --measure, score a model's samples on each.")
+    p.add_argument("--measure", action="store_true", help="sample from --model and report its mean gold score")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="policy to measure (default: the bundled model)")
+    p.add_argument("--task", action="append", help="measure only this task (repeatable)")
+    p.add_argument("--num-prompts", type=int, default=48, help="prompts per task (seeded subset of the split)")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout"])
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    try:
+        tasks = [get_task(n) for n in (args.task or TASKS)]
+    except ValueError as e:
+        p.error(str(e))
+    rows = [{"task": t.name, "train": len(t.prompt_rows("train")), "heldout": len(t.prompt_rows("heldout")),
+             "description": t.description} for t in tasks]
+    if args.measure:
+        from rlhfkit.models import load_model
+
+        model, tok = load_model(args.model, seed=args.seed)
+        model.eval()
+        for row, t in zip(rows, tasks):
+            row.update(measure(t, model, tok, num_prompts=args.num_prompts, split=args.split,
+                               temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, seed=args.seed), model=args.model)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        line = f"{r['task']:<12} {r['train']:>4} train / {r['heldout']:>3} heldout prompts  {r['description']}"
+        if args.measure:
+            line += (f"\n{'':<12} {r['model']}: gold {r['gold_mean']:.3f} ± {r['gold_sem']:.3f} (sem) on {r['n']} "
+                     f"{r['split']} prompts, T={r['temperature']}, {r['max_new_tokens']} new tokens, "
+                     f"{r['ended_frac']:.0%} ended with EOS")
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
