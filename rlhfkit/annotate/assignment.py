@@ -8,8 +8,8 @@ Rules, in order:
    Every annotator may see every gold pair once; they are not limited by ``overlap``.
 3. Otherwise the next regular pair the annotator has not seen whose ``n_active < overlap``,
    ordered by reward-model uncertainty when the project has scores (most uncertain first; pairs
-   without a score last), then pairs already in progress first (so whole overlap sets complete
-   early and consensus can be computed), then import order.
+   without a score last), then import order. Serving in a fixed order fills each pair's overlap
+   before the next one starts, so complete pairs (and their consensus) exist early.
 4. When nothing is left, open assignments older than the project's lease are expired and their
    slots handed out again (someone closed the tab); a late answer to an expired assignment is
    still accepted.
@@ -74,25 +74,28 @@ def next_assignment(session: Session, annotator: Annotator, project: Project) ->
     if current is not None:
         return current
 
-    n_served, n_gold = session.execute(
-        select(func.count(), func.coalesce(func.sum(case((Assignment.is_gold, 1), else_=0)), 0))
-        .where(Assignment.annotator_id == annotator.id)).one()
-    if gold_due(n_served, n_gold, project.gold_rate, gold_phase(annotator.id)):
+    if project.gold_rate > 0:
+        n_served, n_gold = session.execute(
+            select(func.count(), func.coalesce(func.sum(case((Assignment.is_gold, 1), else_=0)), 0))
+            .where(Assignment.annotator_id == annotator.id)).one()
+    if project.gold_rate > 0 and gold_due(n_served, n_gold, project.gold_rate, gold_phase(annotator.id)):
         pair_id = _take(session, _gold_candidates(session, annotator, project), limit=False)
         if pair_id is not None:
             return _assign(session, pair_id, annotator, gold=True)
 
-    pair_id = _take(session, _regular_candidates(session, annotator, project))
+    pair_id = _take_regular(session, annotator, project)
     if pair_id is None and _expire_stale(session, annotator, project):
-        pair_id = _take(session, _regular_candidates(session, annotator, project))
+        pair_id = _take_regular(session, annotator, project)
     if pair_id is None:
         return None
     return _assign(session, pair_id, annotator, gold=False)
 
 
-def remaining_for(session: Session, annotator: Annotator, project: Project) -> int:
-    """Regular pairs this annotator could still be given right now."""
-    return session.scalar(select(func.count()).select_from(Pair).where(*_regular_filter(annotator, project)))
+def remaining_for(session: Session, annotator: Annotator, project: Project, cap: int = 100) -> int:
+    """Regular pairs this annotator could still be given right now, counted up to ``cap`` (the count
+    runs on every page load; "100+" is as useful to a person as the exact figure)."""
+    few = select(Pair.id).where(*_regular_filter(annotator, project)).limit(cap).subquery()
+    return session.scalar(select(func.count()).select_from(few))
 
 
 def _unseen(annotator: Annotator):
@@ -100,15 +103,29 @@ def _unseen(annotator: Annotator):
 
 
 def _regular_filter(annotator: Annotator, project: Project):
-    return (Pair.project_id == project.id, Pair.gold_winner.is_(None), Pair.n_active < Pair.overlap,
+    # n_active < overlap and gold_winner IS NULL: the predicate of the partial index ix_pairs_open.
+    return (Pair.project_id == project.id, Pair.n_active < Pair.overlap, Pair.gold_winner.is_(None),
             _unseen(annotator))
 
 
-def _regular_candidates(session: Session, annotator: Annotator, project: Project) -> list[int]:
-    query = (select(Pair.id).where(*_regular_filter(annotator, project))
-             .order_by(Pair.uncertainty.is_(None), Pair.uncertainty.desc(), Pair.n_active.desc(), Pair.id)
-             .limit(8))
-    return list(session.scalars(query))
+def _take_regular(session: Session, annotator: Annotator, project: Project, rounds: int = 5) -> int | None:
+    """Claim a slot on the best regular candidate.
+
+    On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` makes concurrent requests pick different pairs instead
+    of queueing on the same row and then finding it full (SQLite ignores the clause; its writers
+    are serialised anyway). A few rounds cover candidates filled by transactions that committed
+    after our query.
+    """
+    for _ in range(rounds):
+        query = (select(Pair.id).where(*_regular_filter(annotator, project))
+                 .order_by(Pair.queue_rank, Pair.id).limit(8).with_for_update(skip_locked=True))
+        candidates = list(session.scalars(query))
+        if not candidates:
+            return None
+        pair_id = _take(session, candidates)
+        if pair_id is not None:
+            return pair_id
+    return None
 
 
 def _gold_candidates(session: Session, annotator: Annotator, project: Project) -> list[int]:

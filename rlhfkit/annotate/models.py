@@ -33,6 +33,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -99,7 +100,10 @@ class Pair(Base):
     by conditional UPDATEs (``n_active < overlap``), which keeps concurrent servers from
     over-assigning a pair."""
     uncertainty: Mapped[float | None] = mapped_column(Float, nullable=True)
-    """Active-selection priority in [0, 0.5], higher first (see ``assignment.uncertainty_score``)."""
+    """Reward-model uncertainty in [0, 0.5] (see ``assignment.uncertainty_score``); NULL if unscored."""
+    queue_rank: Mapped[float] = mapped_column(Float, default=1.0)
+    """Serving order, lowest first: ``-uncertainty`` for scored pairs, 1 for unscored ones (so they
+    come last). Ascending, so that the partial index ``ix_pairs_open`` serves the queue query."""
     rm_p: Mapped[list | None] = mapped_column(JSON, nullable=True)
     """The reward-model probabilities the priority came from, as given in the uncertainty file."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -107,7 +111,12 @@ class Pair(Base):
         UniqueConstraint("project_id", "key"),
         CheckConstraint("gold_winner IS NULL OR gold_winner IN ('a', 'b')", name="gold_winner_side"),
         CheckConstraint("overlap >= 1", name="overlap_positive"),
-        Index("ix_pairs_queue", "project_id", "gold_winner", "n_active"),
+        # The regular pairs that still need labels, in serving order: the next-pair query walks this
+        # index and stops after a few rows, however many pairs are done or the project holds.
+        Index("ix_pairs_open", "project_id", "queue_rank", "id",
+              sqlite_where=text("n_active < overlap AND gold_winner IS NULL"),
+              postgresql_where=text("n_active < overlap AND gold_winner IS NULL")),
+        Index("ix_pairs_gold", "project_id", "gold_winner"),
     )
 
 

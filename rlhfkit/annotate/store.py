@@ -165,7 +165,7 @@ class Store:
                 rows.append({"project_id": proj.id, "key": pair.id, "prompt": pair.prompt, "a": pair.a,
                              "b": pair.b, "task": pair.task, "meta": pair.metadata,
                              "gold_winner": pair.metadata.get("gold_winner"), "overlap": overlap,
-                             "n_active": 0, "created_at": now})
+                             "n_active": 0, "queue_rank": 1.0, "created_at": now})
             if rows:
                 s.execute(insert(Pair), rows)
             ids = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
@@ -174,7 +174,7 @@ class Store:
                           .values(gold_winner=winner))
             for where, key, ps in scores:
                 s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
-                          .values(uncertainty=assign.uncertainty_score(ps), rm_p=ps))
+                          .values(uncertainty=(u := assign.uncertainty_score(ps)), queue_rank=-u, rm_p=ps))
             n_gold = s.scalar(select(func.count()).select_from(Pair)
                               .where(Pair.project_id == proj.id, Pair.gold_winner.is_not(None)))
             return ImportReport(project, created, len(rows), n_gold, len(scores), n_skipped, proj.gold_rate,
@@ -300,15 +300,21 @@ class Store:
         stored label with ``created=False``. The unique key on ``submission_id`` decides races."""
         if x.choice not in CHOICES:
             raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
-        replay = self._replay(who, x)
-        if replay is not None:
-            return replay, False
         try:
             with self.db.write() as s:
+                # Checked inside the write transaction: a retry racing its original must see it.
+                replay = self._replay(s, who, x)
+                if replay is not None:
+                    return replay, False
                 a = s.get(Assignment, x.assignment_id)
                 if a is None or a.annotator_id != who.annotator_id:
                     raise Refused(404, "no such assignment for this annotator", "assignment_id")
                 if a.status in ("done", "skipped"):
+                    # PostgreSQL (read committed): the original of this retry may have committed
+                    # after our first look; this new statement sees it.
+                    replay = self._replay(s, who, x)
+                    if replay is not None:
+                        return replay, False
                     raise Refused(409, "this assignment is already answered; change the answer with "
                                        "PATCH /api/labels/{id}", "assignment_id")
                 skip = x.choice == "skip"
@@ -324,16 +330,18 @@ class Store:
                 s.flush()
                 return _label_view(label, a.left), True
         except IntegrityError:
-            # Another request with the same submission_id committed between our check and insert.
-            replay = self._replay(who, x)
+            # PostgreSQL: a concurrent request with the same submission_id (or for the same
+            # assignment) committed first; the unique constraints decided, now tell which it was.
+            with self.db.read() as s:
+                replay = self._replay(s, who, x)
             if replay is None:
                 raise Refused(409, "this assignment is already answered", "assignment_id") from None
             return replay, False
 
-    def _replay(self, who: Principal, x: LabelInput) -> dict | None:
-        with self.db.read() as s:
-            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
-                            .where(Label.submission_id == x.submission_id)).first()
+    @staticmethod
+    def _replay(s, who: Principal, x: LabelInput) -> dict | None:
+        row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+                        .where(Label.submission_id == x.submission_id)).first()
         if row is None:
             return None
         label, left = row

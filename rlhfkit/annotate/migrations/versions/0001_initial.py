@@ -49,6 +49,7 @@ def upgrade() -> None:
         sa.Column("overlap", sa.Integer(), nullable=False),
         sa.Column("n_active", sa.Integer(), nullable=False),
         sa.Column("uncertainty", sa.Float(), nullable=True),
+        sa.Column("queue_rank", sa.Float(), nullable=False),
         sa.Column("rm_p", sa.JSON(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.CheckConstraint("gold_winner IS NULL OR gold_winner IN ('a', 'b')", name=op.f("ck_pairs_gold_winner_side")),
@@ -58,7 +59,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_pairs")),
         sa.UniqueConstraint("project_id", "key", name=op.f("uq_pairs_project_id")),
     )
-    op.create_index(op.f("ix_pairs_queue"), "pairs", ["project_id", "gold_winner", "n_active"])
+    open_pairs = sa.text("n_active < overlap AND gold_winner IS NULL")
+    op.create_index(op.f("ix_pairs_open"), "pairs", ["project_id", "queue_rank", "id"],
+                    sqlite_where=open_pairs, postgresql_where=open_pairs)
+    op.create_index(op.f("ix_pairs_gold"), "pairs", ["project_id", "gold_winner"])
     op.create_table(
         "annotators",
         sa.Column("id", sa.Integer(), nullable=False),

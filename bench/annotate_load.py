@@ -1,0 +1,206 @@
+"""Load test for the annotation server: simulated annotators against a real server on loopback.
+
+    python bench/annotate_load.py [--seconds 20] [--annotators 50] [--think-ms 1000] [--db URL]
+
+Each simulated annotator signs in with their secret link, then loops until the time is up:
+load ``GET /label`` (timed as "page"), wait a think time drawn uniformly from
+[0.5, 1.5] x ``--think-ms``, post the answer to ``POST /api/labels`` (timed as "submit"; a
+transport error is retried with the same submission id, like the page's script does). A human
+takes 10-60 s per comparison, so the default 1 s think time is a 10-60x harsher load than 50 real
+people; ``--think-ms 0`` measures saturation instead.
+
+After the run the server is stopped and the database is read directly: ``lost`` counts submissions
+the server acknowledged with a 2xx that are not stored. ``errors`` counts non-2xx answers and
+failed requests. The server's CPU time per request is printed as well: unlike latency it does not
+depend on what else the machine is running.
+
+The last line is machine-readable:
+
+    RESULT p99_ms=<submit p99> errors=<n> lost=<n> p50_ms=<submit p50> page_p99_ms=<..> labels_per_s=<..>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from rlhfkit.annotate.store import Store  # noqa: E402
+
+FORM_VALUE = re.compile(r'name="(csrf_token|assignment_id)" value="([^"]*)"')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=20.0, help="length of the measured run (default %(default)s)")
+    p.add_argument("--annotators", type=int, default=50)
+    p.add_argument("--think-ms", type=float, default=1000.0, help="mean think time per label (default %(default)s)")
+    p.add_argument("--db", default=None, help="database URL (default: a fresh SQLite file in a temp dir)")
+    p.add_argument("--overlap", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=None, help="pairs to import (default: enough for the run)")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    return p.parse_args(argv)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def setup(db: str, n_annotators: int, n_pairs: int, overlap: int, workdir: Path) -> list[str]:
+    store = Store(db)
+    store.migrate()
+    store.ensure_admin_token()
+    with open(workdir / "pairs.jsonl", "w") as f:
+        for i in range(n_pairs):
+            f.write(json.dumps({
+                "id": f"bench-{i}", "prompt": [{"role": "user", "content": f"Prompt {i}: " + "lorem ipsum " * 30}],
+                "a": {"role": "assistant", "content": f"Reply A to {i}. " + "dolor sit amet " * 60},
+                "b": {"role": "assistant", "content": f"Reply B to {i}. " + "consectetur " * 60}}) + "\n")
+    store.import_pairs("bench", workdir / "pairs.jsonl", overlap=overlap, gold_rate=0.0)
+    tokens = [store.add_annotator("bench", f"sim{i:03d}") for i in range(n_annotators)]
+    store.db.dispose()
+    return tokens
+
+
+async def annotator(url: str, token: str, seed: int, deadline: float, think_s: float, out: dict) -> None:
+    rng = random.Random(seed)
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        r = await client.get(f"/a/{token}", follow_redirects=True)
+        if r.status_code != 200:
+            out["errors"] += 1
+            return
+        k = 0
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                page = await client.get("/label")
+            except httpx.TransportError:
+                out["errors"] += 1
+                continue
+            out["page_ms"].append((time.perf_counter() - t0) * 1000)
+            form = dict(FORM_VALUE.findall(page.text))
+            if page.status_code != 200 or "assignment_id" not in form:
+                out["errors"] += page.status_code != 200
+                out["exhausted"] += page.status_code == 200
+                return
+            await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
+            body = {"submission_id": f"b{seed:03d}-{k:06d}", "assignment_id": int(form["assignment_id"]),
+                    "choice": rng.choice(["left", "right", "tie", "left", "right"]),
+                    "duration_ms": rng.randint(2000, 40000)}
+            k += 1
+            for attempt in range(5):
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post("/api/labels", json=body, headers={"X-CSRF-Token": form["csrf_token"]})
+                except httpx.TransportError:
+                    out["retries"] += 1
+                    await asyncio.sleep(0.1 * 2**attempt)
+                    continue
+                out["submit_ms"].append((time.perf_counter() - t0) * 1000)
+                if 200 <= r.status_code < 300:
+                    out["acked"].append(body["submission_id"])
+                else:
+                    out["errors"] += 1
+                break
+            else:
+                out["errors"] += 1
+
+
+async def run_load(url: str, tokens: list[str], seconds: float, think_s: float) -> dict:
+    out = {"page_ms": [], "submit_ms": [], "acked": [], "errors": 0, "retries": 0, "exhausted": 0}
+    deadline = time.monotonic() + seconds
+    await asyncio.gather(*(annotator(url, tok, i, deadline, think_s, out) for i, tok in enumerate(tokens)))
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    think_s = args.think_ms / 1000.0
+    # Enough pairs that nobody runs dry: the most labels one annotator can give, times annotators.
+    per_annotator = args.seconds / max(think_s * 0.5, 0.002)
+    n_pairs = args.pairs or int(min(200_000, max(2000, per_annotator * args.annotators / args.overlap * 1.2)))
+    with tempfile.TemporaryDirectory(prefix="annotate-bench-") as tmp:
+        workdir = Path(tmp)
+        db = args.db or f"sqlite:///{workdir / 'bench.db'}"
+        t0 = time.perf_counter()
+        tokens = setup(db, args.annotators, n_pairs, args.overlap, workdir)
+        print(f"setup: {n_pairs} pairs, {args.annotators} annotators in {time.perf_counter() - t0:.1f} s "
+              f"({db.split('://')[0]})", flush=True)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = subprocess.Popen([sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", db, "--host",
+                                   "127.0.0.1", "--port", str(port), "--log-level", "warning"], cwd=REPO)
+        try:
+            for _ in range(300):
+                try:
+                    if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.1)
+            else:
+                raise SystemExit("server did not start")
+            cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
+            out = asyncio.run(run_load(url, tokens, args.seconds, think_s))
+            wall = time.perf_counter() - wall0
+            cpu = cpu_seconds(server.pid) - cpu0
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+        store = Store(db)
+        from sqlalchemy import select
+
+        from rlhfkit.annotate.models import Label
+        with store.db.read() as s:
+            stored = set(s.scalars(select(Label.submission_id)))
+        store.db.dispose()
+
+    lost = len(set(out["acked"]) - stored)
+    submit, page = np.array(out["submit_ms"] or [np.nan]), np.array(out["page_ms"] or [np.nan])
+    n_requests = len(out["submit_ms"]) + len(out["page_ms"]) + args.annotators
+    res = {
+        "p99_ms": float(np.percentile(submit, 99)), "errors": out["errors"], "lost": lost,
+        "p50_ms": float(np.percentile(submit, 50)), "page_p99_ms": float(np.percentile(page, 99)),
+        "labels_per_s": len(out["acked"]) / wall,
+        "page_p50_ms": float(np.percentile(page, 50)), "submit_max_ms": float(np.max(submit)),
+        "labels": len(out["acked"]), "requests": n_requests, "retries": out["retries"],
+        "server_cpu_ms_per_request": cpu / max(n_requests, 1) * 1000, "server_cpu_util": cpu / wall,
+        "annotators": args.annotators, "think_ms": args.think_ms, "seconds": wall, "load_avg_1m": os.getloadavg()[0],
+    }
+    print(f"{res['labels']} labels in {wall:.1f} s by {args.annotators} annotators (think {args.think_ms:g} ms); "
+          f"{n_requests} requests; transport retries {out['retries']}; ran out of pairs: {out['exhausted']}")
+    print(f"submit: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max {res['submit_max_ms']:.1f} ms; "
+          f"page: p50 {res['page_p50_ms']:.1f} ms, p99 {res['page_p99_ms']:.1f} ms")
+    print(f"server CPU {res['server_cpu_ms_per_request']:.2f} ms/request ({res['server_cpu_util']:.0%} of a core); "
+          f"machine load average {res['load_avg_1m']:.1f} on {os.cpu_count()} CPUs")
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+    print(f"RESULT p99_ms={res['p99_ms']:.1f} errors={res['errors']} lost={res['lost']} p50_ms={res['p50_ms']:.1f} "
+          f"page_p99_ms={res['page_p99_ms']:.1f} labels_per_s={res['labels_per_s']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
