@@ -99,6 +99,8 @@ class DPOConfig(CommonConfig):
     micro_batch_size: int = 4
     """Examples per forward pass per process (a pair is two sequences in the same packed row);
     batch_size / (micro_batch_size x processes) = accumulation steps."""
+    inference_micro_batch_size: int = 8
+    """Examples per forward pass per process in the gradient-free passes (reference pre-pass, eval)."""
     packing: str = "padding_free"
     """'padding_free': a micro-batch is one row of concatenated sequences with position ids restarting
     per sequence; 'padded': one row per sequence, the micro-batches of a batch grouped by length."""
@@ -326,8 +328,8 @@ def logps_table(model, examples: list[Example], cfg: DPOConfig, pad_id: int, acc
     shard.sort(key=lambda i: examples[i].num_tokens)  # length-grouped: little padding in 'padded' mode
     rows = []
     with torch.no_grad():
-        for k in range(0, len(shard), cfg.micro_batch_size):
-            idx = shard[k:k + cfg.micro_batch_size]
+        for k in range(0, len(shard), cfg.inference_micro_batch_size):
+            idx = shard[k:k + cfg.inference_micro_batch_size]
             logps, lengths = forward_examples(model, [examples[i] for i in idx], cfg.packing, pad_id)
             rows += [(i, lp, ln) for i, lp, ln in zip(idx, logps.cpu().tolist(), lengths.cpu().tolist())]
     if acc.num_processes > 1:
