@@ -1,0 +1,271 @@
+"""The reward model: a causal LM body with a one-output head, read at the last token (the EOS).
+
+Layout of every scored batch (shapes: B sequences, P prompt tokens, C completion tokens)::
+
+    input_ids       (B, P + C)  [left-padded prompt ; completion ending with EOS ; right pad]
+    attention_mask  (B, P + C)  True on real tokens
+
+This is the layout of a :class:`rlhfkit.rollout.Rollout` (``rollout.input_ids``), so the RL trainers
+score rollouts without re-tokenising. ``transformers``' sequence-classification head reads the
+rightmost non-pad token, which here is the completion's last token — its EOS (N implementation
+details #1); that needs pad != EOS, which ``load_model`` guarantees (#2). Position ids are
+``cumsum(attention_mask) - 1`` so left padding does not shift positions.
+
+Normalisation (N implementation details #4): ``score`` returns ``(raw - mean) / std`` with the
+constants stored in the saved config as ``rlhfkit_reward_norm`` and fitted after training so that the
+starting policy's completions score mean 0, std 1. Plain ``transformers`` loading ignores them and
+returns the raw head output.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
+from rlhfkit.rollout.engine import left_pad, position_ids
+
+NORM_KEY = "rlhfkit_reward_norm"
+
+
+def init_head(head: nn.Linear, seed: int = 0) -> None:
+    """Reward head ~ N(0, 1/sqrt(d + 1)), bias 0 (N implementation details #3; the std, not the
+    variance, is 1/sqrt(d+1), as in OpenAI's lm-human-preferences ``layer_init``)."""
+    d = head.in_features
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) / math.sqrt(d + 1))
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def reward_head(model) -> nn.Linear:
+    """The one-output linear head of a ``*ForSequenceClassification`` decoder (``score`` in
+    transformers' decoder classes)."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no linear `score` head; rlhfkit reward models are decoder "
+                         "LMs loaded with AutoModelForSequenceClassification (num_labels=1)")
+    return head
+
+
+def build_inputs(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[left-padded prompt ; completion ; right pad] as ``(input_ids, attention_mask)``, both (B, P + C)."""
+    p_ids, p_mask = left_pad(prompt_ids, pad_id)
+    width = max(len(c) for c in completion_ids)
+    c_ids = torch.full((len(completion_ids), width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((len(completion_ids), width), dtype=torch.bool)
+    for r, c in enumerate(completion_ids):
+        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
+        c_mask[r, :len(c)] = True
+    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
+
+
+def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) head output at each row's last real token, before normalisation."""
+    att = attention_mask.long()
+    out = model(input_ids=input_ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
+    return out.logits[:, 0].float()
+
+
+class RewardModel:
+    """A sequence-classification model (num_labels=1) and its tokenizer, scoring prompt/completion pairs."""
+
+    def __init__(self, model, tokenizer, norm: tuple[float, float] | None = None):
+        self.model, self.tok = model, tokenizer
+        reward_head(model)
+        if norm is not None:
+            self.set_normalization(*norm)
+        self._warned_unnormalized = False
+
+    # --- construction -------------------------------------------------------------------------------
+
+    @classmethod
+    def init_from(cls, model_name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """A new reward model: the body of ``model_name`` (any name ``load_model`` takes) and a freshly
+        initialised head (N details #3). Not normalised until :meth:`fit_normalization`."""
+        from rlhfkit.models.loading import load_model
+
+        model, tok = load_model(model_name, kind="reward", seed=seed, dtype=dtype)
+        init_head(reward_head(model), seed)
+        if hasattr(model.config, NORM_KEY):
+            delattr(model.config, NORM_KEY)  # a stale normalisation from a previous reward model
+        return cls(model, tok)
+
+    @classmethod
+    def load(cls, path_or_name: str, *, dtype: torch.dtype = torch.float32) -> RewardModel:
+        """A saved reward model: a directory written by :meth:`save` (or ``rlhfkit reward train``), or
+        any ``*ForSequenceClassification`` checkpoint with one output. A causal-LM directory has no
+        trained head: that is an error, not a silently random reward."""
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from rlhfkit.models.loading import _from_pretrained, disable_dropout, load_tokenizer, resolve
+
+        where = resolve(path_or_name)
+        config = _from_pretrained(AutoConfig, where)
+        archs = getattr(config, "architectures", None) or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
+            raise ValueError(
+                f"{path_or_name} is not a reward model: its config has architectures={archs} and "
+                f"num_labels={config.num_labels}, and a reward model needs a trained one-output "
+                "*ForSequenceClassification head. Train one with `rlhfkit reward train --model "
+                f"{path_or_name} --data prefs.jsonl`, or start one with RewardModel.init_from({path_or_name!r})."
+            )
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            where, dtype=dtype, output_loading_info=True)
+        missing = [k for k in info.get("missing_keys", []) if k.startswith("score")]
+        if missing:
+            raise ValueError(f"{path_or_name}: the checkpoint has no weights for the reward head ({missing}); "
+                             "it would score with a random head. Point at a directory written by "
+                             "`rlhfkit reward train` or RewardModel.save")
+        tok = load_tokenizer(where)
+        if len(tok) > model.get_input_embeddings().num_embeddings:
+            raise ValueError(f"{path_or_name}: the tokenizer has {len(tok)} tokens but the model only "
+                             f"{model.get_input_embeddings().num_embeddings} embeddings")
+        model.config.pad_token_id = tok.pad_token_id
+        disable_dropout(model)
+        model.eval()
+        return cls(model, tok)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model (with its normalisation in ``config.json``) and tokenizer; loadable by
+        :meth:`load` and by ``AutoModelForSequenceClassification.from_pretrained``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tok.save_pretrained(path)
+        return path
+
+    # --- normalisation ------------------------------------------------------------------------------
+
+    @property
+    def norm(self) -> tuple[float, float] | None:
+        """``(mean, std)`` subtracted from / dividing the raw head output, or None when not fitted."""
+        d = getattr(self.model.config, NORM_KEY, None)
+        return (float(d["mean"]), float(d["std"])) if d else None
+
+    def set_normalization(self, mean: float, std: float, **info) -> None:
+        if not (math.isfinite(mean) and math.isfinite(std)) or std <= 0:
+            raise ValueError(f"normalisation needs a finite mean and a positive std, got mean={mean}, std={std}")
+        setattr(self.model.config, NORM_KEY, {"mean": float(mean), "std": float(std), **info})
+
+    @torch.no_grad()
+    def fit_normalization(self, prompts: list[list[dict]], completions: list[str], batch_size: int = 16
+                          ) -> tuple[float, float]:
+        """Set the constants so these completions (the starting policy's) score mean 0, std 1."""
+        if len(completions) < 2:
+            raise ValueError(f"normalisation needs at least 2 completions, got {len(completions)}")
+        raw = self.score(prompts, completions, batch_size=batch_size, normalized=False)
+        mean, std = raw.mean().item(), raw.std().item()
+        self.set_normalization(mean, max(std, 1e-6), n=len(completions))
+        return self.norm
+
+    def _normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        if norm is None:
+            if not self._warned_unnormalized:
+                warnings.warn("this reward model has no normalisation constants (config.rlhfkit_reward_norm); "
+                              "scores are the raw head output. Call fit_normalization(prompts, completions) on the "
+                              "starting policy's samples, or pass normalized=False to silence this.", stacklevel=3)
+                self._warned_unnormalized = True
+            return raw
+        return (raw - norm[0]) / norm[1]
+
+    # --- scoring ------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
+                  ) -> torch.Tensor:
+        """(B,) scores of [left-padded prompt ; completion ending with EOS ; right pad] rows."""
+        raw = raw_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+        return self._normalize(raw) if normalized else raw
+
+    def tokenize(self, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
+        """Prompt ids (with the generation prompt) and completion ids (ending with EOS)."""
+        return tokenize_prompt(self.tok, prompt), tokenize_completion(self.tok, prompt, completion)
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], completions: list[str], batch_size: int = 16,
+              normalized: bool = True) -> torch.Tensor:
+        """(B,) scores of each completion to its prompt, in input order (on the CPU)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        if not completions:
+            return torch.zeros(0)
+        was_training = self.model.training
+        self.model.eval()
+        encoded = [self.tokenize(p, c) for p, c in zip(prompts, completions)]
+        # similar lengths together: less padding; results are put back in input order
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
+        out = torch.empty(len(encoded))
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            ids, mask = build_inputs([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], self.tok.pad_token_id)
+            out[idx] = self.score_ids(ids, mask, normalized=False).cpu()
+        self.model.train(was_training)
+        return self._normalize(out) if normalized else out
+
+
+# --- training layout: one row per pair, the prompt shared -----------------------------------------
+
+
+def pack_pairs(prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]],
+               pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
+    """One row per pair, ``[prompt ; chosen ; rejected ; right pad]``, with the prompt computed once.
+
+    The rejected reply must not see the chosen one, so the mask is a custom 4D additive mask
+    (B, 1, T, T): each token attends causally to the prompt and to its own reply only; pad tokens
+    attend to themselves (no all-masked softmax rows). Position ids restart at P for the rejected
+    reply, so both replies sit at the positions they would have alone. ``read_at`` (B, 2) holds the
+    index of each reply's last token (its EOS), where the head is read. Against scoring the two
+    sequences separately this saves the prompt's forward and backward once per pair.
+    """
+    rows = [p + c + r for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)]
+    B, T = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    segment = torch.full((B, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
+    pos = torch.zeros((B, T), dtype=torch.long)
+    read_at = torch.zeros((B, 2), dtype=torch.long)
+    for b, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
+        P, C, R = len(p), len(c), len(r)
+        input_ids[b, :P + C + R] = torch.tensor(rows[b], dtype=torch.long)
+        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
+        pos[b, :P + C] = torch.arange(P + C)
+        pos[b, P + C:P + C + R] = torch.arange(P, P + R)
+        read_at[b] = torch.tensor([P + C - 1, P + C + R - 1])
+    q, k = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    allowed = causal & (q != 3) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # pad rows see themselves
+    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, "read_at": read_at,
+            "num_tokens": int((segment != 3).sum())}
+
+
+class PairScorer(nn.Module):
+    """(B, 2) raw rewards of [chosen, rejected] from a :func:`pack_pairs` batch.
+
+    A module (not a function) so that ``accelerate.prepare`` can wrap it: DDP's gradient sync hooks
+    fire on the wrapper's forward, which calls the body and the head of the reward model directly.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = reward_head(model)
+
+    def forward(self, input_ids, attention_mask, position_ids, read_at) -> torch.Tensor:
+        body = self.model.base_model
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state  # (B, T, d)
+        picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 2, d)
+        return self.head(picked).squeeze(-1).float()  # (B, 2)
