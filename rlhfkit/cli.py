@@ -48,7 +48,15 @@ def run_trainer(name: str, argv: list[str]) -> int:
         cfg = config_from_args(cls, args)
     except (ConfigError, ValueError) as e:
         parser.error(str(e))
-    result = module.train(cfg)
+    from rlhfkit.data.records import DataError
+    from rlhfkit.models.loading import ModelNotFoundError
+
+    try:
+        result = module.train(cfg)
+    except (DataError, ModelNotFoundError) as e:
+        # the user's input, not rlhfkit, is at fault and the message says where: no traceback
+        print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2, default=str))
     return 0
 
