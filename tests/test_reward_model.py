@@ -1,0 +1,308 @@
+"""Reward model: head init, scoring layout, shared-prompt training forward vs naive, normalisation,
+save/load, the trainer (learning, margin and ties, accumulation invariance), evaluation, the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rlhfkit.data.prompts import load_prompts
+from rlhfkit.data.records import PreferenceRecord
+from rlhfkit.models.reward import PairScorer, RewardModel, build_inputs, init_head, pack_pairs
+from rlhfkit.train.reward import (
+    EncodedPair,
+    RewardConfig,
+    encode,
+    evaluate,
+    expected_calibration_error,
+    pair_loss,
+    train,
+)
+
+GOOD = ["wonderful", "great", "lovely", "excellent", "happy", "delightful"]
+BAD = ["awful", "terrible", "horrible", "dreadful", "sad", "miserable"]
+FILL = ["the", "day", "was", "quite", "really", "and", "it", "felt", "so", "today", "very"]
+
+
+def toy_prefs(n_prompts: int, per_prompt: int = 2, seed: int = 0) -> list[dict]:
+    """A separable set: the chosen reply holds one 'good' word, the rejected one a 'bad' word, both
+    among 3-8 filler words; lengths are independent of the label."""
+    rng = random.Random(seed)
+
+    def reply(lexicon):
+        w = [rng.choice(FILL) for _ in range(rng.randint(3, 8))]
+        w.insert(rng.randrange(len(w) + 1), rng.choice(lexicon))
+        return {"role": "assistant", "content": " ".join(w).capitalize() + "."}
+
+    rows = []
+    for p in load_prompts("all")[:n_prompts]:
+        for _ in range(per_prompt):
+            rows.append({"prompt": [{"role": "user", "content": p["prompt"]}], "chosen": reply(GOOD),
+                         "rejected": reply(BAD), "metadata": {"category": p["category"], "task": "toy"}})
+    return rows
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rm():
+    return RewardModel.init_from("tiny", seed=1)
+
+
+PROMPTS = [[{"role": "user", "content": "Hello there, how are you?"}], [{"role": "user", "content": "Name a fruit."}],
+           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"}]]
+CHOSEN = ["I am fine, thanks for asking.", "Apple.", "Rome."]
+REJECTED = ["Bad.", "A banana is a long yellow fruit that monkeys like.", "It is Rome, the eternal city."]
+
+
+# --- head and layout --------------------------------------------------------------------------------
+
+
+def test_head_init_std_and_zero_bias():
+    """std of N(0, 1/sqrt(d+1)) with d = 1023 is 1/32; 4096 weights give a std estimate within ~1.1%."""
+    head = nn.Linear(1023, 4, bias=True)
+    nn.init.constant_(head.bias, 3.0)
+    init_head(head, seed=0)
+    assert head.weight.std().item() == pytest.approx(1 / 32, rel=0.05)
+    assert abs(head.weight.mean().item()) < 3 * (1 / 32) / 64
+    assert torch.all(head.bias == 0)
+
+
+def test_init_from_uses_the_formula(rm):
+    d = rm.model.config.hidden_size
+    w = rm.model.score.weight.detach().clone()
+    expected = nn.Linear(d, 1, bias=False)
+    init_head(expected, seed=1)
+    assert torch.equal(w, expected.weight.detach())
+    assert rm.norm is None
+
+
+def test_score_reads_the_eos_and_ignores_padding(rm):
+    """Each completion alone, or batched with longer/shorter neighbours (more left and right pad),
+    scores the same; the token read is the completion's last, the EOS."""
+    alone = torch.cat([rm.score([p], [c], normalized=False) for p, c in zip(PROMPTS, REJECTED)])
+    batched = rm.score(PROMPTS, REJECTED, normalized=False, batch_size=3)
+    assert torch.allclose(alone, batched, atol=1e-5)
+    p_ids, c_ids = rm.tokenize(PROMPTS[0], CHOSEN[0])
+    assert c_ids[-1] == rm.tok.eos_token_id
+    ids, mask = build_inputs([p_ids, p_ids[:5]], [c_ids, c_ids[:2]], rm.tok.pad_token_id)
+    assert ids.shape == mask.shape == (2, len(p_ids) + len(c_ids))
+    assert not mask[1, :len(p_ids) - 5].any() and not mask[1, len(p_ids) + 2:].any()  # left and right pad
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_pairs_equal_separate_scoring(rm, attn):
+    """The training layout [prompt ; chosen ; rejected] with its 4D mask gives the same rewards as
+    scoring [prompt ; chosen] and [prompt ; rejected] separately (the naive equivalent)."""
+    rm.model.set_attn_implementation(attn)
+    try:
+        enc_c = [rm.tokenize(p, c) for p, c in zip(PROMPTS, CHOSEN)]
+        enc_r = [rm.tokenize(p, c) for p, c in zip(PROMPTS, REJECTED)]
+        b = pack_pairs([e[0] for e in enc_c], [e[1] for e in enc_c], [e[1] for e in enc_r], rm.tok.pad_token_id)
+        with torch.no_grad():
+            got = PairScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"])
+        want = torch.stack([rm.score(PROMPTS, CHOSEN, normalized=False), rm.score(PROMPTS, REJECTED, normalized=False)], 1)
+        assert torch.allclose(got, want, atol=1e-5), (got, want)
+    finally:
+        rm.model.set_attn_implementation("sdpa")
+
+
+# --- normalisation, save, load ------------------------------------------------------------------------
+
+
+def test_normalisation_gives_mean_0_std_1(rm):
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    replies = [f"{c} {k}" for c in CHOSEN for k in range(4)]
+    mean, std = rm.fit_normalization(prompts, replies)
+    s = rm.score(prompts, replies)
+    assert s.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert s.std().item() == pytest.approx(1.0, abs=1e-4)
+    raw = rm.score(prompts, replies, normalized=False)
+    assert torch.allclose(s, (raw - mean) / std, atol=1e-6)
+
+
+def test_save_load_round_trip_and_plain_transformers(tmp_path, rm):
+    from transformers import AutoModelForSequenceClassification
+
+    rm.set_normalization(0.5, 2.0)
+    rm.save(tmp_path / "rm")
+    back = RewardModel.load(str(tmp_path / "rm"))
+    assert back.norm == (0.5, 2.0)
+    assert torch.allclose(back.score(PROMPTS, CHOSEN), rm.score(PROMPTS, CHOSEN), atol=1e-5)
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    ids, mask = build_inputs(*zip(*[back.tokenize(p, c) for p, c in zip(PROMPTS, CHOSEN)]), back.tok.pad_token_id)
+    with torch.no_grad():
+        logits = plain(input_ids=ids, attention_mask=mask.long(), position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)).logits
+    assert torch.allclose(logits[:, 0], rm.score(PROMPTS, CHOSEN, normalized=False), atol=1e-5)
+
+
+def test_load_a_causal_lm_is_an_error(tmp_path, tiny):
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match="is not a reward model: its config has architectures=.'LlamaForCausalLM'."):
+        RewardModel.load(str(tmp_path / "lm"))
+    cfg = json.loads((tmp_path / "lm" / "config.json").read_text())
+    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1, id2label={"0": "LABEL_0"},
+               label2id={"LABEL_0": 0})
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"no weights for the reward head \(\['score.weight'\]\)"):
+        RewardModel.load(str(tmp_path / "lm"))
+
+
+def test_unnormalised_model_warns_once(rm, tmp_path):
+    fresh = RewardModel.init_from("tiny", seed=2)
+    with pytest.warns(UserWarning, match="no normalisation constants"):
+        fresh.score(PROMPTS[:1], CHOSEN[:1])
+
+
+# --- trainer pieces -------------------------------------------------------------------------------------
+
+
+def test_margin_and_ties_reach_the_loss(tokenizer):
+    """Two pairs, rewards fixed by a stub scorer: pair 0 strength 1 with margin_scale 0.5 → m = 0.5,
+    rewards (1, 0): -log σ(1 - 0 - 0.5) = 0.474077. Pair 1 a tie with strength 3 (margin ignored),
+    rewards (0.3, -0.2), d = 0.5: -½[log σ(0.5) + log σ(-0.5)] = ½(0.474077 + 0.974077) = 0.724077.
+    Mean over the two pairs: 0.599077."""
+    recs = [PreferenceRecord(prompt=PROMPTS[0], chosen={"role": "assistant", "content": "a"},
+                             rejected={"role": "assistant", "content": "b"}, strength=1),
+            PreferenceRecord(prompt=PROMPTS[1], chosen={"role": "assistant", "content": "c"},
+                             rejected={"role": "assistant", "content": "d"}, tie=True, strength=3)]
+    data, cut = encode([(None, r) for r in recs], tokenizer, 512, margin_scale=0.5, ties="half")
+    assert cut == 0 and [d.margin for d in data] == [0.5, 0.0] and [d.tie for d in data] == [False, True]
+    from rlhfkit.train.reward import collate
+
+    batch = collate(data, tokenizer.pad_token_id, "cpu")
+    stub = lambda *a: torch.tensor([[1.0, 0.0], [0.3, -0.2]])  # noqa: E731
+    loss, _ = pair_loss(stub, batch)
+    assert loss.item() == pytest.approx(0.599077, abs=1e-5)
+    dropped, _ = encode([(None, r) for r in recs], tokenizer, 512, margin_scale=0.5, ties="drop")
+    assert len(dropped) == 1 and not dropped[0].tie
+    plain, _ = encode([(None, r) for r in recs], tokenizer, 512, margin_scale=0.0, ties="half")
+    assert plain[0].margin == 0.0
+
+
+def test_long_replies_are_cut_and_counted(tokenizer):
+    rec = PreferenceRecord(prompt=PROMPTS[0], chosen={"role": "assistant", "content": "word " * 200},
+                           rejected={"role": "assistant", "content": "short"})
+    (pair,), cut = encode([(None, rec)], tokenizer, 64, 0.0, "half")
+    assert cut == 1 and len(pair.prompt_ids) + len(pair.chosen_ids) == 64
+    assert isinstance(pair, EncodedPair)
+
+
+def test_ece_by_hand():
+    """p = [0.9, 0.9, 0.6, 0.2]: confidences 0.9, 0.9, 0.6, 0.8; correct = p > ½ → 1, 1, 1, 0.
+    Bins of width 0.05 on [0.5, 1]: {0.6}: acc 1, conf 0.6 → |0.4|·¼; {0.8}: acc 0, conf 0.8 → 0.8·¼;
+    {0.9, 0.9}: acc 1, conf 0.9 → 0.1·½. ECE = 0.1 + 0.2 + 0.05 = 0.35."""
+    ece, table = expected_calibration_error(np.array([0.9, 0.9, 0.6, 0.2]))
+    assert ece == pytest.approx(0.35)
+    assert sum(b["n"] for b in table) == 4
+
+
+def train_cfg(tmp_path, data, **kw) -> RewardConfig:
+    base = dict(model="tiny", data=str(data), output_dir=str(tmp_path / "run"), lr=3e-3, batch_size=16,
+                micro_batch_size=8, warmup_ratio=0.1, progress=False, norm_samples=64, eval_batch_size=32)
+    return RewardConfig(**{**base, **kw})
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    """One step of 8 pairs: micro 8 x 1 and micro 2 x 4 give the same loss and the same weights."""
+    data = write_jsonl(tmp_path / "p.jsonl", toy_prefs(4))
+    results, heads = [], []
+    for micro in (8, 2):
+        out = train(train_cfg(tmp_path / f"m{micro}", data, batch_size=8, micro_batch_size=micro, max_steps=1,
+                              eval_fraction=0.0, lr=1e-2, warmup_ratio=0.0, norm_samples=4))
+        results.append(out)
+        heads.append(RewardModel.load(out["checkpoint"]).model.score.weight.detach())
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"], abs=1e-5)
+    assert torch.allclose(heads[0], heads[1], atol=1e-5)
+
+
+def test_learns_a_separable_toy_set(tmp_path):
+    """Held-out prompts (20%): accuracy >= 0.9 after two epochs of 8 steps; the training completions
+    (the normalisation set) score mean 0, std 1 under the saved model; the run dir has reward_eval.json."""
+    from rlhfkit.train.reward import load_records, split_by_prompt
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", toy_prefs(80))
+    out = train(train_cfg(tmp_path, data, epochs=2, eval_every=100, norm_samples=10_000))
+    assert out["eval_pairs"] == 32 and out["train_pairs"] == 128 and out["steps"] == 16
+    report = json.loads((tmp_path / "run" / "reward_eval.json").read_text())
+    assert report["accuracy"] >= 0.9, report
+    assert set(report["by_category"]) <= {"advice", "explanation", "creative", "opinion"}
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["eval/accuracy"] == report["accuracy"]
+    rm = RewardModel.load(out["checkpoint"])
+    train_recs, _ = split_by_prompt(load_records(str(data)), 0.2, 0)
+    completions = {(json.dumps(r.prompt), s["content"]): r.prompt for _, r in train_recs for s in (r.chosen, r.rejected)}
+    scores = rm.score(list(completions.values()), [c for _, c in completions], batch_size=64)
+    assert out["norm"]["n"] == len(completions) == 256
+    assert scores.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert scores.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_bad_preference_files(tmp_path):
+    rows = toy_prefs(2)
+    cases = [({"tie": "maybe"}, "prefs.jsonl:2: field 'tie': must be true or false, got 'maybe'"),
+             ({"strength": -1}, "prefs.jsonl:2: field 'strength': must be a non-negative integer, got -1"),
+             ({"source": "crowd"}, "prefs.jsonl:2: field 'source': must be one of human, judge, simulated, rm, unknown"),
+             ({"rejected": rows[1]["chosen"]}, "prefs.jsonl:2: field 'rejected': chosen and rejected are the same text"),
+             ({"chosen": {"role": "assistant", "content": ""}}, "prefs.jsonl:2: field 'chosen.content': empty completion")]
+    from rlhfkit.train.reward import load_records
+
+    for bad, message in cases:
+        broken = [dict(r) for r in rows]
+        broken[1].update(bad)
+        with pytest.raises(ValueError) as e:
+            load_records(str(write_jsonl(tmp_path / "prefs.jsonl", broken)))
+        assert message in str(e.value)
+    with pytest.raises(ValueError, match="ties must be 'half' or 'drop'"):
+        RewardConfig(ties="zero").validate()
+
+
+# --- evaluation and the CLI --------------------------------------------------------------------------
+
+
+def test_evaluate_groups_and_gold(rm):
+    recs = [PreferenceRecord(prompt=p, chosen={"role": "assistant", "content": c},
+                             rejected={"role": "assistant", "content": r},
+                             metadata={"task": "t1" if i else "t2", "category": "x", "gold_chosen": 0.9,
+                                       "gold_rejected": 0.1})
+            for i, (p, c, r) in enumerate(zip(PROMPTS, CHOSEN, REJECTED))]
+    rep = evaluate(rm, recs)
+    sc = rm.score(PROMPTS, CHOSEN, normalized=False) - rm.score(PROMPTS, REJECTED, normalized=False)
+    assert rep["accuracy"] == pytest.approx((sc > 0).float().mean().item())
+    assert rep["by_task"]["t1"]["n"] == 2 and rep["by_task"]["t2"]["n"] == 1
+    assert rep["gold_accuracy"] == rep["accuracy"] and rep["label_gold_agreement"] == 1.0
+    assert -1 <= rep["length_spearman"] <= 1 and 0 <= rep["ece"] <= 0.5
+
+
+def test_reward_train_and_eval_commands(tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", toy_prefs(10))
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.train.reward", "train", "--model", "tiny", "--data", data,
+                          "--output-dir", run, "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
+                          "--lr", "1e-3", "--norm-samples", "16", "--progress", "false"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    ckpt = run / "checkpoints" / "step-2"
+    assert (run / "reward_eval.json").exists() and (ckpt / "config.json").exists()
+    assert "rlhfkit_reward_norm" in json.loads((ckpt / "config.json").read_text())
+    (run / "reward_eval.json").unlink()
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.train.reward", "eval", "--rm", ckpt, "--data", data],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((run / "reward_eval.json").read_text())
+    assert report["pairs"] == 20 and 0 <= report["accuracy"] <= 1 and "ece" in report
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.train.reward", "train", "--model", "tiny"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--data is required" in out.stderr
