@@ -179,14 +179,18 @@ def _from_pretrained(cls, name: str, **kwargs):
         raise
 
 
-def tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4):
-    """A 2-layer Llama with the real tokenizer's vocabulary: builds in well under a second."""
+def tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, init_std: float = 0.02):
+    """A 2-layer Llama with the real tokenizer's vocabulary: builds in well under a second.
+
+    ``init_std`` is the weight init scale; a large one (e.g. 0.5, via the name 'tiny:0.5') gives a
+    peaked, low-entropy starting distribution, so a toy reward over sampled tokens is learnable in a
+    few steps (with the default 0.02 the policy is near-uniform over 49k tokens)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
-        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=1024, tie_word_embeddings=True, initializer_range=init_std, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
@@ -194,8 +198,8 @@ def tiny_config(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_he
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: int = 0, kind: str = "causal-lm"):
     """Load ``(model, tokenizer)``.
 
-    ``name_or_path``: ``'smollm2-135m-instruct'`` (bundled), ``'tiny'`` (random 2-layer Llama with the
-    bundled tokenizer, initialised from ``seed``), a local HF directory, or a hub id.
+    ``name_or_path``: ``'smollm2-135m-instruct'`` (bundled), ``'tiny'`` or ``'tiny:INIT_STD'`` (random
+    2-layer Llama with the bundled tokenizer, initialised from ``seed``), a local HF directory, or a hub id.
     ``kind``: ``'causal-lm'`` or ``'reward'`` (a one-output sequence-classification head reading the
     last non-pad token; see :mod:`rlhfkit.models.heads`).
     """
@@ -204,7 +208,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
     tok = load_tokenizer(name_or_path)
     cls = {"causal-lm": AutoModelForCausalLM, "reward": AutoModelForSequenceClassification}[kind]
     if name_or_path == TINY or name_or_path.startswith(TINY + ":"):
-        config = tiny_config(tok)
+        _, _, init = name_or_path.partition(":")
+        config = tiny_config(tok, init_std=float(init) if init else 0.02)
         if kind == "reward":
             config.num_labels = 1
         with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,231 @@
+"""What every online RL method (PPO, GRPO, RLOO, REINFORCE++, CMPO) shares: the config block, the
+prompt stream, reward sources, the generate-and-score phase, the periodic eval hook.
+
+The methods' modules keep their own loops and math; this file is plumbing only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rlhfkit.advantages import kl_per_token
+from rlhfkit.config import CommonConfig
+from rlhfkit.ops import masked_mean
+from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig, completion_logps
+
+
+@dataclass
+class OnlineConfig(CommonConfig):
+    """Fields shared by the online RL methods."""
+
+    task: str = "sentiment"
+    """Built-in task giving the prompts and the hidden gold reward (`rlhfkit tasks` lists them)."""
+    reward: str = "gold"
+    """What the policy is optimised for: 'gold' (the task's programmatic reward), 'rm:PATH' (a
+    trained reward model), or a weighted comma list, e.g. 'rm:runs/rm@1.0,gold@0.5'."""
+    total_steps: int = 40
+    """Optimizer phases (generate -> optimize) to run; max_steps overrides it."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step (all processes together)."""
+    samples_per_prompt: int = 1
+    """K completions per prompt (GRPO/RLOO groups need K >= 2)."""
+    temperature: float = 0.7
+    """Sampling temperature; training log-probs use the same one (N details #5)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off, keeps the sampler exactly the policy)."""
+    max_new_tokens: int = 48
+    """Completion length cap; longer completions are truncated."""
+    max_prompt_length: int = 256
+    """Prompts longer than this (tokens) are an error."""
+    missing_eos_penalty: float | None = -1.0
+    """EOS trick (N details #7): a completion without EOS scores this instead of its reward (None = off)."""
+    lr: float = 1e-6
+    """Policy learning rate (AdamW)."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon (1e-5 as in the TL;DR PPO reproduction, N details #10)."""
+    lr_schedule: str = "linear"
+    """LR decay after warmup: linear (annealed to 0, N details #10), cosine or constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    epochs_per_step: int = 1
+    """Optimisation passes over each batch of rollouts (PPO's 'ppo_epochs')."""
+    mini_batch_size: int | None = None
+    """Sequences per optimizer update; None = the whole rollout batch (one update per epoch)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (per process)."""
+    beta: float = 0.05
+    """KL coefficient against the reference (starting) policy (0 disables the reference model)."""
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: k1, k2 or k3 (http://joschu.net/blog/kl-approx.html)."""
+    eval_every: int = 10
+    """Evaluate on held-out prompts every this many steps (and at step 0 and the end)."""
+    eval_prompts: int = 32
+    """Held-out prompts used by the eval hook (fixed set, fixed seed)."""
+    sample_every: int = 10
+    """Write a table of sample completions to samples.jsonl every this many steps."""
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+    def steps(self) -> int:
+        return self.max_steps or self.total_steps
+
+
+# --- reward sources --------------------------------------------------------------------------------
+
+
+class RewardSource:
+    """Scores a Rollout: a weighted sum of the task's gold reward and/or reward models."""
+
+    def __init__(self, spec: str, task, device):
+        self.parts: list[tuple[str, float, object]] = []
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            name, _, weight = item.partition("@")
+            w = float(weight) if weight else 1.0
+            if name == "gold":
+                self.parts.append(("gold", w, None))
+            elif name.startswith("rm:"):
+                from rlhfkit.models.reward import RewardModel
+
+                rm = RewardModel.load(name[3:])
+                rm.model.to(device)
+                self.parts.append(("rm", w, rm))
+            else:
+                raise ValueError(f"reward: unknown source '{name}' in '{spec}'; use gold, rm:PATH, or a comma list with @weights")
+        if not self.parts:
+            raise ValueError("reward: empty spec")
+        self.task = task
+
+    @property
+    def uses_gold_only(self) -> bool:
+        return all(kind == "gold" for kind, _, _ in self.parts)
+
+    @torch.no_grad()
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        total = torch.zeros(len(r.completions))
+        for kind, w, rm in self.parts:
+            if kind == "gold":
+                s = torch.tensor(self.task.gold(r.prompts, r.completions), dtype=torch.float32)
+            else:
+                s = rm.score(r.prompts, r.completions).float().cpu()
+            total += w * s
+        return total
+
+
+def get_task(name: str):
+    from rlhfkit.data.tasks import get_task as lookup
+
+    return lookup(name)
+
+
+def gold_scores(task, r: Rollout) -> torch.Tensor:
+    return torch.tensor(task.gold(r.prompts, r.completions), dtype=torch.float32)
+
+
+# --- prompts -----------------------------------------------------------------------------------------
+
+
+class PromptStream:
+    """Endless shuffled passes over the task's train prompts; deterministic in (seed, position) so
+    a resumed run sees the same prompts as an uninterrupted one."""
+
+    def __init__(self, prompts: list, seed: int):
+        if not prompts:
+            raise ValueError("no training prompts")
+        self.prompts, self.seed = prompts, seed
+
+    def batch(self, step: int, n: int) -> list:
+        out = []
+        for i in range(step * n, (step + 1) * n):
+            epoch, j = divmod(i, len(self.prompts))
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+            out.append(self.prompts[order[j]])
+        return out
+
+
+# --- the generate-and-score phase -------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, reward: RewardSource, task,
+                       cfg: OnlineConfig, seed: int) -> Rollout:
+    """Sample K completions per prompt, compute policy and reference log-probs and the scores.
+
+    Groups are consecutive: rows [g*K, (g+1)*K) share a prompt (what group advantages expect).
+    """
+    repeated = [p for p in prompts for _ in range(k)]
+    r = sampler.sample(repeated, seed=seed)
+    if ref_model is not None:
+        r.ref_logps = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                       cfg.temperature)
+    raw = reward(r)
+    r.extras["raw_scores"] = raw.clone()
+    r.extras["gold"] = raw.clone() if reward.uses_gold_only else gold_scores(task, r)
+    if cfg.missing_eos_penalty is not None:
+        raw = torch.where(r.ended.cpu(), raw, torch.full_like(raw, cfg.missing_eos_penalty))
+    r.scores = raw.to(r.completion_ids.device)
+    return r
+
+
+def rollout_metrics(r: Rollout) -> dict:
+    """reward/, kl/ and length metrics of one batch (padding excluded everywhere)."""
+    mask = r.completion_mask
+    lengths = mask.sum(1).float()
+    m = {
+        "reward/mean": r.extras["raw_scores"].mean().item(),
+        "reward/std": r.extras["raw_scores"].std().item() if len(r.completions) > 1 else 0.0,
+        "reward/score_mean": r.scores.float().mean().item(),
+        "reward/gold": r.extras["gold"].mean().item(),
+        "rollout/length": lengths.mean().item(),
+        "rollout/truncated_frac": (~r.ended).float().mean().item(),
+    }
+    if r.ref_logps is not None:
+        seq_kl = ((r.logps - r.ref_logps) * mask).sum(1)
+        m["kl/seq"] = seq_kl.mean().item()
+        m["kl/k3_token"] = masked_mean(kl_per_token(r.logps, r.ref_logps, "k3"), mask).item()
+    return m
+
+
+# --- the eval hook --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_policy(sampler: Sampler, ref_model, reward: RewardSource, task, prompts: list, cfg: OnlineConfig) -> dict:
+    """Gold reward, proxy reward and KL(policy || reference) on a fixed held-out prompt set.
+
+    Sampled at the training temperature with a fixed seed, so successive evals differ only by the
+    policy. KL is the sequence-level estimate mean_y[log pi(y) - log pi_ref(y)], y ~ pi.
+    """
+    r = sampler.sample(prompts, seed=12345)
+    gold = gold_scores(task, r)
+    proxy = gold if reward.uses_gold_only else reward(r)
+    out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
+           "eval/length": r.completion_mask.sum(1).float().mean().item()}
+    if ref_model is not None:
+        ref = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, cfg.temperature)
+        kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
+        out["eval/kl"] = kl
+        out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
+    return out
+
+
+def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
+    return [{"prompt": p[-1]["content"], "completion": c, "reward": float(s), "gold": float(g)}
+            for p, c, s, g in list(zip(r.prompts, r.completions, r.extras["raw_scores"], r.extras["gold"]))[:n]]
+
+
+def load_policy_and_reference(cfg: OnlineConfig, ckpt):
+    """The trainable policy (from the checkpoint when resuming) and a frozen reference copy of the
+    *starting* model: the KL penalty needs it when beta > 0, and the eval hook always reports KL."""
+    from rlhfkit.models import load_model
+
+    policy, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    ref, _ = load_model(cfg.model, seed=cfg.seed)
+    ref.eval().requires_grad_(False)
+    return policy, ref, tok

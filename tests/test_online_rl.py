@@ -1,0 +1,71 @@
+"""Online RL learning tests on a tiny model with a toy reward.
+
+The toy: the policy is rewarded for the fraction of its completion tokens in a set S of half the
+vocabulary, S = {x : e_x . u > 0} for the starting model's embeddings e and a fixed random direction
+u. S is linearly separable in embedding space, so a tiny model can learn it quickly by moving its
+hidden state along u; the starting fraction is ~0.4-0.5. A 'tiny:0.5' model (init std 0.5) has a
+peaked starting distribution, so sampled tokens carry signal. Every learning test is paired with
+the same run on the negated reward, which must move the fraction the other way: a flipped loss sign
+fails one of the two.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rlhfkit.data.prompts import load_prompts
+from rlhfkit.models import load_model
+
+
+class ToyTask:
+    name = "toy"
+
+    def prompts(self, split="train"):
+        return [[{"role": "user", "content": p["prompt"]}] for p in load_prompts(split)]
+
+    def gold(self, prompts, completions):
+        return [0.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def token_set():
+    model, _ = load_model("tiny:0.5")
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return (model.get_input_embeddings().weight.detach() @ u) > 0
+
+
+def frac_in_set(S, r):
+    m = r.completion_mask
+    return (S[r.completion_ids] & m).sum(1).float() / m.sum(1).clamp(min=1)
+
+
+def reward_curve(run_dir):
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    return [r["reward/mean"] for r in rows if "reward/mean" in r]
+
+
+def run_method(train, cfg, S, sign, tmp_path):
+    cfg.output_dir = str(tmp_path / f"run{sign:+d}")
+    train(cfg, reward_fn=lambda r: sign * frac_in_set(S, r), task=ToyTask())
+    return [sign * v for v in reward_curve(tmp_path / f"run{sign:+d}")]
+
+
+def common(**kw):
+    return dict(model="tiny:0.5", task="toy", total_steps=12, prompts_per_step=4, max_new_tokens=8, temperature=1.0,
+                missing_eos_penalty=None, eval_every=0, progress=False, **kw)
+
+
+@pytest.mark.parametrize("advantage,kl_in_reward", [("group", False), ("loo", True)])
+def test_critic_free_methods_learn_the_toy_reward(tmp_path, token_set, advantage, kl_in_reward):
+    from rlhfkit.train.grpo import GRPOConfig, train
+
+    cfg = lambda: GRPOConfig(**common(samples_per_prompt=4, lr=5e-2, beta=0.0, advantage=advantage,
+                                      kl_in_reward=kl_in_reward, aggregation="token_mean"))
+    up = run_method(train, cfg(), token_set, +1, tmp_path)
+    down = run_method(train, cfg(), token_set, -1, tmp_path)
+    start = (up[0] + down[0]) / 2
+    assert sum(up[-3:]) / 3 > start + 0.25, up
+    assert sum(down[-3:]) / 3 < start - 0.05, down
