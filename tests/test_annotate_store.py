@@ -246,10 +246,11 @@ def test_uncertainty_orders_the_queue(db_url, tmp_path):
 def test_deactivated_annotator_loses_access_and_frees_items(db_url, tmp_path):
     store = new_store(db_url)
     tokens = setup_project(store, tmp_path, n_pairs=1, overlap=1, annotators=["alice", "bob"])
-    alice = who(store, tokens["alice"])
+    secret, alice = store.login_annotator(tokens["alice"])
     store.next_item(alice)
+    assert store.principal(secret) == alice
     store.set_annotator_active("demo", "alice", False)
-    assert store.principal(alice.session_hash) is None
+    assert store.principal(secret) is None
     assert store.login_annotator(tokens["alice"]) is None
     assert store.next_item(who(store, tokens["bob"])) is not None
 

@@ -23,13 +23,17 @@ from __future__ import annotations
 
 import math
 import secrets
+from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import and_, case, exists, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, and_, case, exists, func, insert, select, update
 
-from rlhfkit.annotate.models import Annotator, Assignment, Pair, Project, utcnow
+from rlhfkit.annotate.models import Assignment, Pair, utcnow
+
+# Core tables: this module runs on every page load, and Core statements cost a fraction of the
+# ORM's per-statement overhead.
+P, A = Pair.__table__, Assignment.__table__
 
 GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -63,52 +67,65 @@ def gold_due(n_served: int, n_gold: int, rate: float, phase: float) -> bool:
     return n_gold < math.floor((n_served + 1) * rate + phase)
 
 
-def next_assignment(session: Session, annotator: Annotator, project: Project) -> Assignment | None:
-    """The annotator's open assignment, or a new one, or None when nothing is left for them.
+@dataclass(frozen=True)
+class Queue:
+    """Whose queue: one annotator in one project, with the project's settings."""
 
-    Must run inside a write transaction.
-    """
-    current = session.scalars(
-        select(Assignment).where(Assignment.annotator_id == annotator.id, Assignment.status == "open")
-        .order_by(Assignment.id).limit(1)).first()
+    annotator_id: int
+    project_id: int
+    gold_rate: float
+    lease_minutes: int
+
+
+def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
+    """``(assignment_id, pair_id, left)``: the open assignment, or a new one; None when nothing is
+    left for this annotator. Must run inside a write transaction."""
+    current = open_assignment(conn, q)
     if current is not None:
         return current
 
-    if project.gold_rate > 0:
-        n_served, n_gold = session.execute(
-            select(func.count(), func.coalesce(func.sum(case((Assignment.is_gold, 1), else_=0)), 0))
-            .where(Assignment.annotator_id == annotator.id)).one()
-    if project.gold_rate > 0 and gold_due(n_served, n_gold, project.gold_rate, gold_phase(annotator.id)):
-        pair_id = _take(session, _gold_candidates(session, annotator, project), limit=False)
-        if pair_id is not None:
-            return _assign(session, pair_id, annotator, gold=True)
+    if q.gold_rate > 0:
+        n_served, n_gold = conn.execute(
+            select(func.count(), func.coalesce(func.sum(case((A.c.is_gold, 1), else_=0)), 0))
+            .where(A.c.annotator_id == q.annotator_id)).one()
+        if gold_due(n_served, n_gold, q.gold_rate, gold_phase(q.annotator_id)):
+            pair_id = _take(conn, _gold_candidates(conn, q), limit=False)
+            if pair_id is not None:
+                return _assign(conn, pair_id, q, gold=True)
 
-    pair_id = _take_regular(session, annotator, project)
-    if pair_id is None and _expire_stale(session, annotator, project):
-        pair_id = _take_regular(session, annotator, project)
+    pair_id = _take_regular(conn, q)
+    if pair_id is None and _expire_stale(conn, q):
+        pair_id = _take_regular(conn, q)
     if pair_id is None:
         return None
-    return _assign(session, pair_id, annotator, gold=False)
+    return _assign(conn, pair_id, q, gold=False)
 
 
-def remaining_for(session: Session, annotator: Annotator, project: Project, cap: int = 100) -> int:
+def open_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
+    """``(assignment_id, pair_id, left)`` of the annotator's oldest open assignment, if any."""
+    row = conn.execute(select(A.c.id, A.c.pair_id, A.c.left)
+                       .where(A.c.annotator_id == q.annotator_id, A.c.status == "open")
+                       .order_by(A.c.id).limit(1)).first()
+    return None if row is None else tuple(row)
+
+
+def remaining_for(conn: Connection, q: Queue, cap: int = 100) -> int:
     """Regular pairs this annotator could still be given right now, counted up to ``cap`` (the count
     runs on every page load; "100+" is as useful to a person as the exact figure)."""
-    few = select(Pair.id).where(*_regular_filter(annotator, project)).limit(cap).subquery()
-    return session.scalar(select(func.count()).select_from(few))
+    few = select(P.c.id).where(*_regular_filter(q)).limit(cap).subquery()
+    return conn.execute(select(func.count()).select_from(few)).scalar_one()
 
 
-def _unseen(annotator: Annotator):
-    return ~exists().where(and_(Assignment.pair_id == Pair.id, Assignment.annotator_id == annotator.id))
+def _unseen(q: Queue):
+    return ~exists().where(and_(A.c.pair_id == P.c.id, A.c.annotator_id == q.annotator_id))
 
 
-def _regular_filter(annotator: Annotator, project: Project):
+def _regular_filter(q: Queue):
     # n_active < overlap and gold_winner IS NULL: the predicate of the partial index ix_pairs_open.
-    return (Pair.project_id == project.id, Pair.n_active < Pair.overlap, Pair.gold_winner.is_(None),
-            _unseen(annotator))
+    return (P.c.project_id == q.project_id, P.c.n_active < P.c.overlap, P.c.gold_winner.is_(None), _unseen(q))
 
 
-def _take_regular(session: Session, annotator: Annotator, project: Project, rounds: int = 5) -> int | None:
+def _take_regular(conn: Connection, q: Queue, rounds: int = 5) -> int | None:
     """Claim a slot on the best regular candidate.
 
     On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` makes concurrent requests pick different pairs instead
@@ -117,57 +134,52 @@ def _take_regular(session: Session, annotator: Annotator, project: Project, roun
     after our query.
     """
     for _ in range(rounds):
-        query = (select(Pair.id).where(*_regular_filter(annotator, project))
-                 .order_by(Pair.queue_rank, Pair.id).limit(8).with_for_update(skip_locked=True))
-        candidates = list(session.scalars(query))
+        query = (select(P.c.id).where(*_regular_filter(q)).order_by(P.c.queue_rank, P.c.id).limit(8)
+                 .with_for_update(skip_locked=True))
+        candidates = list(conn.execute(query).scalars())
         if not candidates:
             return None
-        pair_id = _take(session, candidates)
+        pair_id = _take(conn, candidates)
         if pair_id is not None:
             return pair_id
     return None
 
 
-def _gold_candidates(session: Session, annotator: Annotator, project: Project) -> list[int]:
-    query = (select(Pair.id).where(Pair.project_id == project.id, Pair.gold_winner.is_not(None), _unseen(annotator))
-             .order_by(Pair.n_active, Pair.id).limit(8))
-    return list(session.scalars(query))
+def _gold_candidates(conn: Connection, q: Queue) -> list[int]:
+    query = (select(P.c.id).where(P.c.project_id == q.project_id, P.c.gold_winner.is_not(None), _unseen(q))
+             .order_by(P.c.n_active, P.c.id).limit(8))
+    return list(conn.execute(query).scalars())
 
 
-def _take(session: Session, candidates: list[int], limit: bool = True) -> int | None:
+def _take(conn: Connection, candidates: list[int], limit: bool = True) -> int | None:
     """Claim one slot on the first candidate that still has one (another server may have raced us)."""
     for pair_id in candidates:
-        cond = [Pair.id == pair_id]
+        cond = [P.c.id == pair_id]
         if limit:
-            cond.append(Pair.n_active < Pair.overlap)
-        claimed = session.execute(update(Pair).where(*cond).values(n_active=Pair.n_active + 1)
-                                  .execution_options(synchronize_session=False))
-        if claimed.rowcount == 1:
+            cond.append(P.c.n_active < P.c.overlap)
+        if conn.execute(update(P).where(*cond).values(n_active=P.c.n_active + 1)).rowcount == 1:
             return pair_id
     return None
 
 
-def _assign(session: Session, pair_id: int, annotator: Annotator, gold: bool) -> Assignment:
-    assignment = Assignment(pair_id=pair_id, annotator_id=annotator.id, left=secrets.choice("ab"),
-                            is_gold=gold, status="open", created_at=utcnow())
-    session.add(assignment)
-    session.flush()
-    return assignment
+def _assign(conn: Connection, pair_id: int, q: Queue, gold: bool) -> tuple[int, int, str]:
+    left = secrets.choice("ab")
+    result = conn.execute(insert(A).values(pair_id=pair_id, annotator_id=q.annotator_id, left=left, is_gold=gold,
+                                           status="open", created_at=utcnow()))
+    return result.inserted_primary_key[0], pair_id, left
 
 
-def _expire_stale(session: Session, annotator: Annotator, project: Project) -> int:
+def _expire_stale(conn: Connection, q: Queue) -> int:
     """Expire other annotators' open assignments older than the lease; returns how many."""
-    cutoff = utcnow() - timedelta(minutes=project.lease_minutes)
-    stale = session.execute(
-        select(Assignment.id, Assignment.pair_id).join(Pair, Pair.id == Assignment.pair_id)
-        .where(Pair.project_id == project.id, Assignment.status == "open", Assignment.created_at < cutoff,
-               Assignment.annotator_id != annotator.id)).all()
+    cutoff = utcnow() - timedelta(minutes=q.lease_minutes)
+    stale = conn.execute(
+        select(A.c.id, A.c.pair_id).join(P, P.c.id == A.c.pair_id)
+        .where(P.c.project_id == q.project_id, A.c.status == "open", A.c.created_at < cutoff,
+               A.c.annotator_id != q.annotator_id)).all()
     n = 0
     for assignment_id, pair_id in stale:
-        done = session.execute(update(Assignment).where(Assignment.id == assignment_id, Assignment.status == "open")
-                               .values(status="expired").execution_options(synchronize_session=False))
+        done = conn.execute(update(A).where(A.c.id == assignment_id, A.c.status == "open").values(status="expired"))
         if done.rowcount == 1:
-            session.execute(update(Pair).where(Pair.id == pair_id).values(n_active=Pair.n_active - 1)
-                            .execution_options(synchronize_session=False))
+            conn.execute(update(P).where(P.c.id == pair_id).values(n_active=P.c.n_active - 1))
             n += 1
     return n

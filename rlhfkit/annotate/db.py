@@ -28,7 +28,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.orm import Session, sessionmaker
@@ -75,6 +75,17 @@ class Database:
         factory = self._write_factory if durable else self._fast_factory
         with self._write_lock, factory() as session, session.begin():
             yield session
+
+    @contextlib.contextmanager
+    def begin(self, *, write: bool = False, durable: bool = True) -> Iterator[Connection]:
+        """A Core connection in a transaction, for the per-request paths: the same transactions as
+        ``write()``/``read()`` without the ORM session's bookkeeping."""
+        if not write:
+            with self.read_engine.begin() as conn:
+                yield conn
+            return
+        with self._write_lock, (self.engine if durable else self.fast_engine).begin() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Session]:

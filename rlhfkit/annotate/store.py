@@ -10,9 +10,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -32,8 +35,15 @@ from rlhfkit.annotate.models import (
 )
 from rlhfkit.data.records import DataError
 
+# Core tables for the per-request paths (a fraction of the ORM's per-statement cost).
+P, A, L = Pair.__table__, Assignment.__table__, Label.__table__
+S, N, J = WebSession.__table__, Annotator.__table__, Project.__table__
+
 ANNOTATOR_SESSION = timedelta(days=30)
 ADMIN_SESSION = timedelta(hours=12)
+SESSION_CACHE_S = 10.0
+"""How long a server process trusts a session it looked up. Signing out and deactivating through
+this process take effect at once; through another process (the CLI, a second server) within this."""
 CHOICES = ("left", "right", "tie", "skip")
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ANNOTATOR_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
@@ -57,6 +67,8 @@ class Principal:
     annotator_id: int | None = None
     annotator_name: str | None = None
     project_id: int | None = None
+    queue: assign.Queue | None = None
+    expires_at: datetime | None = None
 
 
 @dataclass
@@ -98,8 +110,11 @@ def digest(secret: str) -> str:
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, session_cache_s: float = SESSION_CACHE_S):
         self.db = Database(url)
+        self.session_cache_s = session_cache_s
+        self._sessions: dict[str, tuple[float, Principal]] = {}
+        self._sessions_lock = threading.Lock()
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -118,6 +133,7 @@ class Store:
             now = utcnow()
             s.execute(update(AdminToken).where(AdminToken.revoked_at.is_(None)).values(revoked_at=now))
             s.execute(update(WebSession).where(WebSession.is_admin.is_(True)).values(expires_at=now))
+            self._forget_sessions()
             token = secrets.token_urlsafe(32)
             s.add(AdminToken(token_hash=digest(token), created_at=now))
             return token
@@ -203,6 +219,7 @@ class Store:
             if ann is None:
                 raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
             ann.active = active
+            self._forget_sessions()
             if not active:
                 s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
                 for a in s.scalars(select(Assignment).where(Assignment.annotator_id == ann.id,
@@ -258,42 +275,73 @@ class Store:
         return secret, self.principal(secret)
 
     def principal(self, secret: str) -> Principal | None:
-        with self.db.read() as s:
-            row = s.execute(
-                select(WebSession, Annotator.name, Annotator.project_id, Annotator.active)
-                .outerjoin(Annotator, Annotator.id == WebSession.annotator_id)
-                .where(WebSession.id_hash == digest(secret))).first()
-        if row is None:
+        """The live session for a cookie secret, or None (unknown, expired, annotator deactivated)."""
+        key, now = digest(secret), time.monotonic()
+        hit = self._sessions.get(key)
+        if hit is not None and hit[0] > now and hit[1].expires_at > utcnow():
+            return hit[1]
+        with self.db.begin() as conn:
+            row = conn.execute(
+                select(S.c.id_hash, S.c.csrf_token, S.c.is_admin, S.c.annotator_id, S.c.expires_at, N.c.name,
+                       N.c.project_id, N.c.active, J.c.gold_rate, J.c.lease_minutes)
+                .select_from(S.outerjoin(N, N.c.id == S.c.annotator_id).outerjoin(J, J.c.id == N.c.project_id))
+                .where(S.c.id_hash == key)).first()
+        if row is None or row.expires_at <= utcnow() or (not row.is_admin and not row.active):
+            self._sessions.pop(key, None)
             return None
-        sess, name, project_id, active = row
-        if sess.expires_at <= utcnow() or (not sess.is_admin and not active):
-            return None
-        return Principal(sess.id_hash, sess.csrf_token, sess.is_admin, sess.annotator_id, name, project_id)
+        queue = None if row.is_admin else assign.Queue(row.annotator_id, row.project_id, row.gold_rate,
+                                                       row.lease_minutes)
+        who = Principal(row.id_hash, row.csrf_token, row.is_admin, row.annotator_id, row.name, row.project_id,
+                        queue, row.expires_at)
+        with self._sessions_lock:
+            if len(self._sessions) > 10_000:
+                self._sessions.clear()
+            self._sessions[key] = (now + self.session_cache_s, who)
+        return who
+
+    def _forget_sessions(self) -> None:
+        with self._sessions_lock:
+            self._sessions.clear()
 
     def logout(self, principal: Principal) -> None:
         with self.db.write(durable=False) as s:
             s.execute(update(WebSession).where(WebSession.id_hash == principal.session_hash)
                       .values(expires_at=utcnow()))
+        with self._sessions_lock:
+            self._sessions.pop(principal.session_hash, None)
 
     # ---- labelling ----------------------------------------------------------------------------
 
     def next_item(self, who: Principal) -> Item | None:
-        with self.db.write(durable=False) as s:
-            ann, proj = s.get(Annotator, who.annotator_id), s.get(Project, who.project_id)
-            a = assign.next_assignment(s, ann, proj)
-            if a is None:
-                return None
-            pair = s.get(Pair, a.pair_id)
-            left, right = (pair.a, pair.b) if a.left == "a" else (pair.b, pair.a)
-            return Item(a.id, pair.prompt, left["content"], right["content"])
+        """The annotator's current pair (a new assignment if they have none open)."""
+        return self.page(who, with_progress=False)[0]
 
     def progress(self, who: Principal) -> dict:
-        with self.db.read() as s:
-            rows = dict(s.execute(select(Label.skipped, func.count()).where(Label.annotator_id == who.annotator_id)
-                                  .group_by(Label.skipped)).all())
-            ann, proj = s.get(Annotator, who.annotator_id), s.get(Project, who.project_id)
-            remaining = assign.remaining_for(s, ann, proj)
-        return {"labelled": rows.get(False, 0), "skipped": rows.get(True, 0), "remaining": remaining}
+        with self.db.begin() as conn:
+            return self._progress(conn, who)
+
+    def page(self, who: Principal, with_progress: bool = True) -> tuple[Item | None, dict | None]:
+        """What the labelling page shows: the current pair and the progress counter."""
+        with self.db.begin() as conn:
+            got = assign.open_assignment(conn, who.queue)
+        if got is None:  # usually made already by submit(); otherwise take the writer lock now
+            with self.db.begin(write=True, durable=False) as conn:
+                got = assign.next_assignment(conn, who.queue)
+        with self.db.begin() as conn:
+            item = None
+            if got is not None:
+                assignment_id, pair_id, left = got
+                pair = conn.execute(select(P.c.prompt, P.c.a, P.c.b).where(P.c.id == pair_id)).one()
+                shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
+                item = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
+            return item, self._progress(conn, who) if with_progress else None
+
+    @staticmethod
+    def _progress(conn, who: Principal) -> dict:
+        rows = dict(conn.execute(select(L.c.skipped, func.count()).where(L.c.annotator_id == who.annotator_id)
+                                 .group_by(L.c.skipped)).all())
+        return {"labelled": rows.get(False, 0), "skipped": rows.get(True, 0),
+                "remaining": assign.remaining_for(conn, who.queue)}
 
     def submit(self, who: Principal, x: LabelInput) -> tuple[dict, bool]:
         """Store one answer. Returns ``(label, created)``; a retry of a stored submission returns the
@@ -301,51 +349,53 @@ class Store:
         if x.choice not in CHOICES:
             raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
         try:
-            with self.db.write() as s:
+            with self.db.begin(write=True) as conn:
                 # Checked inside the write transaction: a retry racing its original must see it.
-                replay = self._replay(s, who, x)
+                replay = self._replay(conn, who, x)
                 if replay is not None:
                     return replay, False
-                a = s.get(Assignment, x.assignment_id)
+                a = conn.execute(select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status)
+                                 .where(A.c.id == x.assignment_id)).first()
                 if a is None or a.annotator_id != who.annotator_id:
                     raise Refused(404, "no such assignment for this annotator", "assignment_id")
                 if a.status in ("done", "skipped"):
                     # PostgreSQL (read committed): the original of this retry may have committed
                     # after our first look; this new statement sees it.
-                    replay = self._replay(s, who, x)
+                    replay = self._replay(conn, who, x)
                     if replay is not None:
                         return replay, False
                     raise Refused(409, "this assignment is already answered; change the answer with "
                                        "PATCH /api/labels/{id}", "assignment_id")
                 skip = x.choice == "skip"
-                label = Label(submission_id=x.submission_id, assignment_id=a.id, annotator_id=a.annotator_id,
-                              pair_id=a.pair_id, winner=None if skip else _winner(x.choice, a.left), skipped=skip,
-                              strength=x.strength, rationale=_text(x.rationale), unsafe=x.unsafe,
-                              duration_ms=x.duration_ms, created_at=utcnow())
-                s.add(label)
+                row = {"submission_id": x.submission_id, "assignment_id": a.id, "annotator_id": a.annotator_id,
+                       "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left),
+                       "skipped": skip, "strength": x.strength, "rationale": _text(x.rationale),
+                       "unsafe": x.unsafe, "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
+                row["id"] = conn.execute(insert(L).values(**row)).inserted_primary_key[0]
+                conn.execute(update(A).where(A.c.id == a.id).values(status="skipped" if skip else "done"))
                 delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
-                a.status = "skipped" if skip else "done"
                 if delta:
-                    s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active + delta))
-                s.flush()
-                return _label_view(label, a.left), True
+                    conn.execute(update(P).where(P.c.id == a.pair_id).values(n_active=P.c.n_active + delta))
+                # Hand out the next pair in the same transaction: it rides on this commit's fsync, and
+                # the page load that follows only reads.
+                assign.next_assignment(conn, who.queue)
+                return _label_view(SimpleNamespace(**row), a.left), True
         except IntegrityError:
             # PostgreSQL: a concurrent request with the same submission_id (or for the same
             # assignment) committed first; the unique constraints decided, now tell which it was.
-            with self.db.read() as s:
-                replay = self._replay(s, who, x)
+            with self.db.begin() as conn:
+                replay = self._replay(conn, who, x)
             if replay is None:
                 raise Refused(409, "this assignment is already answered", "assignment_id") from None
             return replay, False
 
     @staticmethod
-    def _replay(s, who: Principal, x: LabelInput) -> dict | None:
-        row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
-                        .where(Label.submission_id == x.submission_id)).first()
-        if row is None:
+    def _replay(conn, who: Principal, x: LabelInput) -> dict | None:
+        label = conn.execute(select(L, A.c.left).join(A, A.c.id == L.c.assignment_id)
+                             .where(L.c.submission_id == x.submission_id)).first()
+        if label is None:
             return None
-        label, left = row
-        view = _label_view(label, left)
+        view = _label_view(label, label.left)
         same = (label.annotator_id == who.annotator_id and label.assignment_id == x.assignment_id
                 and view["choice"] == x.choice and label.strength == x.strength
                 and label.rationale == _text(x.rationale) and label.unsafe == x.unsafe)

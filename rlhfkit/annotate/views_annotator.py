@@ -70,8 +70,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
     @r.get("/label")
     def label_page(request: Request):
         who = auth.annotator(request)
-        item = store.next_item(who)
-        progress = store.progress(who)
+        item, progress = store.page(who)
         if item is None:
             return render("done.html", who=who, progress=progress, csrf=who.csrf_token)
         return render("label.html", who=who, item=item, progress=progress, csrf=who.csrf_token,
