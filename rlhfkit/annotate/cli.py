@@ -148,13 +148,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_import(args) -> int:
-    if args.pairs is None and args.gold is None and args.uncertainty is None:
-        raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE and/or --uncertainty FILE")
+    if args.pairs is None and args.gold is None and args.uncertainty is None and args.gold_rate is None:
+        raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE and/or --uncertainty FILE "
+                         "(or only --gold-rate R to change the project's gold rate)")
     r = _store(args).import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
                                   skip_existing=args.skip_existing)
     what = "created project" if r.created_project else "project"
-    print(f"{what} {r.project}: imported {r.n_pairs} pairs (overlap {args.overlap})"
+    print(f"{what} {r.project}: imported {r.n_pairs} pairs" + (f" (overlap {args.overlap})" if r.n_pairs else "")
           + (f", skipped {r.n_existing_skipped} already present" if r.n_existing_skipped else "")
           + f"; {r.n_gold} gold pairs in the project; gold rate {r.gold_rate:g}"
           + (f" (was {r.previous_gold_rate:g})" if r.previous_gold_rate is not None else "")

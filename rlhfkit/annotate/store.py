@@ -160,6 +160,8 @@ class Store:
         scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
         with self.db.write() as s:
             proj = s.scalars(select(Project).where(Project.name == project)).first()
+            if proj is None and not pairs:
+                raise Refused(404, f"no project {project!r}: import pairs into it first", "project")
             created = proj is None
             previous_rate = None if created else proj.gold_rate
             if created:
