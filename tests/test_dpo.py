@@ -119,6 +119,26 @@ def test_one_forward_concatenated_equals_two_separate_forwards(tiny):
             torch.testing.assert_close(logps[:, col], naive, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompts_equal_separate_prompts(attn):
+    """Prompts repeated in a batch are computed once under a 4D mask; values equal one copy per sequence."""
+    from rlhfkit.models import load_model
+
+    model, _ = load_model("tiny", seed=2)
+    model.set_attn_implementation(attn)
+    g = torch.Generator().manual_seed(1)
+    uniq = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (5, 9, 3)]
+    prompts = [uniq[0], uniq[1], uniq[0], uniq[2], uniq[1], uniq[0]]
+    completions = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (4, 1, 7, 2, 5, 3)]
+    with torch.no_grad():
+        shared, mask = completion_logps(model, prompts, completions)
+        separate, mask2 = completion_logps(model, prompts, completions, share_prompts=False)
+        torch.testing.assert_close(shared, separate, atol=1e-5, rtol=0)
+        assert torch.equal(mask, mask2)
+        for b, (p, c) in enumerate(zip(prompts, completions)):
+            torch.testing.assert_close(shared[b, :len(c)], naive_logps(model, p, c), atol=1e-5, rtol=0)
+
+
 def test_bad_logps_input():
     from rlhfkit.models import load_model
 

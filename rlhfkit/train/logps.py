@@ -13,6 +13,13 @@ Two layouts (``packing``), which give the same values (``tests/test_dpo.py`` che
     sequence and ``attention_mask=None``: transformers then builds a block-diagonal causal mask from
     the position ids (``masking_utils.find_packed_sequence_indices``), and no pad token is computed.
     Needs ``use_cache=False`` (with a cache the packed-sequence detection is off).
+    Prompt sharing: when a prompt occurs more than once in the batch (a DPO pair's two completions,
+    GRPO's K samples) it is computed ONCE: the row holds ``prompt, completion_1, ..., completion_K``,
+    each completion's positions continue from the prompt's end, and an explicit (1, 1, N, N) mask lets a
+    completion token see the prompt and its own earlier tokens only. This needs an attention
+    implementation that takes a dense 4D mask (``sdpa``, ``eager``); with others (FlashAttention's
+    variable-length kernels) every sequence gets its own copy of the prompt, selected by position ids.
+    The dense mask costs N^2 bools for a row of N tokens (25 MB at N = 5000): size micro-batches so.
 ``"padded"``
     one row per sequence, prompts left-padded to the longest prompt and completions right-padded to
     the longest completion, so every completion starts in the same column and the kept positions are
@@ -39,6 +46,7 @@ def completion_logps(
     packing: str = "padding_free",
     pad_id: int = 0,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``log π(completion token | prompt, earlier completion tokens)`` for a batch of sequences.
 
@@ -49,6 +57,7 @@ def completion_logps(
         packing: ``"padding_free"`` or ``"padded"`` (see the module docstring).
         pad_id: token placed in padding (its logits are never computed into a result).
         temperature: logits are divided by it (sampling temperature, for RL; 1 for DPO).
+        share_prompts: in ``padding_free``, compute a prompt that occurs several times once (see above).
     Returns:
         ``per_token_logps`` (B, T) float32 and ``completion_mask`` (B, T) bool, T = longest completion;
         entry (b, t) is completion token t of sequence b; masked-out entries are 0.
@@ -71,18 +80,9 @@ def completion_logps(
     width = int(lengths.max())
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).to(device)  # (B, T)
     if packing == "padding_free":
-        ids = torch.tensor([t for p, c in zip(prompt_ids, completion_ids) for t in (*p, *c)], device=device)  # (N,)
-        pos = torch.cat([torch.arange(len(p) + len(c)) for p, c in zip(prompt_ids, completion_ids)]).to(device)
-        starts = torch.tensor([0] + [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]).cumsum(0)[:-1]
-        # the logit at position i predicts token i + 1: keep the last prompt token and every completion
-        # token but the last of each sequence, in row-major (sequence, time) order
-        keep = torch.cat([s + len(p) - 1 + torch.arange(len(c)) for s, p, c in zip(starts.tolist(), prompt_ids,
-                                                                                   completion_ids)]).to(device)  # (K,)
-        logits = model(input_ids=ids[None], position_ids=pos[None], attention_mask=None, use_cache=False,
-                       logits_to_keep=keep).logits  # (1, K, V)
-        flat = selective_log_softmax(logits.float() / temperature, ids[keep + 1][None])[0]  # (K,)
-        # masked_scatter fills True entries in row-major order, the order of ``keep``
-        return flat.new_zeros(completion_mask.shape).masked_scatter(completion_mask, flat), completion_mask
+        per_token = _packed_logps(model, prompt_ids, completion_ids, temperature, share_prompts, device)  # (K,)
+        # masked_scatter fills True entries in row-major (sequence, time) order, the order of ``per_token``
+        return per_token.new_zeros(completion_mask.shape).masked_scatter(completion_mask, per_token), completion_mask
     plen = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), plen + width), pad_id, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -94,5 +94,55 @@ def completion_logps(
     keep = torch.arange(plen - 1, plen + width - 1, device=device)  # (T,): the columns predicting completions
     logits = model(input_ids=ids, position_ids=pos, attention_mask=att, use_cache=False,
                    logits_to_keep=keep).logits  # (B, T, V)
-    per_token = selective_log_softmax(logits.float() / temperature, ids[:, plen:])  # (B, T)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    per_token = selective_log_softmax(logits, ids[:, plen:])  # (B, T)
     return torch.where(completion_mask, per_token, torch.zeros((), device=device)), completion_mask
+
+
+def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_prompts: bool, device) -> torch.Tensor:
+    """Log-probs of every completion token, flattened in (sequence, time) order, from one packed row."""
+    groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> the sequences continuing it, in batch order
+    for b, p in enumerate(prompt_ids):
+        groups.setdefault(tuple(p), []).append(b)
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if attn is None and hasattr(model, "module"):  # DDP-wrapped
+        attn = getattr(model.module.config, "_attn_implementation", None)
+    share = share_prompts and attn in ("sdpa", "eager") and len(groups) < len(prompt_ids)
+    if not share:  # every sequence with its own prompt copy: one entry per sequence
+        groups = {(b,): [b] for b in range(len(prompt_ids))}
+    ids, pos, seg, branch = [], [], [], []
+    predictors: list[list[int]] = [[] for _ in prompt_ids]  # row positions whose logits predict sequence b
+    for g, members in enumerate(groups.values()):
+        prompt = prompt_ids[members[0]]
+        last_prompt = len(ids) + len(prompt) - 1
+        ids += prompt
+        pos += range(len(prompt))
+        seg += [g] * len(prompt)
+        branch += [0] * len(prompt)
+        for b in members:
+            c = completion_ids[b]
+            start = len(ids)
+            predictors[b] = [last_prompt] + list(range(start, start + len(c) - 1))
+            ids += c
+            pos += range(len(prompt), len(prompt) + len(c))
+            seg += [g] * len(c)
+            branch += [b + 1] * len(c)
+    keep = torch.tensor([i for rows in predictors for i in rows], device=device)  # (K,), may repeat prompt ends
+    targets = torch.tensor([t for c in completion_ids for t in c], device=device)  # (K,)
+    ids_t = torch.tensor(ids, device=device)[None]  # (1, N)
+    pos_t = torch.tensor(pos, device=device)[None]
+    mask = None  # packed sequences without sharing: transformers derives the block-diagonal mask from pos_t
+    if share:
+        seg_t, br_t = torch.tensor(seg, device=device), torch.tensor(branch, device=device)
+        n = len(ids)
+        causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+        # a token sees earlier tokens of its own group that are prompt tokens or of its own completion
+        mask = causal & (seg_t[:, None] == seg_t[None]) & ((br_t[None] == 0) | (br_t[:, None] == br_t[None]))
+        if attn == "eager":  # eager attention adds the mask to the scores
+            dtype = next(model.parameters()).dtype
+            mask = torch.zeros(n, n, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        mask = mask[None, None]  # (1, 1, N, N)
+    logits = model(input_ids=ids_t, position_ids=pos_t, attention_mask=mask, use_cache=False,
+                   logits_to_keep=keep).logits  # (1, K, V)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature
+    return selective_log_softmax(logits, targets[None])[0]
