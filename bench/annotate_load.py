@@ -2,7 +2,8 @@
 
     python bench/annotate_load.py [--seconds 20] [--annotators 50] [--think-ms 1000] [--db URL]
 
-Each simulated annotator signs in with their secret link, then loops until the time is up:
+Each simulated annotator signs in with their secret link at a random moment within the first think
+time, then loops until the time is up:
 load ``GET /label`` (timed as "page"), wait a think time drawn uniformly from
 [0.5, 1.5] x ``--think-ms``, post the answer to ``POST /api/labels`` (timed as "submit"; a
 transport error is retried with the same submission id, like the page's script does). A human
@@ -87,6 +88,8 @@ def setup(db: str, n_annotators: int, n_pairs: int, overlap: int, workdir: Path)
 
 async def annotator(url: str, token: str, seed: int, deadline: float, think_s: float, out: dict) -> None:
     rng = random.Random(seed)
+    # People do not all open their links in the same millisecond: start within one think time.
+    await asyncio.sleep(rng.uniform(0.0, think_s))
     async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
         r = await client.get(f"/a/{token}", follow_redirects=True)
         if r.status_code != 200:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
-from sqlalchemy import Connection, and_, case, exists, func, insert, select, update
+from sqlalchemy import Connection, and_, bindparam, case, exists, func, insert, select, update
 
 from rlhfkit.annotate.models import Assignment, Pair, utcnow
 
@@ -77,6 +77,27 @@ class Queue:
     lease_minutes: int
 
 
+# The statements this module runs on every request, built once: building a statement costs several
+# times more CPU than executing it on SQLite. Parameters: aid annotator, pid project, p_id pair.
+_UNSEEN = ~exists().where(and_(A.c.pair_id == P.c.id, A.c.annotator_id == bindparam("aid")))
+# n_active < overlap and gold_winner IS NULL: the predicate of the partial index ix_pairs_open.
+_OPEN_PAIRS = (P.c.project_id == bindparam("pid"), P.c.n_active < P.c.overlap, P.c.gold_winner.is_(None), _UNSEEN)
+OPEN_ASSIGNMENT = (select(A.c.id, A.c.pair_id, A.c.left)
+                   .where(A.c.annotator_id == bindparam("aid"), A.c.status == "open").order_by(A.c.id).limit(1))
+SERVED = (select(func.count(), func.coalesce(func.sum(case((A.c.is_gold, 1), else_=0)), 0))
+          .where(A.c.annotator_id == bindparam("aid")))
+# FOR UPDATE SKIP LOCKED: see _take_regular. SQLite ignores it.
+REGULAR = (select(P.c.id).where(*_OPEN_PAIRS).order_by(P.c.queue_rank, P.c.id).limit(8)
+           .with_for_update(skip_locked=True))
+GOLD = (select(P.c.id).where(P.c.project_id == bindparam("pid"), P.c.gold_winner.is_not(None), _UNSEEN)
+        .order_by(P.c.n_active, P.c.id).limit(8))
+REMAINING = select(func.count()).select_from(select(P.c.id).where(*_OPEN_PAIRS).limit(100).subquery())
+TAKE_SLOT = (update(P).where(P.c.id == bindparam("p_id"), P.c.n_active < P.c.overlap)
+             .values(n_active=P.c.n_active + 1))
+TAKE_GOLD = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_active + 1)
+NEW_ASSIGNMENT = insert(A)
+
+
 def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
     """``(assignment_id, pair_id, left)``: the open assignment, or a new one; None when nothing is
     left for this annotator. Must run inside a write transaction."""
@@ -85,11 +106,10 @@ def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
         return current
 
     if q.gold_rate > 0:
-        n_served, n_gold = conn.execute(
-            select(func.count(), func.coalesce(func.sum(case((A.c.is_gold, 1), else_=0)), 0))
-            .where(A.c.annotator_id == q.annotator_id)).one()
+        n_served, n_gold = conn.execute(SERVED, {"aid": q.annotator_id}).one()
         if gold_due(n_served, n_gold, q.gold_rate, gold_phase(q.annotator_id)):
-            pair_id = _take(conn, _gold_candidates(conn, q), limit=False)
+            gold = list(conn.execute(GOLD, {"pid": q.project_id, "aid": q.annotator_id}).scalars())
+            pair_id = _take(conn, gold, TAKE_GOLD)
             if pair_id is not None:
                 return _assign(conn, pair_id, q, gold=True)
 
@@ -103,26 +123,14 @@ def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
 
 def open_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
     """``(assignment_id, pair_id, left)`` of the annotator's oldest open assignment, if any."""
-    row = conn.execute(select(A.c.id, A.c.pair_id, A.c.left)
-                       .where(A.c.annotator_id == q.annotator_id, A.c.status == "open")
-                       .order_by(A.c.id).limit(1)).first()
+    row = conn.execute(OPEN_ASSIGNMENT, {"aid": q.annotator_id}).first()
     return None if row is None else tuple(row)
 
 
-def remaining_for(conn: Connection, q: Queue, cap: int = 100) -> int:
-    """Regular pairs this annotator could still be given right now, counted up to ``cap`` (the count
+def remaining_for(conn: Connection, q: Queue) -> int:
+    """Regular pairs this annotator could still be given right now, counted up to 100 (the count
     runs on every page load; "100+" is as useful to a person as the exact figure)."""
-    few = select(P.c.id).where(*_regular_filter(q)).limit(cap).subquery()
-    return conn.execute(select(func.count()).select_from(few)).scalar_one()
-
-
-def _unseen(q: Queue):
-    return ~exists().where(and_(A.c.pair_id == P.c.id, A.c.annotator_id == q.annotator_id))
-
-
-def _regular_filter(q: Queue):
-    # n_active < overlap and gold_winner IS NULL: the predicate of the partial index ix_pairs_open.
-    return (P.c.project_id == q.project_id, P.c.n_active < P.c.overlap, P.c.gold_winner.is_(None), _unseen(q))
+    return conn.execute(REMAINING, {"pid": q.project_id, "aid": q.annotator_id}).scalar_one()
 
 
 def _take_regular(conn: Connection, q: Queue, rounds: int = 5) -> int | None:
@@ -134,38 +142,27 @@ def _take_regular(conn: Connection, q: Queue, rounds: int = 5) -> int | None:
     after our query.
     """
     for _ in range(rounds):
-        query = (select(P.c.id).where(*_regular_filter(q)).order_by(P.c.queue_rank, P.c.id).limit(8)
-                 .with_for_update(skip_locked=True))
-        candidates = list(conn.execute(query).scalars())
+        candidates = list(conn.execute(REGULAR, {"pid": q.project_id, "aid": q.annotator_id}).scalars())
         if not candidates:
             return None
-        pair_id = _take(conn, candidates)
+        pair_id = _take(conn, candidates, TAKE_SLOT)
         if pair_id is not None:
             return pair_id
     return None
 
 
-def _gold_candidates(conn: Connection, q: Queue) -> list[int]:
-    query = (select(P.c.id).where(P.c.project_id == q.project_id, P.c.gold_winner.is_not(None), _unseen(q))
-             .order_by(P.c.n_active, P.c.id).limit(8))
-    return list(conn.execute(query).scalars())
-
-
-def _take(conn: Connection, candidates: list[int], limit: bool = True) -> int | None:
+def _take(conn: Connection, candidates: list[int], statement) -> int | None:
     """Claim one slot on the first candidate that still has one (another server may have raced us)."""
     for pair_id in candidates:
-        cond = [P.c.id == pair_id]
-        if limit:
-            cond.append(P.c.n_active < P.c.overlap)
-        if conn.execute(update(P).where(*cond).values(n_active=P.c.n_active + 1)).rowcount == 1:
+        if conn.execute(statement, {"p_id": pair_id}).rowcount == 1:
             return pair_id
     return None
 
 
 def _assign(conn: Connection, pair_id: int, q: Queue, gold: bool) -> tuple[int, int, str]:
     left = secrets.choice("ab")
-    result = conn.execute(insert(A).values(pair_id=pair_id, annotator_id=q.annotator_id, left=left, is_gold=gold,
-                                           status="open", created_at=utcnow()))
+    result = conn.execute(NEW_ASSIGNMENT, {"pair_id": pair_id, "annotator_id": q.annotator_id, "left": left,
+                                           "is_gold": gold, "status": "open", "created_at": utcnow()})
     return result.inserted_primary_key[0], pair_id, left
 
 

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfkit.annotate import views_admin, views_annotator
 from rlhfkit.annotate.store import Store
-from rlhfkit.annotate.web import HERE, Auth, Problem, SecurityHeaders, error_response, render
+from rlhfkit.annotate.web import HERE, Auth, Problem, SecurityHeaders, error_response, render, templates
 
 
 def create_app(store: Store, *, secure_cookies: bool = False) -> FastAPI:
@@ -70,6 +70,10 @@ def create_app(store: Store, *, secure_cookies: bool = False) -> FastAPI:
     @app.get("/healthz")
     def healthz():
         return {"ok": True}
+
+    for template in templates.list_templates():
+        templates.get_template(template)  # compile now, not during the first requests
+    store.warm_up()
 
     app.include_router(views_annotator.router(store, auth))
     app.include_router(views_admin.router(store, auth))

@@ -7,6 +7,7 @@ which model. Refusals raise :class:`Refused` with the HTTP status and the field 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
@@ -35,9 +36,24 @@ from rlhfkit.annotate.models import (
 )
 from rlhfkit.data.records import DataError
 
-# Core tables for the per-request paths (a fraction of the ORM's per-statement cost).
+# Core tables and prebuilt statements for the per-request paths: the ORM, and even building a Core
+# statement, cost several times more CPU than executing one on SQLite.
 P, A, L = Pair.__table__, Assignment.__table__, Label.__table__
 S, N, J = WebSession.__table__, Annotator.__table__, Project.__table__
+SESSION = (select(S.c.id_hash, S.c.csrf_token, S.c.is_admin, S.c.annotator_id, S.c.expires_at, N.c.name,
+                  N.c.project_id, N.c.active, J.c.gold_rate, J.c.lease_minutes)
+           .select_from(S.outerjoin(N, N.c.id == S.c.annotator_id).outerjoin(J, J.c.id == N.c.project_id))
+           .where(S.c.id_hash == bindparam("key")))
+ANNOTATOR_BY_TOKEN = select(N.c.id).where(N.c.token_hash == bindparam("token_hash"), N.c.active.is_(True))
+NEW_SESSION = insert(S)
+PAIR_TEXT = select(P.c.prompt, P.c.a, P.c.b).where(P.c.id == bindparam("p_id"))
+LABEL_COUNTS = select(L.c.skipped, func.count()).where(L.c.annotator_id == bindparam("aid")).group_by(L.c.skipped)
+BY_SUBMISSION = select(L, A.c.left).join(A, A.c.id == L.c.assignment_id).where(L.c.submission_id == bindparam("sid"))
+ASSIGNMENT = (select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status)
+              .where(A.c.id == bindparam("a_id")))
+NEW_LABEL = insert(L)
+SET_STATUS = update(A).where(A.c.id == bindparam("a_id")).values(status=bindparam("new_status"))
+MOVE_SLOTS = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_active + bindparam("delta"))
 
 ANNOTATOR_SESSION = timedelta(days=30)
 ADMIN_SESSION = timedelta(hours=12)
@@ -120,6 +136,23 @@ class Store:
 
     def migrate(self) -> None:
         upgrade(self.db)
+
+    def warm_up(self) -> None:
+        """Compile the per-request statements once (SQLAlchemy caches them per engine) and open a
+        connection on each engine, so the first annotators after a start do not all pay for it at
+        once. Runs only statements that change nothing, in transactions that are rolled back."""
+        probe = {"key": "", "p_id": -1, "aid": -1, "pid": -1, "sid": "", "a_id": -1, "delta": 0,
+                 "new_status": "open"}
+        probe["token_hash"] = ""
+        reads = (SESSION, ANNOTATOR_BY_TOKEN, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION, ASSIGNMENT, assign.OPEN_ASSIGNMENT,
+                 assign.REMAINING, assign.SERVED, assign.REGULAR, assign.GOLD)
+        writes = (SET_STATUS, MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
+        for engine in {self.db.engine, self.db.fast_engine, self.db.read_engine}:
+            with self.db._write_lock if engine is not self.db.read_engine else contextlib.nullcontext():
+                with engine.connect() as conn:
+                    for stmt in reads + (writes if engine is not self.db.read_engine else ()):
+                        conn.execute(stmt, probe)
+                    conn.rollback()
 
     def ensure_admin_token(self, rotate: bool = False) -> str | None:
         """A new admin token if there is none (or ``rotate``: revoke all and make a new one).
@@ -264,16 +297,16 @@ class Store:
         return self._new_session(None, ADMIN_SESSION)
 
     def login_annotator(self, token: str) -> tuple[str, Principal] | None:
-        with self.db.read() as s:
-            ann_id = s.scalars(select(Annotator.id).where(Annotator.token_hash == digest(token),
-                                                          Annotator.active.is_(True))).first()
+        with self.db.begin() as conn:
+            ann_id = conn.execute(ANNOTATOR_BY_TOKEN, {"token_hash": digest(token)}).scalar()
         return None if ann_id is None else self._new_session(ann_id, ANNOTATOR_SESSION)
 
     def _new_session(self, annotator_id: int | None, ttl: timedelta) -> tuple[str, Principal]:
         secret, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), utcnow()
-        with self.db.write(durable=False) as s:
-            s.add(WebSession(id_hash=digest(secret), annotator_id=annotator_id, is_admin=annotator_id is None,
-                             csrf_token=csrf, created_at=now, expires_at=now + ttl))
+        with self.db.begin(write=True, durable=False) as conn:
+            conn.execute(NEW_SESSION, {"id_hash": digest(secret), "annotator_id": annotator_id,
+                                       "is_admin": annotator_id is None, "csrf_token": csrf, "created_at": now,
+                                       "expires_at": now + ttl})
         return secret, self.principal(secret)
 
     def principal(self, secret: str) -> Principal | None:
@@ -283,11 +316,7 @@ class Store:
         if hit is not None and hit[0] > now and hit[1].expires_at > utcnow():
             return hit[1]
         with self.db.begin() as conn:
-            row = conn.execute(
-                select(S.c.id_hash, S.c.csrf_token, S.c.is_admin, S.c.annotator_id, S.c.expires_at, N.c.name,
-                       N.c.project_id, N.c.active, J.c.gold_rate, J.c.lease_minutes)
-                .select_from(S.outerjoin(N, N.c.id == S.c.annotator_id).outerjoin(J, J.c.id == N.c.project_id))
-                .where(S.c.id_hash == key)).first()
+            row = conn.execute(SESSION, {"key": key}).first()
         if row is None or row.expires_at <= utcnow() or (not row.is_admin and not row.active):
             self._sessions.pop(key, None)
             return None
@@ -333,15 +362,14 @@ class Store:
             item = None
             if got is not None:
                 assignment_id, pair_id, left = got
-                pair = conn.execute(select(P.c.prompt, P.c.a, P.c.b).where(P.c.id == pair_id)).one()
+                pair = conn.execute(PAIR_TEXT, {"p_id": pair_id}).one()
                 shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
                 item = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
             return item, self._progress(conn, who) if with_progress else None
 
     @staticmethod
     def _progress(conn, who: Principal) -> dict:
-        rows = dict(conn.execute(select(L.c.skipped, func.count()).where(L.c.annotator_id == who.annotator_id)
-                                 .group_by(L.c.skipped)).all())
+        rows = dict(conn.execute(LABEL_COUNTS, {"aid": who.annotator_id}).all())
         return {"labelled": rows.get(False, 0), "skipped": rows.get(True, 0),
                 "remaining": assign.remaining_for(conn, who.queue)}
 
@@ -356,8 +384,7 @@ class Store:
                 replay = self._replay(conn, who, x)
                 if replay is not None:
                     return replay, False
-                a = conn.execute(select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status)
-                                 .where(A.c.id == x.assignment_id)).first()
+                a = conn.execute(ASSIGNMENT, {"a_id": x.assignment_id}).first()
                 if a is None or a.annotator_id != who.annotator_id:
                     raise Refused(404, "no such assignment for this annotator", "assignment_id")
                 if a.status in ("done", "skipped"):
@@ -373,11 +400,11 @@ class Store:
                        "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left),
                        "skipped": skip, "strength": x.strength, "rationale": _text(x.rationale),
                        "unsafe": x.unsafe, "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
-                row["id"] = conn.execute(insert(L).values(**row)).inserted_primary_key[0]
-                conn.execute(update(A).where(A.c.id == a.id).values(status="skipped" if skip else "done"))
+                row["id"] = conn.execute(NEW_LABEL, row).inserted_primary_key[0]
+                conn.execute(SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
                 delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
                 if delta:
-                    conn.execute(update(P).where(P.c.id == a.pair_id).values(n_active=P.c.n_active + delta))
+                    conn.execute(MOVE_SLOTS, {"p_id": a.pair_id, "delta": delta})
                 # Hand out the next pair in the same transaction: it rides on this commit's fsync, and
                 # the page load that follows only reads.
                 assign.next_assignment(conn, who.queue)
@@ -393,8 +420,7 @@ class Store:
 
     @staticmethod
     def _replay(conn, who: Principal, x: LabelInput) -> dict | None:
-        label = conn.execute(select(L, A.c.left).join(A, A.c.id == L.c.assignment_id)
-                             .where(L.c.submission_id == x.submission_id)).first()
+        label = conn.execute(BY_SUBMISSION, {"sid": x.submission_id}).first()
         if label is None:
             return None
         view = _label_view(label, label.left)
