@@ -229,19 +229,21 @@ def test_label_simulated_writes_records_and_report(tmp_path):
     assert "agree w/ gold" in out.stdout
 
 
-def test_label_judge_and_rm_with_tiny_models(tmp_path):
+def test_label_judge_and_rm_with_tiny_models(tmp_path, capsys):
+    """The judge and RM labelers end to end, in-process (the subprocess path is the simulated test's)."""
+    from rlhfkit.feedback.cli import main
     from rlhfkit.models.reward import RewardModel
 
     src = write_pairs(tmp_path / "pairs.jsonl", concise_pairs(3))
-    out = label(src, "--labeler", "judge", "--judge-model", "tiny", "--out", tmp_path / "j.jsonl")
-    assert out.returncode == 0, out.stderr
+    assert main([str(src), "--labeler", "judge", "--judge-model", "tiny", "--out", str(tmp_path / "j.jsonl")]) == 0
     report = json.loads((tmp_path / "j.report.json").read_text())
     assert report["position_bias_rate"] is not None and report["agreement"] is not None
+    assert "position bias" in capsys.readouterr().out
     rm = RewardModel.init_from("tiny", seed=0)
     rm.set_normalization(0.0, 1.0)
     rm.save(tmp_path / "rm")
-    out = label(src, "--labeler", "rm", "--rm", tmp_path / "rm", "--tie-threshold", "0", "--out", tmp_path / "r.jsonl")
-    assert out.returncode == 0, out.stderr
+    assert main([str(src), "--labeler", "rm", "--rm", str(tmp_path / "rm"), "--tie-threshold", "0",
+                 "--out", str(tmp_path / "r.jsonl")]) == 0
     assert all(json.loads(line)["source"] == "rm" for line in (tmp_path / "r.jsonl").read_text().splitlines())
 
 

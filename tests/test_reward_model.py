@@ -303,6 +303,17 @@ def test_reward_train_and_eval_commands(tmp_path):
     assert out.returncode == 0, out.stderr
     report = json.loads((run / "reward_eval.json").read_text())
     assert report["pairs"] == 20 and 0 <= report["accuracy"] <= 1 and "ece" in report
-    out = subprocess.run([sys.executable, "-m", "rlhfkit.train.reward", "train", "--model", "tiny"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "--data is required" in out.stderr
+
+
+def test_reward_command_errors(tmp_path, capsys):
+    from rlhfkit.train.reward import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--model", "tiny"])
+    assert e.value.code == 2 and "--data is required" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--rm", str(tmp_path), "--data", "x.jsonl"])
+    assert "has no config.json" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        main(["fit"])
+    assert e.value.code == 2 and "invalid choice: 'fit'" in capsys.readouterr().err
