@@ -15,10 +15,23 @@ import sys
 # command -> (module, config class, one-line description)
 TRAINERS = {
     "sft": ("rlhfkit.train.sft", "SFTConfig", "supervised fine-tuning on chat data (assistant-only loss)"),
+    "dpo": ("rlhfkit.train.dpo", "DPOConfig", "offline preference optimisation: DPO, IPO, cDPO, SLiC, SimPO, ORPO, KTO"),
+    "ppo": ("rlhfkit.train.ppo", "PPOConfig", "PPO with a critic (the N implementation details of RLHF with PPO)"),
+    "grpo": ("rlhfkit.train.grpo", "GRPOConfig", "GRPO / Dr. GRPO / REINFORCE++: critic-free, group baselines"),
+    "rloo": ("rlhfkit.train.rloo", "RLOOConfig", "RLOO: REINFORCE with a leave-one-out baseline"),
 }
-# command -> (module with main(argv) -> int, description)
+# command -> (module, function(argv) -> int, description)
 TOOLS = {
-    "info": ("rlhfkit.cli", "versions, device, threads and the bundled model's cache state"),
+    "demo": ("rlhfkit.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
+    "tasks": ("rlhfkit.data.tasks", "main", "built-in tasks with hidden gold rewards"),
+    "sample": ("rlhfkit.rollout.sample", "main", "sample K completions per prompt into comparison pairs"),
+    "label": ("rlhfkit.feedback.cli", "main", "label pairs: simulated annotator, LM judge or reward model"),
+    "reward": ("rlhfkit.train.reward", "main", "train / evaluate a Bradley-Terry reward model"),
+    "annotate": ("rlhfkit.annotate.cli", "main", "human preference annotation web app"),
+    "eval": ("rlhfkit.evaluate.cli", "eval_main", "win rate of a policy over a reference, with CIs"),
+    "compare": ("rlhfkit.evaluate.cli", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
+    "report": ("rlhfkit.evaluate.cli", "report_main", "self-contained HTML report of runs"),
+    "info": ("rlhfkit.cli", "info", "versions, device, threads and the bundled model's cache state"),
 }
 
 
@@ -62,7 +75,7 @@ def run_trainer(name: str, argv: list[str]) -> int:
 
 
 def info(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="rlhfkit info", description=TOOLS["info"][1]).parse_args(argv)
+    argparse.ArgumentParser(prog="rlhfkit info", description=TOOLS["info"][2]).parse_args(argv)
     import platform
 
     import torch
@@ -100,11 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name in TRAINERS:
         return run_trainer(name, rest)
-    if name == "info":
-        return info(rest)
     if name in TOOLS:
-        module = importlib.import_module(TOOLS[name][0])
-        return int(module.main(rest) or 0)
+        module_name, func, _ = TOOLS[name]
+        return int(getattr(importlib.import_module(module_name), func)(rest) or 0)
     _top_parser().parse_args(argv[:1])  # prints the usage error and exits 2
     return 2
 

@@ -54,8 +54,9 @@ def run_method(train, cfg, S, sign, tmp_path):
 
 
 def common(**kw):
-    return dict(model="tiny:0.5", task="toy", total_steps=12, prompts_per_step=4, max_new_tokens=8, temperature=1.0,
-                missing_eos_penalty=None, eval_every=0, progress=False, **kw)
+    base = dict(model="tiny:0.5", task="toy", total_steps=12, prompts_per_step=4, max_new_tokens=8, temperature=1.0,
+                missing_eos_penalty=None, eval_every=0, progress=False)
+    return {**base, **kw}
 
 
 @pytest.mark.parametrize("advantage,kl_in_reward", [("group", False), ("loo", True)])
@@ -69,3 +70,17 @@ def test_critic_free_methods_learn_the_toy_reward(tmp_path, token_set, advantage
     start = (up[0] + down[0]) / 2
     assert sum(up[-3:]) / 3 > start + 0.25, up
     assert sum(down[-3:]) / 3 < start - 0.05, down
+
+
+def test_ppo_with_critic_learns_the_toy_reward(tmp_path, token_set):
+    from rlhfkit.train.ppo import PPOConfig, train
+
+    cfg = lambda: PPOConfig(**common(prompts_per_step=8, lr=2e-2, beta=0.0, epochs_per_step=2, mini_batch_size=4))
+    up = run_method(train, cfg(), token_set, +1, tmp_path)
+    down = run_method(train, cfg(), token_set, -1, tmp_path)
+    start = (up[0] + down[0]) / 2
+    assert sum(up[-3:]) / 3 > start + 0.25, up
+    assert sum(down[-3:]) / 3 < start - 0.05, down
+    rows = [json.loads(line) for line in open(tmp_path / "run+1" / "metrics.jsonl")]
+    assert all(k in rows[-1] for k in ("value/explained_variance", "loss/value", "policy/clipfrac", "kl/beta"))
+    assert (tmp_path / "run+1" / "checkpoints" / "step-12" / "value" / "config.json").exists()

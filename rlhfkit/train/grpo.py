@@ -34,7 +34,7 @@ from rlhfkit.advantages import (
 )
 from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean
-from rlhfkit.rollout.engine import Rollout, Sampler, completion_logps
+from rlhfkit.rollout.engine import Rollout, completion_logps
 from rlhfkit.train import online, runtime
 
 ADVANTAGES = ("group", "dr_grpo", "loo", "reinforce_pp")
@@ -110,7 +110,7 @@ def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tupl
     return loss, metrics
 
 
-def optimize(policy, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn) -> dict:
+def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn) -> dict:
     """``epochs_per_step`` passes of mini-batch updates over one rollout batch, micro-batched, with
     gradients synchronised across processes only on a mini-batch's last micro-batch. Each micro-batch's
     loss is weighted by its share of the mini-batch's sequences."""
@@ -127,8 +127,10 @@ def optimize(policy, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn) -> d
             micros = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
             for j, mi in enumerate(micros):
                 mi = mi.to(r.completion_ids.device)
-                ctx = acc.no_sync(policy) if j < len(micros) - 1 else contextlib.nullcontext()
-                with ctx:
+                with contextlib.ExitStack() as stack:
+                    if j < len(micros) - 1:
+                        for m in models:
+                            stack.enter_context(acc.no_sync(m))
                     loss, metrics = loss_fn(r.select(mi), adv[mi])
                     acc.backward(loss * len(mi) / len(idx))
                 for k, v in metrics.items():
@@ -136,7 +138,7 @@ def optimize(policy, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn) -> d
                 count += 1
             if cfg.grad_clip > 0:
                 sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(
-                    acc.clip_grad_norm_(policy.parameters(), cfg.grad_clip)) * len(micros)
+                    acc.clip_grad_norm_([p for m in models for p in m.parameters()], cfg.grad_clip)) * len(micros)
             opt.step()
             opt.zero_grad(set_to_none=True)
     return {k: v / max(count, 1) for k, v in sums.items()}
@@ -160,7 +162,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
     policy, opt = acc.prepare(policy, opt)
     ref.to(acc.device)
-    sampler = Sampler(acc.unwrap_model(policy), tok, cfg.sampling(), max_prompt_length=cfg.max_prompt_length)
+    sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
     stream = online.PromptStream(task.prompts("train"), cfg.seed)
     eval_prompts = task.prompts("heldout")[:cfg.eval_prompts]
     step = 0
@@ -187,8 +189,9 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
             adv = compute_advantages(r, cfg)
             # 4. optimize
             policy.train()
-            metrics = optimize(policy, opt, r, adv, cfg, acc, lambda mb, a: policy_loss(policy, mb, a, cfg))
+            metrics = optimize([policy], opt, r, adv, cfg, acc, lambda mb, a: policy_loss(policy, mb, a, cfg))
             sched.step()
+            sampler.backend.sync_weights(acc.unwrap_model(policy))
         step += 1
         # 5. log (means over processes)
         metrics.update(online.rollout_metrics(r))

@@ -69,6 +69,11 @@ class OnlineConfig(CommonConfig):
     """Held-out prompts used by the eval hook (fixed set, fixed seed)."""
     sample_every: int = 10
     """Write a table of sample completions to samples.jsonl every this many steps."""
+    rollout_backend: str = "hf"
+    """Generation backend: 'hf' (transformers generate, any device) or 'vllm' (CUDA, `pip install
+    rlhfkit[vllm]`; weights are pushed to vLLM after every update)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """Fraction of GPU memory vLLM may take when colocated with training."""
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
@@ -218,6 +223,19 @@ def evaluate_policy(sampler: Sampler, ref_model, reward: RewardSource, task, pro
 def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
     return [{"prompt": p[-1]["content"], "completion": c, "reward": float(s), "gold": float(g)}
             for p, c, s, g in list(zip(r.prompts, r.completions, r.extras["raw_scores"], r.extras["gold"]))[:n]]
+
+
+def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
+    """The sampler over the (unwrapped) policy with the configured backend."""
+    backend = None
+    if cfg.rollout_backend == "vllm":
+        from rlhfkit.models.loading import resolve
+        from rlhfkit.rollout.vllm_backend import VLLMBackend
+
+        backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    elif cfg.rollout_backend != "hf":
+        raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {cfg.rollout_backend!r}")
+    return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length)
 
 
 def load_policy_and_reference(cfg: OnlineConfig, ckpt):

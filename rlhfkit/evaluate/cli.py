@@ -1,0 +1,171 @@
+"""``rlhfkit eval``, ``rlhfkit report`` and ``rlhfkit compare``.
+
+``eval`` samples a policy and a reference on the same held-out prompts (same seed, same settings),
+judges each pair, and writes ``eval.json`` (schema in winrate.evaluate_pairs) plus a console table.
+A policy may be ``bon:N:SPEC`` — best-of-N sampling from SPEC's model, picked by the proxy reward —
+the classic baseline an RL run must beat at equal KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def _policy_spec(spec: str) -> tuple[str, int]:
+    """'MODEL' -> (MODEL, 1); 'bon:N:MODEL' -> (MODEL, N)."""
+    if spec.startswith("bon:"):
+        _, n, model = spec.split(":", 2)
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--policy {spec}: best-of-N needs bon:N:MODEL with N >= 1")
+        return model, int(n)
+    return spec, 1
+
+
+def sample_policy(model_name: str, n: int, prompts, args, scorer, seed: int):
+    """Completions (one per prompt) and the Rollout they came from; best of ``n`` by ``scorer``."""
+    from rlhfkit.models import load_model
+    from rlhfkit.rollout.engine import Sampler, SamplingConfig
+
+    model, tok = load_model(model_name)
+    model.eval()
+    sampler = Sampler(model, tok, SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+    rollouts = [sampler.sample(prompts, seed=seed + i) for i in range(n)]
+    if n == 1:
+        return rollouts[0].completions, model, tok
+    scores = torch.stack([scorer(prompts, r.completions) for r in rollouts])  # (n, B)
+    best = scores.argmax(0)
+    return [rollouts[best[i]].completions[i] for i in range(len(prompts))], model, tok
+
+
+@torch.no_grad()
+def sequence_logps(model, tok, prompts, completions) -> list[float]:
+    """log pi(y|x) summed over completion tokens, temperature 1."""
+    from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
+    from rlhfkit.rollout.engine import completion_logps, left_pad
+    from rlhfkit.rollout.vllm_backend import right_pad
+
+    out = []
+    for i in range(0, len(prompts), 8):
+        ps, cs = prompts[i:i + 8], completions[i:i + 8]
+        p_ids, p_mask = left_pad([tokenize_prompt(tok, p) for p in ps], tok.pad_token_id)
+        c_list = [tokenize_completion(tok, p, c) for p, c in zip(ps, cs)]
+        c_ids = right_pad(c_list, tok.pad_token_id)
+        c_mask = torch.arange(c_ids.shape[1])[None] < torch.tensor([len(c) for c in c_list])[:, None]
+        lp = completion_logps(model, p_ids, p_mask, c_ids, c_mask)
+        out += (lp * c_mask).sum(1).tolist()
+    return out
+
+
+def make_scorer(judge: str, task):
+    """(prompts, completions) -> Tensor scores, for 'gold' or 'rm:PATH'."""
+    if judge == "gold":
+        return lambda p, c: torch.tensor(task.gold(p, c), dtype=torch.float32)
+    if judge.startswith("rm:"):
+        from rlhfkit.models.reward import RewardModel
+
+        rm = RewardModel.load(judge[3:])
+        return lambda p, c: rm.score(p, c).float().cpu()
+    raise ValueError(f"unknown scorer '{judge}'; use gold or rm:PATH")
+
+
+def lm_judge_prefs(judge_model: str, prompts, a: list[str], b: list[str]) -> list[float]:
+    """Per-prompt preference for a over b from the LM judge (both orders; 0.5 when they disagree)."""
+    from rlhfkit.feedback.judge import judge_preferences
+
+    return judge_preferences(judge_model, prompts, a, b)
+
+
+def eval_main(argv: list[str]) -> int:
+    from rlhfkit.data.tasks import get_task
+    from rlhfkit.evaluate.winrate import evaluate_pairs, format_table
+
+    ap = argparse.ArgumentParser(prog="rlhfkit eval", description="win rate of a policy over a reference, with CIs")
+    ap.add_argument("--policy", required=True, help="model dir/name, or bon:N:MODEL for best-of-N by --proxy")
+    ap.add_argument("--reference", default="smollm2-135m-instruct", help="model dir/name (default: the bundled model)")
+    ap.add_argument("--task", default="sentiment", help="built-in task: held-out prompts and the gold reward")
+    ap.add_argument("--judge", default="gold", help="who decides each pair: gold, rm:PATH or lm:MODEL")
+    ap.add_argument("--proxy", default=None, help="proxy reward to report (and pick best-of-N): rm:PATH or gold")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output dir for eval.json (default: the policy dir if it is one, else .)")
+    args = ap.parse_args(argv)
+
+    task = get_task(args.task)
+    prompts = task.prompts("heldout")[:args.num_prompts]
+    proxy = make_scorer(args.proxy, task) if args.proxy else None
+    pol_name, n = _policy_spec(args.policy)
+    if n > 1 and proxy is None:
+        ap.error("best-of-N needs --proxy to pick the best sample")
+    pol_c, pol_model, tok = sample_policy(pol_name, n, prompts, args, proxy, args.seed)
+    pol_logps = sequence_logps(pol_model, tok, prompts, pol_c)
+    del pol_model
+    ref_c, ref_model, ref_tok = sample_policy(args.reference, 1, prompts, args, None, args.seed)
+    ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c)
+    del ref_model
+
+    gold_p, gold_r = task.gold(prompts, pol_c), task.gold(prompts, ref_c)
+    prefs = None
+    if args.judge.startswith("lm:"):
+        prefs = lm_judge_prefs(args.judge[3:], prompts, pol_c, ref_c)
+    elif args.judge.startswith("rm:"):
+        judge = make_scorer(args.judge, task)
+        sp, sr = judge(prompts, pol_c), judge(prompts, ref_c)
+        prefs = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sp.tolist(), sr.tolist())]
+    elif args.judge != "gold":
+        ap.error(f"--judge {args.judge}: use gold, rm:PATH or lm:MODEL")
+    result = evaluate_pairs(
+        pol_c, ref_c, gold_policy=gold_p, gold_reference=gold_r,
+        proxy_policy=proxy(prompts, pol_c).tolist() if proxy else None,
+        proxy_reference=proxy(prompts, ref_c).tolist() if proxy else None,
+        prefs=prefs, logps_policy=pol_logps, logps_reference_on_policy=ref_logps_on_pol,
+        meta={"policy": args.policy, "reference": args.reference, "task": args.task, "judge": args.judge,
+              "proxy": args.proxy, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+              "seed": args.seed, "best_of_n": n},
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else (Path(pol_name) if Path(pol_name).is_dir() else Path("."))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    print(format_table(result))
+    print(f"wrote {out / 'eval.json'}")
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    from rlhfkit.evaluate.report import write_report
+
+    ap = argparse.ArgumentParser(prog="rlhfkit report", description="one self-contained HTML report for runs")
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--out", default=None, help="HTML file (default: RUN/report.html for one run, else report.html)")
+    ap.add_argument("--title", default="rlhfkit report")
+    args = ap.parse_args(argv)
+    for r in args.runs:
+        if not Path(r).is_dir():
+            ap.error(f"{r}: not a run directory")
+    out = Path(args.out) if args.out else (Path(args.runs[0]) / "report.html" if len(args.runs) == 1 else Path("report.html"))
+    print(write_report([Path(r) for r in args.runs], out, title=args.title))
+    return 0
+
+
+def compare_main(argv: list[str]) -> int:
+    from rlhfkit.evaluate.compare import compare_runs, format_compare
+
+    if "--" not in argv:
+        print("usage: rlhfkit compare [--metric M] RUNS_A... -- RUNS_B...")
+        return 2
+    i = argv.index("--")
+    ap = argparse.ArgumentParser(prog="rlhfkit compare", description="IQM with stratified bootstrap CIs and P(A > B)")
+    ap.add_argument("runs_a", nargs="+")
+    ap.add_argument("--metric", default="eval/gold")
+    args = ap.parse_args(argv[:i])
+    runs_b = argv[i + 1:]
+    if not runs_b:
+        ap.error("no runs after --")
+    print(format_compare(compare_runs([Path(r) for r in args.runs_a], [Path(r) for r in runs_b], metric=args.metric)))
+    return 0

@@ -1,0 +1,68 @@
+"""vLLM generation backend (optional extra: ``pip install rlhfkit[vllm]``), same interface as HFBackend.
+
+vLLM only produces token ids here; log-probs for training are recomputed by the training model
+(engine.completion_logps), so a vLLM/transformers numerical mismatch can never leak into the PPO
+ratio at step start (a frequent complaint in other libraries' issue trackers: sampling-time and
+training-time log-probs disagree).
+
+Weights: after each optimizer step the trainer calls ``sync_weights(model)``, which streams the
+policy's state dict into the colocated vLLM engine with ``load_weights``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.rollout.engine import SamplingConfig
+
+
+class VLLMBackend:
+    def __init__(self, model_dir: str, tokenizer, *, gpu_memory_utilization: float = 0.3, dtype: str = "auto",
+                 llm=None):
+        self.tok = tokenizer
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError as e:
+                raise RuntimeError("the vLLM backend needs `pip install 'rlhfkit[vllm]'` on a CUDA machine") from e
+            llm = LLM(model=model_dir, gpu_memory_utilization=gpu_memory_utilization, dtype=dtype,
+                      enable_prefix_caching=True)
+        self.llm = llm
+
+    def sampling_params(self, sampling: SamplingConfig, seed: int | None):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+            max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=[self.tok.eos_token_id],
+            skip_special_tokens=False,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+                 generator_seed: int | None = None) -> torch.Tensor:
+        prompts = [{"prompt_token_ids": row[m].tolist()} for row, m in zip(prompt_ids, prompt_mask)]
+        outs = self.llm.generate(prompts, self.sampling_params(sampling, generator_seed), use_tqdm=False)
+        seqs = [list(o.outputs[0].token_ids) for o in outs]
+        return right_pad(seqs, self.tok.pad_token_id, device=prompt_ids.device)
+
+    def sync_weights(self, model) -> None:
+        """Copy the training policy's weights into the vLLM engine (same process, same GPU)."""
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        engine = self.llm.llm_engine
+        if hasattr(self.llm, "collective_rpc"):  # vLLM >= 0.7 (V1 engine)
+            self.llm.collective_rpc(_load_weights_rpc, args=(list(state.items()),))
+        else:  # older V0 engine: the model lives on the driver worker
+            engine.model_executor.driver_worker.model_runner.model.load_weights(state.items())
+
+
+def _load_weights_rpc(worker, weights):
+    worker.model_runner.model.load_weights(weights)
+
+
+def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
+    width = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        out[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+    return out.to(device) if device is not None else out
