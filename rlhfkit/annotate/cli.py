@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--uncertainty", help='reward-model scores {"id", "p": P(a better) or [p, ...]} per line: '
                                         "serve the most uncertain pairs first")
     c.add_argument("--skip-existing", action="store_true", help="ignore pairs already in the project")
+    c.add_argument("--guidelines", help="a text file of instructions shown above every pair (plain text)")
 
     c = command("add-annotator", cmd_add_annotator, "create an annotator and print their secret link")
     c.add_argument("name")
@@ -148,18 +149,25 @@ def cmd_serve(args) -> int:
 
 
 def cmd_import(args) -> int:
-    if args.pairs is None and args.gold is None and args.uncertainty is None and args.gold_rate is None:
-        raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE and/or --uncertainty FILE "
-                         "(or only --gold-rate R to change the project's gold rate)")
+    if (args.pairs, args.gold, args.uncertainty, args.gold_rate, args.guidelines) == (None,) * 5:
+        raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE, --uncertainty FILE, "
+                         "--guidelines FILE (or only --gold-rate R to change the project's gold rate)")
+    guidelines = None
+    if args.guidelines is not None:
+        try:
+            guidelines = open(args.guidelines, encoding="utf-8").read()
+        except OSError as e:
+            raise ValueError(f"--guidelines: cannot read {args.guidelines}: {e.strerror}") from None
     r = _store(args).import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
-                                  skip_existing=args.skip_existing)
+                                  skip_existing=args.skip_existing, guidelines=guidelines)
     what = "created project" if r.created_project else "project"
     print(f"{what} {r.project}: imported {r.n_pairs} pairs" + (f" (overlap {args.overlap})" if r.n_pairs else "")
           + (f", skipped {r.n_existing_skipped} already present" if r.n_existing_skipped else "")
           + f"; {r.n_gold} gold pairs in the project; gold rate {r.gold_rate:g}"
           + (f" (was {r.previous_gold_rate:g})" if r.previous_gold_rate is not None else "")
-          + (f"; uncertainty scores for {r.n_scored} pairs" if r.n_scored else ""))
+          + (f"; uncertainty scores for {r.n_scored} pairs" if r.n_scored else "")
+          + ("; guidelines set" if guidelines is not None else ""))
     if r.gold_rate > 0 and r.n_gold == 0:
         print("note: the gold rate has no effect until gold pairs exist (metadata.gold_winner or --gold FILE)")
     return 0

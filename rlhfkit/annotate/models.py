@@ -73,6 +73,8 @@ class Project(Base):
     """Target fraction of each annotator's items that are gold (attention-check) pairs."""
     lease_minutes: Mapped[int] = mapped_column(Integer, default=60)
     """An open assignment older than this may be handed to someone else when the pool runs dry."""
+    guidelines: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Instructions shown above every pair (plain text; markdown is shown as written)."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),

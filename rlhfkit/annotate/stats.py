@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from rlhfkit.annotate import agreement as ag
 from rlhfkit.annotate.models import Annotator, Assignment, Label, Pair
@@ -118,6 +118,7 @@ def project_stats(store: Store, project: str) -> dict:
         })
     return {
         "project": project,
+        "unsafe_pairs": unsafe_pairs(store, project),
         "items": int(len(ratings)), "items_multi": int(multi.sum()), "votes": len(regular),
         "fleiss_kappa": ag.fleiss_kappa(counts),
         "krippendorff_alpha_ordinal": ag.krippendorff_alpha(ratings, "ordinal"),
@@ -128,6 +129,18 @@ def project_stats(store: Store, project: str) -> dict:
         "annotators": per,
         "cohen_kappa": {"annotators": data.annotators, "kappa": kappa.tolist(), "shared": shared.tolist()},
     }
+
+
+def unsafe_pairs(store: Store, project: str, limit: int = 200) -> list[dict]:
+    """Pairs flagged as unsafe (by a label or a skip), most flags first."""
+    with store.db.read() as s:
+        proj = store._project(s, project)
+        rows = s.execute(
+            select(Pair.key, func.count(), func.sum(case((Label.skipped.is_(True), 1), else_=0)))
+            .join(Label, Label.pair_id == Pair.id)
+            .where(Pair.project_id == proj.id, Label.unsafe.is_(True))
+            .group_by(Pair.key).order_by(func.count().desc(), Pair.key).limit(limit)).all()
+    return [{"pair_id": key, "flags": int(n), "skipped": int(sk or 0)} for key, n, sk in rows]
 
 
 def format_table(stats: dict) -> str:
@@ -155,6 +168,9 @@ def format_table(stats: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
         lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))))
+    if stats["unsafe_pairs"]:
+        flagged = ", ".join(f"{u['pair_id']} ({u['flags']})" for u in stats["unsafe_pairs"][:20])
+        lines += ["", f"flagged unsafe: {flagged}" + (" ..." if len(stats["unsafe_pairs"]) > 20 else "")]
     lines += ["", "agree: agreement with the other annotators' plurality (items counted); gold: accuracy on gold "
               "pairs; DS acc: Dawid-Skene estimated accuracy; mean k: mean pairwise Cohen's kappa; "
               "see docs/annotate.md"]

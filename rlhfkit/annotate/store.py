@@ -52,6 +52,9 @@ BY_SUBMISSION = select(L, A.c.left).join(A, A.c.id == L.c.assignment_id).where(L
 ASSIGNMENT = (select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status)
               .where(A.c.id == bindparam("a_id")))
 NEW_LABEL = insert(L)
+GUIDELINES = select(J.c.guidelines).where(J.c.id == bindparam("pid"))
+LAST_LABEL = (select(L, A.c.left).join(A, A.c.id == L.c.assignment_id).where(L.c.annotator_id == bindparam("aid"))
+              .order_by(L.c.id.desc()).limit(1))
 SET_STATUS = update(A).where(A.c.id == bindparam("a_id")).values(status=bindparam("new_status"))
 MOVE_SLOTS = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_active + bindparam("delta"))
 
@@ -144,7 +147,7 @@ class Store:
         probe = {"key": "", "p_id": -1, "aid": -1, "pid": -1, "sid": "", "a_id": -1, "delta": 0,
                  "new_status": "open"}
         probe["token_hash"] = ""
-        reads = (SESSION, ANNOTATOR_BY_TOKEN, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION, ASSIGNMENT, assign.OPEN_ASSIGNMENT,
+        reads = (SESSION, ANNOTATOR_BY_TOKEN, GUIDELINES, LAST_LABEL, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION, ASSIGNMENT, assign.OPEN_ASSIGNMENT,
                  assign.REMAINING, assign.SERVED, assign.REGULAR, assign.GOLD)
         writes = (SET_STATUS, MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
         for engine in {self.db.engine, self.db.fast_engine, self.db.read_engine}:
@@ -175,7 +178,8 @@ class Store:
 
     def import_pairs(self, project: str, pairs_path: str | Path | None = None, *, overlap: int = 3,
                      gold_rate: float | None = None, gold_path: str | Path | None = None,
-                     uncertainty_path: str | Path | None = None, skip_existing: bool = False) -> ImportReport:
+                     uncertainty_path: str | Path | None = None, skip_existing: bool = False,
+                     guidelines: str | None = None) -> ImportReport:
         """Import pairs and/or gold answers and/or uncertainty scores in one transaction.
 
         All files are parsed and checked first; any error (bad line, unknown id, id already in the
@@ -193,7 +197,7 @@ class Store:
         scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
         with self.db.write() as s:
             proj = s.scalars(select(Project).where(Project.name == project)).first()
-            if proj is None and not pairs:
+            if proj is None and not pairs:  # settings alone cannot create a project
                 raise Refused(404, f"no project {project!r}: import pairs into it first", "project")
             created = proj is None
             previous_rate = None if created else proj.gold_rate
@@ -204,6 +208,8 @@ class Store:
                 s.flush()
             elif gold_rate is not None:
                 proj.gold_rate = gold_rate
+            if guidelines is not None:
+                proj.guidelines = guidelines.strip() or None
             existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
             rows, n_skipped, now = [], 0, utcnow()
             for where, pair in pairs:
@@ -345,27 +351,34 @@ class Store:
 
     def next_item(self, who: Principal) -> Item | None:
         """The annotator's current pair (a new assignment if they have none open)."""
-        return self.page(who, with_progress=False)[0]
+        return self.page(who, full=False)["item"]
 
     def progress(self, who: Principal) -> dict:
         with self.db.begin() as conn:
             return self._progress(conn, who)
 
-    def page(self, who: Principal, with_progress: bool = True) -> tuple[Item | None, dict | None]:
-        """What the labelling page shows: the current pair and the progress counter."""
+    def page(self, who: Principal, full: bool = True) -> dict:
+        """What the labelling page shows: ``item`` (the current pair or None), and with ``full``
+        ``progress``, the project's ``guidelines`` and the annotator's ``last`` answer (so a wrong
+        key can be put right at once)."""
         with self.db.begin() as conn:
             got = assign.open_assignment(conn, who.queue)
         if got is None:  # usually made already by submit(); otherwise take the writer lock now
             with self.db.begin(write=True, durable=False) as conn:
                 got = assign.next_assignment(conn, who.queue)
+        view = {"item": None}
         with self.db.begin() as conn:
-            item = None
             if got is not None:
                 assignment_id, pair_id, left = got
                 pair = conn.execute(PAIR_TEXT, {"p_id": pair_id}).one()
                 shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
-                item = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
-            return item, self._progress(conn, who) if with_progress else None
+                view["item"] = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
+            if full:
+                last = conn.execute(LAST_LABEL, {"aid": who.annotator_id}).first()
+                view.update(progress=self._progress(conn, who),
+                            guidelines=conn.execute(GUIDELINES, {"pid": who.project_id}).scalar(),
+                            last=None if last is None else _label_view(last, last.left))
+        return view
 
     @staticmethod
     def _progress(conn, who: Principal) -> dict:

@@ -70,11 +70,24 @@ def router(store: Store, auth: Auth) -> APIRouter:
     @r.get("/label")
     def label_page(request: Request):
         who = auth.annotator(request)
-        item, progress = store.page(who)
-        if item is None:
-            return render("done.html", who=who, progress=progress, csrf=who.csrf_token)
-        return render("label.html", who=who, item=item, progress=progress, csrf=who.csrf_token,
-                      submission_id=secrets.token_hex(16))
+        view = store.page(who)
+        if view["item"] is None:
+            return render("done.html", who=who, csrf=who.csrf_token, **view)
+        return render("label.html", who=who, csrf=who.csrf_token, submission_id=secrets.token_hex(16), **view)
+
+    @r.post("/label/revise")
+    def revise_form(request: Request, csrf_token: str = Form(""), label_id: int = Form(...),
+                    choice: Literal["left", "right", "tie"] = Form(...)):
+        """Change one's last answer from the page (a wrong key). A tie has no strength, so changing
+        to a tie clears it, as the page says."""
+        who = auth.annotator(request)
+        check_csrf(request, who.csrf_token, csrf_token)
+        changes = {"choice": choice, **({"strength": None} if choice == "tie" else {})}
+        try:
+            store.update_label(who, label_id, changes)
+        except Refused as e:
+            raise Problem.of(e) from None
+        return RedirectResponse("/label", status_code=303)
 
     @r.post("/label")
     def label_form(request: Request, csrf_token: str = Form(""), assignment_id: str = Form(""),

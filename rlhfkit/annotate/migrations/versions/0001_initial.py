@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("gold_rate", sa.Float(), nullable=False),
         sa.Column("lease_minutes", sa.Integer(), nullable=False),
+        sa.Column("guidelines", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(), nullable=False),
         sa.CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name=op.f("ck_projects_gold_rate_range")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_projects")),
