@@ -74,9 +74,17 @@ def make_scorer(judge: str, task):
 
 def lm_judge_prefs(judge_model: str, prompts, a: list[str], b: list[str]) -> list[float]:
     """Per-prompt preference for a over b from the LM judge (both orders; 0.5 when they disagree)."""
-    from rlhfkit.feedback.judge import judge_preferences
+    from rlhfkit.data.records import ComparisonPair
+    from rlhfkit.feedback.judge import LMJudge, judge_pairs
 
-    return judge_preferences(judge_model, prompts, a, b)
+    # identical or empty replies leave nothing to judge: they count as ties
+    prefs = [0.5] * len(prompts)
+    pairs = [ComparisonPair(id=str(i), prompt=p, a={"role": "assistant", "content": x},
+                            b={"role": "assistant", "content": y})
+             for i, (p, x, y) in enumerate(zip(prompts, a, b)) if x != y and x.strip() and y.strip()]
+    for pair, rec in zip(pairs, judge_pairs(pairs, LMJudge.from_name(judge_model))):
+        prefs[int(pair.id)] = 0.5 if rec.tie else 1.0 if rec.chosen["content"] == pair.a["content"] else 0.0
+    return prefs
 
 
 def eval_main(argv: list[str]) -> int:
