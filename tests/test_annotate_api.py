@@ -344,3 +344,42 @@ def test_admin_logout(env):
     assert c.post("/admin/logout", data={}).status_code == 403
     r = c.post("/admin/logout", data={"csrf_token": csrf}, follow_redirects=False)
     assert r.status_code == 303 and c.get("/admin").status_code == 401
+
+
+def test_guidelines_and_fixing_the_last_answer(env, tmp_path):
+    store = env[0]
+    store.import_pairs("demo", guidelines="Prefer the <em>honest</em> reply.\n- be kind")
+    c, csrf = annotator(env)
+    page = c.get("/label").text
+    assert "Prefer the &lt;em&gt;honest&lt;/em&gt; reply.\n- be kind" in page and 'id="last-answer"' not in page
+    v = page_values(page)
+    c.post("/label", data={**v, "choice": "left", "strength": "3"})
+    page = c.get("/label").text
+    assert "Last answer: <strong>left is better</strong> (strength 3)" in page
+    label_id = re.search(r'name="label_id" value="(\d+)"', page).group(1)
+    assert c.post("/label/revise", data={"label_id": label_id, "choice": "right"}).status_code == 403
+    bob, bob_csrf = annotator(env, "bob")
+    assert bob.post("/label/revise", data={"label_id": label_id, "choice": "right", "csrf_token": bob_csrf}
+                    ).status_code == 404
+    r = c.post("/label/revise", data={"label_id": label_id, "choice": "tie", "csrf_token": csrf},
+               follow_redirects=False)
+    assert r.status_code == 303
+    changed = c.get(f"/api/labels/{label_id}").json()
+    assert (changed["choice"], changed["strength"]) == ("tie", None) and changed["updated_at"]
+    assert c.post("/label/revise", data={"label_id": label_id, "choice": "up", "csrf_token": csrf}).status_code == 422
+
+
+def test_unsafe_flags_reach_the_dashboard_and_export(env):
+    c, csrf = annotator(env)
+    bob, bob_csrf = annotator(env, "bob")
+    for client, token, name in ((c, csrf, "alice"), (bob, bob_csrf, "bob")):
+        aid = client.get("/api/next").json()["item"]["assignment_id"]
+        client.post("/api/labels", json=body(aid, choice="left", unsafe=True, submission_id=f"{name}-unsafe-1"),
+                    headers={"X-CSRF-Token": token})
+    admin, _ = admin_client(env)
+    stats = admin.get("/api/admin/projects/demo/stats").json()
+    assert stats["unsafe_pairs"] == [{"pair_id": "p0", "flags": 2, "skipped": 0}]
+    assert '<table id="unsafe">' in admin.get("/admin/projects/demo").text
+    kept = admin.get("/admin/projects/demo/export.jsonl").text.splitlines()
+    assert len(kept) == 1 and json.loads(kept[0])["metadata"]["votes"][0]["unsafe"] is True
+    assert admin.get("/admin/projects/demo/export.jsonl?drop_unsafe=true").text == ""

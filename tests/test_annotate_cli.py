@@ -43,8 +43,10 @@ def test_full_project_from_the_command_line(tmp_path, capsys):
     assert code == 0, out
     assert out.strip() == ("created project demo: imported 6 pairs (overlap 2); 2 gold pairs in the project; "
                            "gold rate 0.2; uncertainty scores for 2 pairs")
-    code, out, _ = cli(capsys, "import", "--project", "demo", "--db", db, "--gold-rate", "0")
-    assert code == 0 and "gold rate 0 (was 0.2)" in out
+    guide = tmp_path / "guide.txt"
+    guide.write_text("Pick the more helpful reply.")
+    code, out, _ = cli(capsys, "import", "--project", "demo", "--db", db, "--gold-rate", "0", "--guidelines", str(guide))
+    assert code == 0 and "gold rate 0 (was 0.2); guidelines set" in out
     links = {}
     for name in ("alice", "bob"):
         code, out, _ = cli(capsys, "add-annotator", name, "--project", "demo", "--db", db,
