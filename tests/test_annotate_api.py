@@ -374,7 +374,7 @@ def test_unsafe_flags_reach_the_dashboard_and_export(env):
     bob, bob_csrf = annotator(env, "bob")
     for client, token, name in ((c, csrf, "alice"), (bob, bob_csrf, "bob")):
         aid = client.get("/api/next").json()["item"]["assignment_id"]
-        client.post("/api/labels", json=body(aid, choice="left", unsafe=True, submission_id=f"{name}-unsafe-1"),
+        client.post("/api/labels", json=body(aid, choice="tie", unsafe=True, submission_id=f"{name}-unsafe-1"),
                     headers={"X-CSRF-Token": token})
     admin, _ = admin_client(env)
     stats = admin.get("/api/admin/projects/demo/stats").json()

@@ -86,9 +86,10 @@ OPEN_ASSIGNMENT = (select(A.c.id, A.c.pair_id, A.c.left)
                    .where(A.c.annotator_id == bindparam("aid"), A.c.status == "open").order_by(A.c.id).limit(1))
 SERVED = (select(func.count(), func.coalesce(func.sum(case((A.c.is_gold, 1), else_=0)), 0))
           .where(A.c.annotator_id == bindparam("aid")))
-# FOR UPDATE SKIP LOCKED: see _take_regular. SQLite ignores it.
-REGULAR = (select(P.c.id).where(*_OPEN_PAIRS).order_by(P.c.queue_rank, P.c.id).limit(8)
-           .with_for_update(skip_locked=True))
+# FOR UPDATE [SKIP LOCKED]: see _take_regular. SQLite ignores both.
+REGULAR = select(P.c.id).where(*_OPEN_PAIRS).order_by(P.c.queue_rank, P.c.id).limit(1)
+REGULAR_SKIP_LOCKED = REGULAR.with_for_update(skip_locked=True)
+REGULAR_WAIT = REGULAR.with_for_update()
 GOLD = (select(P.c.id).where(P.c.project_id == bindparam("pid"), P.c.gold_winner.is_not(None), _UNSEEN)
         .order_by(P.c.n_active, P.c.id).limit(8))
 REMAINING = select(func.count()).select_from(select(P.c.id).where(*_OPEN_PAIRS).limit(100).subquery())
@@ -136,17 +137,20 @@ def remaining_for(conn: Connection, q: Queue) -> int:
 def _take_regular(conn: Connection, q: Queue, rounds: int = 5) -> int | None:
     """Claim a slot on the best regular candidate.
 
-    On PostgreSQL, ``FOR UPDATE SKIP LOCKED`` makes concurrent requests pick different pairs instead
-    of queueing on the same row and then finding it full (SQLite ignores the clause; its writers
-    are serialised anyway). A few rounds cover candidates filled by transactions that committed
-    after our query.
+    PostgreSQL: the candidate row is locked (``FOR UPDATE``) and re-checked against the WHERE clause
+    once locked, so the conditional UPDATE that follows succeeds. ``SKIP LOCKED`` first lets
+    concurrent requests take different pairs instead of queueing on one row; an empty answer from
+    it may only mean "all candidates are locked right now", so the query is repeated waiting for
+    the locks before concluding that nothing is left. SQLite ignores both clauses: its writers are
+    serialised, so the first candidate is always free.
     """
+    params = {"pid": q.project_id, "aid": q.annotator_id}
     for _ in range(rounds):
-        candidates = list(conn.execute(REGULAR, {"pid": q.project_id, "aid": q.annotator_id}).scalars())
-        if not candidates:
+        pair_id = (conn.execute(REGULAR_SKIP_LOCKED, params).scalar()
+                   or conn.execute(REGULAR_WAIT, params).scalar())
+        if pair_id is None:
             return None
-        pair_id = _take(conn, candidates, TAKE_SLOT)
-        if pair_id is not None:
+        if _take(conn, [pair_id], TAKE_SLOT) is not None:
             return pair_id
     return None
 

@@ -148,7 +148,7 @@ class Store:
                  "new_status": "open"}
         probe["token_hash"] = ""
         reads = (SESSION, ANNOTATOR_BY_TOKEN, GUIDELINES, LAST_LABEL, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION, ASSIGNMENT, assign.OPEN_ASSIGNMENT,
-                 assign.REMAINING, assign.SERVED, assign.REGULAR, assign.GOLD)
+                 assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED, assign.REGULAR_WAIT, assign.GOLD)
         writes = (SET_STATUS, MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
         for engine in {self.db.engine, self.db.fast_engine, self.db.read_engine}:
             with self.db._write_lock if engine is not self.db.read_engine else contextlib.nullcontext():
