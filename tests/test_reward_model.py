@@ -15,7 +15,7 @@ from torch import nn
 
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.data.records import PreferenceRecord
-from rlhfkit.models.reward import PairScorer, RewardModel, build_inputs, init_head, pack_pairs
+from rlhfkit.models.reward import PackedScorer, RewardModel, build_inputs, init_head, pack_groups
 from rlhfkit.train.reward import (
     EncodedPair,
     RewardConfig,
@@ -101,20 +101,44 @@ def test_score_reads_the_eos_and_ignores_padding(rm):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_pairs_equal_separate_scoring(rm, attn):
-    """The training layout [prompt ; chosen ; rejected] with its 4D mask gives the same rewards as
-    scoring [prompt ; chosen] and [prompt ; rejected] separately (the naive equivalent)."""
+def test_packed_rows_equal_separate_scoring(rm, attn):
+    """The training layout [prompt ; reply 1 ; ... ; reply n] with its 4D mask gives the same rewards
+    as scoring every [prompt ; reply] separately (the naive equivalent); rows hold 3, 2 and 1 replies."""
     rm.model.set_attn_implementation(attn)
     try:
-        enc_c = [rm.tokenize(p, c) for p, c in zip(PROMPTS, CHOSEN)]
-        enc_r = [rm.tokenize(p, c) for p, c in zip(PROMPTS, REJECTED)]
-        b = pack_pairs([e[0] for e in enc_c], [e[1] for e in enc_c], [e[1] for e in enc_r], rm.tok.pad_token_id)
+        groups = [CHOSEN[:1] + REJECTED, [CHOSEN[1], REJECTED[0]], [CHOSEN[2]]]
+        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
+        b = pack_groups([rm.tokenize(p, "x")[0] for p in prompts],
+                        [[rm.tokenize(p, c)[1] for c in g] for p, g in zip(prompts, groups)], rm.tok.pad_token_id)
+        assert b["reply_mask"].tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
         with torch.no_grad():
-            got = PairScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"])
-        want = torch.stack([rm.score(PROMPTS, CHOSEN, normalized=False), rm.score(PROMPTS, REJECTED, normalized=False)], 1)
-        assert torch.allclose(got, want, atol=1e-5), (got, want)
+            got = PackedScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"])
+        for r, (p, g) in enumerate(zip(prompts, groups)):
+            want = rm.score([p] * len(g), g, normalized=False)
+            assert torch.allclose(got[r, :len(g)], want, atol=1e-5), (r, got[r], want)
     finally:
         rm.model.set_attn_implementation("sdpa")
+
+
+def test_grouped_loss_equals_one_row_per_pair(rm):
+    """Three pairs over three replies of one prompt (K = 3 → C(3, 2) pairs) plus a pair of another
+    prompt: sharing the rows (4 reply passes) gives the same loss as one row per pair (8 reply passes)."""
+    from rlhfkit.train.reward import collate, encode, make_units
+
+    a, b, c = "A short reply.", "Another reply, a bit longer than the first.", "Third."
+    def rec(p, x, y, tie=False):  # noqa: E306
+        return (None, PreferenceRecord(prompt=p, chosen={"role": "assistant", "content": x},
+                                       rejected={"role": "assistant", "content": y}, tie=tie, strength=2))
+    data, _ = encode([rec(PROMPTS[0], a, b), rec(PROMPTS[0], a, c, tie=True), rec(PROMPTS[0], c, b),
+                      rec(PROMPTS[1], CHOSEN[1], REJECTED[1])], rm.tok, 512, margin_scale=0.3, ties="half")
+    shared, single = make_units(data, share=True), make_units(data, share=False)
+    assert [len(u.replies) for u in shared] == [3, 2] and len(single) == 4
+    scorer = PackedScorer(rm.model)
+    with torch.no_grad():
+        l1, m1 = pair_loss(scorer, collate(shared, rm.tok.pad_token_id, "cpu"))
+        l2, m2 = pair_loss(scorer, collate(single, rm.tok.pad_token_id, "cpu"))
+    assert l1.item() == pytest.approx(l2.item(), abs=1e-5)
+    assert m1["reward/margin"].item() == pytest.approx(m2["reward/margin"].item(), abs=1e-5)
 
 
 # --- normalisation, save, load ------------------------------------------------------------------------
@@ -180,9 +204,9 @@ def test_margin_and_ties_reach_the_loss(tokenizer):
                              rejected={"role": "assistant", "content": "d"}, tie=True, strength=3)]
     data, cut = encode([(None, r) for r in recs], tokenizer, 512, margin_scale=0.5, ties="half")
     assert cut == 0 and [d.margin for d in data] == [0.5, 0.0] and [d.tie for d in data] == [False, True]
-    from rlhfkit.train.reward import collate
+    from rlhfkit.train.reward import collate, make_units
 
-    batch = collate(data, tokenizer.pad_token_id, "cpu")
+    batch = collate(make_units(data), tokenizer.pad_token_id, "cpu")
     stub = lambda *a: torch.tensor([[1.0, 0.0], [0.3, -0.2]])  # noqa: E731
     loss, _ = pair_loss(stub, batch)
     assert loss.item() == pytest.approx(0.599077, abs=1e-5)

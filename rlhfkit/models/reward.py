@@ -215,44 +215,59 @@ class RewardModel:
         return self._normalize(out) if normalized else out
 
 
-# --- training layout: one row per pair, the prompt shared -----------------------------------------
+# --- training layout: one row per prompt, the prompt shared by its replies ----------------------------
+
+
+def pack_groups(prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int,
+                dtype: torch.dtype = torch.float32) -> dict:
+    """One row per prompt, ``[prompt ; reply 1 ; ... ; reply n ; right pad]``, the prompt computed once.
+
+    Each reply must see the prompt but not the other replies, so the mask is a custom 4D additive
+    mask (R, 1, T, T): a token attends causally to the prompt and to its own reply only; pad tokens
+    attend to themselves (no all-masked softmax rows). Position ids restart at P for every reply, so
+    each reply sits at the positions it would have alone: the rewards equal scoring every
+    [prompt ; reply] separately (tests/test_reward_model.py checks this). ``read_at`` (R, N) holds the
+    index of each reply's last token (its EOS), where the head is read; ``reply_mask`` (R, N) marks
+    real replies (rows have different reply counts). Against one sequence per reply this saves the
+    prompt's forward and backward for all but one reply, and scores a reply shared by several pairs
+    once (InstructGPT, Ouyang et al. 2022, §3.5: one forward pass per completion, not per comparison).
+    """
+    R = len(prompt_ids)
+    rows = [p + [t for r in rs for t in r] for p, rs in zip(prompt_ids, replies)]
+    T, N = max(len(r) for r in rows), max(len(rs) for rs in replies)
+    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
+    segment = torch.full((R, T), -1, dtype=torch.long)  # 0 prompt, j + 1 reply j, -1 pad
+    pos = torch.zeros((R, T), dtype=torch.long)
+    read_at = torch.zeros((R, N), dtype=torch.long)
+    reply_mask = torch.zeros((R, N), dtype=torch.bool)
+    for b, (p, rs) in enumerate(zip(prompt_ids, replies)):
+        input_ids[b, :len(rows[b])] = torch.tensor(rows[b], dtype=torch.long)
+        P = len(p)
+        segment[b, :P], pos[b, :P] = 0, torch.arange(P)
+        at = P
+        for j, r in enumerate(rs):
+            segment[b, at:at + len(r)] = j + 1
+            pos[b, at:at + len(r)] = torch.arange(P, P + len(r))
+            at += len(r)
+            read_at[b, j], reply_mask[b, j] = at - 1, True
+    q, k = segment[:, :, None], segment[:, None, :]  # (R, T, 1), (R, 1, T)
+    causal = torch.ones((T, T), dtype=torch.bool).tril()
+    allowed = causal & (q >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(T, dtype=torch.bool)  # pad rows see themselves
+    mask = torch.zeros((R, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, "read_at": read_at,
+            "reply_mask": reply_mask, "num_tokens": int((segment >= 0).sum())}
 
 
 def pack_pairs(prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]],
                pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
-    """One row per pair, ``[prompt ; chosen ; rejected ; right pad]``, with the prompt computed once.
-
-    The rejected reply must not see the chosen one, so the mask is a custom 4D additive mask
-    (B, 1, T, T): each token attends causally to the prompt and to its own reply only; pad tokens
-    attend to themselves (no all-masked softmax rows). Position ids restart at P for the rejected
-    reply, so both replies sit at the positions they would have alone. ``read_at`` (B, 2) holds the
-    index of each reply's last token (its EOS), where the head is read. Against scoring the two
-    sequences separately this saves the prompt's forward and backward once per pair.
-    """
-    rows = [p + c + r for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids)]
-    B, T = len(rows), max(len(r) for r in rows)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    segment = torch.full((B, T), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 pad
-    pos = torch.zeros((B, T), dtype=torch.long)
-    read_at = torch.zeros((B, 2), dtype=torch.long)
-    for b, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids)):
-        P, C, R = len(p), len(c), len(r)
-        input_ids[b, :P + C + R] = torch.tensor(rows[b], dtype=torch.long)
-        segment[b, :P], segment[b, P:P + C], segment[b, P + C:P + C + R] = 0, 1, 2
-        pos[b, :P + C] = torch.arange(P + C)
-        pos[b, P + C:P + C + R] = torch.arange(P, P + R)
-        read_at[b] = torch.tensor([P + C - 1, P + C + R - 1])
-    q, k = segment[:, :, None], segment[:, None, :]  # (B, T, 1), (B, 1, T)
-    causal = torch.ones((T, T), dtype=torch.bool).tril()
-    allowed = causal & (q != 3) & ((k == 0) | (k == q))
-    allowed |= torch.eye(T, dtype=torch.bool)  # pad rows see themselves
-    mask = torch.zeros((B, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, "read_at": read_at,
-            "num_tokens": int((segment != 3).sum())}
+    """:func:`pack_groups` with two replies per row, [prompt ; chosen ; rejected]: rewards (B, 2)."""
+    return pack_groups(prompt_ids, [[c, r] for c, r in zip(chosen_ids, rejected_ids)], pad_id, dtype)
 
 
-class PairScorer(nn.Module):
-    """(B, 2) raw rewards of [chosen, rejected] from a :func:`pack_pairs` batch.
+class PackedScorer(nn.Module):
+    """(R, N) raw rewards of the replies of a :func:`pack_groups` batch (entries where
+    ``reply_mask`` is False hold garbage).
 
     A module (not a function) so that ``accelerate.prepare`` can wrap it: DDP's gradient sync hooks
     fire on the wrapper's forward, which calls the body and the head of the reward model directly.
@@ -266,6 +281,6 @@ class PairScorer(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, read_at) -> torch.Tensor:
         body = self.model.base_model
         hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # (B, T, d)
-        picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, 2, d)
-        return self.head(picked).squeeze(-1).float()  # (B, 2)
+                      use_cache=False).last_hidden_state  # (R, T, d)
+        picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, N, d)
+        return self.head(picked).squeeze(-1).float()  # (R, N)

@@ -4,17 +4,19 @@ Reads top to bottom: the config, data preparation, ``train(cfg)`` whose loop is 
 then ``evaluate``. Runs under ``accelerate`` like every rlhfkit trainer.
 
 Batch vocabulary (shared with sft.py): ``batch_size`` *pairs* per optimizer step across all
-processes = ``micro_batch_size`` x accumulation steps x processes.
+processes; each process takes ``batch_size / processes`` of them and runs them ``micro_batch_size``
+pairs (at most) per forward pass.
 
 Loss normalisation: a pair mean over the *whole global batch*. Each micro-batch's mean loss is
 scaled by its share of the global batch (m / batch_size), so 1 x 8 accumulation equals 8 x 1 and two
 processes equal one; DDP averages gradients over processes, hence the extra factor of processes.
 
-Layout: each pair is one row ``[prompt ; chosen ; rejected]`` with a mask that hides the chosen
-reply from the rejected one (:func:`rlhfkit.models.reward.pack_pairs`), so the shared prompt is
-computed once per pair. The pairs of a global batch are cut into micro-batches by length (the
-optimizer step sums over the whole global batch, so which pairs share a micro-batch does not change
-it) to keep padding small.
+Layout: one row per prompt, ``[prompt ; reply 1 ; ... ; reply n]``, with a mask that hides the
+replies from each other (:func:`rlhfkit.models.reward.pack_groups`): the prompt is computed once, and
+a reply that appears in several pairs (K samples per prompt give C(K, 2) pairs) is computed once
+(InstructGPT §3.5). With ``group_by_prompt`` the epoch order keeps a prompt's pairs together so that
+this sharing happens. Rows are cut into micro-batches by length (the optimizer step sums over the
+whole global batch, so which pairs share a micro-batch does not change it) to keep padding small.
 
 After training, the head is normalised on the starting policy's completions (N details #4): by
 default the training pairs' completions, which is what the policy that produced them samples.
@@ -38,7 +40,7 @@ from rlhfkit.config import CommonConfig
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
 from rlhfkit.data.records import PreferenceRecord, Where
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models.reward import PairScorer, RewardModel, pack_pairs
+from rlhfkit.models.reward import PackedScorer, RewardModel, pack_groups
 from rlhfkit.ops import exact_div
 from rlhfkit.train import runtime
 
@@ -62,7 +64,12 @@ class RewardConfig(CommonConfig):
     """Pairs per optimizer step, summed over processes and accumulation steps (InstructGPT used 64
     comparisons-groups; 32 suits the built-in tasks' ~1k pairs)."""
     micro_batch_size: int = 8
-    """Pairs per forward pass per process; batch_size / (micro_batch_size x processes) = accumulation steps."""
+    """At most this many pairs per forward pass per process (a prompt's pairs are not split across passes);
+    the accumulation steps are as many as the local batch needs."""
+    group_by_prompt: bool = True
+    """Keep each prompt's pairs together in the epoch order and score each distinct reply once per
+    forward pass (one row [prompt ; reply 1 ; ... ; reply n]); K samples per prompt give C(K, 2) pairs
+    from K reply passes. False: pairs shuffled individually, one row per pair."""
     lr: float = 2e-5
     """AdamW peak learning rate (1e-5..5e-5 for full fine-tuning of a 0.1-1B model; ~1e-3 for the tiny test model)."""
     weight_decay: float = 0.0
@@ -114,6 +121,8 @@ class EncodedPair:
     tie: bool
     margin: float
     record: PreferenceRecord
+    prompt_key: str
+    """The prompt as canonical JSON: pairs with the same key share a prompt (and maybe replies)."""
 
 
 def load_records(source: str) -> list[tuple[Where, PreferenceRecord]]:
@@ -138,10 +147,14 @@ def encode(records: list[tuple[Where, PreferenceRecord]], tok, max_length: int, 
            ties: str) -> tuple[list[EncodedPair], int]:
     """Token ids per pair (prompt once, both replies ending with EOS); returns (pairs, replies cut)."""
     out, cut = [], 0
+    prompt_cache: dict[str, list[int]] = {}
     for where, rec in records:
         if rec.tie and ties == "drop":
             continue
-        p = tokenize_prompt(tok, rec.prompt, max_length - 1, where)
+        key = json.dumps(rec.prompt, sort_keys=True)
+        if key not in prompt_cache:
+            prompt_cache[key] = tokenize_prompt(tok, rec.prompt, max_length - 1, where or Where())
+        p = prompt_cache[key]
         reply = []
         for side in (rec.chosen, rec.rejected):
             ids = tokenize_completion(tok, rec.prompt, side["content"])
@@ -149,7 +162,7 @@ def encode(records: list[tuple[Where, PreferenceRecord]], tok, max_length: int, 
                 ids, cut = ids[:max_length - len(p)], cut + 1
             reply.append(ids)
         margin = margin_scale * rec.strength if (rec.strength is not None and not rec.tie) else 0.0
-        out.append(EncodedPair(p, reply[0], reply[1], rec.tie, margin, rec))
+        out.append(EncodedPair(p, reply[0], reply[1], rec.tie, margin, rec, key))
     return out, cut
 
 
@@ -164,24 +177,97 @@ def split_by_prompt(records: list, fraction: float, seed: int) -> tuple[list, li
     return train, evals
 
 
-def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Deterministic shuffled order for an epoch, cut into global batches (incomplete tail dropped)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+def global_batches(data: list[EncodedPair], batch_size: int, seed: int, epoch: int, group_by_prompt: bool
+                   ) -> list[np.ndarray]:
+    """The epoch's pair order, cut into global batches of ``batch_size`` pairs (incomplete tail dropped).
+
+    ``group_by_prompt``: the prompts are shuffled and each prompt's pairs kept together, so the
+    C(K, 2) pairs of a prompt's K samples mostly land in one batch and share one forward pass
+    (InstructGPT §3.5 trains on a prompt's comparisons together; shuffled, single comparisons made its
+    reward model overfit within an epoch). Otherwise pairs are shuffled individually.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    if group_by_prompt:
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(data):
+            groups.setdefault(p.prompt_key, []).append(i)
+        keys = list(groups)
+        order = np.array([i for g in rng.permutation(len(keys)) for i in groups[keys[g]]], dtype=np.int64)
+    else:
+        order = rng.permutation(len(data))
+    return [order[i:i + batch_size] for i in range(0, len(data) - batch_size + 1, batch_size)]
 
 
-def collate(pairs: list[EncodedPair], pad_id: int, device) -> dict:
-    b = pack_pairs([p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs], pad_id)
-    b["tie_mask"] = torch.tensor([p.tie for p in pairs], dtype=torch.bool)
-    b["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+@dataclass
+class Unit:
+    """One packed row: a prompt, its distinct replies, and the pairs (index of chosen, of rejected) among them."""
+
+    prompt_ids: list[int]
+    replies: list[list[int]]
+    pairs: list[tuple[int, int]]
+    ties: list[bool]
+    margins: list[float]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + sum(len(r) for r in self.replies)
+
+
+def make_units(pairs: list[EncodedPair], share: bool = True) -> list[Unit]:
+    """Pairs → rows. ``share``: pairs of one prompt share a row and every distinct reply appears once
+    in it; else one row [prompt ; chosen ; rejected] per pair."""
+    units: dict = {}
+    for n, p in enumerate(pairs):
+        u = units.setdefault(p.prompt_key if share else n, (Unit(p.prompt_ids, [], [], [], []), {}))
+        unit, index = u
+        ids = []
+        for reply in (p.chosen_ids, p.rejected_ids):
+            key = tuple(reply)
+            if key not in index or not share:
+                index[key] = len(unit.replies)
+                unit.replies.append(reply)
+            ids.append(index[key])
+        unit.pairs.append((ids[0], ids[1]))
+        unit.ties.append(p.tie)
+        unit.margins.append(p.margin)
+    return [u for u, _ in units.values()]
+
+
+def micro_batches(units: list[Unit], micro_batch_size: int) -> list[list[Unit]]:
+    """Rows sorted by length (less padding), cut into micro-batches of at most ``micro_batch_size``
+    pairs; a row is never split, so a prompt with more pairs than that is a micro-batch of its own.
+    The optimizer step sums over the whole local batch, so how rows are grouped does not change it."""
+    out: list[list[Unit]] = []
+    n = 0
+    for u in sorted(units, key=lambda u: u.length):
+        if out and n + len(u.pairs) <= micro_batch_size:
+            out[-1].append(u)
+            n += len(u.pairs)
+        else:
+            out.append([u])
+            n = len(u.pairs)
+    return out
+
+
+def collate(units: list[Unit], pad_id: int, device) -> dict:
+    b = pack_groups([u.prompt_ids for u in units], [u.replies for u in units], pad_id)
+    rows = [r for r, u in enumerate(units) for _ in u.pairs]
+    b["pair_row"] = torch.tensor(rows, dtype=torch.long)
+    b["pair_chosen"] = torch.tensor([c for u in units for c, _ in u.pairs], dtype=torch.long)
+    b["pair_rejected"] = torch.tensor([r for u in units for _, r in u.pairs], dtype=torch.long)
+    b["tie_mask"] = torch.tensor([t for u in units for t in u.ties], dtype=torch.bool)
+    b["margin"] = torch.tensor([m for u in units for m in u.margins], dtype=torch.float32)
+    b["num_pairs"] = len(rows)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
 
 
 def pair_loss(scorer, batch: dict) -> tuple[torch.Tensor, dict]:
     """Bradley–Terry loss of one micro-batch (mean over its pairs) and its metrics."""
-    r = scorer(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["read_at"])  # (m, 2)
+    r = scorer(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["read_at"])  # (R, N)
+    chosen = r[batch["pair_row"], batch["pair_chosen"]]  # (m,)
+    rejected = r[batch["pair_row"], batch["pair_rejected"]]  # (m,)
     margin = batch["margin"] if bool(batch["margin"].any()) else None
-    return bradley_terry_loss(r[:, 0], r[:, 1], margin=margin, tie_mask=batch["tie_mask"])
+    return bradley_terry_loss(chosen, rejected, margin=margin, tie_mask=batch["tie_mask"])
 
 
 @torch.no_grad()
@@ -191,12 +277,12 @@ def eval_pairs(scorer, data: list[EncodedPair], cfg: RewardConfig, pad_id: int, 
     scorer.eval()
     sums = torch.zeros(3, device=acc.device)  # loss sum, correct, decided
     shard = data[acc.process_index::acc.num_processes]
-    for i in range(0, len(shard), cfg.eval_batch_size):
-        micro = shard[i:i + cfg.eval_batch_size]
+    for micro in micro_batches(make_units(shard, cfg.group_by_prompt), cfg.eval_batch_size):
         batch = collate(micro, pad_id, acc.device)
         loss, m = pair_loss(scorer, batch)
         decided = float((~batch["tie_mask"]).sum())
-        sums += torch.tensor([loss.item() * len(micro), m["reward/accuracy"].item() * decided, decided], device=acc.device)
+        sums += torch.tensor([loss.item() * batch["num_pairs"], m["reward/accuracy"].item() * decided, decided],
+                             device=acc.device)
     sums = acc.reduce(sums, "sum")
     scorer.train(was_training)
     return {"eval/loss": (sums[0] / max(len(data), 1)).item(), "eval/accuracy": (sums[1] / sums[2].clamp(min=1)).item()}
@@ -265,14 +351,13 @@ def train(cfg: RewardConfig) -> dict:
                       "were cut (the reward is then read before their EOS); raise max_length to keep them whole",
                       stacklevel=2)
     local_bs = exact_div(cfg.batch_size, acc.num_processes, "batch_size / processes")
-    accum = exact_div(local_bs, cfg.micro_batch_size, "batch_size / (micro_batch_size x processes)")
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.data}: {len(data)} training pairs, fewer than one batch of {cfg.batch_size}")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     # 3. optimizer and schedule
-    scorer = PairScorer(model)
+    scorer = PackedScorer(model)
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     scorer, opt = acc.prepare(scorer, opt)
@@ -291,26 +376,26 @@ def train(cfg: RewardConfig) -> dict:
 
     while step < last_stop:
         epoch, i = divmod(step, steps_per_epoch)
-        gbatch = [data[j] for j in global_batches(len(data), cfg.batch_size, cfg.seed, epoch)[i]]
+        gbatch = [data[j] for j in global_batches(data, cfg.batch_size, cfg.seed, epoch, cfg.group_by_prompt)[i]]
         local = gbatch[acc.process_index * local_bs:(acc.process_index + 1) * local_bs]
-        # 4. micro-batches of similar length (the step sums over the whole global batch either way)
-        local = sorted(local, key=lambda p: len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids))
+        # 4. rows (a prompt with its distinct replies) cut into micro-batches of similar length
+        micros = micro_batches(make_units(local, cfg.group_by_prompt), cfg.micro_batch_size)
         with runtime.Timer() as t:
-            # 5. forward/backward; each micro-batch's mean weighted by its share of the global batch
+            # 5. forward/backward; each micro-batch's pair mean weighted by its share of the global batch
             sums = torch.zeros(4, device=acc.device)  # loss sum, correct, decided, margin sum
             tokens = 0
-            for k in range(accum):
-                micro = local[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
+            for k, micro in enumerate(micros):
                 batch = collate(micro, tok.pad_token_id, acc.device)
                 tokens += batch["num_tokens"]
-                ctx = acc.no_sync(scorer) if k < accum - 1 else contextlib.nullcontext()
+                m_pairs = batch["num_pairs"]
+                ctx = acc.no_sync(scorer) if k < len(micros) - 1 else contextlib.nullcontext()
                 with ctx:
                     loss, m = pair_loss(scorer, batch)
                     # DDP averages gradients over processes; multiply back so the result is sum/batch_size
-                    acc.backward(loss * len(micro) / cfg.batch_size * acc.num_processes)
+                    acc.backward(loss * m_pairs / cfg.batch_size * acc.num_processes)
                 decided = float((~batch["tie_mask"]).sum())
-                sums += torch.tensor([loss.item() * len(micro), m["reward/accuracy"].item() * decided, decided,
-                                      m["reward/margin"].item() * len(micro)], device=acc.device)
+                sums += torch.tensor([loss.item() * m_pairs, m["reward/accuracy"].item() * decided, decided,
+                                      m["reward/margin"].item() * m_pairs], device=acc.device)
             # 6. clip and step
             grad_norm = acc.clip_grad_norm_(scorer.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             opt.step()
