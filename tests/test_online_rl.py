@@ -75,7 +75,7 @@ def test_critic_free_methods_learn_the_toy_reward(tmp_path, token_set, advantage
 def test_ppo_with_critic_learns_the_toy_reward(tmp_path, token_set):
     from rlhfkit.train.ppo import PPOConfig, train
 
-    cfg = lambda: PPOConfig(**common(prompts_per_step=8, lr=2e-2, beta=0.0, epochs_per_step=2, mini_batch_size=4))
+    cfg = lambda: PPOConfig(**common(prompts_per_step=8, lr=5e-2, beta=0.0, epochs_per_step=2, mini_batch_size=4))
     up = run_method(train, cfg(), token_set, +1, tmp_path)
     down = run_method(train, cfg(), token_set, -1, tmp_path)
     start = (up[0] + down[0]) / 2
