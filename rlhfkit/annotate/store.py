@@ -144,18 +144,18 @@ class Store:
         """Compile the per-request statements once (SQLAlchemy caches them per engine) and open a
         connection on each engine, so the first annotators after a start do not all pay for it at
         once. Runs only statements that change nothing, in transactions that are rolled back."""
-        probe = {"key": "", "p_id": -1, "aid": -1, "pid": -1, "sid": "", "a_id": -1, "delta": 0,
-                 "new_status": "open"}
-        probe["token_hash"] = ""
-        reads = (SESSION, ANNOTATOR_BY_TOKEN, GUIDELINES, LAST_LABEL, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION, ASSIGNMENT, assign.OPEN_ASSIGNMENT,
-                 assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED, assign.REGULAR_WAIT, assign.GOLD)
+        probe = {"key": "", "token_hash": "", "sid": "", "p_id": -1, "aid": -1, "pid": -1, "a_id": -1,
+                 "delta": 0, "new_status": "open"}
+        reads = (SESSION, ANNOTATOR_BY_TOKEN, GUIDELINES, LAST_LABEL, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION,
+                 ASSIGNMENT, assign.OPEN_ASSIGNMENT, assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED,
+                 assign.REGULAR_WAIT, assign.GOLD)
         writes = (SET_STATUS, MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
         for engine in {self.db.engine, self.db.fast_engine, self.db.read_engine}:
-            with self.db._write_lock if engine is not self.db.read_engine else contextlib.nullcontext():
-                with engine.connect() as conn:
-                    for stmt in reads + (writes if engine is not self.db.read_engine else ()):
-                        conn.execute(stmt, probe)
-                    conn.rollback()
+            writer = engine is not self.db.read_engine
+            with self.db._write_lock if writer else contextlib.nullcontext(), engine.connect() as conn:
+                for stmt in reads + (writes if writer else ()):
+                    conn.execute(stmt, probe)
+                conn.rollback()
 
     def ensure_admin_token(self, rotate: bool = False) -> str | None:
         """A new admin token if there is none (or ``rotate``: revoke all and make a new one).
@@ -169,10 +169,10 @@ class Store:
             now = utcnow()
             s.execute(update(AdminToken).where(AdminToken.revoked_at.is_(None)).values(revoked_at=now))
             s.execute(update(WebSession).where(WebSession.is_admin.is_(True)).values(expires_at=now))
-            self._forget_sessions()
             token = secrets.token_urlsafe(32)
             s.add(AdminToken(token_hash=digest(token), created_at=now))
-            return token
+        self._forget_sessions()  # after the commit, so no request re-caches the old state
+        return token
 
     # ---- projects, pairs, annotators ----------------------------------------------------------
 
@@ -260,13 +260,13 @@ class Store:
             if ann is None:
                 raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
             ann.active = active
-            self._forget_sessions()
             if not active:
                 s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
                 for a in s.scalars(select(Assignment).where(Assignment.annotator_id == ann.id,
                                                             Assignment.status == "open")):
                     a.status = "expired"
                     s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active - 1))
+        self._forget_sessions()  # after the commit, so no request re-caches the old state
 
     def project_names(self) -> list[str]:
         with self.db.read() as s:
