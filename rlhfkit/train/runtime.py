@@ -37,6 +37,17 @@ def _has_accelerator() -> bool:
     return devices.is_available() if devices is not None else torch.cuda.is_available()
 
 
+def fused_optimizer_ok(device: torch.device) -> bool | None:
+    """True where torch has fused AdamW kernels for ``device`` (CPU since torch 2.4, CUDA), else None
+    (torch's default choice)."""
+    return True if device.type == "cuda" or (device.type == "cpu" and _torch_at_least(2, 4)) else None
+
+
+def _torch_at_least(major: int, minor: int) -> bool:
+    found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    return found >= (major, minor)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

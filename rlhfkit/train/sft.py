@@ -177,7 +177,10 @@ def train(cfg: SFTConfig) -> dict:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     # 3. optimizer and schedule
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    # fused: one kernel over all parameters. The default on CPU is a Python loop of ~10 ops per tensor,
+    # measured ~10x slower here (135M params: ~9 s vs ~0.9 s per step on 2 busy cores).
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
+                            fused=runtime.fused_optimizer_ok(acc.device))
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     model, opt = acc.prepare(model, opt)
     step = 0

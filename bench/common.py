@@ -1,0 +1,94 @@
+"""Helpers every benchmark shares: run a framework in its own process and read its peak memory, and
+print the machine-readable ``RESULT`` line.
+
+Each framework runs in a fresh subprocess so that its peak resident memory is its own (imports,
+model, optimizer state, activations) and not the maximum of everything a shared process ever held.
+The peak comes from the kernel's accounting of the finished child (``wait4``'s ``ru_maxrss``), so
+it covers the whole life of the process, not just the moments a sampler happened to look.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Measured:
+    """What one framework's subprocess did: exit status, its output, wall time and peak RSS."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    peak_rss_mb: float
+
+
+def run_measured(cmd: list[str], env: dict | None = None, timeout: float | None = None) -> Measured:
+    """Run ``cmd`` to completion; return its output and its peak resident set size in MiB.
+
+    Output goes to temporary files (not pipes) so that a chatty child cannot block on a full pipe
+    while we wait for it. On Linux ``ru_maxrss`` is in KiB; on macOS it is in bytes.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, text=True)
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        scale = 1 / 2**20 if platform.system() == "Darwin" else 1 / 1024
+        return Measured(proc.returncode, out.read(), err.read(), wall, usage.ru_maxrss * scale)
+
+
+def self_peak_rss_mb() -> float:
+    """Peak RSS of the calling process so far, in MiB (Linux: ru_maxrss is KiB)."""
+    import resource
+
+    scale = 1 / 2**20 if platform.system() == "Darwin" else 1 / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def write_worker_result(path: str | Path, **fields) -> None:
+    """A worker's measurements, as JSON, for the parent to read."""
+    Path(path).write_text(json.dumps(fields, indent=2))
+
+
+def read_worker_result(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def print_result(**fields) -> str:
+    """Print the benchmark's last line, ``RESULT key=value ...``, and return it."""
+    line = "RESULT " + " ".join(f"{k}={fmt(v)}" for k, v in fields.items())
+    print(line, flush=True)
+    return line
+
+
+def fail(measured: Measured, what: str) -> None:
+    """Stop the benchmark with the failing child's stderr tail."""
+    sys.stderr.write(f"{what} failed with exit status {measured.returncode}:\n{measured.stderr[-5000:]}\n")
+    raise SystemExit(1)
