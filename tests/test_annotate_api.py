@@ -270,6 +270,8 @@ def test_labels_read_and_patch_only_own(env):
                     headers={"X-CSRF-Token": a_csrf})
     assert r.status_code == 200 and r.json()["choice"] == "right" and r.json()["updated_at"]
     assert alice.get("/api/labels?limit=0").status_code == 422
+    assert env[3]().get("/api/labels").status_code == 401 and env[3]().get("/api/labels/1").status_code == 401
+    assert env[3]().patch("/api/labels/1", json={"choice": "left"}).status_code == 401
 
 
 # ---- admin -------------------------------------------------------------------------------------
@@ -284,6 +286,10 @@ def test_admin_login_refusals(env):
     assert r.status_code == 401 and "not a valid admin token" in r.text
     alice, _ = annotator(env)
     assert alice.get("/admin").status_code == 401 and alice.get("/api/admin/projects/demo/stats").status_code == 401
+    assert alice.get("/admin/projects/demo/export.jsonl").status_code == 401
+    assert c.get("/admin/projects/demo/export.jsonl").status_code == 401
+    admin, _ = admin_client(env)
+    assert admin.get("/api/me").status_code == 401 and admin.get("/label").status_code == 401  # not an annotator
 
 
 def test_admin_pages_annotators_and_export(env):

@@ -65,6 +65,11 @@ def test_keyboard_labelling_in_a_real_browser(tmp_path):
                 left = page.inner_text("#side-left .completion")
                 right = page.inner_text("#side-right .completion")
                 shown.append((left, right))
+                for side, text in (("left", left), ("right", right)):
+                    if text.startswith("line 0"):  # the 400-line reply scrolls inside its box
+                        box = f"#side-{side} .completion"
+                        assert page.eval_on_selector(box, "e => e.scrollHeight > e.clientHeight + 100")
+                        assert page.eval_on_selector(box, "e => getComputedStyle(e).overflowY") == "auto"
                 with page.expect_navigation():
                     for key in keys:
                         if key.startswith("TYPE:"):
