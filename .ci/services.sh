@@ -25,16 +25,20 @@ _rlhfkit_services() {
     # The newest installed server version; create its cluster if the package did not.
     local ver
     ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
-    if ! pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main"' | grep -q .; then
+    local row
+    row=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main"')
+    if [ -z "$row" ]; then
         pg_createcluster "$ver" main >/dev/null || { echo "services.sh: pg_createcluster failed" >&2; return 1; }
     fi
     # Loopback only: the test machines must not expose a database on other interfaces.
     # (Debian's postgresql.conf ends with include_dir 'conf.d', so this file has the last word.)
     mkdir -p "/etc/postgresql/$ver/main/conf.d"
     echo "listen_addresses = '127.0.0.1'" > "/etc/postgresql/$ver/main/conf.d/rlhfkit-ci.conf"
-    local port
-    port=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $3}')
-    if ! pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
+    row=$(pg_lsclusters -h | awk -v v="$ver" '$1 == v && $2 == "main"')
+    local port status
+    port=$(echo "$row" | awk '{print $3}')
+    status=$(echo "$row" | awk '{print $4}')
+    if [ "$status" != online ]; then
         pg_ctlcluster "$ver" main start || { echo "services.sh: could not start PostgreSQL $ver/main" >&2; return 1; }
     fi
     local i
