@@ -298,6 +298,7 @@ def test_admin_pages_annotators_and_export(env):
     assert "demo" in c.get("/admin").text
     dash = c.get("/admin/projects/demo")
     assert dash.status_code == 200 and 'id="fleiss"' in dash.text and "alice" in dash.text
+    assert "(0 of 0 labelled pairs, 0 votes)" in dash.text and "built-in method" not in dash.text
     assert c.get("/admin/projects/nope").status_code == 404
     assert c.post("/admin/projects/demo/annotators", data={"name": "dave"}).status_code == 403
     r = c.post("/admin/projects/demo/annotators", data={"name": "dave", "csrf_token": csrf})
@@ -331,7 +332,7 @@ def test_admin_pages_annotators_and_export(env):
     assert len(votes) == 2
     assert c.get("/admin/projects/demo/export.jsonl?consensus=best").status_code == 422
     stats = c.get("/api/admin/projects/demo/stats").json()
-    assert stats["votes"] == 2 and stats["fleiss_kappa"] is None  # one category only: kappa undefined
+    assert stats["n_votes"] == 2 and stats["fleiss_kappa"] is None  # one category only: kappa undefined
     assert store.project_info("demo")["n_labels"] == 2
 
 

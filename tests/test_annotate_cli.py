@@ -64,7 +64,7 @@ def test_full_project_from_the_command_line(tmp_path, capsys):
     assert re.search(r"^alice\s+4\s+0\s+0\s", out, re.M)
     code, out, _ = cli(capsys, "stats", "--project", "demo", "--db", db, "--json")
     stats = json.loads(out)
-    assert stats["votes"] + sum(a["gold_items"] for a in stats["annotators"]) == 8
+    assert stats["n_votes"] + sum(a["gold_items"] for a in stats["annotators"]) == 8
 
     out_path = tmp_path / "prefs.jsonl"
     code, out, _ = cli(capsys, "export", "--project", "demo", "--db", db, "--format", "jsonl", "--out", str(out_path))

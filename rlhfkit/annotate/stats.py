@@ -119,7 +119,7 @@ def project_stats(store: Store, project: str) -> dict:
     return {
         "project": project,
         "unsafe_pairs": unsafe_pairs(store, project),
-        "items": int(len(ratings)), "items_multi": int(multi.sum()), "votes": len(regular),
+        "n_pairs": int(len(ratings)), "n_pairs_multi": int(multi.sum()), "n_votes": len(regular),
         "fleiss_kappa": ag.fleiss_kappa(counts),
         "krippendorff_alpha_ordinal": ag.krippendorff_alpha(ratings, "ordinal"),
         "krippendorff_alpha_nominal": ag.krippendorff_alpha(ratings, "nominal"),
@@ -150,8 +150,8 @@ def format_table(stats: dict) -> str:
 
     c = stats["consensus"]
     lines = [
-        f"project {stats['project']}: {stats['votes']} votes on {stats['items']} pairs "
-        f"({stats['items_multi']} with 2+ votes)",
+        f"project {stats['project']}: {stats['n_votes']} votes on {stats['n_pairs']} pairs "
+        f"({stats['n_pairs_multi']} with 2+ votes)",
         f"  Fleiss kappa                  {f(stats['fleiss_kappa'])}",
         f"  Krippendorff alpha (ordinal)  {f(stats['krippendorff_alpha_ordinal'])}   a < tie < b",
         f"  Krippendorff alpha (nominal)  {f(stats['krippendorff_alpha_nominal'])}",
