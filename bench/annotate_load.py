@@ -165,10 +165,10 @@ def main(argv=None) -> int:
                     time.sleep(0.1)
             else:
                 raise SystemExit("server did not start")
-            cpu0, wall0 = cpu_seconds(server.pid), time.perf_counter()
+            cpu0, wall0, client0 = cpu_seconds(server.pid), time.perf_counter(), time.process_time()
             out = asyncio.run(run_load(url, tokens, args.seconds, think_s))
             wall = time.perf_counter() - wall0
-            cpu = cpu_seconds(server.pid) - cpu0
+            cpu, client_cpu = cpu_seconds(server.pid) - cpu0, time.process_time() - client0
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait(timeout=30)
@@ -190,14 +190,16 @@ def main(argv=None) -> int:
         "page_p50_ms": float(np.percentile(page, 50)), "submit_max_ms": float(np.max(submit)),
         "labels": len(out["acked"]), "requests": n_requests, "retries": out["retries"],
         "server_cpu_ms_per_request": cpu / max(n_requests, 1) * 1000, "server_cpu_util": cpu / wall,
+        "client_cpu_util": client_cpu / wall,
         "annotators": args.annotators, "think_ms": args.think_ms, "seconds": wall, "load_avg_1m": os.getloadavg()[0],
     }
     print(f"{res['labels']} labels in {wall:.1f} s by {args.annotators} annotators (think {args.think_ms:g} ms); "
           f"{n_requests} requests; transport retries {out['retries']}; ran out of pairs: {out['exhausted']}")
     print(f"submit: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max {res['submit_max_ms']:.1f} ms; "
           f"page: p50 {res['page_p50_ms']:.1f} ms, p99 {res['page_p99_ms']:.1f} ms")
-    print(f"server CPU {res['server_cpu_ms_per_request']:.2f} ms/request ({res['server_cpu_util']:.0%} of a core); "
-          f"machine load average {res['load_avg_1m']:.1f} on {os.cpu_count()} CPUs")
+    print(f"server CPU {res['server_cpu_ms_per_request']:.2f} ms/request ({res['server_cpu_util']:.0%} of a core), "
+          f"load generator {res['client_cpu_util']:.0%} of a core; machine load average {res['load_avg_1m']:.1f} "
+          f"on {os.cpu_count()} CPUs")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
     print(f"RESULT p99_ms={res['p99_ms']:.1f} errors={res['errors']} lost={res['lost']} p50_ms={res['p50_ms']:.1f} "

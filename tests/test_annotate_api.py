@@ -185,7 +185,13 @@ def test_post_label_csrf_refusals(env):
     assert c.post("/api/labels", json=body(aid), headers={"X-CSRF-Token": bob_csrf}).status_code == 403
     r = c.post("/api/labels", json=body(aid), headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"})
     assert r.status_code == 403 and r.json()["field"] == "Origin"
-    assert c.get("/api/labels").json()["labels"] == []
+    # refusals come before body validation: no 422 for a request that is not allowed at all
+    assert c.post("/api/labels", json={"choice": "bad"}).status_code == 403
+    assert env[3]().post("/api/labels", json={"choice": "bad"}).status_code == 401
+    assert env[3]().get("/api/labels/not-a-number").status_code == 401
+    proxied = {"X-CSRF-Token": csrf, "Origin": "https://label.example.org", "X-Forwarded-Host": "label.example.org"}
+    assert c.get("/api/labels").json()["labels"] == []  # nothing refused was stored
+    assert c.post("/api/labels", json=body(aid), headers=proxied).status_code == 201
 
 
 def test_post_label_refuses_other_annotators_item_and_unauthenticated(env):

@@ -9,17 +9,21 @@ import json
 import math
 import secrets
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from rlhfkit.annotate.export import CONSENSUS, ExportOptions, build_records
 from rlhfkit.annotate.stats import json_safe, project_stats
-from rlhfkit.annotate.store import ADMIN_SESSION, Refused, Store
+from rlhfkit.annotate.store import ADMIN_SESSION, Principal, Refused, Store
 from rlhfkit.annotate.web import COOKIE, LOGIN_CSRF_COOKIE, Auth, Problem, check_csrf, render
 
 
 def router(store: Store, auth: Auth) -> APIRouter:
     r = APIRouter()
+
+    def admin(request: Request) -> Principal | None:
+        """A dependency, so that sign-in is checked before parameters: 401 first, never 422."""
+        return auth.admin(request)
 
     @r.get("/admin/login")
     def login_page():
@@ -44,8 +48,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return response
 
     @r.post("/admin/logout")
-    def logout(request: Request, csrf_token: str = Form("")):
-        who = auth.admin(request)
+    def logout(request: Request, who: Principal | None = Depends(admin), csrf_token: str = Form("")):
         if who is not None:
             check_csrf(request, who.csrf_token, csrf_token)
             store.logout(who)
@@ -54,27 +57,25 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return response
 
     @r.get("/admin")
-    def index(request: Request):
-        who = auth.admin(request)
+    def index(who: Principal | None = Depends(admin)):
         projects = [store.project_info(name) for name in store.project_names()]
         return render("admin_index.html", projects=projects, csrf=who.csrf_token if who else "")
 
     @r.get("/admin/projects/{project}")
-    def dashboard(request: Request, project: str):
-        who = auth.admin(request)
+    def dashboard(project: str, who: Principal | None = Depends(admin)):
         info, stats = _guard(store.project_info, project), _guard(project_stats, store, project)
         active = {a["name"]: a["active"] for a in info["annotators"]}
         return render("admin_project.html", info=info, stats=stats, active=active,
                       csrf=who.csrf_token if who else "", fmt=_fmt, consensus_methods=CONSENSUS)
 
     @r.get("/api/admin/projects/{project}/stats")
-    def stats_json(request: Request, project: str):
-        auth.admin(request)
+    def stats_json(project: str, _: Principal | None = Depends(admin)):
         return json_safe(_guard(project_stats, store, project))
 
     @r.post("/admin/projects/{project}/annotators")
-    def add_annotator(request: Request, project: str, name: str = Form(""), csrf_token: str = Form("")):
-        _admin_form(auth, request, csrf_token)
+    def add_annotator(request: Request, project: str, who: Principal | None = Depends(admin),
+                      name: str = Form(""), csrf_token: str = Form("")):
+        _check_form(request, who, csrf_token)
         name = name.strip()
         if not name:
             raise Problem(422, "name: an annotator needs a name", "name")
@@ -83,16 +84,16 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return render("annotator_created.html", 201, project=project, name=name, link=link)
 
     @r.post("/admin/projects/{project}/annotators/{name}/active")
-    def set_active(request: Request, project: str, name: str, active: str = Form(""), csrf_token: str = Form("")):
-        _admin_form(auth, request, csrf_token)
+    def set_active(request: Request, project: str, name: str, who: Principal | None = Depends(admin),
+                   active: str = Form(""), csrf_token: str = Form("")):
+        _check_form(request, who, csrf_token)
         _guard(store.set_annotator_active, project, name, active == "1")
         return RedirectResponse(f"/admin/projects/{project}", status_code=303)
 
     @r.get("/admin/projects/{project}/export.jsonl")
-    def export_jsonl(request: Request, project: str, votes: bool = False,
+    def export_jsonl(project: str, _: Principal | None = Depends(admin), votes: bool = False,
                      consensus: str = Query("majority", pattern="^(majority|dawid-skene)$"),
                      min_votes: int = Query(1, ge=1), include_gold: bool = False, drop_unsafe: bool = False):
-        auth.admin(request)
         opts = ExportOptions(votes=votes, consensus=consensus, min_votes=min_votes, include_gold=include_gold,
                              drop_unsafe=drop_unsafe)
         records, _ = _guard(build_records, store, project, opts)
@@ -104,11 +105,10 @@ def router(store: Store, auth: Auth) -> APIRouter:
     return r
 
 
-def _admin_form(auth: Auth, request: Request, csrf_token: str):
-    who = auth.admin(request)
+def _check_form(request: Request, who: Principal | None, csrf_token: str) -> None:
+    """CSRF for an admin form post; a bearer-token request (``who`` None) needs none."""
     if who is not None:
         check_csrf(request, who.csrf_token, csrf_token)
-    return who
 
 
 def _guard(fn, *args):

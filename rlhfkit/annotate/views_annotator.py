@@ -10,11 +10,11 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from rlhfkit.annotate.store import ANNOTATOR_SESSION, LabelInput, Refused, Store
+from rlhfkit.annotate.store import ANNOTATOR_SESSION, LabelInput, Principal, Refused, Store
 from rlhfkit.annotate.web import Auth, Problem, check_csrf, render
 
 SUBMISSION_ID = r"^[A-Za-z0-9_-]{8,64}$"
@@ -57,6 +57,16 @@ class LabelPatch(BaseModel):
 def router(store: Store, auth: Auth) -> APIRouter:
     r = APIRouter()
 
+    # As dependencies, sign-in and CSRF are checked before the body is validated: a request from
+    # nobody, or without the token, is answered 401/403, never 422.
+    def annotator(request: Request) -> Principal:
+        return auth.annotator(request)
+
+    def annotator_writing(request: Request) -> Principal:
+        who = auth.annotator(request)
+        check_csrf(request, who.csrf_token)
+        return who
+
     @r.get("/a/{token}")
     def sign_in(token: str):
         got = store.login_annotator(token)
@@ -68,34 +78,36 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return response
 
     @r.get("/label")
-    def label_page(request: Request):
-        who = auth.annotator(request)
+    def label_page(who: Principal = Depends(annotator)):
         view = store.page(who)
         if view["item"] is None:
             return render("done.html", who=who, csrf=who.csrf_token, **view)
         return render("label.html", who=who, csrf=who.csrf_token, submission_id=secrets.token_hex(16), **view)
 
     @r.post("/label/revise")
-    def revise_form(request: Request, csrf_token: str = Form(""), label_id: int = Form(...),
-                    choice: Literal["left", "right", "tie"] = Form(...)):
+    def revise_form(request: Request, who: Principal = Depends(annotator), csrf_token: str = Form(""),
+                    label_id: str = Form(""), choice: str = Form("")):
         """Change one's last answer from the page (a wrong key). A tie has no strength, so changing
         to a tie clears it, as the page says."""
-        who = auth.annotator(request)
         check_csrf(request, who.csrf_token, csrf_token)
+        if choice not in ("left", "right", "tie"):
+            raise Problem(422, f"choice: must be left, right or tie, got {choice!r}", "choice")
+        if not label_id.isdigit():
+            raise Problem(422, f"label_id: must be a label id, got {label_id!r}", "label_id")
         changes = {"choice": choice, **({"strength": None} if choice == "tie" else {})}
         try:
-            store.update_label(who, label_id, changes)
+            store.update_label(who, int(label_id), changes)
         except Refused as e:
             raise Problem.of(e) from None
         return RedirectResponse("/label", status_code=303)
 
     @r.post("/label")
-    def label_form(request: Request, csrf_token: str = Form(""), assignment_id: str = Form(""),
-                   submission_id: str = Form(""), choice: str = Form(""), strength: str = Form(""),
-                   rationale: str = Form(""), unsafe: str = Form(""), duration_ms: str = Form("")):
+    def label_form(request: Request, who: Principal = Depends(annotator), csrf_token: str = Form(""),
+                   assignment_id: str = Form(""), submission_id: str = Form(""), choice: str = Form(""),
+                   strength: str = Form(""), rationale: str = Form(""), unsafe: str = Form(""),
+                   duration_ms: str = Form("")):
         """The no-JavaScript path. The strength control is documented on the page as applying to
         left/right only, so here it is dropped for tie and skip rather than refused."""
-        who = auth.annotator(request)
         check_csrf(request, who.csrf_token, csrf_token)
         fields = {"submission_id": submission_id, "assignment_id": assignment_id, "choice": choice,
                   "strength": strength if strength and choice in ("left", "right") else None,
@@ -121,43 +133,36 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return response
 
     @r.get("/api/me")
-    def me(request: Request):
-        who = auth.annotator(request)
+    def me(who: Principal = Depends(annotator)):
         return {"annotator": who.annotator_name, "progress": store.progress(who), "csrf_token": who.csrf_token}
 
     @r.get("/api/next")
-    def next_item(request: Request):
+    def next_item(who: Principal = Depends(annotator)):
         """The current assignment (the same one until it is answered), or ``{"item": null}``."""
-        who = auth.annotator(request)
         item = store.next_item(who)
         body = None if item is None else {"assignment_id": item.assignment_id, "prompt": item.prompt,
                                           "left": item.left, "right": item.right}
         return {"item": body, "csrf_token": who.csrf_token}
 
     @r.post("/api/labels")
-    def post_label(request: Request, body: LabelBody):
-        who = auth.annotator(request)
-        check_csrf(request, who.csrf_token)
+    def post_label(body: LabelBody, who: Principal = Depends(annotator_writing)):
         label, created = _submit(store, who, body)
         return JSONResponse({**label, "replayed": not created}, status_code=201 if created else 200)
 
     @r.get("/api/labels")
-    def list_labels(request: Request, limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)):
-        who = auth.annotator(request)
+    def list_labels(who: Principal = Depends(annotator), limit: int = Query(50, ge=1, le=500),
+                    offset: int = Query(0, ge=0)):
         return {"labels": store.labels_of(who, limit, offset)}
 
     @r.get("/api/labels/{label_id}")
-    def get_label(request: Request, label_id: int):
-        who = auth.annotator(request)
+    def get_label(label_id: int, who: Principal = Depends(annotator)):
         try:
             return store.label_of(who, label_id)
         except Refused as e:
             raise Problem.of(e) from None
 
     @r.patch("/api/labels/{label_id}")
-    def patch_label(request: Request, label_id: int, body: LabelPatch):
-        who = auth.annotator(request)
-        check_csrf(request, who.csrf_token)
+    def patch_label(label_id: int, body: LabelPatch, who: Principal = Depends(annotator_writing)):
         try:
             return store.update_label(who, label_id, body.model_dump(exclude_unset=True))
         except Refused as e:

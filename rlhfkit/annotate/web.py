@@ -148,7 +148,10 @@ class Auth:
 def check_csrf(request: Request, expected: str, form_value: str | None = None) -> None:
     """Refuse a cookie-authenticated state change without the session's CSRF token (403)."""
     origin = request.headers.get("origin")
-    if origin and origin != "null" and urlsplit(origin).netloc != request.headers.get("host"):
+    # Behind a reverse proxy the Host header may be the upstream's; X-Forwarded-Host then names the
+    # public host. Accepting it is safe here: a cross-site page cannot make a browser send it.
+    hosts = {request.headers.get("host"), request.headers.get("x-forwarded-host")} - {None}
+    if origin and origin != "null" and urlsplit(origin).netloc not in hosts:
         raise Problem(403, f"cross-origin request from {origin} refused", "Origin")
     given = request.headers.get("x-csrf-token") or form_value or ""
     if not given:
