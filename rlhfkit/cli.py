@@ -19,6 +19,7 @@ TRAINERS = {
     "ppo": ("rlhfkit.train.ppo", "PPOConfig", "PPO with a critic (the N implementation details of RLHF with PPO)"),
     "grpo": ("rlhfkit.train.grpo", "GRPOConfig", "GRPO / Dr. GRPO / REINFORCE++: critic-free, group baselines"),
     "rloo": ("rlhfkit.train.rloo", "RLOOConfig", "RLOO: REINFORCE with a leave-one-out baseline"),
+    "cmpo": ("rlhfkit.train.cmpo", "CMPOConfig", "CMPO: Muesli-style regularised policy optimisation"),
 }
 # command -> (module, function(argv) -> int, description)
 TOOLS = {

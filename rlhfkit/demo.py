@@ -149,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--resume {root}: not a demo run directory (no state.json)")
     root.mkdir(parents=True, exist_ok=True)
     phases = Phases(root)
+    if args.resume:  # continue with the settings the run started with
+        for key, value in phases.state.get("args", {}).items():
+            if key not in ("resume", "output_dir"):
+                setattr(args, key, value)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        size = SIZES["quick" if args.quick else "full"]
+    else:
+        phases.state["args"] = vars(args)
     t0 = time.time()
     try:
         run_phases(args, size, methods, root, phases)

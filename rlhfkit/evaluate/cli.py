@@ -164,13 +164,15 @@ def report_main(argv: list[str]) -> int:
 def compare_main(argv: list[str]) -> int:
     from rlhfkit.evaluate.compare import compare_runs, format_compare
 
-    if "--" not in argv:
-        print("usage: rlhfkit compare [--metric M] RUNS_A... -- RUNS_B...")
-        return 2
-    i = argv.index("--")
-    ap = argparse.ArgumentParser(prog="rlhfkit compare", description="IQM with stratified bootstrap CIs and P(A > B)")
+    ap = argparse.ArgumentParser(prog="rlhfkit compare", usage="rlhfkit compare [--metric M] RUNS_A... -- RUNS_B...",
+                                 description="IQM with stratified bootstrap CIs and P(A > B) over groups of runs "
+                                 "(strata: each run's task)")
     ap.add_argument("runs_a", nargs="+")
-    ap.add_argument("--metric", default="eval/gold")
+    ap.add_argument("--metric", default="eval/gold", help="metric compared: its last value in each run")
+    if "--" not in argv:
+        ap.parse_args(argv)  # --help exits 0 here
+        ap.error("separate the two groups of runs with --")
+    i = argv.index("--")
     args = ap.parse_args(argv[:i])
     runs_b = argv[i + 1:]
     if not runs_b:
