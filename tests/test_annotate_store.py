@@ -223,6 +223,10 @@ def test_gold_items_mixed_in_at_the_rate(db_url, tmp_path):
     with store.db.read() as s:
         gold = s.scalar(select(func.count()).select_from(Assignment).where(Assignment.is_gold.is_(True)))
     assert abs(gold - 0.2 * 40) <= 1
+    regular, _ = build_records(store, "demo", ExportOptions())
+    with_gold, _ = build_records(store, "demo", ExportOptions(include_gold=True))
+    assert len(regular) == 40 - gold and len(with_gold) == 40
+    assert {r["metadata"].get("gold_winner") for r in with_gold} == {None, "a"}
 
 
 def test_uncertainty_orders_the_queue(db_url, tmp_path):

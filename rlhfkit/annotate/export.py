@@ -114,7 +114,8 @@ def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list
             report.dropped_unsafe += 1
             continue
         p = pairs[pair_id]
-        pair = ComparisonPair(id=p.key, prompt=p.prompt, a=p.a, b=p.b, task=p.task, metadata=dict(p.meta))
+        meta = dict(p.meta) | ({"gold_winner": p.gold_winner} if p.gold_winner else {})
+        pair = ComparisonPair(id=p.key, prompt=p.prompt, a=p.a, b=p.b, task=p.task, metadata=meta)
         winner = winners.get(pair_id)
         agreeing = [v for v in votes if v.winner == winner]
         agreement = len(agreeing) / len(votes) if winner else None

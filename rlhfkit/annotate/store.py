@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
@@ -313,6 +313,7 @@ class Store:
             conn.execute(NEW_SESSION, {"id_hash": digest(secret), "annotator_id": annotator_id,
                                        "is_admin": annotator_id is None, "csrf_token": csrf, "created_at": now,
                                        "expires_at": now + ttl})
+            conn.execute(delete(S).where(S.c.expires_at < now))  # keep the table small
         return secret, self.principal(secret)
 
     def principal(self, secret: str) -> Principal | None:
