@@ -18,6 +18,10 @@ pre-pass over the data, with the final checkpoint write stubbed out. TRL: ``DPOT
 (model + reference load, dataset tokenization) and ``trainer.train()``; TRL's default
 ``precompute_ref_log_probs=False`` runs the reference model on every batch instead of a pre-pass,
 and ``gradient_checkpointing=False`` (TRL's default is True) so that both keep their activations.
+Threads: one torch thread per framework by default (``--threads``). This machine's 2 cores are
+shared with other jobs; with 2 OpenMP threads a descheduled thread stalls the other at every barrier
+and wall times swing by 2x between identical runs, while single-threaded runs repeat closely.
+
 pairs/s = trained pairs / time_s. ``cpu_s`` (user + system CPU time over the same span) is reported
 too: on a shared machine it is the steadier figure, and ``cpu_speedup`` is its ratio.
 
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -44,6 +49,9 @@ TOPICS = ["tides", "volcanoes", "bread yeast", "solar panels", "honeybees", "gla
           "hash tables"]
 ASKS = ["Explain {t} to a curious twelve-year-old.", "What is the most common misconception about {t}?",
         "Give me three facts about {t}, briefly.", "How would you teach a friend about {t} in one evening?"]
+CONTEXT = ["I am preparing a short science club session and want to get the basics right.",
+           "My notes from school are vague and I would like a clear explanation without jargon.",
+           "We argued about this at dinner yesterday and nobody could settle it.", ""]
 GOOD = ["{T} are easier to understand once you follow the energy.", "A good first step is to look at a simple example.",
         "Scientists measured this carefully over many decades.", "The key idea is cause and effect, step by step.",
         "Small changes add up over time, which is why patience matters here.",
@@ -54,7 +62,8 @@ BAD = ["Not sure.", "It is complicated.", "Look it up somewhere.", "{T} are just
 
 
 def make_pairs(n: int, seed: int = 0) -> list[dict]:
-    """``n`` conversational pairs: helpful multi-sentence chosen vs terse rejected, lengths 8..~110 tokens."""
+    """``n`` conversational pairs: helpful multi-sentence chosen vs terse rejected. Token lengths with the
+    bundled template (its default system prompt included): prompts 39-59, chosen 8-84, rejected 4-29."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
@@ -62,7 +71,8 @@ def make_pairs(n: int, seed: int = 0) -> list[dict]:
         fill = lambda s: s.format(t=t, T=t.capitalize())  # noqa: E731
         chosen = " ".join(fill(s) for s in rng.sample(GOOD, rng.randint(1, 7)))
         rejected = " ".join(fill(s) for s in rng.sample(BAD, rng.randint(1, 4)))
-        rows.append({"prompt": [{"role": "user", "content": fill(rng.choice(ASKS))}],
+        ask = " ".join(s for s in (rng.choice(CONTEXT), fill(rng.choice(ASKS))) if s)
+        rows.append({"prompt": [{"role": "user", "content": ask}],
                      "chosen": [{"role": "assistant", "content": chosen}],
                      "rejected": [{"role": "assistant", "content": rejected}]})
     return rows
@@ -77,6 +87,9 @@ def cpu_seconds() -> float:
 
 
 def worker_rlhfkit(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
     from rlhfkit.models.loading import BUNDLED
     from rlhfkit.train import dpo, runtime
 
@@ -102,6 +115,7 @@ def worker_trl(args) -> None:
 
     from rlhfkit.models.loading import bundled_model_dir
 
+    torch.set_num_threads(args.threads)
     model_dir = str(bundled_model_dir())
     rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()]
     accum = args.batch_size // args.micro_batch_size
@@ -132,6 +146,7 @@ def main() -> None:
     p.add_argument("--max-prompt-length", type=int, default=128)
     p.add_argument("--max-completion-length", type=int, default=128)
     p.add_argument("--packing", default="padding_free", help="rlhfkit's packing: padding_free or padded")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per framework (1: see the module docstring)")
     p.add_argument("--only", choices=["rlhfkit", "trl"], help="run one framework (no RESULT line)")
     p.add_argument("--worker", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
@@ -153,9 +168,11 @@ def main() -> None:
             out = Path(tmp) / name / "result.json"
             out.parent.mkdir()
             cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--out", str(out)]
-            for flag in ("steps", "batch_size", "micro_batch_size", "max_prompt_length", "max_completion_length", "packing"):
+            for flag in ("steps", "batch_size", "micro_batch_size", "max_prompt_length", "max_completion_length", "packing",
+                         "threads"):
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            measured = run_measured(cmd, timeout=1800)
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+            measured = run_measured(cmd, env=env, timeout=1800)
             if measured.returncode != 0:
                 fail(measured, name)
             res = read_worker_result(out)
