@@ -65,6 +65,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_ms(response: httpx.Response) -> float:
+    """The server's own time for a request, from its ``Server-Timing: app;dur=<ms>`` header."""
+    return float(response.headers.get("server-timing", "app;dur=nan").split("dur=")[1])
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
@@ -104,6 +109,7 @@ async def annotator(url: str, token: str, seed: int, deadline: float, think_s: f
                 out["errors"] += 1
                 continue
             out["page_ms"].append((time.perf_counter() - t0) * 1000)
+            out["page_server_ms"].append(server_ms(page))
             form = dict(FORM_VALUE.findall(page.text))
             if page.status_code != 200 or "assignment_id" not in form:
                 out["errors"] += page.status_code != 200
@@ -123,6 +129,7 @@ async def annotator(url: str, token: str, seed: int, deadline: float, think_s: f
                     await asyncio.sleep(0.1 * 2**attempt)
                     continue
                 out["submit_ms"].append((time.perf_counter() - t0) * 1000)
+                out["submit_server_ms"].append(server_ms(r))
                 if 200 <= r.status_code < 300:
                     out["acked"].append(body["submission_id"])
                 else:
@@ -133,7 +140,8 @@ async def annotator(url: str, token: str, seed: int, deadline: float, think_s: f
 
 
 async def run_load(url: str, tokens: list[str], seconds: float, think_s: float) -> dict:
-    out = {"page_ms": [], "submit_ms": [], "acked": [], "errors": 0, "retries": 0, "exhausted": 0}
+    out = {"page_ms": [], "submit_ms": [], "page_server_ms": [], "submit_server_ms": [], "acked": [], "errors": 0,
+           "retries": 0, "exhausted": 0}
     deadline = time.monotonic() + seconds
     await asyncio.gather(*(annotator(url, tok, i, deadline, think_s, out) for i, tok in enumerate(tokens)))
     return out
@@ -188,6 +196,8 @@ def main(argv=None) -> int:
         "p50_ms": float(np.percentile(submit, 50)), "page_p99_ms": float(np.percentile(page, 99)),
         "labels_per_s": len(out["acked"]) / wall,
         "page_p50_ms": float(np.percentile(page, 50)), "submit_max_ms": float(np.max(submit)),
+        "submit_server_p99_ms": float(np.nanpercentile(out["submit_server_ms"] or [np.nan], 99)),
+        "page_server_p99_ms": float(np.nanpercentile(out["page_server_ms"] or [np.nan], 99)),
         "labels": len(out["acked"]), "requests": n_requests, "retries": out["retries"],
         "server_cpu_ms_per_request": cpu / max(n_requests, 1) * 1000, "server_cpu_util": cpu / wall,
         "client_cpu_util": client_cpu / wall,
@@ -197,6 +207,9 @@ def main(argv=None) -> int:
           f"{n_requests} requests; transport retries {out['retries']}; ran out of pairs: {out['exhausted']}")
     print(f"submit: p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, max {res['submit_max_ms']:.1f} ms; "
           f"page: p50 {res['page_p50_ms']:.1f} ms, p99 {res['page_p99_ms']:.1f} ms")
+    print(f"inside the server (Server-Timing): submit p99 {res['submit_server_p99_ms']:.1f} ms, page p99 "
+          f"{res['page_server_p99_ms']:.1f} ms; the rest of the latency above is the network stack and the "
+          "scheduling of both processes")
     print(f"server CPU {res['server_cpu_ms_per_request']:.2f} ms/request ({res['server_cpu_util']:.0%} of a core), "
           f"load generator {res['client_cpu_util']:.0%} of a core; machine load average {res['load_avg_1m']:.1f} "
           f"on {os.cpu_count()} CPUs")

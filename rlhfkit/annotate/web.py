@@ -76,7 +76,7 @@ def error_response(request: Request, status: int, detail: str, field: str | None
 
 class SecurityHeaders:
     """Pure ASGI middleware: security headers on every response, ``no-store`` on everything but
-    static files, and an access log line with secrets in paths redacted."""
+    static files, a ``Server-Timing`` header, and an access log line with secrets in paths redacted."""
 
     def __init__(self, app):
         self.app = app
@@ -92,6 +92,10 @@ class SecurityHeaders:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 headers = list(message.get("headers", [])) + SECURITY_HEADERS
+                # Time spent in the app (queueing for a worker thread and the writer lock included),
+                # so a load test can tell server time from its own scheduling delays.
+                dur = (time.perf_counter() - start) * 1000
+                headers.append((b"server-timing", f"app;dur={dur:.2f}".encode()))
                 if not static:
                     headers.append(NO_STORE)
                 message["headers"] = headers
