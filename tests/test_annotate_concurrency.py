@@ -60,6 +60,7 @@ def label_loop(url: str, token: str, n: int, seed: int, acked: list, stop: threa
             except httpx.TransportError:
                 if stop is None:
                     raise
+                acked.append(None)  # marks a request cut off by the kill
                 return done
     return done
 
@@ -109,7 +110,10 @@ def test_sigkill_loses_no_acknowledged_label(tmp_path):
             running.result(timeout=60)
     finally:
         server.stop()
+    cut_off = acked.count(None)
+    acked = [sid for sid in acked if sid is not None]
     assert len(acked) >= 200, "the run did not get going before the kill"
+    assert cut_off >= 1, "no request was in flight when the server was killed"
 
     with Server(db) as again:
         with store.db.read() as s:
