@@ -178,6 +178,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
         result["eval_start"] = online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg)
         run.log(0, result["eval_start"])
 
+    budget = online.Budget(cfg.max_minutes)
     while step < total:
         with runtime.Timer() as t:
             # 2. generate and score this process's share of the prompts
@@ -193,23 +194,26 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
             sched.step()
             sampler.backend.sync_weights(acc.unwrap_model(policy))
         step += 1
+        last = step == total or budget.spent(acc)
         # 5. log (means over processes)
         metrics.update(online.rollout_metrics(r))
         metrics = {k: acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item() for k, v in metrics.items()}
         tokens = int(r.completion_mask.sum()) * acc.num_processes
         metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
         metrics["optim/lr"] = sched.get_last_lr()[0]
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             metrics.update(online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg))
             result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or last:
             run.log(step, metrics)
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             run.log_samples(step, online.sample_rows(r))
         run.advance()
         # 6. checkpoint
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
             result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": policy}, tok, opt, sched, {}))
+        if last:
+            break
     run.close()
     result["steps"] = step
     result["last"] = metrics

@@ -7,6 +7,7 @@ The methods' modules keep their own loops and math; this file is plumbing only.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,6 +70,9 @@ class OnlineConfig(CommonConfig):
     """Held-out prompts used by the eval hook (fixed set, fixed seed)."""
     sample_every: int = 10
     """Write a table of sample completions to samples.jsonl every this many steps."""
+    max_minutes: float | None = None
+    """Wall-clock budget: stop (evaluating and checkpointing) after the step that passes it; the LR
+    schedule still follows total_steps. None = no budget."""
     rollout_backend: str = "hf"
     """Generation backend: 'hf' (transformers generate, any device) or 'vllm' (CUDA, `pip install
     rlhfkit[vllm]`; weights are pushed to vLLM after every update)."""
@@ -80,6 +84,20 @@ class OnlineConfig(CommonConfig):
 
     def steps(self) -> int:
         return self.max_steps or self.total_steps
+
+
+class Budget:
+    """``max_minutes`` as a check the loop makes after each step."""
+
+    def __init__(self, minutes: float | None):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def spent(self, acc) -> bool:
+        """True on every process once any process is past the deadline (all must stop at one step)."""
+        over = self.deadline is not None and time.monotonic() > self.deadline
+        if acc.num_processes > 1:
+            over = acc.reduce(torch.tensor(float(over), device=acc.device), "max").item() > 0
+        return over
 
 
 # --- reward sources --------------------------------------------------------------------------------

@@ -154,6 +154,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
         result["eval_start"] = online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg)
         run.log(0, result["eval_start"])
 
+    budget = online.Budget(cfg.max_minutes)
     while step < total:
         with runtime.Timer() as t:
             # 2. generate, score (EOS trick inside), reference log-probs
@@ -183,6 +184,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
             seq_kl = ((r.logps - r.ref_logps) * mask).sum(1).mean()
             kl_ctl.update(acc.reduce(seq_kl, "mean").item(), cfg.prompts_per_step * cfg.samples_per_prompt)
         step += 1
+        last = step == total or budget.spent(acc)
         # 6. log
         metrics.update(online.rollout_metrics(r))
         metrics["kl/beta"] = kl_ctl.beta
@@ -191,19 +193,21 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
         metrics = {k: acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item() for k, v in metrics.items()}
         metrics.update(runtime.perf_metrics(int(mask.sum()) * acc.num_processes, t.seconds, acc))
         metrics["optim/lr"] = sched.get_last_lr()[0]
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             metrics.update(online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg))
             result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or last:
             run.log(step, metrics)
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             run.log_samples(step, online.sample_rows(r))
         run.advance()
         # 7. checkpoint: policy at the top (plain HF), critic in value/
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
             result["checkpoint"] = str(runtime.save_checkpoint(
                 acc, run, step, {"policy": policy, "value": critic}, tok, opt, sched,
                 {"kl_controller": kl_ctl.state_dict()}))
+        if last:
+            break
     run.close()
     result["steps"] = step
     result["last"] = metrics
