@@ -70,12 +70,18 @@ class Rollout:
         return torch.cat([self.prompt_mask, self.completion_mask], 1)
 
     def select(self, idx) -> Rollout:
-        """The sub-batch at ``idx`` (a mini-batch), every tensor field sliced alike."""
+        """The sub-batch at ``idx`` (a mini-batch): row indices (list or tensor) or a (B,) bool mask.
+        Every tensor and list field is sliced alike; a tensor is indexed on its own device (the
+        trainers index with a GPU tensor while ``extras`` such as raw scores stay on the CPU)."""
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+            idx = idx.nonzero().squeeze(1)  # as row numbers, so lists get the same rows as tensors
+        rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
+
         def pick(v):
             if isinstance(v, torch.Tensor):
-                return v[idx]
+                return v[idx.to(v.device)] if isinstance(idx, torch.Tensor) else v[rows]
             if isinstance(v, list):
-                return [v[i] for i in (idx.tolist() if isinstance(idx, torch.Tensor) else idx)]
+                return [v[i] for i in rows]
             return v
         return Rollout(**{k: pick(getattr(self, k)) for k in self.__dataclass_fields__ if k != "extras"},
                        extras={k: pick(v) for k, v in self.extras.items()})
@@ -142,7 +148,7 @@ class HFBackend:
                       eos_token_id=self.tok.eos_token_id, use_cache=True)
         if sampling.temperature > 0:
             kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
-                          top_k=sampling.top_k or None)
+                          top_k=sampling.top_k)  # 0 disables top-k: generate would otherwise apply its default of 50
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         ctx = torch.random.fork_rng(devices=[]) if generator_seed is not None else contextlib.nullcontext()
