@@ -370,3 +370,38 @@ def test_long_prompt_error_or_skip(tmp_path, tokenizer):
         dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data)))
     examples, counts = dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data), long_prompts="skip"))
     assert len(examples) == 1 and counts["long_prompts"] == 1
+
+
+# --- iterative DPO -------------------------------------------------------------------------------------
+
+
+def test_rounds_sample_label_train_and_log_gold(tmp_path):
+    """Two rounds on the 'concise' task: each samples pairs from the current policy, labels them with the
+    simulated annotator, trains from that policy (its own reference), and logs eval/gold per round."""
+    from rlhfkit.data.io import load_preferences
+
+    out = tmp_path / "rounds"
+    result = train(DPOConfig(model="tiny", labeler="simulated", task="concise", rounds=2, round_prompts=4, round_k=3,
+                             round_max_new_tokens=8, gold_prompts=4, batch_size=4, micro_batch_size=2, lr=1e-3,
+                             eval_fraction=0.0, inference_micro_batch_size=12, output_dir=str(out), progress=False))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and result["gold"] == [r["eval/gold"] for r in rows]
+    assert rows[0]["policy"] == "tiny" and "round/pairs" not in rows[0]
+    assert rows[2]["policy"] == result["checkpoint"] and str(out / "round-2") in result["checkpoint"]
+    for r in (1, 2):
+        records = load_preferences(out / f"round-{r}" / "prefs.jsonl")
+        assert len(records) == rows[r]["round/pairs"] > 0 and {rec.source for rec in records} == {"simulated"}
+    # round 2 started from round 1's policy, which was also its reference
+    cfg2 = (out / "round-2" / "train" / "config.yaml").read_text()
+    assert f"model: {rows[1]['policy']}" in cfg2 and "reference_model: null" in cfg2
+
+
+def test_rounds_options_are_checked():
+    with pytest.raises(ValueError, match="rounds > 1 needs a labeler"):
+        DPOConfig(data="x", rounds=3).validate()
+    with pytest.raises(ValueError, match="labeler=simulated needs task"):
+        DPOConfig(labeler="simulated").validate()
+    with pytest.raises(ValueError, match="labeler must be 'simulated', got 'judge'"):
+        DPOConfig(labeler="judge", task="concise").validate()
+    with pytest.raises(ValueError, match="leave data unset"):
+        DPOConfig(labeler="simulated", task="concise", data="x").validate()
