@@ -190,3 +190,18 @@ def test_bad_input_messages():
         RunningScale(decay=1.0)
     with pytest.raises(ValueError, match="finite"):
         RunningScale().update(float("nan"))
+
+
+@pytest.mark.parametrize("c", [0.5, 1.0, 3.0])
+def test_target_stays_within_tanh_half_c_of_the_prior(c):
+    """Muesli §4: TV(π_CMPO, π_prior) <= tanh(c/2) whatever the advantages; the bound is attained by
+    a two-point prior with mass 1/(1 + e^c) on an action at +c and the rest on one at -c."""
+    g = torch.Generator().manual_seed(0)
+    prior = torch.distributions.Dirichlet(torch.full((6,), 0.5)).sample((500,))
+    adv = torch.randn(500, 6, generator=g) * 5
+    tv = 0.5 * (cmpo_target(prior.log(), adv, 1.0, c).exp() - prior).abs().sum(1)
+    assert tv.max().item() <= math.tanh(c / 2) + 1e-6
+    p = 1 / (1 + math.exp(c))
+    two_point = torch.tensor([p, 1 - p])
+    worst = 0.5 * (cmpo_target(two_point.log(), torch.tensor([c, -c]), 1.0, c).exp() - two_point).abs().sum()
+    assert worst.item() == pytest.approx(math.tanh(c / 2), abs=1e-6)

@@ -40,7 +40,8 @@ class CMPOConfig(online.OnlineConfig):
     policy gradient against the prior alone; typical 0.5-2."""
     c: float = 1.0
     """Clip of the normalised advantage in the target, exp(clip(A/σ̂, -c, c)) (Muesli: c = 1). It bounds
-    the target's total variation from the prior: no sample's weight can exceed e^{2c}/(e^{2c}+K-1)."""
+    how far the target sits from the prior, TV <= tanh(c/2) (0.46 at c = 1), and no sample's weight
+    can exceed e^{2c}/(e^{2c}+K-1). Typical 0.5-2."""
     prior_ema: float = 0.1
     """α, the prior's EMA rate: after each optimizer update prior <- (1 - α) prior + α policy
     (Muesli's target network rate, 0.1 in the paper as we read it). 1 = the prior is the latest

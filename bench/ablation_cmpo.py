@@ -1,0 +1,182 @@
+"""Ablation: CMPO against PPO, GRPO and RLOO at an equal sample budget, several seeds, two tasks.
+
+    python bench/ablation_cmpo.py [--model smollm2-135m-instruct] [--tasks sentiment,concise]
+        [--seeds 0,1,2] [--steps 40] [--prompts-per-step 8] [--samples-per-prompt 4]
+
+Every method sees the same number of sampled completions: ``steps x prompts_per_step x
+samples_per_prompt``. CMPO, GRPO and RLOO draw K = ``samples_per_prompt`` completions for each of
+``prompts_per_step`` prompts; PPO (critic baseline, one sample per prompt) draws one completion for
+each of ``prompts_per_step x K`` prompts. Everything else is each method's own default (learning
+rate unless ``--lr``, epochs, mini-batches, KL coefficient and estimator), so PPO does more gradient
+updates per sample (4 epochs x mini-batches) than the critic-free methods (one update per step).
+
+Score per run: the final eval hook's mean *gold* reward on the task's held-out prompts (sampled
+from the trained policy at the training temperature, fixed seed), and its KL(policy || reference).
+Aggregates follow Agarwal et al. 2021 (``rlhfkit.evaluate.stats``): IQM over all runs x tasks with a
+95% stratified bootstrap CI, and P(CMPO > X) with its CI, per baseline.
+
+Tasks: any built-in task (``rlhfkit tasks``) or ``toy``: the reward is the fraction of completion
+tokens in a fixed half S of the vocabulary (tests/test_online_rl.py's toy, learnable by a random
+'tiny' model in a few steps; gold = the same fraction of the re-tokenised text). A random tiny
+model almost never emits EOS, so pass ``--missing-eos-penalty none`` with it.
+
+The last line is ``RESULT cmpo_iqm=... ppo_iqm=... grpo_iqm=... rloo_iqm=... p_cmpo_gt_ppo=... ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_result  # noqa: E402
+
+METHODS = ("cmpo", "ppo", "grpo", "rloo")
+
+
+class ToyTask:
+    """Reward = fraction of completion tokens in S = {x : e_x . u > 0} (e: the model's input embeddings)."""
+
+    name = "toy"
+
+    def __init__(self, model_name: str):
+        import torch
+
+        from rlhfkit.models import load_model
+
+        model, self.tok = load_model(model_name)
+        u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        self.S = ((model.get_input_embeddings().weight.detach() @ u) > 0).tolist()
+
+    def prompts(self, split: str = "train"):
+        from rlhfkit.data.prompts import load_prompts
+
+        return [[{"role": "user", "content": p["prompt"]}] for p in load_prompts(split)]
+
+    def gold(self, prompts, completions):
+        out = []
+        for text in completions:
+            ids = self.tok(text, add_special_tokens=False).input_ids
+            out.append(sum(self.S[i] for i in ids if i < len(self.S)) / max(len(ids), 1))
+        return out
+
+
+def make_config(method: str, args, task_name: str, seed: int, out: Path):
+    """The method's config at its defaults, with the shared fields and the equal sample budget."""
+    shared = dict(model=args.model, task=task_name, seed=seed,
+                  total_steps=args.steps, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  missing_eos_penalty=args.missing_eos_penalty, eval_every=args.steps, eval_prompts=args.eval_prompts,
+                  sample_every=0, progress=False, output_dir=str(out))
+    if args.lr is not None:
+        shared["lr"] = args.lr
+    k, p = args.samples_per_prompt, args.prompts_per_step
+    if method == "cmpo":
+        from rlhfkit.train.cmpo import CMPOConfig as cls
+    elif method == "grpo":
+        from rlhfkit.train.grpo import GRPOConfig as cls
+    elif method == "rloo":
+        from rlhfkit.train.rloo import RLOOConfig as cls
+    else:
+        from rlhfkit.train.ppo import PPOConfig
+
+        cfg = PPOConfig(**shared, samples_per_prompt=1, prompts_per_step=p * k)
+        if cfg.mini_batch_size and (p * k) % cfg.mini_batch_size:
+            cfg.mini_batch_size = None  # the default 4 must divide the rollout batch; else one mini-batch
+        return cfg
+    return cls(**shared, samples_per_prompt=k, prompts_per_step=p)
+
+
+def train_fn(method: str):
+    import importlib
+
+    return importlib.import_module(f"rlhfkit.train.{method}").train
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="policy to start from (e.g. tiny:0.5)")
+    p.add_argument("--tasks", default="sentiment,concise", help="comma list of built-in tasks and/or 'toy'")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="comma list (>= 3 for the bootstrap to mean anything)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--prompts-per-step", type=int, default=8)
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="K for CMPO/GRPO/RLOO; PPO gets K x the prompts")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--missing-eos-penalty", default="-1", help="a float, or 'none' (use 'none' with tiny models)")
+    p.add_argument("--lr", type=float, default=None, help="one learning rate for every method (default: each method's)")
+    p.add_argument("--eval-prompts", type=int, default=32)
+    p.add_argument("--out", default="runs/ablation_cmpo")
+    args = p.parse_args(argv)
+    args.missing_eos_penalty = None if args.missing_eos_penalty.lower() == "none" else float(args.missing_eos_penalty)
+    return args
+
+
+def main(argv=None) -> int:
+    from rlhfkit.evaluate.stats import iqm, probability_of_improvement_ci, stratified_bootstrap_ci
+
+    args = parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    tasks = [t for t in args.tasks.split(",") if t]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    out_root = Path(args.out)
+    out_root.mkdir(parents=True, exist_ok=True)
+    budget = args.steps * args.prompts_per_step * args.samples_per_prompt
+    print(f"[ablation] model={args.model} tasks={tasks} methods={methods} seeds={seeds} steps={args.steps} "
+          f"samples/run={budget}", flush=True)
+
+    runs = []
+    t_all = time.perf_counter()
+    for task_name in tasks:
+        task = ToyTask(args.model) if task_name == "toy" else None
+        for method in methods:
+            for seed in seeds:
+                out = out_root / f"{task_name}-{method}-s{seed}"
+                cfg = make_config(method, args, task_name, seed, out)
+                t0 = time.perf_counter()
+                res = train_fn(method)(cfg, task=task)
+                end, start = res["eval_end"], res.get("eval_start", {})
+                row = {"task": task_name, "method": method, "seed": seed, "gold": end["eval/gold"],
+                       "gold_start": start.get("eval/gold"), "kl": end.get("eval/kl"), "seconds": time.perf_counter() - t0}
+                runs.append(row)
+                print(f"[ablation] {task_name:<10} {method:<5} seed {seed}: gold {row['gold']:.4f} "
+                      f"(start {row['gold_start']:.4f}) kl {row['kl']:.4f} ({row['seconds']:.0f} s)", flush=True)
+    (out_root / "runs.json").write_text(json.dumps(runs, indent=2))
+
+    def scores(method: str, key: str) -> dict:
+        return {t: np.array([r[key] for r in runs if r["method"] == method and r["task"] == t]) for t in tasks}
+
+    summary: dict = {"config": vars(args), "samples_per_run": budget, "methods": {}}
+    print(f"\n{'method':<6} {'gold IQM [95% CI]':<30} {'KL IQM':>8}  " + "  ".join(f"{t:>10}" for t in tasks))
+    for m in methods:
+        est = stratified_bootstrap_ci(scores(m, "gold"), iqm, seed=0)
+        kl = float(iqm(np.concatenate(list(scores(m, "kl").values()))))
+        per_task = {t: float(v.mean()) for t, v in scores(m, "gold").items()}
+        summary["methods"][m] = {"gold_iqm": est.to_dict(), "kl_iqm": kl, "gold_mean_per_task": per_task}
+        print(f"{m:<6} {str(est):<30} {kl:>8.4f}  " + "  ".join(f"{per_task[t]:>10.4f}" for t in tasks))
+    result = {f"{m}_iqm": summary["methods"][m]["gold_iqm"]["value"] for m in methods}
+    if "cmpo" in methods:
+        for other in (m for m in methods if m != "cmpo"):
+            poi = probability_of_improvement_ci(scores("cmpo", "gold"), scores(other, "gold"), seed=0)
+            summary[f"p_cmpo_gt_{other}"] = poi.to_dict()
+            print(f"P(cmpo > {other}) = {poi}")
+            result[f"p_cmpo_gt_{other}"] = poi.value
+            result[f"p_cmpo_gt_{other}_lo"] = poi.ci_low
+    result.update({f"{m}_kl": summary["methods"][m]["kl_iqm"] for m in methods})
+    result.update(model=args.model, tasks="+".join(tasks), seeds=len(seeds), steps=args.steps, samples_per_run=budget,
+                  minutes=(time.perf_counter() - t_all) / 60)
+    (out_root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_result(**result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
