@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 
 from rlhfkit.data.chat import tokenize_chat
 from rlhfkit.tracking import read_metrics
-from rlhfkit.train.sft import SFTConfig, collate, summed_nll, train
+from rlhfkit.train.sft import SEGMENT_SDPA, SFTConfig, collate, summed_nll, train, use_segment_attention
 
 TESTS = Path(__file__).parent
 # constant LR, no warmup: the per-step losses then depend only on the data, the batch and the loop
@@ -48,6 +49,28 @@ def test_summed_nll_equals_the_naive_computation(tiny, sft_conversations, packin
         nll, count = summed_nll(model, collate(chats, packing, tok.pad_token_id), torch.device("cpu"))
     assert count == sum(n for _, n in expected) == sum(sum(c.loss_mask[1:]) for c in chats)
     assert nll.item() == pytest.approx(sum(s for s, _ in expected), rel=1e-5)
+
+
+def test_segment_attention_equals_sdpa(sft_conversations, tmp_path):
+    """Padding-free rows: attention conversation by conversation (``segment_sdpa``) gives the loss and
+    gradients of sdpa over the whole row with the block-diagonal mask, and leaves no trace in a save."""
+    from rlhfkit.models import load_model
+
+    (ref, tok), (seg, _) = load_model("tiny", seed=3), load_model("tiny", seed=3)
+    assert use_segment_attention(seg) and seg.config._attn_implementation == SEGMENT_SDPA
+    assert ref.config._attn_implementation == "sdpa"
+    batch = collate([tokenize_chat(tok, c["messages"]) for c in sft_conversations], "padding_free", tok.pad_token_id)
+    assert batch["cu_seq_lens"].tolist()[-1] == batch["input_ids"].shape[1]
+    losses = []
+    for model in (ref, seg):
+        nll, _ = summed_nll(model, batch, torch.device("cpu"))
+        nll.backward()
+        losses.append(nll.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, a), b in zip(ref.named_parameters(), seg.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4, msg=name)
+    seg.save_pretrained(tmp_path)
+    assert "rlhfkit" not in (tmp_path / "config.json").read_text()
 
 
 def test_memorises_a_handful_of_conversations(shared_sft_jsonl, tmp_path):
@@ -82,12 +105,19 @@ def test_two_processes_match_one(shared_sft_jsonl, tmp_path, reference_losses):
     the script fails unless the trainer's accelerator saw both."""
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
-    proc = subprocess.run(
+    # own session: on a timeout the whole group (torchrun and both workers) is killed, no orphans left
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(TESTS / "sft_two_process.py"), str(shared_sft_jsonl), str(out), "3"],
-        capture_output=True, text=True, env=env, timeout=240,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail(f"two-process run timed out:\n{stderr[-4000:]}")
+    assert proc.returncode == 0, stderr[-4000:]
     record = json.loads((out / "processes.json").read_text())
     assert record["num_processes"] == 2 and record["backend"] == "gloo"
     assert record["losses"] == pytest.approx(reference_losses, abs=1e-4)

@@ -95,8 +95,9 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.nd
 
 
 def collate(examples: list[TokenizedChat], packing: str, pad_id: int) -> dict:
-    """Inputs for one forward pass; ``target_pos`` are the (row, position) pairs whose *next* token
-    is a loss token, so logits are computed only there (no full-vocab work on prompt tokens)."""
+    """Inputs for one forward pass; ``next_is_target`` (B, T) marks the positions whose *next* token
+    is a loss token, so logits are computed only there (no full-vocab work on prompt tokens).
+    Padding-free batches also carry ``cu_seq_lens`` (n + 1,): where each conversation starts in the row."""
     if packing == "padding_free":
         ids = torch.tensor([i for e in examples for i in e.input_ids])[None]
         pos = torch.cat([torch.arange(len(e.input_ids)) for e in examples])[None]
@@ -104,7 +105,8 @@ def collate(examples: list[TokenizedChat], packing: str, pad_id: int) -> dict:
         # a position's next token counts if it is a loss token inside the same conversation
         nxt = torch.zeros_like(mask)
         nxt[:, :-1] = mask[:, 1:] & (pos[:, 1:] != 0)
-        return {"input_ids": ids, "position_ids": pos, "attention_mask": None, "next_is_target": nxt}
+        cu = torch.tensor([0] + [len(e.input_ids) for e in examples], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return {"input_ids": ids, "position_ids": pos, "attention_mask": None, "next_is_target": nxt, "cu_seq_lens": cu}
     examples = sorted(examples, key=lambda e: len(e.input_ids))
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id)
@@ -125,6 +127,12 @@ def summed_nll(model, batch: dict, device) -> tuple[torch.Tensor, int]:
     kwargs = {"use_cache": False}
     if batch["position_ids"] is not None:
         kwargs["position_ids"] = batch["position_ids"].to(device)
+    if batch.get("cu_seq_lens") is not None:
+        # conversation boundaries, the varlen arguments of flash attention and segment_sdpa; sdpa and
+        # eager ignore them and rely on the block-diagonal mask built from the restarting position ids
+        cu = batch["cu_seq_lens"].to(device)
+        longest = int((batch["cu_seq_lens"][1:] - batch["cu_seq_lens"][:-1]).max())
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
     if batch["attention_mask"] is not None:
         kwargs["attention_mask"] = batch["attention_mask"].to(device)
     if ids.shape[0] == 1:
@@ -135,6 +143,51 @@ def summed_nll(model, batch: dict, device) -> tuple[torch.Tensor, int]:
         hidden = model(ids, **kwargs).logits  # (B, T, V); padded mode computes every position
         logits, targets = hidden[nxt], ids[:, 1:][nxt[:, :-1]]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), int(targets.numel())
+
+
+SEGMENT_SDPA = "rlhfkit_segment_sdpa"
+
+
+def segment_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                 **kwargs) -> tuple[torch.Tensor, None]:
+    """Causal attention computed conversation by conversation in a padding-free row.
+
+    query (1, H, T, D); key, value (1, Hkv, T, D); ``cu_seq_lens_q`` (n + 1,) the conversation starts.
+    Returns (1, T, H, D) like transformers' ``sdpa_attention_forward``, which it is when no
+    boundaries are given (padded batches, generation). sdpa over the whole row with the
+    block-diagonal mask computes all T^2 scores and masks most away; per conversation it computes
+    sum(T_i^2): for 8 conversations of ~150 tokens, 8x fewer attention FLOPs, measured 20-25% less
+    CPU time per SFT step of SmolLM2-135M. Can go when CPU sdpa skips fully masked blocks.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None or query.shape[0] != 1 or dropout:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    bounds = bounds.tolist()
+    gqa = query.shape[1] != key.shape[1]
+    out = torch.cat([
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       scale=scaling, enable_gqa=gqa)
+        for s, e in zip(bounds[:-1], bounds[1:])
+    ], dim=2)  # (1, H, T, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_segment_attention(model) -> bool:
+    """Switch a model on sdpa to ``segment_sdpa`` (same results; registered with transformers under
+    SEGMENT_SDPA, with sdpa's mask builder). Other implementations (flash attention: varlen already;
+    eager) are left alone. The name is not saved: checkpoints load with plain transformers."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    AttentionInterface.register(SEGMENT_SDPA, segment_sdpa)
+    AttentionMaskInterface.register(SEGMENT_SDPA, sdpa_mask)
+    model.set_attn_implementation(SEGMENT_SDPA)
+    return True
 
 
 @torch.no_grad()
@@ -160,6 +213,8 @@ def train(cfg: SFTConfig) -> dict:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     model, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
     model.config.use_cache = False
+    if cfg.packing == "padding_free":
+        use_segment_attention(model)
 
     # 2. data: tokenize, split off eval, fix the step count
     data = load_sft_data(cfg.data, tok, cfg.max_length)
