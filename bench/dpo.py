@@ -1,6 +1,6 @@
 """DPO (sigmoid) throughput and peak memory: rlhfkit against TRL's ``DPOTrainer``, side by side.
 
-    python bench/dpo.py [--steps 2] [--batch-size 8] [--micro-batch-size 4] [--pairs 64]
+    python bench/dpo.py [--steps 4] [--batch-size 8] [--micro-batch-size 4] [--pairs 64] [--threads 1]
 
 Both frameworks train the bundled SmolLM2-135M-Instruct (TRL gets the directory
 ``rlhfkit.models.loading.bundled_model_dir()``) in fp32 on the same preference pairs with the same
@@ -9,8 +9,8 @@ length limits, each in its own subprocess (``bench/common.py``), so peak RSS is 
 
 The data: ``--pairs`` synthetic pairs (conversational TRL format, which rlhfkit reads too) with
 realistically uneven lengths; each framework trains ONE epoch over the first steps x batch_size of
-them (on 2 shared CPU cores a full 64-pair epoch takes ~10 minutes per framework; ``--steps 8``
-runs all 64).
+them (default 4 steps = 32 pairs, ~3 CPU-minutes for both frameworks together; ``--steps 8`` runs
+all 64 in about twice that).
 
 What is timed (``time_s``): from before the first model load to the end of the last optimizer step,
 imports excluded. rlhfkit: the whole ``train(cfg)``, including tokenization and its reference
@@ -22,7 +22,8 @@ Threads: one torch thread per framework by default (``--threads``). This machine
 shared with other jobs; with 2 OpenMP threads a descheduled thread stalls the other at every barrier
 and wall times swing by 2x between identical runs, while single-threaded runs repeat closely.
 
-pairs/s = trained pairs / time_s. ``cpu_s`` (user + system CPU time over the same span) is reported
+pairs/s = trained pairs / time_s. ``mean_loss`` is the mean training loss over the steps in both
+(TRL's ``training_loss``); the two shuffle the pairs differently, so they agree only roughly. ``cpu_s`` (user + system CPU time over the same span) is reported
 too: on a shared machine it is the steadier figure, and ``cpu_speedup`` is its ratio.
 
 The last line is machine-readable:
@@ -103,8 +104,11 @@ def worker_rlhfkit(args) -> None:
     t0, c0 = time.perf_counter(), cpu_seconds()
     result = dpo.train(cfg)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    from rlhfkit.tracking import read_metrics
+
+    losses = [row["loss/dpo"] for row in read_metrics(cfg.output_dir)]
     write_worker_result(args.out, time_s=seconds, cpu_s=cpu, ref_pass_s=result["ref_pass_s"], steps=result["steps"],
-                        loss=result["loss/dpo"], peak_rss_mb=self_peak_rss_mb())
+                        mean_loss=sum(losses) / len(losses), peak_rss_mb=self_peak_rss_mb())
 
 
 def worker_trl(args) -> None:
@@ -133,13 +137,13 @@ def worker_trl(args) -> None:
                          processing_class=tok)
     out = trainer.train()
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-    write_worker_result(args.out, time_s=seconds, cpu_s=cpu, steps=out.global_step, loss=out.training_loss,
+    write_worker_result(args.out, time_s=seconds, cpu_s=cpu, steps=out.global_step, mean_loss=out.training_loss,
                         peak_rss_mb=self_peak_rss_mb())
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=2, help="optimizer steps = one epoch over steps x batch-size pairs")
+    p.add_argument("--steps", type=int, default=4, help="optimizer steps = one epoch over steps x batch-size pairs")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--pairs", type=int, default=64, help="pairs generated (the data set the steps draw from)")

@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,6 +291,24 @@ def test_accumulation_equals_one_big_batch(prefs, tmp_path):
     for name in ("accum", "padded"):
         assert runs[name]["loss/dpo"] == pytest.approx(runs["one"]["loss/dpo"], abs=1e-6)
         assert runs[name]["optim/grad_norm"] == pytest.approx(runs["one"]["optim/grad_norm"], rel=1e-4)
+
+
+def test_two_processes_match_one(prefs, tmp_path):
+    """Global batch 8 split over 2 processes (torchrun, gloo) gives the 1-process losses, rewards, gradient
+    norms and eval metrics: the loss is normalised by the global batch and metrics are gathered."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dpo_two_process import config
+
+    script = Path(__file__).parent / "dpo_two_process.py"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(prefs), str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "processes.json").read_text())["num_processes"] == 2
+    train(config(str(prefs), str(tmp_path / "one")))
+    keys = ("loss/dpo", "rewards/margin", "rewards/accuracy", "optim/grad_norm", "eval/loss", "eval/rewards/margin")
+    for one, two in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
+        for key in keys:
+            assert two[key] == pytest.approx(one[key], abs=1e-5), key
 
 
 def test_cli_subprocess(small, tmp_path, monkeypatch, capsys):
