@@ -17,8 +17,9 @@ Two layouts (``packing``), which give the same values (``tests/test_dpo.py`` che
     GRPO's K samples) it is computed ONCE: the row holds ``prompt, completion_1, ..., completion_K``,
     each completion's positions continue from the prompt's end, and an explicit (1, 1, N, N) mask lets a
     completion token see the prompt and its own earlier tokens only. This needs an attention
-    implementation that takes a dense 4D mask (``sdpa``, ``eager``); with others (FlashAttention's
-    variable-length kernels) every sequence gets its own copy of the prompt, selected by position ids.
+    implementation that takes a dense 4D mask (``sdpa``, ``eager``) and no sliding-window layers (a
+    custom mask replaces theirs); otherwise (FlashAttention's variable-length kernels, Mistral-style
+    windows) every sequence gets its own copy of the prompt, separated by position ids.
     The dense mask costs N^2 bools for a row of N tokens (25 MB at N = 5000): size micro-batches so.
 ``"padded"``
     one row per sequence, prompts left-padded to the longest prompt and completions right-padded to
@@ -104,10 +105,11 @@ def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_p
     groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> the sequences continuing it, in batch order
     for b, p in enumerate(prompt_ids):
         groups.setdefault(tuple(p), []).append(b)
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if attn is None and hasattr(model, "module"):  # DDP-wrapped
-        attn = getattr(model.module.config, "_attn_implementation", None)
-    share = share_prompts and attn in ("sdpa", "eager") and len(groups) < len(prompt_ids)
+    config = getattr(model, "config", None) or model.module.config  # model.module: DDP-wrapped
+    attn = getattr(config, "_attn_implementation", None)
+    # a custom 4D mask replaces every layer's own mask, sliding-window layers' included
+    sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    share = share_prompts and attn in ("sdpa", "eager") and not sliding and len(groups) < len(prompt_ids)
     if not share:  # every sequence with its own prompt copy: one entry per sequence
         groups = {(b,): [b] for b in range(len(prompt_ids))}
     ids, pos, seg, branch = [], [], [], []
