@@ -68,13 +68,18 @@ class Database:
         self._write_factory = sessionmaker(self.engine, expire_on_commit=False)
         self._fast_factory = sessionmaker(self.fast_engine, expire_on_commit=False)
         self._read_factory = sessionmaker(self.read_engine, expire_on_commit=False)
-        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        # Reentrant: the label group commit holds it across its transaction (store._submit_grouped).
+        self._write_lock = threading.RLock() if self.is_sqlite else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def write(self, durable: bool = True) -> Iterator[Session]:
         factory = self._write_factory if durable else self._fast_factory
         with self._write_lock, factory() as session, session.begin():
             yield session
+
+    def writer(self):
+        """The in-process writer lock (reentrant; a no-op on PostgreSQL)."""
+        return self._write_lock
 
     @contextlib.contextmanager
     def begin(self, *, write: bool = False, durable: bool = True) -> Iterator[Connection]:

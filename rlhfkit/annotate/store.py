@@ -60,6 +60,8 @@ MOVE_SLOTS = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_
 
 ANNOTATOR_SESSION = timedelta(days=30)
 ADMIN_SESSION = timedelta(hours=12)
+MAX_GROUP = 64
+"""Most answers stored in one SQLite transaction (group commit)."""
 SESSION_CACHE_S = 10.0
 """How long a server process trusts a session it looked up. Signing out and deactivating through
 this process take effect at once; through another process (the CLI, a second server) within this."""
@@ -128,12 +130,25 @@ def digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+@dataclass
+class _Pending:
+    """One answer waiting for a group commit (see ``Store._submit_grouped``)."""
+
+    who: Principal
+    x: LabelInput
+    result: tuple[dict, bool] | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
 class Store:
     def __init__(self, url: str, *, session_cache_s: float = SESSION_CACHE_S):
         self.db = Database(url)
         self.session_cache_s = session_cache_s
         self._sessions: dict[str, tuple[float, Principal]] = {}
         self._sessions_lock = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -358,13 +373,20 @@ class Store:
         with self.db.begin() as conn:
             return self._progress(conn, who)
 
-    def page(self, who: Principal, full: bool = True) -> dict:
+    def page(self, who: Principal, full: bool = True, may_write: bool = True) -> dict | None:
         """What the labelling page shows: ``item`` (the current pair or None), and with ``full``
         ``progress``, the project's ``guidelines`` and the annotator's ``last`` answer (so a wrong
-        key can be put right at once)."""
+        key can be put right at once).
+
+        With ``may_write=False`` it only reads, and returns None when the annotator has no open
+        assignment (one has to be written first): the server then calls it again from a worker
+        thread, where waiting for the writer lock blocks nothing else.
+        """
         with self.db.begin() as conn:
             got = assign.open_assignment(conn, who.queue)
         if got is None:  # usually made already by submit(); otherwise take the writer lock now
+            if not may_write:
+                return None
             with self.db.begin(write=True, durable=False) as conn:
                 got = assign.next_assignment(conn, who.queue)
         view = {"item": None}
@@ -389,40 +411,17 @@ class Store:
 
     def submit(self, who: Principal, x: LabelInput) -> tuple[dict, bool]:
         """Store one answer. Returns ``(label, created)``; a retry of a stored submission returns the
-        stored label with ``created=False``. The unique key on ``submission_id`` decides races."""
+        stored label with ``created=False``. The unique key on ``submission_id`` decides races.
+
+        Returns only once the label is committed (on SQLite with ``synchronous=FULL``: on disk).
+        """
         if x.choice not in CHOICES:
             raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
+        if self.db.is_sqlite:
+            return self._submit_grouped(who, x)
         try:
             with self.db.begin(write=True) as conn:
-                # Checked inside the write transaction: a retry racing its original must see it.
-                replay = self._replay(conn, who, x)
-                if replay is not None:
-                    return replay, False
-                a = conn.execute(ASSIGNMENT, {"a_id": x.assignment_id}).first()
-                if a is None or a.annotator_id != who.annotator_id:
-                    raise Refused(404, "no such assignment for this annotator", "assignment_id")
-                if a.status in ("done", "skipped"):
-                    # PostgreSQL (read committed): the original of this retry may have committed
-                    # after our first look; this new statement sees it.
-                    replay = self._replay(conn, who, x)
-                    if replay is not None:
-                        return replay, False
-                    raise Refused(409, "this assignment is already answered; change the answer with "
-                                       "PATCH /api/labels/{id}", "assignment_id")
-                skip = x.choice == "skip"
-                row = {"submission_id": x.submission_id, "assignment_id": a.id, "annotator_id": a.annotator_id,
-                       "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left),
-                       "skipped": skip, "strength": x.strength, "rationale": _text(x.rationale),
-                       "unsafe": x.unsafe, "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
-                row["id"] = conn.execute(NEW_LABEL, row).inserted_primary_key[0]
-                conn.execute(SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
-                delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
-                if delta:
-                    conn.execute(MOVE_SLOTS, {"p_id": a.pair_id, "delta": delta})
-                # Hand out the next pair in the same transaction: it rides on this commit's fsync, and
-                # the page load that follows only reads.
-                assign.next_assignment(conn, who.queue)
-                return _label_view(SimpleNamespace(**row), a.left), True
+                return self._store_answer(conn, who, x)
         except IntegrityError:
             # PostgreSQL: a concurrent request with the same submission_id (or for the same
             # assignment) committed first; the unique constraints decided, now tell which it was.
@@ -431,6 +430,80 @@ class Store:
             if replay is None:
                 raise Refused(409, "this assignment is already answered", "assignment_id") from None
             return replay, False
+
+    def _submit_grouped(self, who: Principal, x: LabelInput) -> tuple[dict, bool]:
+        """SQLite group commit: answers that arrive while a commit is waiting for the disk are
+        stored together in the next transaction, one fsync for all of them.
+
+        Every request queues its answer, then takes the writer lock. The first to get it commits
+        everything queued (each answer inside its own SAVEPOINT, so one refusal does not undo the
+        others) and marks them done; the others find theirs done and return. Under load this turns
+        N commits into one; alone, a request commits just its own answer, as before.
+        """
+        mine = _Pending(who, x)
+        with self._queue_lock:
+            self._queue.append(mine)
+        while not mine.done:  # more than MAX_GROUP ahead of us: a few rounds
+            with self.db.writer():
+                if not mine.done:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                    self._commit_group(batch)
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
+
+    def _commit_group(self, batch: list[_Pending]) -> None:
+        try:
+            with self.db.begin(write=True) as conn:
+                for p in batch:
+                    # SAVEPOINT by hand: SQLAlchemy compiles its savepoint construct afresh each time.
+                    conn.exec_driver_sql("SAVEPOINT answer")
+                    try:
+                        p.result = self._store_answer(conn, p.who, p.x)
+                        conn.exec_driver_sql("RELEASE SAVEPOINT answer")
+                    except Exception as e:  # handed to the request it belongs to, which raises it
+                        conn.exec_driver_sql("ROLLBACK TO SAVEPOINT answer")
+                        conn.exec_driver_sql("RELEASE SAVEPOINT answer")
+                        p.error = e
+        except Exception as e:  # the commit failed: none of these answers is stored
+            for p in batch:
+                p.result, p.error = None, p.error or e
+        finally:
+            for p in batch:
+                p.done = True
+
+    def _store_answer(self, conn, who: Principal, x: LabelInput) -> tuple[dict, bool]:
+        """The write itself, inside the caller's transaction."""
+        # Checked inside the write transaction: a retry racing its original must see it.
+        replay = self._replay(conn, who, x)
+        if replay is not None:
+            return replay, False
+        a = conn.execute(ASSIGNMENT, {"a_id": x.assignment_id}).first()
+        if a is None or a.annotator_id != who.annotator_id:
+            raise Refused(404, "no such assignment for this annotator", "assignment_id")
+        if a.status in ("done", "skipped"):
+            # PostgreSQL (read committed): the original of this retry may have committed after our
+            # first look; this new statement sees it.
+            replay = self._replay(conn, who, x)
+            if replay is not None:
+                return replay, False
+            raise Refused(409, "this assignment is already answered; change the answer with "
+                               "PATCH /api/labels/{id}", "assignment_id")
+        skip = x.choice == "skip"
+        row = {"submission_id": x.submission_id, "assignment_id": a.id, "annotator_id": a.annotator_id,
+               "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left), "skipped": skip,
+               "strength": x.strength, "rationale": _text(x.rationale), "unsafe": x.unsafe,
+               "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
+        row["id"] = conn.execute(NEW_LABEL, row).inserted_primary_key[0]
+        conn.execute(SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
+        delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
+        if delta:
+            conn.execute(MOVE_SLOTS, {"p_id": a.pair_id, "delta": delta})
+        # Hand out the next pair in the same transaction: it rides on this commit's fsync, and the
+        # page load that follows only reads.
+        assign.next_assignment(conn, who.queue)
+        return _label_view(SimpleNamespace(**row), a.left), True
 
     @staticmethod
     def _replay(conn, who: Principal, x: LabelInput) -> dict | None:

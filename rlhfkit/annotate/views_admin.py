@@ -21,8 +21,9 @@ from rlhfkit.annotate.web import COOKIE, LOGIN_CSRF_COOKIE, Auth, Problem, check
 def router(store: Store, auth: Auth) -> APIRouter:
     r = APIRouter()
 
-    def admin(request: Request) -> Principal | None:
-        """A dependency, so that sign-in is checked before parameters: 401 first, never 422."""
+    async def admin(request: Request) -> Principal | None:
+        """A dependency, so that sign-in is checked before parameters: 401 first, never 422.
+        ``async``: run on the event loop, no worker-thread hop (a dict hit or one indexed read)."""
         return auth.admin(request)
 
     @r.get("/admin/login")

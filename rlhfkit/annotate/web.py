@@ -44,8 +44,9 @@ SECURITY_HEADERS = [
 NO_STORE = (b"cache-control", b"no-store")
 access_log = logging.getLogger("rlhfkit.annotate.access")
 
+# auto_reload off: templates ship with the package, so no stat() of the file on every render.
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
-                        lstrip_blocks=True)
+                        lstrip_blocks=True, auto_reload=False)
 
 
 class Problem(HTTPException):
