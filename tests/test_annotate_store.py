@@ -318,3 +318,34 @@ def test_export_files_and_hf_dataset_roundtrip(db_url, tmp_path):
     assert len(ds) == 2
     recs = [PreferenceRecord.from_dict(row) for row in ds]
     assert recs[0].metadata["votes"][0]["annotator"] in ("alice", "bob") and recs[1].tie
+
+
+def test_concurrent_answers_commit_together_and_fail_alone(db_url, tmp_path):
+    """Answers arriving together share a commit on SQLite (group commit); one refused answer in
+    the group must fail alone, and every other answer must be stored."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    store = new_store(db_url)
+    names = [f"a{i}" for i in range(8)]
+    tokens = setup_project(store, tmp_path, n_pairs=4, overlap=8, annotators=names)
+    people = [who(store, tokens[n]) for n in names]
+    items = [store.next_item(p) for p in people]
+    start = Barrier(len(people))
+
+    def answer_one(k):
+        start.wait()
+        # a3 answers a4's assignment: refused; everyone else answers their own
+        target = items[4].assignment_id if k == 3 else items[k].assignment_id
+        return store.submit(people[k], LabelInput(f"group-{k:04d}", target, "tie"))
+
+    with ThreadPoolExecutor(len(people)) as pool:
+        futures = [pool.submit(answer_one, k) for k in range(len(people))]
+    for k, f in enumerate(futures):
+        if k == 3:
+            with pytest.raises(Refused) as e:
+                f.result()
+            assert e.value.status == 404
+        else:
+            assert f.result()[1] is True
+    assert count(store, Label) == len(people) - 1
