@@ -116,7 +116,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", self.db, "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", self.log_level],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)  # like a service: its own session (and CPU share), not the test's
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
