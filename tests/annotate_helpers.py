@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -113,15 +114,18 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> Server:
+        # Output to a file, not a pipe nobody reads (a full pipe would block the server).
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="annotate-server-", suffix=".log")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", self.db, "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", self.log_level],
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)  # like a service: its own session (and CPU share), not the test's
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()}")
+                self.log.seek(0)
+                raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read()}")
             try:
                 if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
                     return self
@@ -144,8 +148,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.proc is not None:
+            self.log.close()
 
     def __enter__(self) -> Server:
         return self.start()
