@@ -293,6 +293,7 @@ def test_accumulation_equals_one_big_batch(prefs, tmp_path):
         assert runs[name]["optim/grad_norm"] == pytest.approx(runs["one"]["optim/grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(prefs, tmp_path):
     """Global batch 8 split over 2 processes (torchrun, gloo) gives the 1-process losses, rewards, gradient
     norms and eval metrics: the loss is normalised by the global batch and metrics are gathered."""
@@ -394,6 +395,7 @@ def test_long_prompt_error_or_skip(tmp_path, tokenizer):
 # --- iterative DPO -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_rounds_sample_label_train_and_log_gold(tmp_path):
     """Two rounds on the 'concise' task: each samples pairs from the current policy, labels them with the
     simulated annotator, trains from that policy (its own reference), and logs eval/gold per round."""

@@ -6,12 +6,14 @@ docs/dpo.md gives every loss's equation and when to use it.
 
 Efficiency by design (docs/dpo.md, "Efficiency"):
 
-- the reference model is run ONCE over the dataset before the policy exists (``reference_pass``);
+- the reference model is run ONCE over the dataset before the policy exists (``reference_logps``);
   its log-probs are kept in memory and in ``<run dir>/ref_logps.pt`` keyed by a hash of the data and
   the reference model, and the reference is deleted before training. Reference-free losses
   (simpo, orpo) never load one;
-- chosen and rejected go through the policy in ONE forward pass, packed without padding
-  (``rlhfkit.train.logps.completion_logps``), with logits computed on completion tokens only.
+- chosen and rejected go through the policy in ONE forward pass, packed without padding, their shared
+  prompt computed once (``rlhfkit.train.logps.completion_logps``), with logits on completion tokens only.
+
+Iterative DPO (``labeler``, ``rounds``) is ``train_rounds`` at the end of the file.
 
 Batch vocabulary (as in SFT): ``batch_size`` examples per optimizer step across all processes =
 ``micro_batch_size`` x accumulation steps x processes. An example is a pair (two sequences) for the
