@@ -21,7 +21,13 @@ Its optimizer is its default, ``adamw_torch_fused``. TRL's ``packing=True`` is n
 concatenates conversations into rows of ``max_length`` tokens, which changes the number of
 conversations per step.
 
-The last line is ``RESULT speedup=... mem_ratio=... rlhfkit_tok_s=... trl_tok_s=...``.
+On a shared machine other processes' load moves the wall-clock figures by tens of percent from one
+run to the next; ``speedup_cpu`` (tokens per CPU-second of the training process, all threads) is
+the same ratio by a clock that load disturbs much less. Peak RSS is the whole process's (kernel
+accounting of the finished child); the figure at the last step leaves out rlhfkit's final
+checkpoint save (TRL is told not to save).
+
+The last line is ``RESULT speedup=... mem_ratio=... rlhfkit_tok_s=... trl_tok_s=... speedup_cpu=...``.
 """
 
 from __future__ import annotations
@@ -96,10 +102,22 @@ def make_conversations(n: int, tok, seed: int = 0, min_tokens: int = 100, max_to
 
 
 def rlhfkit_worker(args) -> None:
+    import time
+
+    from rlhfkit import tracking
     from rlhfkit.models.loading import BUNDLED
     from rlhfkit.tracking import read_metrics
     from rlhfkit.train.sft import SFTConfig, train
 
+    # the trainer logs right after each optimizer step: record the process's CPU time there too
+    cpu_times, rss, original_log = [], [], tracking.RunDir.log
+
+    def log_with_cpu_time(self, step, metrics):
+        cpu_times.append(time.process_time())
+        rss.append(self_peak_rss_mb())
+        return original_log(self, step, metrics)
+
+    tracking.RunDir.log = log_with_cpu_time
     with tempfile.TemporaryDirectory() as out:
         cfg = SFTConfig(model=BUNDLED, data=args.data, output_dir=out, max_steps=args.steps, batch_size=args.batch_size,
                         micro_batch_size=args.batch_size, max_length=args.max_length, lr=LR, lr_schedule="constant",
@@ -109,7 +127,8 @@ def rlhfkit_worker(args) -> None:
         rows = read_metrics(out)
     ends = [r["time"] for r in rows]  # written right after each optimizer step
     tokens = [round(r["perf/tokens_per_s"] * r["perf/step_s"]) for r in rows]  # real tokens, no padding
-    write_worker_result(args.out, framework="rlhfkit", step_end_times=ends, step_tokens=tokens,
+    write_worker_result(args.out, framework="rlhfkit", step_end_times=ends, step_end_cpu=cpu_times, step_end_peak_rss_mb=rss,
+                        step_tokens=tokens,
                         losses=[r["loss/sft"] for r in rows], peak_rss_mb_self=self_peak_rss_mb())
 
 
@@ -133,8 +152,13 @@ def trl_worker(args) -> None:
     class StepEnd(TrainerCallback):
         times: list[float] = []
 
+        cpu: list[float] = []
+        rss: list[float] = []
+
         def on_step_end(self, targs, state, control, **kw):
             self.times.append(time.time())
+            self.cpu.append(time.process_time())
+            self.rss.append(self_peak_rss_mb())
 
     timer = StepEnd()
     with tempfile.TemporaryDirectory() as out:
@@ -150,6 +174,7 @@ def trl_worker(args) -> None:
     logs = [h for h in trainer.state.log_history if "num_tokens" in h and "loss" in h]
     seen = [0] + [int(h["num_tokens"]) for h in logs]  # cumulative real tokens (padding-free: no pad tokens)
     write_worker_result(args.out, framework="trl", version=trl.__version__, step_end_times=timer.times,
+                        step_end_cpu=timer.cpu, step_end_peak_rss_mb=timer.rss,
                         step_tokens=[b - a for a, b in zip(seen, seen[1:])], losses=[h["loss"] for h in logs],
                         peak_rss_mb_self=self_peak_rss_mb(), optim=targs.optim)
 
@@ -157,9 +182,10 @@ def trl_worker(args) -> None:
 # --- the comparison --------------------------------------------------------------------------------
 
 
-def throughput(result: dict) -> float:
-    """Real tokens of steps 2..N over the wall time from the end of step 1 to the end of step N."""
-    ends, tokens = result["step_end_times"], result["step_tokens"]
+def throughput(result: dict, clock: str = "step_end_times") -> float:
+    """Real tokens of steps 2..N over the time from the end of step 1 to the end of step N, by the
+    wall clock (``step_end_times``) or the process's CPU time (``step_end_cpu``, all threads)."""
+    ends, tokens = result[clock], result["step_tokens"]
     assert len(ends) == len(tokens) >= 2, f"{result['framework']}: {len(ends)} step times, {len(tokens)} token counts"
     return sum(tokens[1:]) / (ends[-1] - ends[0])
 
@@ -202,14 +228,19 @@ def main() -> None:
             if m.returncode != 0:
                 fail(m, framework)
             r = read_worker_result(out)
-            r["tok_s"], r["peak_rss_mb"], r["wall_s"] = throughput(r), m.peak_rss_mb, m.wall_s
+            r["tok_s"], r["tok_cpu_s"] = throughput(r), throughput(r, "step_end_cpu")
+            r["peak_rss_mb"], r["wall_s"] = m.peak_rss_mb, m.wall_s
             results[framework] = r
-            print(f"{framework:>8}: {r['tok_s']:8.1f} tok/s  peak RSS {m.peak_rss_mb:7.0f} MiB  process wall "
-                  f"{m.wall_s:6.1f} s  losses {[round(x, 3) for x in r['losses']]}", flush=True)
+            print(f"{framework:>8}: {r['tok_s']:8.1f} tok/s  {r['tok_cpu_s']:8.1f} tok/CPU-s  peak RSS "
+                  f"{m.peak_rss_mb:7.0f} MiB (at the last step {r['step_end_peak_rss_mb'][-1]:7.0f})  "
+                  f"process wall {m.wall_s:6.1f} s  "
+                  f"losses {[round(x, 3) for x in r['losses']]}", flush=True)
     ours, trl_ = results["rlhfkit"], results["trl"]
-    print(f"TRL {trl_.get('version')} optimizer: {trl_.get('optim')}")
+    print(f"TRL {trl_.get('version')} optimizer: {trl_.get('optim')}; load average at the end: "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    # speedup_cpu: the same ratio by CPU time, which other processes' load disturbs much less
     print_result(speedup=ours["tok_s"] / trl_["tok_s"], mem_ratio=ours["peak_rss_mb"] / trl_["peak_rss_mb"],
-                 rlhfkit_tok_s=ours["tok_s"], trl_tok_s=trl_["tok_s"],
+                 rlhfkit_tok_s=ours["tok_s"], trl_tok_s=trl_["tok_s"], speedup_cpu=ours["tok_cpu_s"] / trl_["tok_cpu_s"],
                  rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps,
                  batch_size=args.batch_size)
 
