@@ -13,9 +13,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
-from annotate_helpers import DB_KINDS, Server, db_url_fixture, new_store, setup_project, sign_in, write_pairs
+from annotate_helpers import (
+    DB_KINDS,
+    LeanClient,
+    Server,
+    db_url_fixture,
+    new_store,
+    setup_project,
+    write_pairs,
+)
 from sqlalchemy import func, select, text
 
 from rlhfkit.annotate.models import Assignment, Label
@@ -28,40 +35,47 @@ def label_loop(url: str, token: str, n: int, seed: int, acked: list, stop: threa
     """Sign in and label up to ``n`` pairs; append every 2xx-acknowledged submission id to ``acked``.
 
     Every 4th submission is retried after its success (must be a 200 replay); every 5th is sent twice
-    at once (one 201, one 200). Returns how many labels were acknowledged; stops at the first
-    connection error when ``stop`` is given (the server was killed).
+    at once over two connections (one 201, one 200). Returns how many labels were acknowledged;
+    stops at the first connection error when ``stop`` is given (the server was killed).
     """
     rng = random.Random(seed)
     done = 0
-    with httpx.Client(base_url=url, timeout=30.0) as client, ThreadPoolExecutor(2) as twin:
-        csrf = sign_in(client, token)
-        headers = {"X-CSRF-Token": csrf}
-        for k in range(n):
-            if stop is not None and stop.is_set():
-                break
-            try:
-                item = client.get("/api/next").json()["item"]
-                if item is None:
+    client, twin = LeanClient(url), LeanClient(url)
+    try:
+        with ThreadPoolExecutor(1) as other:
+            headers = {"X-CSRF-Token": client.sign_in(token)}
+            twin.cookie = client.cookie
+            for k in range(n):
+                if stop is not None and stop.is_set():
                     break
-                body = {"submission_id": f"s{seed:03d}-{k:04d}", "assignment_id": item["assignment_id"],
-                        "choice": rng.choice(["left", "right", "tie"]), "duration_ms": rng.randint(500, 9000)}
-                if k % 5 == 0:
-                    futures = [twin.submit(client.post, "/api/labels", json=body, headers=headers) for _ in range(2)]
-                    codes = sorted(f.result().status_code for f in futures)
-                    assert codes == [200, 201], codes
-                else:
-                    r = client.post("/api/labels", json=body, headers=headers)
-                    assert r.status_code == 201, r.text
-                acked.append(body["submission_id"])
-                done += 1
-                if k % 4 == 0:
-                    r = client.post("/api/labels", json=body, headers=headers)
-                    assert r.status_code == 200 and r.json()["replayed"], r.text
-            except httpx.TransportError:
-                if stop is None:
-                    raise
-                acked.append(None)  # marks a request cut off by the kill
-                return done
+                try:
+                    status, nxt = client.request("GET", "/api/next")
+                    assert status == 200, nxt
+                    if nxt["item"] is None:
+                        break
+                    body = {"submission_id": f"s{seed:03d}-{k:04d}", "assignment_id": nxt["item"]["assignment_id"],
+                            "choice": rng.choice(["left", "right", "tie"]), "duration_ms": rng.randint(500, 9000)}
+                    if k % 5 == 0:
+                        second = other.submit(twin.request, "POST", "/api/labels", body, headers)
+                        first = client.request("POST", "/api/labels", body, headers)
+                        codes = sorted([first[0], second.result()[0]])
+                        assert codes == [200, 201], (codes, first, second.result())
+                    else:
+                        status, reply = client.request("POST", "/api/labels", body, headers)
+                        assert status == 201, reply
+                    acked.append(body["submission_id"])
+                    done += 1
+                    if k % 4 == 0:
+                        status, reply = client.request("POST", "/api/labels", body, headers)
+                        assert status == 200 and reply["replayed"], reply
+                except LeanClient.TRANSPORT_ERRORS:
+                    if stop is None:
+                        raise
+                    acked.append(None)  # marks a request cut off by the kill
+                    return done
+    finally:
+        client.close()
+        twin.close()
     return done
 
 

@@ -36,9 +36,10 @@ from rlhfkit.annotate.store import Store
 from rlhfkit.annotate.web import HERE, Auth, Problem, SecurityHeaders, error_response, render, templates
 
 
-def create_app(store: Store, *, secure_cookies: bool = False) -> FastAPI:
+def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = True) -> FastAPI:
     """``secure_cookies``: mark cookies Secure; set it when the app is served over HTTPS (behind a
-    reverse proxy), never for plain-HTTP loopback use, or browsers drop the cookie."""
+    reverse proxy), never for plain-HTTP loopback use, or browsers drop the cookie. ``warm_up``:
+    compile templates and SQL before the first request (``serve`` does; unit tests skip it)."""
     app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
     auth = Auth(store, secure_cookies)
     app.state.store = store
@@ -71,9 +72,10 @@ def create_app(store: Store, *, secure_cookies: bool = False) -> FastAPI:
     def healthz():
         return {"ok": True}
 
-    for template in templates.list_templates():
-        templates.get_template(template)  # compile now, not during the first requests
-    store.warm_up()
+    if warm_up:
+        for template in templates.list_templates():
+            templates.get_template(template)  # compile now, not during the first requests
+        store.warm_up()
 
     app.include_router(views_annotator.router(store, auth))
     app.include_router(views_admin.router(store, auth))
