@@ -91,6 +91,11 @@ def worker_rlhfkit(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    import accelerate  # noqa: F401  imported before the clock starts, as TRL's imports are
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import rlhfkit.data.io  # noqa: F401
+    import rlhfkit.models  # noqa: F401
     from rlhfkit.models.loading import BUNDLED
     from rlhfkit.train import dpo, runtime
 
@@ -114,6 +119,7 @@ def worker_rlhfkit(args) -> None:
 def worker_trl(args) -> None:
     import datasets
     import torch
+    import transformers.models.llama.modeling_llama  # noqa: F401  (as in the rlhfkit worker)
     from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
