@@ -104,6 +104,16 @@ class Browser:
 
     async def request(self, method: str, path: str, body: bytes | None = None,
                       headers: dict | None = None) -> tuple[int, dict, bytes]:
+        reused = self.writer is not None
+        try:
+            return await self._request(method, path, body, headers)
+        except ConnectionError:
+            if not reused:
+                raise
+            # The server closed the idle keep-alive connection; the request never reached the app.
+            return await self._request(method, path, body, headers)
+
+    async def _request(self, method: str, path: str, body: bytes | None, headers: dict | None):
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]

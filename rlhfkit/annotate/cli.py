@@ -143,8 +143,10 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
     app = create_app(store, secure_cookies=args.secure_cookies)
     # uvicorn's own access log would print /a/<token> links; ours (rlhfkit.annotate.access) redacts them.
+    # Keep idle connections 75 s (nginx's default) instead of uvicorn's 5: annotators think for tens
+    # of seconds between requests, and a new connection (TLS behind a proxy) costs more than an idle one.
     uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, timeout_keep_alive=75)
     return 0
 
 
