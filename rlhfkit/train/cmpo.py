@@ -11,7 +11,7 @@ advantages A -> running scale σ̂ (bias-corrected RMS of A) -> CMPO target weig
 
 -> after every optimizer update, π_prior <- (1 - α) π_prior + α π_θ (α = ``prior_ema``).
 
-The loop is grpo.py's, phase for phase; ``optimize`` and ``_CustomReward`` are reused from there.
+The loop is grpo.py's, phase for phase; ``optimize`` is reused from there, ``CustomReward`` from online.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean, masked_sum
 from rlhfkit.rollout.engine import HFBackend, Rollout, Sampler, completion_logps
 from rlhfkit.train import online, runtime
-from rlhfkit.train.grpo import _CustomReward, optimize
+from rlhfkit.train.grpo import optimize
 
 
 @dataclass
@@ -177,7 +177,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     else:
         raise FileNotFoundError(f"resume: {ckpt} has no prior/ sub-folder; resume CMPO only from a CMPO checkpoint")
     prior.eval().requires_grad_(False)
-    reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else _CustomReward(reward_fn)
+    reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else online.CustomReward(reward_fn)
     total = cfg.steps()
     local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)

@@ -150,27 +150,15 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     the built-in task named by ``cfg.task``."""
 
     # 1. runtime, task, models, optimizer
-    acc = runtime.make_accelerator(cfg.mixed_precision)
-    runtime.seed_everything(cfg.seed + acc.process_index)
-    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or online.get_task(cfg.task)
-    policy, ref, tok = online.load_policy_and_reference(cfg, ckpt)
-    reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else _CustomReward(reward_fn)
-    total = cfg.steps()
-    local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    s = online.start(cfg, reward_fn, task)
+    acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total
+    opt = torch.optim.AdamW(s.policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
-    policy, opt = acc.prepare(policy, opt)
+    policy, opt = acc.prepare(s.policy, opt)
     ref.to(acc.device)
     sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
-    stream = online.PromptStream(task.prompts("train"), cfg.seed)
-    eval_prompts = task.prompts("heldout")[:cfg.eval_prompts]
-    step = 0
-    if ckpt:
-        state = runtime.load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+    eval_prompts = s.eval_prompts
+    step, _ = online.restore(ckpt, opt, sched)
     run = runtime.open_run(cfg, method, acc, total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}
@@ -182,8 +170,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     while step < total:
         with runtime.Timer() as t:
             # 2. generate and score this process's share of the prompts
-            prompts = stream.batch(step, cfg.prompts_per_step)
-            prompts = prompts[acc.process_index * local_prompts:(acc.process_index + 1) * local_prompts]
+            prompts = online.local_batch(s, step, cfg)
             r = online.generate_and_score(sampler, prompts, cfg.samples_per_prompt, ref, reward, task, cfg,
                                           seed=cfg.seed * 100_003 + step * 101 + acc.process_index)
             # 3. advantages
@@ -219,14 +206,3 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     result["last"] = metrics
     return result
 
-
-class _CustomReward:
-    """Adapter so a Python ``reward_fn(rollout)`` plugs in where a RewardSource goes."""
-
-    uses_gold_only = False
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, r: Rollout) -> torch.Tensor:
-        return torch.as_tensor(self.fn(r), dtype=torch.float32).cpu()

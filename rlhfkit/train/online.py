@@ -256,6 +256,73 @@ def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
     return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length)
 
 
+@dataclass
+class Start:
+    """What every online method builds before its loop (phase 1), made by :func:`start`."""
+
+    acc: object
+    ckpt: object
+    task: object
+    policy: object
+    ref: object
+    tok: object
+    reward: object
+    total: int
+    local_prompts: int
+    stream: PromptStream
+    eval_prompts: list
+
+
+def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
+    """Accelerator and per-process seed (N details #12), the checkpoint to resume from, the task,
+    policy + frozen reference, the reward source (``reward_fn(rollout)`` overrides it), step count,
+    this process's share of prompts, the prompt stream and the fixed held-out eval prompts."""
+    from rlhfkit.ops import exact_div
+    from rlhfkit.train import runtime
+
+    acc = runtime.make_accelerator(cfg.mixed_precision)
+    runtime.seed_everything(cfg.seed + acc.process_index)
+    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
+    task = task or get_task(cfg.task)
+    policy, ref, tok = load_policy_and_reference(cfg, ckpt)
+    reward = RewardSource(cfg.reward, task, acc.device) if reward_fn is None else CustomReward(reward_fn)
+    return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
+                 local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
+                 stream=PromptStream(task.prompts("train"), cfg.seed),
+                 eval_prompts=task.prompts("heldout")[:cfg.eval_prompts])
+
+
+def restore(ckpt, opt, sched) -> tuple[int, dict]:
+    """Optimizer, scheduler and RNG state from a checkpoint: (step, the rest of the trainer state)."""
+    from rlhfkit.train import runtime
+
+    if not ckpt:
+        return 0, {}
+    state = runtime.load_trainer_state(ckpt)
+    opt.load_state_dict(state.pop("optimizer"))
+    sched.load_state_dict(state.pop("scheduler"))
+    return state.pop("step"), state
+
+
+def local_batch(s: Start, step: int, cfg: OnlineConfig) -> list:
+    """This process's slice of the step's prompts."""
+    prompts = s.stream.batch(step, cfg.prompts_per_step)
+    i = s.acc.process_index
+    return prompts[i * s.local_prompts:(i + 1) * s.local_prompts]
+
+
+class CustomReward:
+    """Adapter so a Python ``reward_fn(rollout)`` plugs in where a RewardSource goes."""
+
+    uses_gold_only = False
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        return torch.as_tensor(self.fn(r), dtype=torch.float32).cpu()
+
+
 def load_policy_and_reference(cfg: OnlineConfig, ckpt):
     """The trainable policy (from the checkpoint when resuming) and a frozen reference copy of the
     *starting* model: the KL penalty needs it when beta > 0, and the eval hook always reports KL."""

@@ -18,10 +18,10 @@ import torch
 
 from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, kl_per_token, kl_shaped_rewards
 from rlhfkit.losses.ppo import ppo_policy_loss, value_loss
-from rlhfkit.ops import exact_div, masked_mean, masked_var, masked_whiten
+from rlhfkit.ops import masked_mean, masked_var, masked_whiten
 from rlhfkit.rollout.engine import Rollout, completion_logps, position_ids
 from rlhfkit.train import online, runtime
-from rlhfkit.train.grpo import _CustomReward, optimize
+from rlhfkit.train.grpo import optimize
 
 
 @dataclass
@@ -121,32 +121,20 @@ def actor_critic_loss(policy, critic, mb: Rollout, adv: torch.Tensor, cfg: PPOCo
 def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
     """Run PPO. Python API extras as in grpo.train: ``reward_fn(rollout)`` and ``task`` overrides."""
     # 1. runtime, task, models (policy, reference, critic), optimizer over policy + critic
-    acc = runtime.make_accelerator(cfg.mixed_precision)
-    runtime.seed_everything(cfg.seed + acc.process_index)  # a different seed per process (N details #12)
-    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or online.get_task(cfg.task)
-    policy, ref, tok = online.load_policy_and_reference(cfg, ckpt)
+    s = online.start(cfg, reward_fn, task)
+    acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total
     critic = load_critic(cfg, ckpt)
-    reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else _CustomReward(reward_fn)
-    total = cfg.steps()
-    local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
-    params = list(policy.parameters()) + list(critic.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, eps=cfg.adam_eps)
+    opt = torch.optim.AdamW(list(s.policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
-    policy, critic, opt = acc.prepare(policy, critic, opt)
+    policy, critic, opt = acc.prepare(s.policy, critic, opt)
     ref.to(acc.device)
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.beta))
     sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
-    stream = online.PromptStream(task.prompts("train"), cfg.seed)
-    eval_prompts = task.prompts("heldout")[:cfg.eval_prompts]
-    step = 0
-    if ckpt:
-        state = runtime.load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+    eval_prompts = s.eval_prompts
+    step, state = online.restore(ckpt, opt, sched)
+    if state:
         kl_ctl.load_state_dict(state["kl_controller"])
-        step = state["step"]
     run = runtime.open_run(cfg, "ppo", acc, total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}
@@ -158,8 +146,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
     while step < total:
         with runtime.Timer() as t:
             # 2. generate, score (EOS trick inside), reference log-probs
-            prompts = stream.batch(step, cfg.prompts_per_step)
-            prompts = prompts[acc.process_index * local_prompts:(acc.process_index + 1) * local_prompts]
+            prompts = online.local_batch(s, step, cfg)
             r = online.generate_and_score(sampler, prompts, cfg.samples_per_prompt, ref, reward, task, cfg,
                                           seed=cfg.seed * 100_003 + step * 101 + acc.process_index)
             mask = r.completion_mask
