@@ -100,6 +100,22 @@ def test_score_reads_the_eos_and_ignores_padding(rm):
     assert not mask[1, :len(p_ids) - 5].any() and not mask[1, len(p_ids) + 2:].any()  # left and right pad
 
 
+def test_score_ids_on_a_rollout(rm, tiny):
+    """A Rollout's [left-padded prompt ; completion ; right pad] rows (sampled from the tiny policy)
+    score as each row alone, unpadded."""
+    from rlhfkit.rollout.engine import Sampler, SamplingConfig
+
+    policy, tok = tiny
+    r = Sampler(policy, tok, SamplingConfig(temperature=1.0, max_new_tokens=6)).sample(
+        PROMPTS, seed=0, with_logps=False)
+    got = rm.score_ids(r.input_ids, r.attention_mask, normalized=False)
+    for b in range(len(PROMPTS)):
+        ids = r.input_ids[b][r.attention_mask[b]][None]  # (1, real tokens)
+        with torch.no_grad():
+            want = rm.model(input_ids=ids).logits[0, 0]
+        assert got[b].item() == pytest.approx(want.item(), abs=1e-5)
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rows_equal_separate_scoring(rm, attn):
     """The training layout [prompt ; reply 1 ; ... ; reply n] with its 4D mask gives the same rewards
