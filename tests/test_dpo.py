@@ -282,15 +282,14 @@ def test_resume_reproduces_the_uninterrupted_run(prefs, tmp_path, monkeypatch):
 
 
 def test_accumulation_equals_one_big_batch(prefs, tmp_path):
-    """Batch 8 as 1 x 8 and as 8 x 1 (and padded rows): same loss and same gradient norm."""
+    """Batch 8 as 1 x 8 and as 4 x 2 in padded rows: same loss and same gradient norm."""
     prefs = write_jsonl(prefs, TOY[:8])
     runs = {}
-    for name, micro, packing in (("one", 8, "padding_free"), ("accum", 1, "padding_free"), ("padded", 2, "padded")):
+    for name, micro, packing in (("one", 8, "padding_free"), ("accum", 2, "padded")):
         train(cfg_for(prefs, tmp_path / name, micro_batch_size=micro, packing=packing))
         runs[name] = read_metrics(tmp_path / name)[0]
-    for name in ("accum", "padded"):
-        assert runs[name]["loss/dpo"] == pytest.approx(runs["one"]["loss/dpo"], abs=1e-6)
-        assert runs[name]["optim/grad_norm"] == pytest.approx(runs["one"]["optim/grad_norm"], rel=1e-4)
+    assert runs["accum"]["loss/dpo"] == pytest.approx(runs["one"]["loss/dpo"], abs=1e-6)
+    assert runs["accum"]["optim/grad_norm"] == pytest.approx(runs["one"]["optim/grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow
