@@ -180,7 +180,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else online.CustomReward(reward_fn)
     total = cfg.steps()
     local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = runtime.adamw(policy.parameters(), acc, cfg.lr, cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
     policy, opt = acc.prepare(policy, opt)
     ref.to(acc.device)

@@ -515,10 +515,7 @@ def train(cfg: DPOConfig) -> dict:
     # 4. policy, optimizer, schedule, resumed state
     model, _ = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
     model.config.use_cache = False
-    # fused: one kernel over all parameters; on CPU the default per-tensor loop is ~10x slower (SmolLM2-135M:
-    # 1.5 s vs 16-30 s per step on 2 cores, measured here); transformers' Trainer defaults to it too
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                            fused=acc.device.type in ("cpu", "cuda"))
+    opt = runtime.adamw(model.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     model, opt = acc.prepare(model, opt)
     step = 0

@@ -152,7 +152,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     # 1. runtime, task, models, optimizer
     s = online.start(cfg, reward_fn, task)
     acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total
-    opt = torch.optim.AdamW(s.policy.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = runtime.adamw(s.policy.parameters(), acc, cfg.lr, cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
     policy, opt = acc.prepare(s.policy, opt)
     ref.to(acc.device)

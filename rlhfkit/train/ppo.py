@@ -124,7 +124,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
     s = online.start(cfg, reward_fn, task)
     acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total
     critic = load_critic(cfg, ckpt)
-    opt = torch.optim.AdamW(list(s.policy.parameters()) + list(critic.parameters()), lr=cfg.lr, eps=cfg.adam_eps)
+    opt = runtime.adamw(list(s.policy.parameters()) + list(critic.parameters()), acc, cfg.lr, cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
     policy, critic, opt = acc.prepare(s.policy, critic, opt)
     ref.to(acc.device)

@@ -358,7 +358,7 @@ def train(cfg: RewardConfig) -> dict:
 
     # 3. optimizer and schedule
     scorer = PackedScorer(model)
-    opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
+    opt = runtime.adamw(scorer.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     scorer, opt = acc.prepare(scorer, opt)
     step = 0

