@@ -196,6 +196,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="conversations per step (one micro-batch)")
     p.add_argument("--examples", type=int, default=64, help="conversations in the generated data set")
     p.add_argument("--max-length", type=int, default=256, help="max tokens per conversation (none is longer)")
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both workers (default: torch's choice, one "
+                   "per core); 1 keeps CPU-time figures clean on a loaded machine, where waiting threads spin")
     p.add_argument("--worker", choices=["rlhfkit", "trl"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -213,13 +215,15 @@ def main() -> None:
     lengths = [len(tok.apply_chat_template(c["messages"], tokenize=True, return_dict=True)["input_ids"]) for c in convs]
     assert max(lengths) <= args.max_length, "raise --max-length: TRL (padding_free) would not truncate"
     print(f"data: {len(convs)} conversations, {min(lengths)}..{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f}); "
-          f"batch {args.batch_size}, {args.steps} steps, fp32, torch threads per process: "
-          f"{os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
+          f"batch {args.batch_size}, {args.steps} steps, fp32, threads per process: "
+          f"{args.threads or os.environ.get('OMP_NUM_THREADS', 'default')}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "conversations.jsonl"
         data.write_text("".join(json.dumps(c) + "\n" for c in convs))
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        if args.threads:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         for framework in ("rlhfkit", "trl"):
             out = Path(tmp) / f"{framework}.json"
             m = run_measured([sys.executable, __file__, "--worker", framework, "--data", str(data), "--out", str(out),
@@ -242,7 +246,7 @@ def main() -> None:
     print_result(speedup=ours["tok_s"] / trl_["tok_s"], mem_ratio=ours["peak_rss_mb"] / trl_["peak_rss_mb"],
                  rlhfkit_tok_s=ours["tok_s"], trl_tok_s=trl_["tok_s"], speedup_cpu=ours["tok_cpu_s"] / trl_["tok_cpu_s"],
                  rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps,
-                 batch_size=args.batch_size)
+                 batch_size=args.batch_size, threads=args.threads or "default")
 
 
 if __name__ == "__main__":

@@ -60,11 +60,19 @@ def test_bundled_config_is_plain_fp32_and_saves_and_reloads(bundled, tmp_path):
     assert again_tok.pad_token_id == tok.pad_token_id
 
 
+def best_time(fn, tries: int = 2) -> float:
+    """The fastest of ``tries`` calls: a load time, not the time other processes took from us."""
+    times = []
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def test_bundled_second_load_is_fast(bundled):
     assert (bundled_model_dir() / "model.safetensors").exists()  # the fixture filled the cache
-    t0 = time.perf_counter()
-    load_model(BUNDLED)
-    assert time.perf_counter() - t0 < 2.0
+    assert best_time(lambda: load_model(BUNDLED)) < 2.0
 
 
 def test_bundled_tokenizer_pads_left_with_a_token_that_is_not_eos(bundled):
@@ -94,9 +102,8 @@ def test_every_dropout_is_zero(name, bundled, tiny):
 
 
 def test_tiny_builds_fast_and_is_deterministic_per_seed(tiny):
-    t0 = time.perf_counter()
+    assert best_time(lambda: load_model("tiny", seed=0)) < 2.0  # tokenizer cached by the session fixture
     a, tok = load_model("tiny", seed=0)
-    assert time.perf_counter() - t0 < 2.0  # tokenizer cached by the session fixture
     b, _ = load_model("tiny", seed=0)
     c, _ = load_model("tiny", seed=1)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
