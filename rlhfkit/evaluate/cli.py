@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -18,10 +19,10 @@ import torch
 def _policy_spec(spec: str) -> tuple[str, int]:
     """'MODEL' -> (MODEL, 1); 'bon:N:MODEL' -> (MODEL, N)."""
     if spec.startswith("bon:"):
-        _, n, model = spec.split(":", 2)
-        if not n.isdigit() or int(n) < 1:
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < 1 or not parts[2]:
             raise ValueError(f"--policy {spec}: best-of-N needs bon:N:MODEL with N >= 1")
-        return model, int(n)
+        return parts[2], int(parts[1])
     return spec, 1
 
 
@@ -42,8 +43,11 @@ def sample_policy(model_name: str, n: int, prompts, args, scorer, seed: int):
 
 
 @torch.no_grad()
-def sequence_logps(model, tok, prompts, completions) -> list[float]:
-    """log pi(y|x) summed over completion tokens, temperature 1."""
+def sequence_logps(model, tok, prompts, completions, temperature: float = 1.0) -> list[float]:
+    """log pi_T(y|x) summed over completion tokens, with logits divided by ``temperature``.
+
+    For KL(policy || reference) the samples' log-probs must come from the distribution they were
+    drawn from: pass the sampling temperature (the trainers' eval/kl does the same)."""
     from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
     from rlhfkit.rollout.engine import completion_logps, left_pad
     from rlhfkit.rollout.vllm_backend import right_pad
@@ -55,7 +59,7 @@ def sequence_logps(model, tok, prompts, completions) -> list[float]:
         c_list = [tokenize_completion(tok, p, c) for p, c in zip(ps, cs)]
         c_ids = right_pad(c_list, tok.pad_token_id)
         c_mask = torch.arange(c_ids.shape[1])[None] < torch.tensor([len(c) for c in c_list])[:, None]
-        lp = completion_logps(model, p_ids, p_mask, c_ids, c_mask)
+        lp = completion_logps(model, p_ids, p_mask, c_ids, c_mask, temperature)
         out += (lp * c_mask).sum(1).tolist()
     return out
 
@@ -89,7 +93,6 @@ def lm_judge_prefs(judge_model: str, prompts, a: list[str], b: list[str]) -> lis
 
 def eval_main(argv: list[str]) -> int:
     from rlhfkit.data.tasks import get_task
-    from rlhfkit.evaluate.winrate import evaluate_pairs, format_table
 
     ap = argparse.ArgumentParser(prog="rlhfkit eval", description="win rate of a policy over a reference, with CIs")
     ap.add_argument("--policy", required=True, help="model dir/name, or bon:N:MODEL for best-of-N by --proxy")
@@ -103,18 +106,40 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output dir for eval.json (default: the policy dir if it is one, else .)")
     args = ap.parse_args(argv)
+    try:
+        pol_name, n = _policy_spec(args.policy)
+        task = get_task(args.task)
+    except ValueError as e:
+        ap.error(str(e))
+    if n > 1 and args.proxy is None:
+        ap.error("best-of-N needs --proxy to pick the best sample")
+    # checked before any model is loaded: a typo here would otherwise surface after minutes of sampling
+    if args.judge != "gold" and not args.judge.startswith(("rm:", "lm:")):
+        ap.error(f"--judge {args.judge}: use gold, rm:PATH or lm:MODEL")
+    if args.proxy is not None and args.proxy != "gold" and not args.proxy.startswith("rm:"):
+        ap.error(f"--proxy {args.proxy}: use gold or rm:PATH")
+    from rlhfkit.data.records import DataError
+    from rlhfkit.models.loading import ModelNotFoundError
 
-    task = get_task(args.task)
+    try:
+        return _evaluate(args, ap, task, pol_name, n)
+    except (DataError, ModelNotFoundError) as e:
+        # a missing model or bad data is the user's input, and the message says which: no traceback
+        print(f"rlhfkit eval: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _evaluate(args, ap, task, pol_name: str, n: int) -> int:
+    from rlhfkit.evaluate.winrate import evaluate_pairs, format_table
+
     prompts = task.prompts("heldout")[:args.num_prompts]
     proxy = make_scorer(args.proxy, task) if args.proxy else None
-    pol_name, n = _policy_spec(args.policy)
-    if n > 1 and proxy is None:
-        ap.error("best-of-N needs --proxy to pick the best sample")
     pol_c, pol_model, tok = sample_policy(pol_name, n, prompts, args, proxy, args.seed)
-    pol_logps = sequence_logps(pol_model, tok, prompts, pol_c)
+    temperature = args.temperature or 1.0  # greedy (0): log-probs at T=1, as the Sampler's
+    pol_logps = sequence_logps(pol_model, tok, prompts, pol_c, temperature)
     del pol_model
     ref_c, ref_model, ref_tok = sample_policy(args.reference, 1, prompts, args, None, args.seed)
-    ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c)
+    ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c, temperature)
     del ref_model
 
     gold_p, gold_r = task.gold(prompts, pol_c), task.gold(prompts, ref_c)

@@ -42,18 +42,24 @@ class VLLMBackend:
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
                  generator_seed: int | None = None) -> torch.Tensor:
         prompts = [{"prompt_token_ids": row[m].tolist()} for row, m in zip(prompt_ids, prompt_mask)]
-        outs = self.llm.generate(prompts, self.sampling_params(sampling, generator_seed), use_tqdm=False)
+        # A seed in SamplingParams seeds that request's own generator, so one seed shared by all
+        # requests gives the K copies of a prompt (a GRPO/RLOO group) K identical completions: every
+        # request gets its own seed, seed + row.
+        if generator_seed is None:
+            params = self.sampling_params(sampling, None)
+        else:
+            params = [self.sampling_params(sampling, generator_seed + i) for i in range(len(prompts))]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         seqs = [list(o.outputs[0].token_ids) for o in outs]
         return right_pad(seqs, self.tok.pad_token_id, device=prompt_ids.device)
 
     def sync_weights(self, model) -> None:
         """Copy the training policy's weights into the vLLM engine (same process, same GPU)."""
         state = {k: v.detach() for k, v in model.state_dict().items()}
-        engine = self.llm.llm_engine
         if hasattr(self.llm, "collective_rpc"):  # vLLM >= 0.7 (V1 engine)
             self.llm.collective_rpc(_load_weights_rpc, args=(list(state.items()),))
         else:  # older V0 engine: the model lives on the driver worker
-            engine.model_executor.driver_worker.model_runner.model.load_weights(state.items())
+            self.llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state.items())
 
 
 def _load_weights_rpc(worker, weights):
