@@ -45,8 +45,8 @@ class DemoSize:
 SIZES = {
     "full": DemoSize(pair_prompts=128, pair_tokens=40, rm_epochs=2.0, rl_steps=16, rl_prompts_per_step=8, rl_tokens=40,
                      eval_prompts=64, eval_tokens=40),
-    "quick": DemoSize(pair_prompts=24, pair_tokens=24, rm_epochs=1.0, rl_steps=3, rl_prompts_per_step=4, rl_tokens=24,
-                      eval_prompts=16, eval_tokens=24),
+    "quick": DemoSize(pair_prompts=16, pair_tokens=24, rm_epochs=1.0, rl_steps=2, rl_prompts_per_step=4, rl_tokens=24,
+                      eval_prompts=12, eval_tokens=24),
 }
 
 
@@ -87,7 +87,7 @@ def train_method(method: str, root: Path, args, size: DemoSize, rm_path: str, pr
         cfg = getattr(module, cls)(
             **common, task=args.task, reward=f"rm:{rm_path}", total_steps=size.rl_steps,
             prompts_per_step=size.rl_prompts_per_step if k == 1 else max(1, size.rl_prompts_per_step // 2),
-            samples_per_prompt=k, max_new_tokens=size.rl_tokens, eval_every=max(1, size.rl_steps // 4),
+            samples_per_prompt=k, max_new_tokens=size.rl_tokens, eval_every=max(1, size.rl_steps // 2),
             eval_prompts=min(16, size.eval_prompts), lr=args.lr, micro_batch_size=4,
         )
         if method == "ppo":
