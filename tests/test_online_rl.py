@@ -14,32 +14,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
-from rlhfkit.data.prompts import load_prompts
-from rlhfkit.models import load_model
-
-
-class ToyTask:
-    name = "toy"
-
-    def prompts(self, split="train"):
-        return [[{"role": "user", "content": p["prompt"]}] for p in load_prompts(split)]
-
-    def gold(self, prompts, completions):
-        return [0.0] * len(completions)
+from toy_rl import ToyTask, frac_in_set, make_token_set
 
 
 @pytest.fixture(scope="module")
 def token_set():
-    model, _ = load_model("tiny:0.5")
-    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    return (model.get_input_embeddings().weight.detach() @ u) > 0
-
-
-def frac_in_set(S, r):
-    m = r.completion_mask
-    return (S[r.completion_ids] & m).sum(1).float() / m.sum(1).clamp(min=1)
+    return make_token_set()
 
 
 def reward_curve(run_dir):
