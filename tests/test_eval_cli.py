@@ -8,6 +8,7 @@ identical weights) and 'tiny:0.5' (a differently initialised, peaked one).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -122,6 +123,10 @@ def test_best_of_n_with_a_gold_proxy(tmp_path):
     assert set(d["proxy"]) == {"policy", "reference", "difference"}
     assert d["win_rate"]["source"] == "gold" and d["win_rate"]["n_losses"] == 0
     assert d["gold"]["difference"]["value"] >= 0
+    # KL is the analytic best-of-n bound log 2 - 1/2, not a Monte-Carlo estimate from the base model
+    # (which would read ~0: the picked samples are scored by the model they were drawn from)
+    assert d["kl"]["value"] == pytest.approx(math.log(2) - 0.5)
+    assert d["kl"]["ci_low"] is None and "bound" in d["kl"]["kind"]
 
 
 def test_best_of_n_without_proxy_is_a_usage_error(tmp_path, capsys):

@@ -3,6 +3,7 @@ save/load, the trainer (learning, margin and ties, accumulation invariance), eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import subprocess
@@ -115,6 +116,34 @@ def test_score_ids_on_a_rollout(rm, tiny):
         with torch.no_grad():
             want = rm.model(input_ids=ids).logits[0, 0]
         assert got[b].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
+    """Online RL scores rollouts by their token ids when the RM shares the policy's vocabulary: an ended
+    completion scores as its text does; a truncated one is read at its last sampled token, not closed
+    with an EOS it never emitted (re-encoding the text would append one)."""
+    from rlhfkit.rollout.engine import Sampler, SamplingConfig
+    from rlhfkit.train.online import RewardSource
+
+    policy, tok = tiny
+    path = rm.save(tmp_path / "rm")
+    source = RewardSource(f"rm:{path}", task=None, device=torch.device("cpu"), tokenizer=tok)
+    loaded = source.parts[0][2]
+    assert source.shares_vocab(loaded)
+    r = Sampler(policy, tok, SamplingConfig(temperature=1.0, max_new_tokens=5)).sample(PROMPTS, seed=0, with_logps=False)
+    assert not r.ended.any()  # a random tiny model does not hit EOS in 5 tokens
+    got = source(r)
+    by_text = loaded.score(r.prompts, r.completions, normalized=False)
+    assert torch.allclose(got, loaded.score_ids(r.input_ids, r.attention_mask, normalized=False), atol=1e-5)
+    assert not torch.allclose(got, by_text, atol=1e-3)
+    # close the completions with an EOS: the id path and the text path agree
+    eos = torch.full((len(PROMPTS), 1), tok.eos_token_id)
+    ended = dataclasses.replace(r, completion_ids=torch.cat([r.completion_ids, eos], 1),
+                                completion_mask=torch.cat([r.completion_mask, torch.ones_like(eos, dtype=torch.bool)], 1),
+                                ended=torch.ones(len(PROMPTS), dtype=torch.bool))
+    assert torch.allclose(source(ended), by_text, atol=1e-4)
+    # without the policy's tokenizer the text path is used
+    assert torch.allclose(RewardSource(f"rm:{path}", None, torch.device("cpu"))(r), by_text, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

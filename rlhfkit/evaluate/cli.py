@@ -64,6 +64,17 @@ def sequence_logps(model, tok, prompts, completions, temperature: float = 1.0) -
     return out
 
 
+def best_of_n_kl(n: int, same_model: bool) -> dict | None:
+    """KL of best-of-n sampling from the reference itself: the analytic log n - (n - 1)/n nats, an
+    upper bound (Beirami et al. 2024), reported without a CI. None when the base is another model."""
+    from rlhfkit.evaluate.overopt import bon_kl
+
+    if not same_model:
+        return None
+    b = float(bon_kl(n))
+    return {"value": b, "ci_low": None, "ci_high": None, "kind": "best-of-n analytic upper bound"}
+
+
 def make_scorer(judge: str, task):
     """(prompts, completions) -> Tensor scores, for 'gold' or 'rm:PATH'."""
     if judge == "gold":
@@ -136,10 +147,12 @@ def _evaluate(args, ap, task, pol_name: str, n: int) -> int:
     proxy = make_scorer(args.proxy, task) if args.proxy else None
     pol_c, pol_model, tok = sample_policy(pol_name, n, prompts, args, proxy, args.seed)
     temperature = args.temperature or 1.0  # greedy (0): log-probs at T=1, as the Sampler's
-    pol_logps = sequence_logps(pol_model, tok, prompts, pol_c, temperature)
+    # best-of-N: the picked samples do not come from the model that scores them, so a Monte-Carlo KL
+    # from their log-probs would be wrong (0 against its own base model); the analytic bound is used
+    pol_logps = sequence_logps(pol_model, tok, prompts, pol_c, temperature) if n == 1 else None
     del pol_model
     ref_c, ref_model, ref_tok = sample_policy(args.reference, 1, prompts, args, None, args.seed)
-    ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c, temperature)
+    ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c, temperature) if n == 1 else None
     del ref_model
 
     gold_p, gold_r = task.gold(prompts, pol_c), task.gold(prompts, ref_c)
@@ -162,6 +175,8 @@ def _evaluate(args, ap, task, pol_name: str, n: int) -> int:
               "seed": args.seed, "best_of_n": n},
         seed=args.seed,
     )
+    if n > 1:
+        result["kl"] = best_of_n_kl(n, same_model=pol_name == args.reference)
     out = Path(args.out) if args.out else (Path(pol_name) if Path(pol_name).is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2))

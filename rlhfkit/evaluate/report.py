@@ -341,6 +341,8 @@ def _ci_cell(est: dict | None, pct: bool = False) -> str:
             return "?"
         return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
 
+    if est.get("ci_low") is None and est.get("kind"):  # a bound, reported without an interval
+        return f"{f(est['value'])} ({est['kind']})"
     return f"{f(est['value'])} [{f(est.get('ci_low'))}, {f(est.get('ci_high'))}]"
 
 

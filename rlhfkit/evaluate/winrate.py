@@ -338,6 +338,8 @@ def _fmt(est: dict | None, pct: bool = False) -> str:
         if pct
         else (lambda v: "nan" if v is None else f"{v:.4g}")
     )
+    if est.get("ci_low") is None:  # a bound or an exact value: no interval
+        return f"{f(est['value'])} ({est.get('kind', 'no CI')})"
     return f"{f(est['value'])} [{f(est['ci_low'])}, {f(est['ci_high'])}]"
 
 

@@ -177,7 +177,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     else:
         raise FileNotFoundError(f"resume: {ckpt} has no prior/ sub-folder; resume CMPO only from a CMPO checkpoint")
     prior.eval().requires_grad_(False)
-    reward = online.RewardSource(cfg.reward, task, acc.device) if reward_fn is None else online.CustomReward(reward_fn)
+    reward = online.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else online.CustomReward(reward_fn)
     total = cfg.steps()
     local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
     opt = runtime.adamw(policy.parameters(), acc, cfg.lr, cfg.adam_eps)

@@ -106,8 +106,9 @@ class Budget:
 class RewardSource:
     """Scores a Rollout: a weighted sum of the task's gold reward and/or reward models."""
 
-    def __init__(self, spec: str, task, device):
+    def __init__(self, spec: str, task, device, tokenizer=None):
         self.parts: list[tuple[str, float, object]] = []
+        self.tokenizer = tokenizer
         for item in [s.strip() for s in spec.split(",") if s.strip()]:
             name, _, weight = item.partition("@")
             w = float(weight) if weight else 1.0
@@ -135,10 +136,25 @@ class RewardSource:
         for kind, w, rm in self.parts:
             if kind == "gold":
                 s = torch.tensor(self.task.gold(r.prompts, r.completions), dtype=torch.float32)
-            else:
+            elif self.shares_vocab(rm):
+                s = self.score_rollout_ids(rm, r)
+            else:  # another tokenizer: re-encode the text with the reward model's own template
                 s = rm.score(r.prompts, r.completions).float().cpu()
             total += w * s
         return total
+
+    def shares_vocab(self, rm) -> bool:
+        tok = self.tokenizer
+        return (tok is not None and len(tok) == len(rm.tok) and tok.eos_token_id == rm.tok.eos_token_id
+                and tok.get_vocab() == rm.tok.get_vocab())
+
+    @staticmethod
+    def score_rollout_ids(rm, r: Rollout) -> torch.Tensor:
+        """Score the sampled token ids as they are: no re-tokenisation, and a truncated completion is
+        read at its last sampled token rather than being closed with an EOS it never emitted."""
+        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
+        mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+        return rm.score_ids(ids, mask).float().cpu()
 
 
 def get_task(name: str):
@@ -285,7 +301,7 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     task = task or get_task(cfg.task)
     policy, ref, tok = load_policy_and_reference(cfg, ckpt)
-    reward = RewardSource(cfg.reward, task, acc.device) if reward_fn is None else CustomReward(reward_fn)
+    reward = RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else CustomReward(reward_fn)
     return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
                  local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
                  stream=PromptStream(task.prompts("train"), cfg.seed),
