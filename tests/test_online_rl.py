@@ -85,3 +85,30 @@ def test_grpo_resume_reproduces_the_uninterrupted_run(tmp_path, token_set):
     for a, b in zip(straight, split):
         assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
         assert a["loss/kl"] == pytest.approx(b["loss/kl"], abs=1e-5)
+
+
+def test_one_step_per_batch_takes_old_logps_from_the_training_pass(tmp_path, token_set, monkeypatch):
+    """With one optimizer step per rollout batch the sampling-time forward pass is skipped: the same
+    step with and without it logs the same losses, KL and ratio 1, and leaves the same weights."""
+    import torch
+
+    from rlhfkit.models import load_model
+    from rlhfkit.train import grpo
+
+    def run(out, skip):
+        monkeypatch.setattr(grpo.GRPOConfig, "logps_from_training_pass", lambda self, n: skip)
+        cfg = grpo.GRPOConfig(**common(samples_per_prompt=4, prompts_per_step=2, lr=1e-2, beta=0.04, total_steps=1,
+                                       lr_schedule="constant", output_dir=str(out)))
+        res = grpo.train(cfg, reward_fn=lambda r: frac_in_set(token_set, r), task=ToyTask())
+        return json.loads(open(out / "metrics.jsonl").readline()), load_model(res["checkpoint"])[0]
+
+    assert grpo.GRPOConfig(samples_per_prompt=4).logps_from_training_pass(8)
+    assert not grpo.GRPOConfig(samples_per_prompt=4, epochs_per_step=2).logps_from_training_pass(8)
+    assert not grpo.GRPOConfig(samples_per_prompt=4, mini_batch_size=4).logps_from_training_pass(8)
+    assert not grpo.GRPOConfig(samples_per_prompt=4, kl_in_reward=True).logps_from_training_pass(8)
+    (m_skip, w_skip), (m_full, w_full) = run(tmp_path / "skip", True), run(tmp_path / "full", False)
+    for key in ("loss/policy", "loss/kl", "kl/seq", "kl/k3_token", "policy/ratio_mean", "reward/mean"):
+        assert m_skip[key] == pytest.approx(m_full[key], abs=1e-4), key
+    assert m_skip["policy/ratio_mean"] == 1.0
+    for a, b in zip(w_skip.parameters(), w_full.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)

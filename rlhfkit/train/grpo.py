@@ -38,6 +38,8 @@ from rlhfkit.rollout.engine import Rollout, completion_logps
 from rlhfkit.train import online, runtime
 
 ADVANTAGES = ("group", "dr_grpo", "loo", "reinforce_pp")
+TRAINING_LOGPS = "_training_logps"
+"""Key under which a loss returns the micro-batch's detached log-probs for a rollout sampled without them."""
 
 
 @dataclass
@@ -70,6 +72,13 @@ class GRPOConfig(online.OnlineConfig):
         if self.advantage != "reinforce_pp" and self.samples_per_prompt < 2:
             raise ValueError(f"advantage='{self.advantage}' needs samples_per_prompt >= 2 (a group baseline)")
 
+    def logps_from_training_pass(self, local_batch: int) -> bool:
+        """One optimizer step per rollout batch and no KL in the reward: the policy at sampling time
+        is the policy of the one training forward pass, so its detached log-probs serve as the old
+        log-probs (ratio exactly 1) and the sampling-time forward pass is skipped."""
+        one_step = self.epochs_per_step == 1 and (self.mini_batch_size is None or self.mini_batch_size >= local_batch)
+        return one_step and not (self.kl_in_reward and self.beta > 0)
+
 
 def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     """Per-token advantages (B, C); sequence-level estimates are broadcast over the completion."""
@@ -89,9 +98,9 @@ def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     elif cfg.advantage == "loo":
         adv = leave_one_out_advantages(scores, k)
     else:
-        rewards = kl_shaped_rewards(scores, torch.zeros_like(r.logps), mask, 0.0)
+        rewards = kl_shaped_rewards(scores, torch.zeros(mask.shape, device=mask.device), mask, 0.0)
         return reinforce_pp_advantages(rewards, mask)
-    return adv[:, None].expand_as(r.logps) * mask
+    return adv[:, None].expand(mask.shape) * mask
 
 
 def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
@@ -99,8 +108,11 @@ def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tupl
     logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
                                       cfg.temperature, with_entropy=True)
     mask = mb.completion_mask
-    loss, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
+    old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
+    loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
                                     aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens)
+    if mb.logps is None:
+        metrics[TRAINING_LOGPS] = logps.detach()
     if cfg.beta > 0 and not cfg.kl_in_reward:
         kl = kl_per_token(logps, mb.ref_logps, cfg.kl_estimator)
         kl_loss = aggregate_loss(kl, mask, cfg.aggregation, cfg.max_new_tokens)
@@ -119,6 +131,7 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn
     exact_div(n, mini, "rollout batch per process / mini_batch_size")
     sums: dict[str, float] = {}
     count = 0
+    fresh = torch.zeros(r.completion_ids.shape, device=r.completion_ids.device) if r.logps is None else None
     gen = torch.Generator().manual_seed(cfg.seed + int(r.completion_ids.sum().item()) % 10_000)
     for _ in range(cfg.epochs_per_step):
         perm = torch.randperm(n, generator=gen)
@@ -133,6 +146,8 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn
                             stack.enter_context(acc.no_sync(m))
                     loss, metrics = loss_fn(r.select(mi), adv[mi])
                     acc.backward(loss * len(mi) / len(idx))
+                if TRAINING_LOGPS in metrics:
+                    fresh[mi] = metrics.pop(TRAINING_LOGPS).float()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 count += 1
@@ -141,6 +156,8 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn
                     acc.clip_grad_norm_([p for m in models for p in m.parameters()], cfg.grad_clip)) * len(micros)
             opt.step()
             opt.zero_grad(set_to_none=True)
+    if fresh is not None:  # the sampling-time log-probs, taken from the training pass (for the KL metrics)
+        r.logps = fresh
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
@@ -167,12 +184,14 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
         run.log(0, result["eval_start"])
 
     budget = online.Budget(cfg.max_minutes)
+    from_training = cfg.logps_from_training_pass(s.local_prompts * cfg.samples_per_prompt)
     while step < total:
         with runtime.Timer() as t:
             # 2. generate and score this process's share of the prompts
             prompts = online.local_batch(s, step, cfg)
             r = online.generate_and_score(sampler, prompts, cfg.samples_per_prompt, ref, reward, task, cfg,
-                                          seed=cfg.seed * 100_003 + step * 101 + acc.process_index)
+                                          seed=cfg.seed * 100_003 + step * 101 + acc.process_index,
+                                          with_logps=not from_training)
             # 3. advantages
             adv = compute_advantages(r, cfg)
             # 4. optimize

@@ -193,13 +193,15 @@ class PromptStream:
 
 @torch.no_grad()
 def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, reward: RewardSource, task,
-                       cfg: OnlineConfig, seed: int) -> Rollout:
+                       cfg: OnlineConfig, seed: int, with_logps: bool = True) -> Rollout:
     """Sample K completions per prompt, compute policy and reference log-probs and the scores.
 
     Groups are consecutive: rows [g*K, (g+1)*K) share a prompt (what group advantages expect).
+    ``with_logps=False`` leaves ``r.logps`` None for a trainer that takes them from its own first
+    (and only) training forward pass.
     """
     repeated = [p for p in prompts for _ in range(k)]
-    r = sampler.sample(repeated, seed=seed)
+    r = sampler.sample(repeated, seed=seed, with_logps=with_logps)
     if ref_model is not None:
         r.ref_logps = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
                                        cfg.temperature)
