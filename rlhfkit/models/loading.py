@@ -11,6 +11,7 @@ Every loader returns a ``(model, tokenizer)`` pair ready for RLHF:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -217,7 +218,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
             model = cls.from_config(config, dtype=dtype)
     else:
         extra = {"num_labels": 1} if kind == "reward" else {}
-        model = _from_pretrained(cls, resolve(name_or_path), dtype=dtype, **extra)
+        with _quiet_transformers(kind == "reward"):  # a reward head's "score.weight MISSING" is expected: it is new
+            model = _from_pretrained(cls, resolve(name_or_path), dtype=dtype, **extra)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
@@ -225,6 +227,24 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
         model.generation_config.pad_token_id = tok.pad_token_id
     disable_dropout(model)
     return model, tok
+
+
+@contextlib.contextmanager
+def _quiet_transformers(quiet: bool):
+    """No per-tensor "Loading weights" bar; transformers' logging at ERROR too when ``quiet``; both
+    restored after."""
+    from transformers.utils import logging as hf_logging
+
+    before, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -104,7 +104,13 @@ class RewardModel:
         trained head: that is an error, not a silently random reward."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from rlhfkit.models.loading import _from_pretrained, disable_dropout, load_tokenizer, resolve
+        from rlhfkit.models.loading import (
+            _from_pretrained,
+            _quiet_transformers,
+            disable_dropout,
+            load_tokenizer,
+            resolve,
+        )
 
         where = resolve(path_or_name)
         config = _from_pretrained(AutoConfig, where)
@@ -116,8 +122,9 @@ class RewardModel:
                 "*ForSequenceClassification head. Train one with `rlhfkit reward train --model "
                 f"{path_or_name} --data prefs.jsonl`, or start one with RewardModel.init_from({path_or_name!r})."
             )
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            where, dtype=dtype, output_loading_info=True)
+        with _quiet_transformers(False):
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                where, dtype=dtype, output_loading_info=True)
         missing = [k for k in info.get("missing_keys", []) if k.startswith("score")]
         if missing:
             raise ValueError(f"{path_or_name}: the checkpoint has no weights for the reward head ({missing}); "
