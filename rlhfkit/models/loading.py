@@ -218,7 +218,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
             model = cls.from_config(config, dtype=dtype)
     else:
         extra = {"num_labels": 1} if kind == "reward" else {}
-        with _quiet_transformers(kind == "reward"):  # a reward head's "score.weight MISSING" is expected: it is new
+        with quiet_transformers(kind == "reward"):  # a reward head's "score.weight MISSING" is expected: it is new
             model = _from_pretrained(cls, resolve(name_or_path), dtype=dtype, **extra)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
@@ -230,7 +230,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
 
 
 @contextlib.contextmanager
-def _quiet_transformers(quiet: bool):
+def quiet_transformers(quiet: bool):
     """No per-tensor "Loading weights" bar; transformers' logging at ERROR too when ``quiet``; both
     restored after."""
     from transformers.utils import logging as hf_logging

@@ -106,7 +106,7 @@ class RewardModel:
 
         from rlhfkit.models.loading import (
             _from_pretrained,
-            _quiet_transformers,
+            quiet_transformers,
             disable_dropout,
             load_tokenizer,
             resolve,
@@ -122,7 +122,7 @@ class RewardModel:
                 "*ForSequenceClassification head. Train one with `rlhfkit reward train --model "
                 f"{path_or_name} --data prefs.jsonl`, or start one with RewardModel.init_from({path_or_name!r})."
             )
-        with _quiet_transformers(False):
+        with quiet_transformers(False):
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 where, dtype=dtype, output_loading_info=True)
         missing = [k for k in info.get("missing_keys", []) if k.startswith("score")]

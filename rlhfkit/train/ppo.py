@@ -63,7 +63,7 @@ def load_critic(cfg: PPOConfig, ckpt):
     """Token-level value model (B, T) -> (B, T, 1): from a checkpoint, the reward model, or the policy."""
     from transformers import AutoModelForTokenClassification
 
-    from rlhfkit.models.loading import disable_dropout, resolve
+    from rlhfkit.models.loading import quiet_transformers, disable_dropout, resolve
 
     if ckpt is not None and (ckpt / "value").exists():
         source = str(ckpt / "value")
@@ -86,12 +86,14 @@ def load_critic(cfg: PPOConfig, ckpt):
                 torch.manual_seed(cfg.seed)
                 critic = AutoModelForTokenClassification.from_config(config)
         else:
-            critic = AutoModelForTokenClassification.from_pretrained(resolve(cfg.model), num_labels=1)
+            with quiet_transformers(True):  # the value head is new: its MISSING report is expected
+                critic = AutoModelForTokenClassification.from_pretrained(resolve(cfg.model), num_labels=1)
         torch.nn.init.zeros_(critic.score.weight)
         if getattr(critic.score, "bias", None) is not None:
             torch.nn.init.zeros_(critic.score.bias)
     else:
-        critic = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
+        with quiet_transformers(True):  # from a reward model: score.bias (token head only) starts at 0
+            critic = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
     disable_dropout(critic)
     return critic
 
