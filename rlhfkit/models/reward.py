@@ -106,9 +106,9 @@ class RewardModel:
 
         from rlhfkit.models.loading import (
             _from_pretrained,
-            quiet_transformers,
             disable_dropout,
             load_tokenizer,
+            quiet_transformers,
             resolve,
         )
 

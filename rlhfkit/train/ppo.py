@@ -63,7 +63,7 @@ def load_critic(cfg: PPOConfig, ckpt):
     """Token-level value model (B, T) -> (B, T, 1): from a checkpoint, the reward model, or the policy."""
     from transformers import AutoModelForTokenClassification
 
-    from rlhfkit.models.loading import quiet_transformers, disable_dropout, resolve
+    from rlhfkit.models.loading import disable_dropout, quiet_transformers, resolve
 
     if ckpt is not None and (ckpt / "value").exists():
         source = str(ckpt / "value")
