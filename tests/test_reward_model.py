@@ -285,6 +285,16 @@ def train_cfg(tmp_path, data, **kw) -> RewardConfig:
     return RewardConfig(**{**base, **kw})
 
 
+def test_freeze_backbone_trains_only_the_head(tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", toy_prefs(8))
+    out = train(train_cfg(tmp_path, data, freeze_backbone=True, max_steps=3, eval_fraction=0.0, lr=1e-2,
+                          batch_size=8, norm_samples=8))
+    start, trained = RewardModel.init_from("tiny", seed=0).model, RewardModel.load(out["checkpoint"]).model
+    for (name, a), b in zip(start.named_parameters(), trained.parameters()):
+        moved = not torch.equal(a, b)
+        assert moved == name.startswith("score"), name
+
+
 def test_accumulation_matches_one_big_batch(tmp_path):
     """One step of 8 pairs: micro 8 x 1 and micro 2 x 4 give the same loss and the same weights."""
     data = write_jsonl(tmp_path / "p.jsonl", toy_prefs(4))

@@ -40,7 +40,7 @@ from rlhfkit.config import CommonConfig
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
 from rlhfkit.data.records import PreferenceRecord, Where
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models.reward import PackedScorer, RewardModel, pack_groups
+from rlhfkit.models.reward import PackedScorer, RewardModel, pack_groups, reward_head
 from rlhfkit.ops import exact_div
 from rlhfkit.train import runtime
 
@@ -71,7 +71,12 @@ class RewardConfig(CommonConfig):
     forward pass (one row [prompt ; reply 1 ; ... ; reply n]); K samples per prompt give C(K, 2) pairs
     from K reply passes. False: pairs shuffled individually, one row per pair."""
     lr: float = 2e-5
-    """AdamW peak learning rate (1e-5..5e-5 for full fine-tuning of a 0.1-1B model; ~1e-3 for the tiny test model)."""
+    """AdamW peak learning rate (1e-5..5e-5 for full fine-tuning of a 0.1-1B model; ~1e-3 for the tiny test
+    model or with freeze_backbone)."""
+    freeze_backbone: bool = False
+    """Train only the reward head: a linear probe of the frozen model's last-token features. For small
+    preference sets (a few hundred pairs), where fine-tuning the whole model fits the training pairs and
+    not the task (docs/reward.md); use lr ~1e-3 and several epochs. Also much cheaper per step."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_eps: float = 1e-8
@@ -335,6 +340,11 @@ def train(cfg: RewardConfig) -> dict:
         rm = RewardModel.init_from(cfg.model, seed=cfg.seed)
         model, tok = rm.model, rm.tok
     model.config.use_cache = False
+    if cfg.freeze_backbone:
+        head = reward_head(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head.requires_grad_(True)
 
     # 2. data: validate, split held-out prompts, tokenize, fix the step count
     records = load_records(cfg.data)
@@ -358,7 +368,8 @@ def train(cfg: RewardConfig) -> dict:
 
     # 3. optimizer and schedule
     scorer = PackedScorer(model)
-    opt = runtime.adamw(scorer.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
+    opt = runtime.adamw([p for p in scorer.parameters() if p.requires_grad], acc, cfg.lr, cfg.adam_eps,
+                        cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     scorer, opt = acc.prepare(scorer, opt)
     step = 0
@@ -439,7 +450,8 @@ def train(cfg: RewardConfig) -> dict:
     if eval_records and step == total_steps and acc.is_main_process:
         report = evaluate(rm, [r for _, r in eval_records], batch_size=cfg.eval_batch_size)
         run.write_json("reward_eval.json", report)
-        result["eval"] = {k: report[k] for k in ("accuracy", "ece", "length_spearman") if k in report}
+        result["eval"] = {k: report[k] for k in ("accuracy", "ece", "length_spearman", "label_gold_agreement",
+                                                 "gold_accuracy") if k in report}
     run.close()
     return result
 
