@@ -121,6 +121,10 @@ def test_two_processes_match_one(shared_sft_jsonl, tmp_path, reference_losses):
     record = json.loads((out / "processes.json").read_text())
     assert record["num_processes"] == 2 and record["backend"] == "gloo"
     assert record["losses"] == pytest.approx(reference_losses, abs=1e-4)
+    # each process saved its own RNG streams (seeded seed + rank, so they differ) for a resume
+    ckpt = out / "checkpoints" / "step-3"
+    rngs = [torch.load(ckpt / f"rng-{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert not torch.equal(rngs[0]["torch"], rngs[1]["torch"])
 
 
 # --- resume, checkpoints, run directory ------------------------------------------------------------
@@ -195,3 +199,18 @@ def test_fewer_conversations_than_one_batch_raise(sft_jsonl, run_dir):
     with pytest.raises(ValueError, match="fewer than one batch"):
         train(SFTConfig(**{**FAST, "data": str(sft_jsonl), "output_dir": str(run_dir), "batch_size": 16,
                            "micro_batch_size": 16, "max_steps": 1}))
+
+
+def test_a_resumed_process_gets_its_own_rng_streams(tmp_path):
+    from rlhfkit.train import runtime
+
+    torch.manual_seed(0)
+    shared = runtime.rng_state()
+    torch.manual_seed(1)
+    own = runtime.rng_state()
+    torch.save({"step": 3, "rng": shared}, tmp_path / runtime.STATE_FILE)
+    torch.save(own, tmp_path / "rng-1.pt")
+    assert runtime.load_trainer_state(tmp_path, rank=1)["step"] == 3
+    assert torch.equal(torch.get_rng_state(), own["torch"])
+    runtime.load_trainer_state(tmp_path, rank=0)  # no rng-0.pt: the state saved with the trainer state
+    assert torch.equal(torch.get_rng_state(), shared["torch"])

@@ -192,7 +192,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     eval_prompts = task.prompts("heldout")[:cfg.eval_prompts]
     step = 0
     if ckpt:
-        state = runtime.load_trainer_state(ckpt)
+        state = runtime.load_trainer_state(ckpt, acc.process_index)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scale.load_state_dict(state["sigma"])

@@ -310,13 +310,13 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
                  eval_prompts=task.prompts("heldout")[:cfg.eval_prompts])
 
 
-def restore(ckpt, opt, sched) -> tuple[int, dict]:
+def restore(ckpt, opt, sched, rank: int = 0) -> tuple[int, dict]:
     """Optimizer, scheduler and RNG state from a checkpoint: (step, the rest of the trainer state)."""
     from rlhfkit.train import runtime
 
     if not ckpt:
         return 0, {}
-    state = runtime.load_trainer_state(ckpt)
+    state = runtime.load_trainer_state(ckpt, rank)
     opt.load_state_dict(state.pop("optimizer"))
     sched.load_state_dict(state.pop("scheduler"))
     return state.pop("step"), state

@@ -374,7 +374,7 @@ def train(cfg: RewardConfig) -> dict:
     scorer, opt = acc.prepare(scorer, opt)
     step = 0
     if ckpt:
-        state = runtime.load_trainer_state(ckpt)
+        state = runtime.load_trainer_state(ckpt, acc.process_index)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]

@@ -125,11 +125,28 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
             tokenizer.save_pretrained(target)
         torch.save({
             "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            **state,
+            "rng": rng_state(), **state,
         }, path / STATE_FILE)
     acc.wait_for_everyone()
+    if acc.num_processes > 1:  # every process's own generators: a resumed rank continues its own streams
+        torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
+        acc.wait_for_everyone()
     return path
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def find_checkpoint(resume: str | None, output_dir: str | None) -> Path | None:
@@ -145,13 +162,16 @@ def find_checkpoint(resume: str | None, output_dir: str | None) -> Path | None:
     return p
 
 
-def load_trainer_state(path: Path) -> dict:
+def load_trainer_state(path: Path, rank: int = 0) -> dict:
+    """The checkpoint's trainer state; restores this process's RNG streams (``rng-RANK.pt`` when the run
+    had several processes, else the single state saved with the trainer state)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     rng = state.pop("rng", None)
+    own = path / f"rng-{rank}.pt"
+    if own.exists():
+        rng = torch.load(own, map_location="cpu", weights_only=False)
     if rng:
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        set_rng_state(rng)
     return state
 
 

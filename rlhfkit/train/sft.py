@@ -233,7 +233,7 @@ def train(cfg: SFTConfig) -> dict:
     model, opt = acc.prepare(model, opt)
     step = 0
     if ckpt:
-        state = runtime.load_trainer_state(ckpt)
+        state = runtime.load_trainer_state(ckpt, acc.process_index)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
