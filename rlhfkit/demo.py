@@ -45,7 +45,7 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(pair_prompts=64, pair_k=4, pair_tokens=40, rm_epochs=5.0, rl_steps=12, rl_prompts_per_step=8, rl_tokens=40,
+    "full": DemoSize(pair_prompts=48, pair_k=4, pair_tokens=40, rm_epochs=5.0, rl_steps=10, rl_prompts_per_step=8, rl_tokens=40,
                      eval_prompts=64, eval_tokens=40),
     "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rm_epochs=1.0, rl_steps=2, rl_prompts_per_step=4, rl_tokens=24,
                       eval_prompts=12, eval_tokens=24),

@@ -119,9 +119,9 @@ def test_score_ids_on_a_rollout(rm, tiny):
 
 
 def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
-    """Online RL scores rollouts by their token ids when the RM shares the policy's vocabulary: an ended
-    completion scores as its text does; a truncated one is read at its last sampled token, not closed
-    with an EOS it never emitted (re-encoding the text would append one)."""
+    """Online RL scores rollouts by their token ids when the RM shares the policy's vocabulary: the
+    same scores as the text path (which re-encodes the text and closes it with an EOS), for truncated
+    and ended completions, in one batch with both."""
     from rlhfkit.rollout.engine import Sampler, SamplingConfig
     from rlhfkit.train.online import RewardSource
 
@@ -132,16 +132,17 @@ def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
     assert source.shares_vocab(loaded)
     r = Sampler(policy, tok, SamplingConfig(temperature=1.0, max_new_tokens=5)).sample(PROMPTS, seed=0, with_logps=False)
     assert not r.ended.any()  # a random tiny model does not hit EOS in 5 tokens
-    got = source(r)
     by_text = loaded.score(r.prompts, r.completions, normalized=False)
-    assert torch.allclose(got, loaded.score_ids(r.input_ids, r.attention_mask, normalized=False), atol=1e-5)
-    assert not torch.allclose(got, by_text, atol=1e-3)
-    # close the completions with an EOS: the id path and the text path agree
-    eos = torch.full((len(PROMPTS), 1), tok.eos_token_id)
-    ended = dataclasses.replace(r, completion_ids=torch.cat([r.completion_ids, eos], 1),
-                                completion_mask=torch.cat([r.completion_mask, torch.ones_like(eos, dtype=torch.bool)], 1),
-                                ended=torch.ones(len(PROMPTS), dtype=torch.bool))
-    assert torch.allclose(source(ended), by_text, atol=1e-4)
+    assert torch.allclose(source(r), by_text, atol=1e-4)
+    # the head is read at the appended EOS, not at the last sampled token
+    assert not torch.allclose(source(r), loaded.score_ids(r.input_ids, r.attention_mask, normalized=False), atol=1e-3)
+    # row 0 ended by the sampler (its EOS sampled, one step later than the others stopped): mixed batch
+    c_ids = torch.cat([r.completion_ids, torch.full((len(PROMPTS), 1), tok.pad_token_id)], 1)
+    c_mask = torch.cat([r.completion_mask, torch.zeros((len(PROMPTS), 1), dtype=torch.bool)], 1)
+    c_ids[0, -1], c_mask[0, -1] = tok.eos_token_id, True
+    mixed = dataclasses.replace(r, completion_ids=c_ids, completion_mask=c_mask,
+                                ended=torch.tensor([True] + [False] * (len(PROMPTS) - 1)))
+    assert torch.allclose(source(mixed), by_text, atol=1e-4)
     # without the policy's tokenizer the text path is used
     assert torch.allclose(RewardSource(f"rm:{path}", None, torch.device("cpu"))(r), by_text, atol=1e-5)
 

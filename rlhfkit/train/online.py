@@ -150,10 +150,19 @@ class RewardSource:
 
     @staticmethod
     def score_rollout_ids(rm, r: Rollout) -> torch.Tensor:
-        """Score the sampled token ids as they are: no re-tokenisation, and a truncated completion is
-        read at its last sampled token rather than being closed with an EOS it never emitted."""
-        ids = torch.cat([r.prompt_ids, r.completion_ids], 1)
-        mask = torch.cat([r.prompt_mask, r.completion_mask], 1)
+        """Score the sampled token ids as they are (no re-tokenisation). A truncated completion gets an
+        EOS appended before scoring, as a reward model's training pairs close every reply (sampled
+        pairs are truncated too): the head is then always read at an EOS, where it was trained."""
+        c_ids, c_mask = r.completion_ids, r.completion_mask.bool()
+        if not bool(r.ended.all()):
+            n = c_mask.sum(1)
+            c_ids = torch.cat([c_ids, torch.full_like(c_ids[:, :1], rm.tok.pad_token_id)], 1)
+            c_mask = torch.cat([c_mask, torch.zeros_like(c_mask[:, :1])], 1)
+            rows = (~r.ended.bool()).nonzero().flatten().to(c_ids.device)
+            c_ids[rows, n[rows]] = rm.tok.eos_token_id
+            c_mask[rows, n[rows]] = True
+        ids = torch.cat([r.prompt_ids, c_ids], 1)
+        mask = torch.cat([r.prompt_mask.bool(), c_mask], 1)
         return rm.score_ids(ids, mask).float().cpu()
 
 

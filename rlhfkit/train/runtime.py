@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhfkit.models.loading import quiet_transformers
 from rlhfkit.tracking import RunDir, default_run_dir
 
 
@@ -121,7 +122,8 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
         path.mkdir(parents=True, exist_ok=True)
         for name, model in models.items():
             target = path if name == "policy" else path / name
-            acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
+            with quiet_transformers(False):  # no "Writing model shards" bar
+                acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
         torch.save({
             "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
