@@ -18,10 +18,8 @@ from pathlib import Path
 
 DEFAULTS = {
     # method: (config class, overrides) — the same sample budget per step: 8 completions
-    # PPO: 2 epochs over one mini-batch of 8 (two updates per batch, the second one clipped); PPO's default
-    # mini-batches of 4 double the optimizer steps over two 135M models: ~47 s per step on 2 cores
     "ppo": ("rlhfkit.train.ppo:PPOConfig", dict(prompts_per_step=8, samples_per_prompt=1, epochs_per_step=2,
-                                                mini_batch_size=8, lr=5e-6)),
+                                                mini_batch_size=4, lr=5e-6)),
     "grpo": ("rlhfkit.train.grpo:GRPOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
     "rloo": ("rlhfkit.train.rloo:RLOOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
     "cmpo": ("rlhfkit.train.cmpo:CMPOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
