@@ -43,6 +43,9 @@ class CommonConfig:
     """Write metrics.jsonl every this many optimizer steps."""
     save_every: int | None = None
     """Save a checkpoint every this many steps (None: only at the end)."""
+    keep_checkpoints: int | None = None
+    """Keep only the newest this many checkpoints (older step-N folders are deleted after each save; a
+    checkpoint with its optimizer state is ~4x the model's size). None keeps all."""
     resume: str | None = None
     """Checkpoint directory to resume from (runs/X/checkpoints/step-N), or 'auto' for the latest in output_dir."""
     mixed_precision: str = "auto"

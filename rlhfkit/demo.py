@@ -81,7 +81,8 @@ class Phases:
 def train_method(method: str, root: Path, args, size: DemoSize, rm_path: str, prefs: Path) -> str:
     """Train one method; returns its final checkpoint directory."""
     out = root / method
-    common = dict(model=args.model, output_dir=str(out), seed=args.seed, resume="auto", save_every=max(1, size.rl_steps // 3))
+    common = dict(model=args.model, output_dir=str(out), seed=args.seed, resume="auto", save_every=max(1, size.rl_steps // 3),
+                  keep_checkpoints=1)
     if method == "dpo":
         from rlhfkit.train.dpo import DPOConfig, train
 
@@ -218,7 +219,7 @@ def run_phases(args, size: DemoSize, methods: list[str], root: Path, phases: Pha
     def reward():
         cfg = RewardConfig(model=args.model, data=str(prefs), output_dir=str(root / "rm"), epochs=size.rm_epochs,
                            batch_size=2 * size.pair_k * (size.pair_k - 1), micro_batch_size=24, lr=RM_LR,
-                           freeze_backbone=True, seed=args.seed, eval_fraction=0.2)
+                           freeze_backbone=True, seed=args.seed, eval_fraction=0.2, keep_checkpoints=1)
         r = train_rm(cfg)
         ev = r.get("eval") or {}
         return {"checkpoint": r["checkpoint"], "accuracy": ev.get("accuracy"), "ceiling": ev.get("label_gold_agreement")}

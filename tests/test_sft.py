@@ -214,3 +214,9 @@ def test_a_resumed_process_gets_its_own_rng_streams(tmp_path):
     assert torch.equal(torch.get_rng_state(), own["torch"])
     runtime.load_trainer_state(tmp_path, rank=0)  # no rng-0.pt: the state saved with the trainer state
     assert torch.equal(torch.get_rng_state(), shared["torch"])
+
+
+def test_keep_checkpoints_deletes_the_older_ones(shared_sft_jsonl, tmp_path):
+    run_sft(shared_sft_jsonl, tmp_path / "run", max_steps=3, batch_size=4, micro_batch_size=4, save_every=1,
+            keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -81,6 +82,7 @@ def open_run(cfg, method: str, acc, total_steps: int | None) -> RunDir:
         cfg.output_dir = name[0]
     run = RunDir(cfg.output_dir, to_dict(cfg), method=method, is_main=acc.is_main_process,
                  report_to=cfg.report_to, total_steps=total_steps, progress=cfg.progress)
+    run.keep_checkpoints = getattr(cfg, "keep_checkpoints", None)
     if acc.is_main_process:
         print(f"[rlhfkit] {method}: run dir {run.path} | {device_report(acc)}", flush=True)
     return run
@@ -133,7 +135,17 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
     if acc.num_processes > 1:  # every process's own generators: a resumed rank continues its own streams
         torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
         acc.wait_for_everyone()
+    keep = getattr(run, "keep_checkpoints", None)
+    if keep and acc.is_main_process:
+        for old in checkpoints(run.path)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    acc.wait_for_everyone()
     return path
+
+
+def checkpoints(run_path: Path) -> list[Path]:
+    """The run's ``checkpoints/step-N`` folders, oldest first."""
+    return sorted((Path(run_path) / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
 
 def rng_state() -> dict:
@@ -156,7 +168,7 @@ def find_checkpoint(resume: str | None, output_dir: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        ckpts = sorted((Path(output_dir or ".") / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+        ckpts = checkpoints(Path(output_dir or "."))
         return ckpts[-1] if ckpts else None
     p = Path(resume)
     if not (p / STATE_FILE).exists():
