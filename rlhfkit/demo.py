@@ -139,8 +139,8 @@ def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
                      "reward itself agrees with them on "
                      + (f"{ceiling:.3f} of these pairs (the ceiling)" if ceiling is not None else "~0.75 (25% flips)"))
         if rm["accuracy"] < 0.6:
-            notes.append("the reward model is near chance on unseen prompts: with this few pairs the policy has "
-                         "little signal to learn from (sample more pairs: docs/reward.md)")
+            notes.append("the reward model is at or below chance on unseen prompts: with this few pairs the policy "
+                         "has little signal to learn from (sample more pairs: docs/reward.md)")
     return "\n".join(lines), notes
 
 
