@@ -141,3 +141,10 @@ def test_checkpoint_and_resume_reproduce_the_run(tmp_path, token_set):
     shutil.rmtree(ckpt / "prior")
     with pytest.raises(FileNotFoundError, match="no prior/"):
         train(CMPOConfig(**kw, output_dir=str(tmp_path / "bad"), resume=str(ckpt)), reward_fn=reward, task=ToyTask())
+
+
+def test_max_minutes_stops_the_run_with_a_checkpoint(tmp_path, token_set):
+    out = tmp_path / "budget"
+    res = train(CMPOConfig(**common(total_steps=50, max_minutes=0.0, output_dir=str(out))),
+                reward_fn=lambda r: frac_in_set(token_set, r), task=ToyTask())
+    assert res["steps"] == 1 and res["checkpoint"].endswith("step-1")

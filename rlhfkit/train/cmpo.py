@@ -204,6 +204,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
         result["eval_start"] = evaluate(cfg, acc.unwrap_model(policy), prior, sampler, ref, reward, task, eval_prompts)
         run.log(0, result["eval_start"])
 
+    budget = online.Budget(cfg.max_minutes)
     while step < total:
         with runtime.Timer() as t:
             # 2. generate from the prior and score; r.logps are the prior's (the behaviour policy's)
@@ -222,6 +223,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
             sched.step()
             sampler.backend.sync_weights(prior)
         step += 1
+        last = step == total or budget.spent(acc)
         # 6. log (means over processes)
         metrics.update(cmpo_metrics)
         metrics.update(online.rollout_metrics(r))
@@ -229,18 +231,20 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
         tokens = int(r.completion_mask.sum()) * acc.num_processes
         metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
         metrics["optim/lr"] = sched.get_last_lr()[0]
-        if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
             metrics.update(evaluate(cfg, acc.unwrap_model(policy), prior, sampler, ref, reward, task, eval_prompts))
             result["eval_end"] = {k_: v for k_, v in metrics.items() if k_.startswith("eval/")}
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or last:
             run.log(step, metrics)
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             run.log_samples(step, online.sample_rows(r))
         run.advance()
         # 7. checkpoint: policy at the top (plain HF), the prior in prior/, σ̂ in the trainer state
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total:
+        if (cfg.save_every and step % cfg.save_every == 0) or last:
             result["checkpoint"] = str(runtime.save_checkpoint(
                 acc, run, step, {"policy": policy, "prior": prior}, tok, opt, sched, {"sigma": scale.state_dict()}))
+        if last:
+            break
     run.close()
     result["steps"] = step
     result["last"] = metrics
