@@ -12,9 +12,17 @@ updates per sample (4 epochs x mini-batches) than the critic-free methods (one u
 ``--equal-updates`` gives PPO one update per step too (and makes its runs ~5x cheaper).
 
 Score per run: the final eval hook's mean *gold* reward on the task's held-out prompts (sampled
-from the trained policy at the training temperature, fixed seed), and its KL(policy || reference).
-Aggregates follow Agarwal et al. 2021 (``rlhfkit.evaluate.stats``): IQM over all runs x tasks with a
-95% stratified bootstrap CI, and P(CMPO > X) with its CI, per baseline.
+from the trained policy at the training temperature, fixed seed), its KL(policy || reference) and
+its win rate against the starting model (per held-out prompt, the trained reply's gold reward
+against the starting model's reply sampled with the same seed; ties count half). Aggregates follow
+Agarwal et al. 2021 (``rlhfkit.evaluate.stats``): IQM over all runs x tasks with a 95% stratified
+bootstrap CI, and P(CMPO > X) on the gold reward with its CI, per baseline.
+
+Each finished run writes ``OUT/TASK-METHOD-sSEED/row.json`` and deletes its checkpoints (unless
+``--keep-checkpoints``); a later call with the same settings reuses the rows it finds. So an
+interrupted ablation resumes where it stopped, and on a multi-core machine one process per task
+(``--tasks sentiment --threads 1`` and ``--tasks concise --threads 1``, same ``--out``) followed by a
+call with every task (which only aggregates) splits the work.
 
 Tasks: any built-in task (``rlhfkit tasks``) or ``toy``: the reward is the fraction of completion
 tokens in a fixed half S of the vocabulary (tests/test_online_rl.py's toy, learnable by a random
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -100,6 +109,33 @@ def train_fn(method: str):
     return importlib.import_module(f"rlhfkit.train.{method}").train
 
 
+def cached_row(out: Path, settings: dict) -> dict | None:
+    """The row a finished run with these settings left in ``out``, else None."""
+    path = out / "row.json"
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    return row if row.get("settings") == settings else None
+
+
+def run_one(method: str, args, task_name: str, task, seed: int, out: Path, settings: dict) -> dict:
+    """Train one (task, method, seed) run from scratch; its final eval as a row, saved in ``out/row.json``."""
+    if out.exists():
+        shutil.rmtree(out)  # a stale or unfinished run: start it again
+    cfg = make_config(method, args, task_name, seed, out)
+    t0 = time.perf_counter()
+    res = train_fn(method)(cfg, task=task)
+    end, start = res["eval_end"], res["eval_start"]
+    row = {"task": task_name, "method": method, "seed": seed, "gold": end["eval/gold"],
+           "gold_start": start["eval/gold"], "kl": end["eval/kl"], "win_rate": end["eval/win_rate_start"],
+           "length": end["eval/length"], "length_start": start["eval/length"],
+           "seconds": time.perf_counter() - t0, "settings": settings}
+    if not args.keep_checkpoints:
+        shutil.rmtree(Path(res["run_dir"]) / "checkpoints", ignore_errors=True)
+    (out / "row.json").write_text(json.dumps(row, indent=2))
+    return row
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct", help="policy to start from (e.g. tiny:0.5)")
@@ -117,6 +153,8 @@ def parse_args(argv=None):
     p.add_argument("--equal-updates", action="store_true",
                    help="PPO makes one update per step (1 epoch, one mini-batch) like the others, instead of its "
                         "default 4 epochs x mini-batches of 4: equal samples *and* equal optimizer updates")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for this process (default: torch's)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (~1.6 GB a run)")
     p.add_argument("--out", default="runs/ablation_cmpo")
     args = p.parse_args(argv)
     args.missing_eos_penalty = None if args.missing_eos_penalty.lower() == "none" else float(args.missing_eos_penalty)
@@ -139,36 +177,46 @@ def main(argv=None) -> int:
     print(f"[ablation] model={args.model} tasks={tasks} methods={methods} seeds={seeds} steps={args.steps} "
           f"samples/run={budget}", flush=True)
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = {k: v for k, v in vars(args).items() if k not in ("tasks", "methods", "seeds", "threads", "out",
+                                                                  "keep_checkpoints")}
     runs = []
     t_all = time.perf_counter()
     for task_name in tasks:
-        task = ToyTask(args.model) if task_name == "toy" else None
+        task = None
         for method in methods:
             for seed in seeds:
                 out = out_root / f"{task_name}-{method}-s{seed}"
-                cfg = make_config(method, args, task_name, seed, out)
-                t0 = time.perf_counter()
-                res = train_fn(method)(cfg, task=task)
-                end, start = res["eval_end"], res.get("eval_start", {})
-                row = {"task": task_name, "method": method, "seed": seed, "gold": end["eval/gold"],
-                       "gold_start": start.get("eval/gold"), "kl": end.get("eval/kl"), "seconds": time.perf_counter() - t0}
+                row = cached_row(out, settings)
+                if row is None:
+                    task = task or (ToyTask(args.model) if task_name == "toy" else None)
+                    row = run_one(method, args, task_name, task, seed, out, settings)
                 runs.append(row)
                 print(f"[ablation] {task_name:<10} {method:<5} seed {seed}: gold {row['gold']:.4f} "
-                      f"(start {row['gold_start']:.4f}) kl {row['kl']:.4f} ({row['seconds']:.0f} s)", flush=True)
+                      f"(start {row['gold_start']:.4f}) kl {row['kl']:.4f} win {row['win_rate']:.3f} "
+                      f"({row['seconds']:.0f} s)", flush=True)
     (out_root / "runs.json").write_text(json.dumps(runs, indent=2))
 
     def scores(method: str, key: str) -> dict:
         return {t: np.array([r[key] for r in runs if r["method"] == method and r["task"] == t]) for t in tasks}
 
-    summary: dict = {"config": vars(args), "samples_per_run": budget, "methods": {}}
-    print(f"\n{'method':<6} {'gold IQM [95% CI]':<30} {'KL IQM':>8}  " + "  ".join(f"{t:>10}" for t in tasks))
+    summary: dict = {"config": vars(args), "samples_per_run": budget, "methods": {},
+                     "gold_start": {t: float(scores(methods[0], "gold_start")[t].mean()) for t in tasks}}
+    print(f"\n{'method':<6} {'gold IQM [95% CI]':<26} {'win rate IQM [95% CI]':<26} {'KL IQM [95% CI]':<26}  "
+          + "  ".join(f"{t:>10}" for t in tasks))
     for m in methods:
-        est = stratified_bootstrap_ci(scores(m, "gold"), iqm, seed=0)
-        kl = float(iqm(np.concatenate(list(scores(m, "kl").values()))))
+        est = {key: stratified_bootstrap_ci(scores(m, key), iqm, seed=0) for key in ("gold", "win_rate", "kl")}
         per_task = {t: float(v.mean()) for t, v in scores(m, "gold").items()}
-        summary["methods"][m] = {"gold_iqm": est.to_dict(), "kl_iqm": kl, "gold_mean_per_task": per_task}
-        print(f"{m:<6} {str(est):<30} {kl:>8.4f}  " + "  ".join(f"{per_task[t]:>10.4f}" for t in tasks))
+        summary["methods"][m] = {f"{key}_iqm": e.to_dict() for key, e in est.items()}
+        summary["methods"][m]["gold_mean_per_task"] = per_task
+        print(f"{m:<6} {str(est['gold']):<26} {str(est['win_rate']):<26} {str(est['kl']):<26}  "
+              + "  ".join(f"{per_task[t]:>10.4f}" for t in tasks))
+    print(f"{'start':<6} {'':<26} {'':<26} {'':<26}  " + "  ".join(f"{summary['gold_start'][t]:>10.4f}" for t in tasks))
     result = {f"{m}_iqm": summary["methods"][m]["gold_iqm"]["value"] for m in methods}
+    result.update({f"{m}_win": summary["methods"][m]["win_rate_iqm"]["value"] for m in methods})
     if "cmpo" in methods:
         for other in (m for m in methods if m != "cmpo"):
             poi = probability_of_improvement_ci(scores("cmpo", "gold"), scores(other, "gold"), seed=0)
@@ -176,7 +224,7 @@ def main(argv=None) -> int:
             print(f"P(cmpo > {other}) = {poi}")
             result[f"p_cmpo_gt_{other}"] = poi.value
             result[f"p_cmpo_gt_{other}_lo"] = poi.ci_low
-    result.update({f"{m}_kl": summary["methods"][m]["kl_iqm"] for m in methods})
+    result.update({f"{m}_kl": summary["methods"][m]["kl_iqm"]["value"] for m in methods})
     result.update(model=args.model, tasks="+".join(tasks), seeds=len(seeds), steps=args.steps, samples_per_run=budget,
                   minutes=(time.perf_counter() - t_all) / 60)
     (out_root / "summary.json").write_text(json.dumps(summary, indent=2))

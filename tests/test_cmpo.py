@@ -72,14 +72,13 @@ def test_prior_follows_the_policy_after_every_update():
         PriorTrackingOptimizer(opt.opt, torch.nn.Linear(3, 4), policy, 0.5)
 
 
-def test_eval_hook_samples_the_policy_not_the_prior(monkeypatch):
+def test_eval_hook_samples_the_policy_not_the_prior():
     policy, tok = load_model("tiny")
     prior = copy.deepcopy(policy)
     cfg = CMPOConfig(**common())
     seen = {}
-    monkeypatch.setattr(cmpo.online, "evaluate_policy", lambda s, *a: seen.setdefault("model", s.backend.model) and {})
     sampler = cmpo.online.make_sampler(cfg, prior, tok, "tiny")
-    cmpo.evaluate(cfg, policy, prior, sampler, None, None, None, [])
+    cmpo.evaluate(cfg, policy, prior, sampler, lambda s: seen.setdefault("model", s.backend.model) and {})
     assert seen["model"] is policy
 
 

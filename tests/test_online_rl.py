@@ -112,3 +112,22 @@ def test_one_step_per_batch_takes_old_logps_from_the_training_pass(tmp_path, tok
     assert m_skip["policy/ratio_mean"] == 1.0
     for a, b in zip(w_skip.parameters(), w_full.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_held_out_eval_reports_the_win_rate_against_its_first_eval():
+    from types import SimpleNamespace
+
+    from rlhfkit.models import load_model
+    from rlhfkit.train import online
+    from rlhfkit.train.grpo import GRPOConfig
+
+    model, tok = load_model("tiny")
+    cfg = GRPOConfig(**common(samples_per_prompt=2))
+    golds = iter([[0.5, 0.2, 0.9, 0.1], [0.6, 0.2, 0.3, 0.1], [0.0] * 4])
+    task = SimpleNamespace(gold=lambda prompts, completions: next(golds))
+    held_out = online.HeldOutEval(None, SimpleNamespace(uses_gold_only=True), task, ToyTask().prompts("heldout")[:4], cfg)
+    sampler = online.make_sampler(cfg, model, tok, "tiny")
+    first = held_out(sampler)
+    assert "eval/win_rate_start" not in first and first["eval/gold"] == pytest.approx(0.425)
+    assert held_out(sampler)["eval/win_rate_start"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)  # ties count half
+    assert held_out(sampler)["eval/win_rate_start"] == 0.0

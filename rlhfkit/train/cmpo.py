@@ -145,13 +145,13 @@ class PriorTrackingOptimizer:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, ref, reward, task, prompts: list) -> dict:
+def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out) -> dict:
     """The eval hook on π_θ (the checkpoint's policy), not on the prior that samples training data.
     HF: a sampler over the policy. vLLM: the one engine gets the policy's weights, then the prior's back."""
     shared = None if isinstance(sampler.backend, HFBackend) else sampler.backend
     eval_sampler = Sampler(policy, sampler.tok, cfg.sampling(), backend=shared, max_prompt_length=cfg.max_prompt_length)
     eval_sampler.backend.sync_weights(policy)
-    out = online.evaluate_policy(eval_sampler, ref, reward, task, prompts, cfg)
+    out = held_out(eval_sampler)
     sampler.backend.sync_weights(prior)
     return out
 
@@ -189,7 +189,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     scale = RunningScale(cfg.sigma_decay, cfg.sigma_eps)
     sampler = online.make_sampler(cfg, prior, tok, str(ckpt / "prior" if ckpt else cfg.model))
     stream = online.PromptStream(task.prompts("train"), cfg.seed)
-    eval_prompts = task.prompts("heldout")[:cfg.eval_prompts]
+    held_out = online.HeldOutEval(ref, reward, task, task.prompts("heldout")[:cfg.eval_prompts], cfg)
     step = 0
     if ckpt:
         state = runtime.load_trainer_state(ckpt, acc.process_index)
@@ -201,7 +201,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}
     if step == 0 and cfg.eval_every:
-        result["eval_start"] = evaluate(cfg, acc.unwrap_model(policy), prior, sampler, ref, reward, task, eval_prompts)
+        result["eval_start"] = evaluate(cfg, acc.unwrap_model(policy), prior, sampler, held_out)
         run.log(0, result["eval_start"])
 
     budget = online.Budget(cfg.max_minutes)
@@ -232,7 +232,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
         metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
         metrics["optim/lr"] = sched.get_last_lr()[0]
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            metrics.update(evaluate(cfg, acc.unwrap_model(policy), prior, sampler, ref, reward, task, eval_prompts))
+            metrics.update(evaluate(cfg, acc.unwrap_model(policy), prior, sampler, held_out))
             result["eval_end"] = {k_: v for k_, v in metrics.items() if k_.startswith("eval/")}
         if step % cfg.log_every == 0 or last:
             run.log(step, metrics)

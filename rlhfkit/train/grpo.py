@@ -174,13 +174,13 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     policy, opt = acc.prepare(s.policy, opt)
     ref.to(acc.device)
     sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
-    eval_prompts = s.eval_prompts
+    held_out = online.HeldOutEval(ref, reward, task, s.eval_prompts, cfg)
     step, _ = online.restore(ckpt, opt, sched, acc.process_index)
     run = runtime.open_run(cfg, method, acc, total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}
     if step == 0 and cfg.eval_every:
-        result["eval_start"] = online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg)
+        result["eval_start"] = held_out(sampler)
         run.log(0, result["eval_start"])
 
     budget = online.Budget(cfg.max_minutes)
@@ -208,7 +208,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
         metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
         metrics["optim/lr"] = sched.get_last_lr()[0]
         if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            metrics.update(online.evaluate_policy(sampler, ref, reward, task, eval_prompts, cfg))
+            metrics.update(held_out(sampler))
             result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
         if step % cfg.log_every == 0 or last:
             run.log(step, metrics)

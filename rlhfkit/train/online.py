@@ -245,24 +245,38 @@ def rollout_metrics(r: Rollout) -> dict:
 # --- the eval hook --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def evaluate_policy(sampler: Sampler, ref_model, reward: RewardSource, task, prompts: list, cfg: OnlineConfig) -> dict:
-    """Gold reward, proxy reward and KL(policy || reference) on a fixed held-out prompt set.
+class HeldOutEval:
+    """The eval hook: gold reward, proxy reward and KL(policy || reference) on a fixed held-out prompt set.
 
     Sampled at the training temperature with a fixed seed, so successive evals differ only by the
-    policy. KL is the sequence-level estimate mean_y[log pi(y) - log pi_ref(y)], y ~ pi.
+    policy. KL is the sequence-level estimate mean_y[log pi(y) - log pi_ref(y)], y ~ pi. The first
+    call's per-prompt gold rewards (the starting policy's, in a run that does not resume) are the
+    baseline of every later call's ``eval/win_rate_start``: the fraction of prompts whose reply scores
+    a higher gold reward than the first eval's reply to the same prompt, ties counted half.
     """
-    r = sampler.sample(prompts, seed=12345)
-    gold = gold_scores(task, r)
-    proxy = gold if reward.uses_gold_only else reward(r)
-    out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
-           "eval/length": r.completion_mask.sum(1).float().mean().item()}
-    if ref_model is not None:
-        ref = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, cfg.temperature)
-        kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
-        out["eval/kl"] = kl
-        out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
-    return out
+
+    def __init__(self, ref_model, reward: RewardSource, task, prompts: list, cfg: OnlineConfig):
+        self.ref_model, self.reward, self.task, self.prompts, self.cfg = ref_model, reward, task, prompts, cfg
+        self.start_gold: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, sampler: Sampler) -> dict:
+        r = sampler.sample(self.prompts, seed=12345)
+        gold = gold_scores(self.task, r).float()
+        proxy = gold if self.reward.uses_gold_only else self.reward(r)
+        out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
+               "eval/length": r.completion_mask.sum(1).float().mean().item()}
+        if self.start_gold is None:
+            self.start_gold = gold
+        else:
+            out["eval/win_rate_start"] = ((gold > self.start_gold).float() + 0.5 * (gold == self.start_gold).float()).mean().item()
+        if self.ref_model is not None:
+            ref = completion_logps(self.ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                   self.cfg.temperature)
+            kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
+            out["eval/kl"] = kl
+            out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
+        return out
 
 
 def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
