@@ -187,8 +187,8 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     for task_name in tasks:
         task = None
-        for method in methods:
-            for seed in seeds:
+        for seed in seeds:  # seeds outside methods: a run cut short leaves every method with the same seeds
+            for method in methods:
                 out = out_root / f"{task_name}-{method}-s{seed}"
                 row = cached_row(out, settings)
                 if row is None:
