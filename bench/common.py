@@ -92,3 +92,14 @@ def fail(measured: Measured, what: str) -> None:
     """Stop the benchmark with the failing child's stderr tail."""
     sys.stderr.write(f"{what} failed with exit status {measured.returncode}:\n{measured.stderr[-5000:]}\n")
     raise SystemExit(1)
+
+
+def run_worker(script: str, name: str, out: Path, *args, env: dict | None = None,
+               timeout: float | None = None) -> tuple[dict, Measured]:
+    """Run ``script --worker NAME --out OUT ARGS...`` in a fresh process; return what the worker wrote to
+    ``out`` and the process's measurements. A failing worker stops the benchmark with its stderr."""
+    m = run_measured([sys.executable, str(script), "--worker", name, "--out", str(out), *map(str, args)],
+                     env=env, timeout=timeout)
+    if m.returncode != 0:
+        fail(m, name)
+    return read_worker_result(out), m

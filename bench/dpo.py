@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, print_result, read_worker_result, run_measured, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
 
 TOPICS = ["tides", "volcanoes", "bread yeast", "solar panels", "honeybees", "glaciers", "vaccines", "compilers",
           "rainbows", "coral reefs", "batteries", "jazz harmony", "chess openings", "photosynthesis", "bridges",
@@ -177,15 +177,12 @@ def main() -> None:
                 continue
             out = Path(tmp) / name / "result.json"
             out.parent.mkdir()
-            cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--out", str(out)]
+            flags = []
             for flag in ("steps", "batch_size", "micro_batch_size", "max_prompt_length", "max_completion_length", "packing",
                          "threads"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+                flags += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
-            measured = run_measured(cmd, env=env, timeout=1800)
-            if measured.returncode != 0:
-                fail(measured, name)
-            res = read_worker_result(out)
+            res, measured = run_worker(__file__, name, out, "--data", data, *flags, env=env, timeout=1800)
             res.update(peak_rss_mb=measured.peak_rss_mb, wall_s=measured.wall_s, pairs_s=n / res["time_s"])
             results[name] = res
             print(f"{name:8} {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})}",

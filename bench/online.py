@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, print_result, read_worker_result, run_measured, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
 
 TASK = "sentiment"
 PROMPTS_PER_STEP = 2
@@ -240,11 +240,7 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for name in ["rlhfkit", "trl"] + ([] if args.no_ppo else ["ppo"]):
             out = Path(tmp) / f"{name}.json"
-            m = run_measured([sys.executable, __file__, "--worker", name, "--out", str(out), "--steps", str(args.steps)],
-                             env=env, timeout=args.timeout)
-            if m.returncode != 0:
-                fail(m, name)
-            r = read_worker_result(out)
+            r, m = run_worker(__file__, name, out, "--steps", args.steps, env=env, timeout=args.timeout)
             r.update(timed(r, args.warmup), peak_rss_mb=m.peak_rss_mb)
             results[name] = r
             print(f"{name:>8}: {r['completions_s']:6.3f} completions/s ({r['completions_cpu_s']:6.3f} per CPU-s)  "

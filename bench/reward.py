@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, print_result, read_worker_result, run_measured, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
 
 LR = 1e-5
 _SENTENCES = [
@@ -180,11 +180,8 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for framework in ("rlhfkit", "trl"):
             out = Path(tmp) / f"{framework}.json"
-            m = run_measured([sys.executable, __file__, "--worker", framework, "--data", str(data), "--out", str(out),
-                              "--steps", str(args.steps), "--batch-size", str(args.batch_size)], env=env)
-            if m.returncode != 0:
-                fail(m, framework)
-            r = read_worker_result(out)
+            r, m = run_worker(__file__, framework, out, "--data", data, "--steps", args.steps,
+                              "--batch-size", args.batch_size, env=env)
             r["pairs_s"], r["peak_rss_mb"], r["wall_s"] = throughput(r, args.batch_size), m.peak_rss_mb, m.wall_s
             results[framework] = r
             print(f"{framework:>8}: {r['pairs_s']:7.2f} pairs/s  peak RSS {m.peak_rss_mb:7.0f} MiB  process wall "

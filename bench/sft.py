@@ -41,7 +41,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fail, print_result, read_worker_result, run_measured, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
 
 LR = 1e-5
 _SUBJECTS = ["the old lighthouse", "a small garden", "the city library", "a mountain village", "the river delta",
@@ -226,12 +226,8 @@ def main() -> None:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
         for framework in ("rlhfkit", "trl"):
             out = Path(tmp) / f"{framework}.json"
-            m = run_measured([sys.executable, __file__, "--worker", framework, "--data", str(data), "--out", str(out),
-                              "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                              "--max-length", str(args.max_length)], env=env)
-            if m.returncode != 0:
-                fail(m, framework)
-            r = read_worker_result(out)
+            r, m = run_worker(__file__, framework, out, "--data", data, "--steps", args.steps,
+                              "--batch-size", args.batch_size, "--max-length", args.max_length, env=env)
             r["tok_s"], r["tok_cpu_s"] = throughput(r), throughput(r, "step_end_cpu")
             r["peak_rss_mb"], r["wall_s"] = m.peak_rss_mb, m.wall_s
             results[framework] = r
