@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -44,17 +45,23 @@ def test_sample_command_writes_pairs_with_metadata(tmp_path):
     pairs = load_pairs(out_path)
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["prompts"] == 3 and summary["completions"] == 9 and summary["pairs"] == len(pairs)
-    assert 1 <= len(pairs) <= 9 and len({p.id for p in pairs}) == len(pairs)
+    assert len({p.id for p in pairs}) == len(pairs)
     for p in pairs:
         assert p.a["content"] != p.b["content"] and p.task == "sentiment"
         m = p.metadata
         assert m["model"] == "tiny" and m["seed"] == 5 and m["split"] == "heldout" and m["k"] == 3
         assert m["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 8}
         assert m["a_info"]["tokens"] <= 8 and isinstance(m["b_info"]["ended"], bool)
-    by_prompt = {}
+    # every prompt: all pairs (i < j) of its kept completions, once each; 3 prompts x K=3 completions in all
+    by_prompt: dict = {}
     for p in pairs:
-        by_prompt.setdefault(p.metadata["prompt_id"], set()).update({p.a["content"], p.b["content"]})
-    assert len(by_prompt) <= 3
+        by_prompt.setdefault(p.metadata["prompt_id"], []).append((p.metadata["a_index"], p.metadata["b_index"]))
+    assert 1 <= len(by_prompt) <= 3
+    kept = {pid: sorted({i for ij in idx for i in ij}) for pid, idx in by_prompt.items()}
+    for pid, idx in by_prompt.items():
+        assert sorted(idx) == list(itertools.combinations(kept[pid], 2))
+    if len(by_prompt) == 3:
+        assert summary["skipped_duplicate_or_empty"] == 9 - sum(len(k) for k in kept.values())
 
 
 def test_same_seed_same_pairs(tmp_path, capsys):
