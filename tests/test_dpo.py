@@ -22,7 +22,8 @@ from rlhfkit.data.records import DataError
 from rlhfkit.losses.dpo import REFERENCE_FREE
 from rlhfkit.tracking import read_metrics
 from rlhfkit.train import dpo
-from rlhfkit.train.dpo import DPOConfig, Example, example_losses, forward_examples, train
+from rlhfkit.train.dpo import DPOConfig, example_losses, forward_examples, train
+from rlhfkit.train.dpo_data import Example, load_examples
 from rlhfkit.train.logps import completion_logps
 
 WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "garden", "window", "candle", "forest", "bridge",
@@ -258,9 +259,9 @@ def test_eval_metrics_and_kl_to_reference(prefs, tmp_path):
 
 
 def test_ties_skip_by_default_and_half_keeps_them(small, tokenizer):
-    examples, counts = dpo.load_examples(str(small), tokenizer, DPOConfig(data=str(small)))
+    examples, counts = load_examples(str(small), tokenizer, DPOConfig(data=str(small)))
     assert counts["ties_skipped"] == 2 and len(examples) == 6 and not any(e.tie for e in examples)
-    examples, counts = dpo.load_examples(str(small), tokenizer, DPOConfig(data=str(small), ties="half"))
+    examples, counts = load_examples(str(small), tokenizer, DPOConfig(data=str(small), ties="half"))
     assert counts["ties_skipped"] == 0 and [e.tie for e in examples] == [i % 4 == 0 for i in range(8)]
     assert {e.strength for e in examples} == {2.0}
 
@@ -356,7 +357,7 @@ def test_pair_with_an_empty_side_names_file_line_and_field(tmp_path, tokenizer):
     rows = [TOY[0], dict(TOY[1], rejected={"role": "assistant", "content": "  "})]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'rejected.content': empty completion"):
-        dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data)))
+        load_examples(str(data), tokenizer, DPOConfig(data=str(data)))
 
 
 def test_kto_data_without_labels_names_file_line_and_field(tmp_path, tokenizer):
@@ -364,18 +365,18 @@ def test_kto_data_without_labels_names_file_line_and_field(tmp_path, tokenizer):
     data = write_jsonl(tmp_path / "kto.jsonl", rows)
     cfg = DPOConfig(data=str(data), loss="kto")
     with pytest.raises(DataError, match=r"kto\.jsonl:2: field 'label': missing: loss=kto needs a true/false label"):
-        dpo.load_examples(str(data), tokenizer, cfg)
+        load_examples(str(data), tokenizer, cfg)
     rows[1]["label"] = "yes"
     write_jsonl(data, rows)
     with pytest.raises(DataError, match=r"kto\.jsonl:2: field 'label': must be true or false, got 'yes'"):
-        dpo.load_examples(str(data), tokenizer, cfg)
+        load_examples(str(data), tokenizer, cfg)
 
 
 def test_kto_unpaired_rows_and_mismatched_partners(tmp_path, tokenizer):
     rows = [{"prompt": f"Question {i}?", "completion": f"Answer {i}.", "metadata": {"label": i % 3 != 0}}
             for i in range(6)]
     data = write_jsonl(tmp_path / "kto.jsonl", rows)
-    examples, _ = dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data), loss="kto"))
+    examples, _ = load_examples(str(data), tokenizer, DPOConfig(data=str(data), loss="kto"))
     assert [e.desirable for e in examples] == [False, True, True, False, True, True]
     for e in examples:  # the z0 partner is another prompt's completion
         assert e.second_ids != e.first_ids
@@ -386,8 +387,8 @@ def test_long_prompt_error_or_skip(tmp_path, tokenizer):
     rows = [TOY[0], dict(TOY[1], prompt=[{"role": "user", "content": "word " * 300}])]
     data = write_jsonl(tmp_path / "long.jsonl", rows)
     with pytest.raises(DataError, match=r"long\.jsonl:2: field 'prompt': the prompt is \d+ tokens, longer than"):
-        dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data)))
-    examples, counts = dpo.load_examples(str(data), tokenizer, DPOConfig(data=str(data), long_prompts="skip"))
+        load_examples(str(data), tokenizer, DPOConfig(data=str(data)))
+    examples, counts = load_examples(str(data), tokenizer, DPOConfig(data=str(data), long_prompts="skip"))
     assert len(examples) == 1 and counts["long_prompts"] == 1
 
 
