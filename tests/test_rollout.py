@@ -221,6 +221,47 @@ def test_left_padding_does_not_change_a_prompts_completion_logps(peaked):
     assert (batched[1] - batched[0]).abs().max() > 1e-2  # the other prompt conditions differently
 
 
+@pytest.mark.parametrize("row_tokens", [None, 40])
+def test_shared_prompt_layout_equals_the_padded_batch(peaked, monkeypatch, row_tokens):
+    """GRPO-shaped batch (each prompt K=3 times, shuffled, ragged completions): the shared-prompt,
+    padding-free layout gives the padded batch's log-probs, entropies and gradients; with a 40-token row
+    budget the batch is split into several packed rows and still matches."""
+    import rlhfkit.rollout.engine as engine
+
+    if row_tokens:
+        monkeypatch.setattr(engine, "SHARED_ROW_TOKENS", row_tokens)
+    model, tok = peaked
+    model = copy.deepcopy(model).train()
+    sampler = Sampler(model, tok, SamplingConfig(temperature=0.7, max_new_tokens=6))
+    prompts = [PROMPTS[i] for i in (0, 2, 0, 1, 2, 0, 1, 2, 1)]
+    g = torch.Generator().manual_seed(1)
+    completions = [torch.randint(300, 5000, (n,), generator=g).tolist() + [tok.eos_token_id]
+                   for n in (3, 0, 5, 2, 1, 4, 5, 2, 3)]
+    prompt_ids, prompt_mask = sampler.encode_prompts(prompts)
+    width = max(map(len, completions)) + 2  # wider than any completion, as a rollout batch can be
+    c_ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in completions])
+    c_mask = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in completions])
+    results = {}
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        logps, entropy = completion_logps(model, prompt_ids, prompt_mask, c_ids, c_mask, 0.7, with_entropy=True,
+                                          share_prompts=share)
+        assert logps.shape == entropy.shape == c_ids.shape
+        (logps * c_mask).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results[share] = (logps * c_mask, entropy * c_mask, grads)
+    (lp0, h0, g0), (lp1, h1, g1) = results[False], results[True]
+    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
+    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=0)
+    assert len(g0) == len(g1)
+    for a, b in zip(g0, g1):  # float sums in another order: compare each parameter's gradient as a whole
+        assert (b - a).norm() <= 1e-4 * a.norm() + 1e-6
+    # teeth: a completion scored after another prompt differs by far more than the tolerance
+    swapped = completion_logps(model, prompt_ids.roll(1, 0), prompt_mask.roll(1, 0), c_ids, c_mask, 0.7,
+                               share_prompts=True)
+    assert ((swapped - lp1) * c_mask).abs().max() > 1e-2
+
+
 # --- Rollout.select --------------------------------------------------------------------------------
 
 

@@ -120,16 +120,42 @@ def forward_completion(model, prompt_ids, prompt_mask, completion_ids, completio
                  logits_to_keep=completion_ids.shape[1] + 1)
 
 
+SHARED_ROW_TOKENS = 2048
+"""Most tokens in one packed row of the shared-prompt layout. Attention over a packed row costs N^2
+(the mask is dense), linear layers N: at 2048 tokens on a 135M model the masked-out attention is
+~25% of the linear work; a larger batch is split into several rows."""
+
+
 def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                     with_entropy: bool = False):
+                     with_entropy: bool = False, share_prompts: bool = False):
     """Per-token log-probs (B, C) of the completion tokens under ``model`` at ``temperature``
-    (and per-token entropies when asked). Masked positions hold garbage; callers mask them."""
+    (and per-token entropies when asked). Masked positions hold garbage; callers mask them.
+
+    ``share_prompts``: the padding-free layout of :func:`rlhfkit.train.logps.completion_logps`, in which
+    a prompt that several completions continue (GRPO's K samples) is computed once and no padding is
+    computed; the same values as the padded batch, to float rounding (tested)."""
+    if share_prompts:
+        return _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
+                                    with_entropy)
     logits = forward_completion(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
     logits = logits[:, :-1].float() / temperature  # position t predicts completion token t
     logps = selective_log_softmax(logits, completion_ids)
     if with_entropy:
         return logps, entropy_from_logits(logits)
     return logps
+
+
+def _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float,
+                         with_entropy: bool):
+    from rlhfkit.train.logps import completion_logps as ragged_logps
+
+    prompts = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask.bool())]
+    completions = [row[:n].tolist() for row, n in zip(completion_ids, completion_mask.sum(1).tolist())]
+    out = ragged_logps(model, prompts, completions, temperature=temperature, with_entropy=with_entropy,
+                       max_row_tokens=SHARED_ROW_TOKENS)
+    pad = (0, completion_ids.shape[1] - out[0].shape[1])  # the batch's width C; mask is a prefix of each row
+    logps = torch.nn.functional.pad(out[0], pad)
+    return (logps, torch.nn.functional.pad(out[2], pad)) if with_entropy else logps
 
 
 class HFBackend:
@@ -166,10 +192,12 @@ class HFBackend:
 class Sampler:
     """Prompts in, :class:`Rollout` out. The backend (HF or vLLM) only produces token ids."""
 
-    def __init__(self, model, tokenizer, sampling: SamplingConfig, backend=None, max_prompt_length: int = 512):
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, backend=None, max_prompt_length: int = 512,
+                 share_prompts: bool = False):
         self.model, self.tok, self.sampling = model, tokenizer, sampling
         self.backend = backend or HFBackend(model, tokenizer)
         self.max_prompt_length = max_prompt_length
+        self.share_prompts = share_prompts  # the layout of the sampling-time log-probs (see completion_logps)
 
     def encode_prompts(self, prompts: list[list[dict]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [tokenize_prompt(self.tok, p, self.max_prompt_length) for p in prompts]
@@ -190,5 +218,5 @@ class Sampler:
                     completion_ids=completion_ids, completion_mask=mask, ended=ended)
         if with_logps:
             r.logps = completion_logps(self.model, prompt_ids, prompt_mask, completion_ids, mask,
-                                       self.sampling.temperature or 1.0)
+                                       self.sampling.temperature or 1.0, share_prompts=self.share_prompts)
         return r

@@ -106,7 +106,7 @@ def cmpo_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: CMPOConfig) -> tuple[
     """
     mask = mb.completion_mask
     logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mask,
-                                      cfg.temperature, with_entropy=True)
+                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
     loss, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, aggregation=cfg.aggregation,
                                     max_tokens=cfg.max_new_tokens)
     seq_logps = masked_sum(logps, mask, dim=1)  # (B,)
@@ -149,7 +149,8 @@ def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out) -> dict
     """The eval hook on π_θ (the checkpoint's policy), not on the prior that samples training data.
     HF: a sampler over the policy. vLLM: the one engine gets the policy's weights, then the prior's back."""
     shared = None if isinstance(sampler.backend, HFBackend) else sampler.backend
-    eval_sampler = Sampler(policy, sampler.tok, cfg.sampling(), backend=shared, max_prompt_length=cfg.max_prompt_length)
+    eval_sampler = Sampler(policy, sampler.tok, cfg.sampling(), backend=shared, max_prompt_length=cfg.max_prompt_length,
+                           share_prompts=cfg.share_prompts)
     eval_sampler.backend.sync_weights(policy)
     out = held_out(eval_sampler)
     sampler.backend.sync_weights(prior)

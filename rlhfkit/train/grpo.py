@@ -106,7 +106,7 @@ def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
 def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (+ k3 KL loss term unless the KL is in the reward) on one micro-batch."""
     logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                      cfg.temperature, with_entropy=True)
+                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
     mask = mb.completion_mask
     old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
     loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,

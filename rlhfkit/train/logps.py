@@ -20,7 +20,9 @@ Two layouts (``packing``), which give the same values (``tests/test_dpo.py`` che
     implementation that takes a dense 4D mask (``sdpa``, ``eager``) and no sliding-window layers (a
     custom mask replaces theirs); otherwise (FlashAttention's variable-length kernels, Mistral-style
     windows) every sequence gets its own copy of the prompt, separated by position ids.
-    The dense mask costs N^2 bools for a row of N tokens (25 MB at N = 5000): size micro-batches so.
+    The dense mask costs N^2 bools for a row of N tokens (25 MB at N = 5000), and attention over the
+    whole row costs N^2 too: ``max_row_tokens`` splits the batch into several rows (consecutive
+    sequences, each row at most that many tokens where one sequence allows), one forward each.
 ``"padded"``
     one row per sequence, prompts left-padded to the longest prompt and completions right-padded to
     the longest completion, so every completion starts in the same column and the kept positions are
@@ -34,7 +36,7 @@ from collections.abc import Sequence
 
 import torch
 
-from rlhfkit.ops import selective_log_softmax
+from rlhfkit.ops import entropy_from_logits, selective_log_softmax
 
 PACKINGS = ("padding_free", "padded")
 
@@ -48,7 +50,9 @@ def completion_logps(
     pad_id: int = 0,
     temperature: float = 1.0,
     share_prompts: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_entropy: bool = False,
+    max_row_tokens: int | None = None,
+) -> tuple[torch.Tensor, ...]:
     """``log π(completion token | prompt, earlier completion tokens)`` for a batch of sequences.
 
     Args:
@@ -59,9 +63,12 @@ def completion_logps(
         pad_id: token placed in padding (its logits are never computed into a result).
         temperature: logits are divided by it (sampling temperature, for RL; 1 for DPO).
         share_prompts: in ``padding_free``, compute a prompt that occurs several times once (see above).
+        with_entropy: also return the per-token entropies of the (tempered) next-token distributions.
+        max_row_tokens: in ``padding_free``, the most tokens in one packed row (None: one row).
     Returns:
         ``per_token_logps`` (B, T) float32 and ``completion_mask`` (B, T) bool, T = longest completion;
-        entry (b, t) is completion token t of sequence b; masked-out entries are 0.
+        entry (b, t) is completion token t of sequence b; masked-out entries are 0. With
+        ``with_entropy``, a third (B, T) tensor of entropies, laid out the same way.
 
     Naive equivalent (``tests/test_dpo.py`` compares them): run each ``prompt + completion`` alone,
     ``log_softmax(logits[len(prompt) - 1 : -1])`` gathered at the completion tokens.
@@ -81,9 +88,13 @@ def completion_logps(
     width = int(lengths.max())
     completion_mask = (torch.arange(width)[None] < lengths[:, None]).to(device)  # (B, T)
     if packing == "padding_free":
-        per_token = _packed_logps(model, prompt_ids, completion_ids, temperature, share_prompts, device)  # (K,)
-        # masked_scatter fills True entries in row-major (sequence, time) order, the order of ``per_token``
-        return per_token.new_zeros(completion_mask.shape).masked_scatter(completion_mask, per_token), completion_mask
+        pieces = [_packed_logps(model, [prompt_ids[b] for b in rows], [completion_ids[b] for b in rows], temperature,
+                                share_prompts, device, with_entropy)
+                  for rows in _row_chunks(prompt_ids, completion_ids, max_row_tokens)]
+        # masked_scatter fills True entries in row-major (sequence, time) order, the order of the pieces
+        out = [torch.cat([p[i] for p in pieces]) for i in range(2 if with_entropy else 1)]  # each (K,)
+        out = [x.new_zeros(completion_mask.shape).masked_scatter(completion_mask, x) for x in out]
+        return (out[0], completion_mask, *out[1:])
     plen = max(len(p) for p in prompt_ids)
     ids = torch.full((len(prompt_ids), plen + width), pad_id, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -97,11 +108,35 @@ def completion_logps(
                    logits_to_keep=keep).logits  # (B, T, V)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
     per_token = selective_log_softmax(logits, ids[:, plen:])  # (B, T)
-    return torch.where(completion_mask, per_token, torch.zeros((), device=device)), completion_mask
+    zero = torch.zeros((), device=device)
+    if with_entropy:
+        entropy = torch.where(completion_mask, entropy_from_logits(logits).float(), zero)
+        return torch.where(completion_mask, per_token, zero), completion_mask, entropy
+    return torch.where(completion_mask, per_token, zero), completion_mask
 
 
-def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_prompts: bool, device) -> torch.Tensor:
-    """Log-probs of every completion token, flattened in (sequence, time) order, from one packed row."""
+def _row_chunks(prompt_ids, completion_ids, max_row_tokens: int | None) -> list[range]:
+    """Consecutive runs of sequences whose packed row (each distinct prompt counted once) stays within
+    ``max_row_tokens``; a sequence longer than that on its own gets a row of its own."""
+    if max_row_tokens is None:
+        return [range(len(prompt_ids))]
+    chunks, start, used, seen = [], 0, 0, set()
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        key = tuple(p)
+        cost = len(c) + (0 if key in seen else len(p))
+        if b > start and used + cost > max_row_tokens:
+            chunks.append(range(start, b))
+            start, used, seen, cost = b, 0, set(), len(p) + len(c)
+        seen.add(key)
+        used += cost
+    chunks.append(range(start, len(prompt_ids)))
+    return chunks
+
+
+def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_prompts: bool, device,
+                  with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
+    """Log-probs (and entropies) of every completion token, flattened in (sequence, time) order, from
+    one packed row."""
     groups: dict[tuple[int, ...], list[int]] = {}  # prompt -> the sequences continuing it, in batch order
     for b, p in enumerate(prompt_ids):
         groups.setdefault(tuple(p), []).append(b)
@@ -147,4 +182,5 @@ def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_p
     logits = model(input_ids=ids_t, position_ids=pos_t, attention_mask=mask, use_cache=False,
                    logits_to_keep=keep).logits  # (1, K, V)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    return selective_log_softmax(logits, targets[None])[0]
+    logps = selective_log_softmax(logits, targets[None])[0]
+    return (logps, entropy_from_logits(logits)[0].float()) if with_entropy else (logps,)

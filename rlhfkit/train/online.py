@@ -60,6 +60,10 @@ class OnlineConfig(CommonConfig):
     """Sequences per optimizer update; None = the whole rollout batch (one update per epoch)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward (per process)."""
+    share_prompts: bool = True
+    """Log-prob passes (sampling-time, reference, training) compute each prompt once for all of its
+    completions, without padding (one packed row, a 4D mask; ``rlhfkit.train.logps``). False: padded
+    batches, each completion with its own copy of the prompt. Same values to float rounding."""
     beta: float = 0.05
     """KL coefficient against the reference (starting) policy (0 disables the reference model)."""
     kl_estimator: str = "k1"
@@ -213,7 +217,7 @@ def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, rewar
     r = sampler.sample(repeated, seed=seed, with_logps=with_logps)
     if ref_model is not None:
         r.ref_logps = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                       cfg.temperature)
+                                       cfg.temperature, share_prompts=cfg.share_prompts)
     raw = reward(r)
     r.extras["raw_scores"] = raw.clone()
     r.extras["gold"] = raw.clone() if reward.uses_gold_only else gold_scores(task, r)
@@ -272,7 +276,7 @@ class HeldOutEval:
             out["eval/win_rate_start"] = ((gold > self.start_gold).float() + 0.5 * (gold == self.start_gold).float()).mean().item()
         if self.ref_model is not None:
             ref = completion_logps(self.ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                   self.cfg.temperature)
+                                   self.cfg.temperature, share_prompts=self.cfg.share_prompts)
             kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
             out["eval/kl"] = kl
             out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
@@ -294,7 +298,8 @@ def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
         backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     elif cfg.rollout_backend != "hf":
         raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {cfg.rollout_backend!r}")
-    return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length)
+    return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length,
+                   share_prompts=cfg.share_prompts)
 
 
 @dataclass

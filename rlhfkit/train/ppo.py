@@ -110,7 +110,7 @@ def critic_values(critic, r: Rollout) -> torch.Tensor:
 def actor_critic_loss(policy, critic, mb: Rollout, adv: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
     mask = mb.completion_mask
     logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mask,
-                                      cfg.temperature, with_entropy=True)
+                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
     pg, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps)
     values = critic_values(critic, mb)
     vf, vmetrics = value_loss(values, mb.values, mb.extras["returns"], mask, cfg.clip_eps_value)
