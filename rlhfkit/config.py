@@ -46,6 +46,9 @@ class CommonConfig:
     keep_checkpoints: int | None = None
     """Keep only the newest this many checkpoints (older step-N folders are deleted after each save; a
     checkpoint with its optimizer state is ~4x the model's size). None keeps all."""
+    save_optimizer: bool = True
+    """Save the optimizer state in checkpoints (AdamW's two moments: twice the model's size). False
+    makes a checkpoint ~3x smaller; resuming from one restarts the moments from zero (with a warning)."""
     resume: str | None = None
     """Checkpoint directory to resume from (runs/X/checkpoints/step-N), or 'auto' for the latest in output_dir."""
     mixed_precision: str = "auto"

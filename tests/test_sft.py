@@ -156,6 +156,23 @@ def test_resumed_run_reproduces_the_uninterrupted_one(shared_sft_jsonl, tmp_path
     assert [r["optim/lr"] for r in rows] == pytest.approx([r["optim/lr"] for r in expected], rel=1e-6)
 
 
+def test_a_checkpoint_without_optimizer_state_resumes_with_fresh_moments(shared_sft_jsonl, tmp_path, full_run):
+    out = tmp_path / "run"
+    run_sft(shared_sft_jsonl, out, eval_data=str(shared_sft_jsonl), stop_at_step=3, save_optimizer=False, **RESUME)
+    ckpt = out / "checkpoints" / "step-3"
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert "optimizer" not in state and state["step"] == 3 and state["scheduler"] is not None
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        run_sft(shared_sft_jsonl, out, eval_data=str(shared_sft_jsonl), resume=str(ckpt), **RESUME)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # the schedule continues; the losses after the resume differ from the run that kept AdamW's moments
+    expected = read_metrics(full_run)
+    assert [r["optim/lr"] for r in rows] == pytest.approx([r["optim/lr"] for r in expected], rel=1e-6)
+    assert [r["loss/sft"] for r in rows[:4]] == pytest.approx([r["loss/sft"] for r in expected[:4]], abs=1e-5)
+    assert abs(rows[4]["loss/sft"] - expected[4]["loss/sft"]) > 1e-3
+
+
 def test_checkpoint_loads_with_plain_transformers(full_run, tiny):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

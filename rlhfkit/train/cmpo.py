@@ -194,7 +194,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     step = 0
     if ckpt:
         state = runtime.load_trainer_state(ckpt, acc.process_index)
-        opt.load_state_dict(state["optimizer"])
+        runtime.load_optimizer(opt, state, ckpt)
         sched.load_state_dict(state["scheduler"])
         scale.load_state_dict(state["sigma"])
         step = state["step"]

@@ -404,7 +404,7 @@ def train(cfg: DPOConfig) -> dict:
     step = 0
     if ckpt:
         state = runtime.load_trainer_state(ckpt, acc.process_index)
-        opt.load_state_dict(state["optimizer"])
+        runtime.load_optimizer(opt, state, ckpt)
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
     run.advance(step)

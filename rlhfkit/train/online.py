@@ -345,7 +345,8 @@ def restore(ckpt, opt, sched, rank: int = 0) -> tuple[int, dict]:
     if not ckpt:
         return 0, {}
     state = runtime.load_trainer_state(ckpt, rank)
-    opt.load_state_dict(state.pop("optimizer"))
+    runtime.load_optimizer(opt, state, ckpt)
+    state.pop("optimizer", None)
     sched.load_state_dict(state.pop("scheduler"))
     return state.pop("step"), state
 

@@ -375,7 +375,7 @@ def train(cfg: RewardConfig) -> dict:
     step = 0
     if ckpt:
         state = runtime.load_trainer_state(ckpt, acc.process_index)
-        opt.load_state_dict(state["optimizer"])
+        runtime.load_optimizer(opt, state, ckpt)
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
     run = runtime.open_run(cfg, "reward", acc, total_steps)

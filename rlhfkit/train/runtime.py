@@ -10,6 +10,7 @@ import random
 import resource
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,7 @@ def open_run(cfg, method: str, acc, total_steps: int | None) -> RunDir:
     run = RunDir(cfg.output_dir, to_dict(cfg), method=method, is_main=acc.is_main_process,
                  report_to=cfg.report_to, total_steps=total_steps, progress=cfg.progress)
     run.keep_checkpoints = getattr(cfg, "keep_checkpoints", None)
+    run.save_optimizer = getattr(cfg, "save_optimizer", True)
     if acc.is_main_process:
         print(f"[rlhfkit] {method}: run dir {run.path} | {device_report(acc)}", flush=True)
     return run
@@ -127,10 +129,9 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
             with quiet_transformers(False):  # no "Writing model shards" bar
                 acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
-        torch.save({
-            "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-            "rng": rng_state(), **state,
-        }, path / STATE_FILE)
+        optim = {"optimizer": optimizer.state_dict()} if getattr(run, "save_optimizer", True) else {}
+        torch.save({"step": step, **optim, "scheduler": scheduler.state_dict() if scheduler else None,
+                    "rng": rng_state(), **state}, path / STATE_FILE)
     acc.wait_for_everyone()
     if acc.num_processes > 1:  # every process's own generators: a resumed rank continues its own streams
         torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
@@ -141,6 +142,16 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return path
+
+
+def load_optimizer(optimizer, state: dict, ckpt) -> None:
+    """The optimizer state a checkpoint holds; one saved with ``save_optimizer=False`` has none, and
+    the optimizer then starts afresh (AdamW's moments from zero: the first updates are larger)."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        warnings.warn(f"{ckpt}: the checkpoint has no optimizer state (saved with save_optimizer=False); "
+                      "the optimizer restarts from zero moments", stacklevel=2)
 
 
 def checkpoints(run_path: Path) -> list[Path]:

@@ -234,7 +234,7 @@ def train(cfg: SFTConfig) -> dict:
     step = 0
     if ckpt:
         state = runtime.load_trainer_state(ckpt, acc.process_index)
-        opt.load_state_dict(state["optimizer"])
+        runtime.load_optimizer(opt, state, ckpt)
         sched.load_state_dict(state["scheduler"])
         step = state["step"]
     run = runtime.open_run(cfg, "sft", acc, total_steps)
