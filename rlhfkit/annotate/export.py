@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from rlhfkit.annotate import agreement as ag
 from rlhfkit.annotate.models import Pair
+from rlhfkit.annotate.projects import find_project
 from rlhfkit.annotate.stats import Vote, load_votes
 from rlhfkit.annotate.store import Store
 from rlhfkit.data.records import ComparisonPair
@@ -97,7 +98,7 @@ def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list
         exclude += tuple(_low_gold(store, project, opts.min_gold_accuracy, exclude))
     data = load_votes(store, project, exclude)
     with store.db.read() as s:
-        proj = store._project(s, project)
+        proj = find_project(s, project)
         pairs = {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == proj.id).order_by(Pair.id))}
     by_pair: dict[int, list[Vote]] = {}
     for v in data.votes:

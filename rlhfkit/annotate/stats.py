@@ -14,6 +14,7 @@ from sqlalchemy import case, func, select
 
 from rlhfkit.annotate import agreement as ag
 from rlhfkit.annotate.models import Annotator, Assignment, Label, Pair
+from rlhfkit.annotate.projects import find_project
 from rlhfkit.annotate.store import Store
 
 
@@ -64,7 +65,7 @@ class Votes:
 
 def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Votes:
     with store.db.read() as s:
-        proj = store._project(s, project)
+        proj = find_project(s, project)
         annotators = [n for n in s.scalars(select(Annotator.name).where(Annotator.project_id == proj.id)
                                            .order_by(Annotator.id)) if n not in exclude]
         rows = s.execute(
@@ -134,7 +135,7 @@ def project_stats(store: Store, project: str) -> dict:
 def unsafe_pairs(store: Store, project: str, limit: int = 200) -> list[dict]:
     """Pairs flagged as unsafe (by a label or a skip), most flags first."""
     with store.db.read() as s:
-        proj = store._project(s, project)
+        proj = find_project(s, project)
         rows = s.execute(
             select(Pair.key, func.count(), func.sum(case((Label.skipped.is_(True), 1), else_=0)))
             .join(Label, Label.pair_id == Pair.id)

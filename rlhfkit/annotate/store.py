@@ -8,14 +8,11 @@ which model. Refusals raise :class:`Refused` with the HTTP status and the field 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import re
 import secrets
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from types import SimpleNamespace
 
 from sqlalchemy import bindparam, delete, func, insert, select, update
@@ -23,7 +20,6 @@ from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
 from rlhfkit.annotate.db import Database, upgrade
-from rlhfkit.annotate.imports import read_gold, read_pairs, read_uncertainty
 from rlhfkit.annotate.models import (
     AdminToken,
     Annotator,
@@ -34,6 +30,8 @@ from rlhfkit.annotate.models import (
     WebSession,
     utcnow,
 )
+from rlhfkit.annotate.projects import ProjectAdmin, digest
+from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused
 from rlhfkit.data.records import DataError
 
 # Core tables and prebuilt statements for the per-request paths: the ORM, and even building a Core
@@ -66,68 +64,6 @@ SESSION_CACHE_S = 10.0
 """How long a server process trusts a session it looked up. Signing out and deactivating through
 this process take effect at once; through another process (the CLI, a second server) within this."""
 CHOICES = ("left", "right", "tie", "skip")
-PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-ANNOTATOR_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
-
-
-class Refused(Exception):
-    """A request the store turns down. ``status`` is the HTTP status the server answers with."""
-
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(f"{field}: {message}" if field else message)
-        self.status, self.message, self.field = status, message, field
-
-
-@dataclass
-class Principal:
-    """Who a session belongs to: the admin, or one annotator of one project."""
-
-    session_hash: str
-    csrf_token: str
-    is_admin: bool
-    annotator_id: int | None = None
-    annotator_name: str | None = None
-    project_id: int | None = None
-    queue: assign.Queue | None = None
-    expires_at: datetime | None = None
-
-
-@dataclass
-class Item:
-    """One assignment as the annotator sees it."""
-
-    assignment_id: int
-    prompt: list[dict]
-    left: str
-    right: str
-
-
-@dataclass
-class LabelInput:
-    submission_id: str
-    assignment_id: int
-    choice: str
-    """'left', 'right', 'tie' or 'skip' (screen sides)."""
-    strength: int | None = None
-    rationale: str | None = None
-    unsafe: bool = False
-    duration_ms: int | None = None
-
-
-@dataclass
-class ImportReport:
-    project: str
-    created_project: bool
-    n_pairs: int
-    n_gold: int
-    n_scored: int
-    n_existing_skipped: int
-    gold_rate: float
-    previous_gold_rate: float | None
-
-
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass
@@ -141,7 +77,10 @@ class _Pending:
     done: bool = False
 
 
-class Store:
+class Store(ProjectAdmin):
+    """The annotation database's operations. Admin-side ones (projects, pairs, annotators, the admin
+    token) come from :class:`~rlhfkit.annotate.projects.ProjectAdmin`; here are the per-request ones."""
+
     def __init__(self, url: str, *, session_cache_s: float = SESSION_CACHE_S):
         self.db = Database(url)
         self.session_cache_s = session_cache_s
@@ -171,139 +110,6 @@ class Store:
                 for stmt in reads + (writes if writer else ()):
                     conn.execute(stmt, probe)
                 conn.rollback()
-
-    def ensure_admin_token(self, rotate: bool = False) -> str | None:
-        """A new admin token if there is none (or ``rotate``: revoke all and make a new one).
-
-        Returns the token, which is stored only as a hash, or None when one exists already.
-        """
-        with self.db.write() as s:
-            live = select(AdminToken).where(AdminToken.revoked_at.is_(None))
-            if s.scalars(live).first() is not None and not rotate:
-                return None
-            now = utcnow()
-            s.execute(update(AdminToken).where(AdminToken.revoked_at.is_(None)).values(revoked_at=now))
-            s.execute(update(WebSession).where(WebSession.is_admin.is_(True)).values(expires_at=now))
-            token = secrets.token_urlsafe(32)
-            s.add(AdminToken(token_hash=digest(token), created_at=now))
-        self._forget_sessions()  # after the commit, so no request re-caches the old state
-        return token
-
-    # ---- projects, pairs, annotators ----------------------------------------------------------
-
-    def import_pairs(self, project: str, pairs_path: str | Path | None = None, *, overlap: int = 3,
-                     gold_rate: float | None = None, gold_path: str | Path | None = None,
-                     uncertainty_path: str | Path | None = None, skip_existing: bool = False,
-                     guidelines: str | None = None) -> ImportReport:
-        """Import pairs and/or gold answers and/or uncertainty scores in one transaction.
-
-        All files are parsed and checked first; any error (bad line, unknown id, id already in the
-        project) raises :class:`DataError` and stores nothing.
-        """
-        if not PROJECT_NAME.match(project):
-            raise ValueError(f"--project: {project!r} is not a valid name: use letters, digits, '.', '_' and '-' "
-                             "(up to 100 characters, starting with a letter or digit)")
-        if overlap < 1:
-            raise ValueError(f"--overlap must be at least 1, got {overlap}")
-        if gold_rate is not None and not 0.0 <= gold_rate <= 1.0:
-            raise ValueError(f"--gold-rate must be in [0, 1], got {gold_rate}")
-        pairs = read_pairs(pairs_path) if pairs_path is not None else []
-        gold = read_gold(gold_path) if gold_path is not None else []
-        scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
-        with self.db.write() as s:
-            proj = s.scalars(select(Project).where(Project.name == project)).first()
-            if proj is None and not pairs:  # settings alone cannot create a project
-                raise Refused(404, f"no project {project!r}: import pairs into it first", "project")
-            created = proj is None
-            previous_rate = None if created else proj.gold_rate
-            if created:
-                proj = Project(name=project, gold_rate=0.1 if gold_rate is None else gold_rate,
-                               lease_minutes=60, created_at=utcnow())
-                s.add(proj)
-                s.flush()
-            elif gold_rate is not None:
-                proj.gold_rate = gold_rate
-            if guidelines is not None:
-                proj.guidelines = guidelines.strip() or None
-            existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
-            rows, n_skipped, now = [], 0, utcnow()
-            for where, pair in pairs:
-                if pair.id in existing:
-                    if skip_existing:
-                        n_skipped += 1
-                        continue
-                    raise where.error(f"pair {pair.id!r} is already in project {project!r}; pass "
-                                      "--skip-existing to import only the new pairs", "id")
-                rows.append({"project_id": proj.id, "key": pair.id, "prompt": pair.prompt, "a": pair.a,
-                             "b": pair.b, "task": pair.task, "meta": pair.metadata,
-                             "gold_winner": pair.metadata.get("gold_winner"), "overlap": overlap,
-                             "n_active": 0, "queue_rank": 1.0, "created_at": now})
-            if rows:
-                s.execute(insert(Pair), rows)
-            ids = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
-            for where, key, winner in gold:
-                s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
-                          .values(gold_winner=winner))
-            for where, key, ps in scores:
-                s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
-                          .values(uncertainty=(u := assign.uncertainty_score(ps)), queue_rank=-u, rm_p=ps))
-            n_gold = s.scalar(select(func.count()).select_from(Pair)
-                              .where(Pair.project_id == proj.id, Pair.gold_winner.is_not(None)))
-            return ImportReport(project, created, len(rows), n_gold, len(scores), n_skipped, proj.gold_rate,
-                                previous_rate if previous_rate != proj.gold_rate else None)
-
-    def add_annotator(self, project: str, name: str) -> str:
-        """Create an annotator; returns the secret for their link (stored only as a hash)."""
-        if name != name.strip() or not ANNOTATOR_NAME.match(name):
-            raise Refused(422, f"{name!r} is not a valid annotator name: 1-100 characters, no '/', '\\', "
-                               "control characters or surrounding spaces", "name")
-        token = secrets.token_urlsafe(32)
-        try:
-            with self.db.write() as s:
-                proj = self._project(s, project)
-                s.add(Annotator(project_id=proj.id, name=name, token_hash=digest(token), active=True,
-                                created_at=utcnow()))
-        except IntegrityError:
-            raise Refused(409, f"annotator {name!r} already exists in project {project!r}", "name") from None
-        return token
-
-    def set_annotator_active(self, project: str, name: str, active: bool) -> None:
-        """Deactivating ends the annotator's sessions, voids their link and frees their open items."""
-        with self.db.write() as s:
-            proj = self._project(s, project)
-            ann = s.scalars(select(Annotator).where(Annotator.project_id == proj.id, Annotator.name == name)).first()
-            if ann is None:
-                raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
-            ann.active = active
-            if not active:
-                s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
-                for a in s.scalars(select(Assignment).where(Assignment.annotator_id == ann.id,
-                                                            Assignment.status == "open")):
-                    a.status = "expired"
-                    s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active - 1))
-        self._forget_sessions()  # after the commit, so no request re-caches the old state
-
-    def project_names(self) -> list[str]:
-        with self.db.read() as s:
-            return list(s.scalars(select(Project.name).order_by(Project.name)))
-
-    def project_info(self, name: str) -> dict:
-        with self.db.read() as s:
-            proj = self._project(s, name)
-            q = select(func.count()).select_from(Pair).where(Pair.project_id == proj.id)
-            n_pairs = s.scalar(q.where(Pair.gold_winner.is_(None)))
-            n_gold = s.scalar(q.where(Pair.gold_winner.is_not(None)))
-            labelled = s.execute(
-                select(Pair.overlap, func.count(Label.id)).select_from(Pair)
-                .outerjoin(Label, (Label.pair_id == Pair.id) & Label.skipped.is_(False))
-                .where(Pair.project_id == proj.id, Pair.gold_winner.is_(None)).group_by(Pair.id)).all()
-            annotators = s.execute(select(Annotator.name, Annotator.active).where(Annotator.project_id == proj.id)
-                                   .order_by(Annotator.name)).all()
-            return {"name": proj.name, "gold_rate": proj.gold_rate, "n_pairs": n_pairs, "n_gold": n_gold,
-                    "n_complete": sum(1 for overlap, n in labelled if n >= overlap),
-                    "n_started": sum(1 for _, n in labelled if n > 0),
-                    "n_labels": sum(n for _, n in labelled), "n_wanted": sum(o for o, _ in labelled),
-                    "annotators": [{"name": n, "active": a} for n, a in annotators]}
 
     # ---- sessions -----------------------------------------------------------------------------
 
@@ -560,23 +366,6 @@ class Store:
             label.updated_at = utcnow()
             s.flush()
             return _label_view(label, left)
-
-    # ---- helpers ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _project(s, name: str) -> Project:
-        proj = s.scalars(select(Project).where(Project.name == name)).first()
-        if proj is None:
-            raise Refused(404, f"no project {name!r}", "project")
-        return proj
-
-
-def _known(ids: dict, key: str, where, project: str) -> int:
-    if key not in ids:
-        raise where.error(f"no pair {key!r} in project {project!r} (import the pairs first, or in the same "
-                          "command)", "id")
-    return ids[key]
-
 
 def _text(value: str | None) -> str | None:
     """An empty or whitespace-only rationale is no rationale; any other text is kept exactly."""

@@ -1,0 +1,64 @@
+"""The values the annotation store takes and returns, and its refusal (with the HTTP status)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from rlhfkit.annotate import assignment as assign
+
+
+class Refused(Exception):
+    """A request the store turns down. ``status`` is the HTTP status the server answers with."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status, self.message, self.field = status, message, field
+
+
+@dataclass
+class Principal:
+    """Who a session belongs to: the admin, or one annotator of one project."""
+
+    session_hash: str
+    csrf_token: str
+    is_admin: bool
+    annotator_id: int | None = None
+    annotator_name: str | None = None
+    project_id: int | None = None
+    queue: assign.Queue | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass
+class Item:
+    """One assignment as the annotator sees it."""
+
+    assignment_id: int
+    prompt: list[dict]
+    left: str
+    right: str
+
+
+@dataclass
+class LabelInput:
+    submission_id: str
+    assignment_id: int
+    choice: str
+    """'left', 'right', 'tie' or 'skip' (screen sides)."""
+    strength: int | None = None
+    rationale: str | None = None
+    unsafe: bool = False
+    duration_ms: int | None = None
+
+
+@dataclass
+class ImportReport:
+    project: str
+    created_project: bool
+    n_pairs: int
+    n_gold: int
+    n_scored: int
+    n_existing_skipped: int
+    gold_rate: float
+    previous_gold_rate: float | None
