@@ -56,12 +56,10 @@ def test_sample_command_writes_pairs_with_metadata(tmp_path):
     by_prompt: dict = {}
     for p in pairs:
         by_prompt.setdefault(p.metadata["prompt_id"], []).append((p.metadata["a_index"], p.metadata["b_index"]))
-    assert 1 <= len(by_prompt) <= 3
-    kept = {pid: sorted({i for ij in idx for i in ij}) for pid, idx in by_prompt.items()}
-    for pid, idx in by_prompt.items():
-        assert sorted(idx) == list(itertools.combinations(kept[pid], 2))
-    if len(by_prompt) == 3:
-        assert summary["skipped_duplicate_or_empty"] == 9 - sum(len(k) for k in kept.values())
+    # a random tiny model at T = 1 over 49k tokens repeats no 8-token completion: nothing is skipped
+    assert summary["skipped_duplicate_or_empty"] == 0 and len(by_prompt) == 3
+    for idx in by_prompt.values():
+        assert sorted(idx) == list(itertools.combinations(range(3), 2))
 
 
 def test_same_seed_same_pairs(tmp_path, capsys):
