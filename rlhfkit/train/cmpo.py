@@ -191,13 +191,9 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     sampler = online.make_sampler(cfg, prior, tok, str(ckpt / "prior" if ckpt else cfg.model))
     stream = online.PromptStream(task.prompts("train"), cfg.seed)
     held_out = online.HeldOutEval(ref, reward, task, task.prompts("heldout")[:cfg.eval_prompts], cfg)
-    step = 0
-    if ckpt:
-        state = runtime.load_trainer_state(ckpt, acc.process_index)
-        runtime.load_optimizer(opt, state, ckpt)
-        sched.load_state_dict(state["scheduler"])
+    step, state = runtime.restore(ckpt, opt, sched, acc.process_index)
+    if state:
         scale.load_state_dict(state["sigma"])
-        step = state["step"]
     run = runtime.open_run(cfg, "cmpo", acc, total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}

@@ -401,12 +401,7 @@ def train(cfg: DPOConfig) -> dict:
     opt = runtime.adamw(model.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     model, opt = acc.prepare(model, opt)
-    step = 0
-    if ckpt:
-        state = runtime.load_trainer_state(ckpt, acc.process_index)
-        runtime.load_optimizer(opt, state, ckpt)
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
     run.advance(step)
     model.train()
     last_stop = min(total_steps, cfg.stop_at_step or total_steps)

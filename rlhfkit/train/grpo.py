@@ -175,7 +175,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> d
     ref.to(acc.device)
     sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
     held_out = online.HeldOutEval(ref, reward, task, s.eval_prompts, cfg)
-    step, _ = online.restore(ckpt, opt, sched, acc.process_index)
+    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
     run = runtime.open_run(cfg, method, acc, total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path)}

@@ -338,19 +338,6 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
                  eval_prompts=task.prompts("heldout")[:cfg.eval_prompts])
 
 
-def restore(ckpt, opt, sched, rank: int = 0) -> tuple[int, dict]:
-    """Optimizer, scheduler and RNG state from a checkpoint: (step, the rest of the trainer state)."""
-    from rlhfkit.train import runtime
-
-    if not ckpt:
-        return 0, {}
-    state = runtime.load_trainer_state(ckpt, rank)
-    runtime.load_optimizer(opt, state, ckpt)
-    state.pop("optimizer", None)
-    sched.load_state_dict(state.pop("scheduler"))
-    return state.pop("step"), state
-
-
 def local_batch(s: Start, step: int, cfg: OnlineConfig) -> list:
     """This process's slice of the step's prompts."""
     prompts = s.stream.batch(step, cfg.prompts_per_step)

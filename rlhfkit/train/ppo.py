@@ -134,7 +134,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
               else FixedKLController(cfg.beta))
     sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
     held_out = online.HeldOutEval(ref, reward, task, s.eval_prompts, cfg)
-    step, state = online.restore(ckpt, opt, sched, acc.process_index)
+    step, state = runtime.restore(ckpt, opt, sched, acc.process_index)
     if state:
         kl_ctl.load_state_dict(state["kl_controller"])
     run = runtime.open_run(cfg, "ppo", acc, total)

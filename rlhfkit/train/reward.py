@@ -372,12 +372,7 @@ def train(cfg: RewardConfig) -> dict:
                         cfg.weight_decay)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
     scorer, opt = acc.prepare(scorer, opt)
-    step = 0
-    if ckpt:
-        state = runtime.load_trainer_state(ckpt, acc.process_index)
-        runtime.load_optimizer(opt, state, ckpt)
-        sched.load_state_dict(state["scheduler"])
-        step = state["step"]
+    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
     run = runtime.open_run(cfg, "reward", acc, total_steps)
     run.advance(step)
     scorer.train()

@@ -144,14 +144,22 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
     return path
 
 
-def load_optimizer(optimizer, state: dict, ckpt) -> None:
-    """The optimizer state a checkpoint holds; one saved with ``save_optimizer=False`` has none, and
-    the optimizer then starts afresh (AdamW's moments from zero: the first updates are larger)."""
-    if "optimizer" in state:
-        optimizer.load_state_dict(state["optimizer"])
+def restore(ckpt: Path | None, optimizer, scheduler, rank: int = 0) -> tuple[int, dict]:
+    """Resume: the optimizer, scheduler and this process's RNG states from a checkpoint; returns (step,
+    the rest of the trainer state). No checkpoint: (0, {}). A checkpoint saved with
+    ``save_optimizer=False`` has no optimizer state: the optimizer then starts afresh (AdamW's moments
+    from zero, so the first updates are larger), with a warning."""
+    if not ckpt:
+        return 0, {}
+    state = load_trainer_state(ckpt, rank)
+    saved = state.pop("optimizer", None)
+    if saved is not None:
+        optimizer.load_state_dict(saved)
     else:
         warnings.warn(f"{ckpt}: the checkpoint has no optimizer state (saved with save_optimizer=False); "
                       "the optimizer restarts from zero moments", stacklevel=2)
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state.pop("step"), state
 
 
 def checkpoints(run_path: Path) -> list[Path]:
