@@ -78,15 +78,15 @@ def cpu_seconds(pid: int) -> float:
 def setup(db: str, n_annotators: int, n_pairs: int, overlap: int, workdir: Path) -> list[str]:
     store = Store(db)
     store.migrate()
-    store.ensure_admin_token()
+    store.admin.ensure_admin_token()
     with open(workdir / "pairs.jsonl", "w") as f:
         for i in range(n_pairs):
             f.write(json.dumps({
                 "id": f"bench-{i}", "prompt": [{"role": "user", "content": f"Prompt {i}: " + "lorem ipsum " * 30}],
                 "a": {"role": "assistant", "content": f"Reply A to {i}. " + "dolor sit amet " * 60},
                 "b": {"role": "assistant", "content": f"Reply B to {i}. " + "consectetur " * 60}}) + "\n")
-    store.import_pairs("bench", workdir / "pairs.jsonl", overlap=overlap, gold_rate=0.0)
-    tokens = [store.add_annotator("bench", f"sim{i:03d}") for i in range(n_annotators)]
+    store.admin.import_pairs("bench", workdir / "pairs.jsonl", overlap=overlap, gold_rate=0.0)
+    tokens = [store.admin.add_annotator("bench", f"sim{i:03d}") for i in range(n_annotators)]
     store.db.dispose()
     return tokens
 
@@ -224,9 +224,9 @@ def main(argv=None) -> int:
         url = f"http://127.0.0.1:{port}"
         # Its own session, like a server started by a service manager: with the kernel's autogroup
         # scheduling it then gets its own CPU share instead of splitting one with the load generator.
-        server = subprocess.Popen([sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", db, "--host",
-                                   "127.0.0.1", "--port", str(port), "--log-level", "warning"], cwd=REPO,
-                                  start_new_session=True)
+        server = subprocess.Popen([str(Path(sys.executable).with_name("rlhfkit")), "annotate", "serve", "--db", db,
+                                   "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                                  cwd=REPO, start_new_session=True)
         try:
             for _ in range(300):
                 try:

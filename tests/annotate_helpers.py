@@ -25,6 +25,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PG_ENV = "RLHFKIT_TEST_PG"
+# The installed console script, as users run it (``rlhfkit annotate ...``): proves the entry point.
+CLI = [str(Path(sys.executable).with_name("rlhfkit")), "annotate"]
 
 
 def pair_dict(i: int, **overrides) -> dict:
@@ -87,8 +89,8 @@ def setup_project(store, tmp_path: Path, *, n_pairs: int = 10, n_gold: int = 0, 
                   gold_rate: float = 0.0, annotators=("alice", "bob", "carol"), project: str = "demo") -> dict:
     """Import pairs and create annotators; returns {name: login token}."""
     write_pairs(tmp_path / f"{project}-pairs.jsonl", n_pairs, n_gold)
-    store.import_pairs(project, tmp_path / f"{project}-pairs.jsonl", overlap=overlap, gold_rate=gold_rate)
-    return {name: store.add_annotator(project, name) for name in annotators}
+    store.admin.import_pairs(project, tmp_path / f"{project}-pairs.jsonl", overlap=overlap, gold_rate=gold_rate)
+    return {name: store.admin.add_annotator(project, name) for name in annotators}
 
 
 def free_port() -> int:
@@ -98,7 +100,7 @@ def free_port() -> int:
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "rlhfkit.annotate", *args], capture_output=True, text=True,
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"rlhfkit annotate {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
@@ -118,7 +120,7 @@ class Server:
         # Output to a file, not a pipe nobody reads (a full pipe would block the server).
         self.log = tempfile.NamedTemporaryFile("w+", prefix="annotate-server-", suffix=".log")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rlhfkit.annotate", "serve", "--db", self.db, "--host", "127.0.0.1",
+            [*CLI, "serve", "--db", self.db, "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", self.log_level],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True)  # like a service: its own session (and CPU share), not the test's

@@ -31,7 +31,7 @@ def migrated_db(tmp_path_factory):
 def env(tmp_path, migrated_db):
     shutil.copy(migrated_db, tmp_path / "api.db")
     store = Store(f"sqlite:///{tmp_path / 'api.db'}")
-    admin = store.ensure_admin_token()
+    admin = store.admin.ensure_admin_token()
     tokens = setup_project(store, tmp_path, n_pairs=4, overlap=2)
     app = create_app(store, warm_up=False)  # the subprocess servers of the other tests warm up
 
@@ -117,9 +117,9 @@ def test_untrusted_text_is_escaped(env, tmp_path):
     write_jsonl(tmp_path / "xss.jsonl", [pair_dict(0, id="xss", a={"role": "assistant", "content": XSS_A},
                                                     b={"role": "assistant", "content": XSS_B},
                                                     prompt=[{"role": "user", "content": "<b>hi</b><script>x()</script>"}])])
-    store.import_pairs("xss", tmp_path / "xss.jsonl", overlap=1)
+    store.admin.import_pairs("xss", tmp_path / "xss.jsonl", overlap=1)
     c = client()
-    sign_in(c, store.add_annotator("xss", "eve"))
+    sign_in(c, store.admin.add_annotator("xss", "eve"))
     html = c.get("/label").text
     assert "&lt;script&gt;alert(&#34;a&#34;)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=&#34;alert(1)&#34;&gt;" in html
@@ -350,7 +350,7 @@ def test_admin_pages_annotators_and_export(env):
     assert c.get("/admin/projects/demo/export.jsonl?consensus=best").status_code == 422
     stats = c.get("/api/admin/projects/demo/stats").json()
     assert stats["n_votes"] == 2 and stats["fleiss_kappa"] is None  # one category only: kappa undefined
-    assert store.project_info("demo")["n_labels"] == 2
+    assert store.admin.project_info("demo")["n_labels"] == 2
 
 
 def test_admin_bearer_token(env):
@@ -372,7 +372,7 @@ def test_admin_logout(env):
 
 def test_guidelines_and_fixing_the_last_answer(env, tmp_path):
     store = env[0]
-    store.import_pairs("demo", guidelines="Prefer the <em>honest</em> reply.\n- be kind")
+    store.admin.import_pairs("demo", guidelines="Prefer the <em>honest</em> reply.\n- be kind")
     c, csrf = annotator(env)
     page = c.get("/label").text
     assert "Prefer the &lt;em&gt;honest&lt;/em&gt; reply.\n- be kind" in page and 'id="last-answer"' not in page

@@ -38,8 +38,8 @@ def test_keyboard_labelling_in_a_real_browser(tmp_path):
         pair_dict(1, a={"role": "assistant", "content": long_text}),
         pair_dict(2),
     ])
-    store.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0)
-    token = store.add_annotator("web", "alice")
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0)
+    token = store.admin.add_annotator("web", "alice")
 
     dialogs, csp_errors, page_errors = [], [], []
     with Server(db) as server, sync_playwright() as pw:

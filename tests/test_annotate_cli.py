@@ -1,7 +1,7 @@
 """``rlhfkit annotate ...``: every subcommand end to end, and its errors.
 
-Most calls go through ``rlhfkit.annotate.cli.main(argv)`` in-process (what ``rlhfkit annotate``
-calls); one runs ``python -m rlhfkit.annotate`` as a subprocess to prove the module entry point.
+Most calls go through ``rlhfkit.cli.annotate.main(argv)`` in-process (what ``rlhfkit annotate``
+calls); a few run the installed ``rlhfkit annotate`` as a subprocess to prove the entry point.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import re
 import pytest
 from annotate_helpers import pair_dict, run_cli, write_jsonl, write_pairs
 
-from rlhfkit.annotate.cli import main
 from rlhfkit.annotate.store import LabelInput, Store
+from rlhfkit.cli.annotate import main
 from rlhfkit.data.records import PreferenceRecord
 
 

@@ -149,5 +149,5 @@ def test_pairs_can_be_imported_while_the_server_runs(tmp_path):
     with Server(db) as server:
         acked: list[str] = []
         assert label_loop(server.url, tokens["alice"], 5, 1, acked) == 1
-        store.import_pairs("demo", write_pairs(tmp_path / "more.jsonl", 2, start=100))
+        store.admin.import_pairs("demo", write_pairs(tmp_path / "more.jsonl", 2, start=100))
         assert label_loop(server.url, tokens["alice"], 5, 2, acked) == 2

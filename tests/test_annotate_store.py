@@ -61,10 +61,10 @@ def test_migrations_match_models(db_url):
 
 def test_admin_token_printed_once_and_rotates(db_url):
     store = new_store(db_url)
-    token = store.ensure_admin_token()
+    token = store.admin.ensure_admin_token()
     assert token and store.admin_token_ok(token)
-    assert store.ensure_admin_token() is None
-    new = store.ensure_admin_token(rotate=True)
+    assert store.admin.ensure_admin_token() is None
+    new = store.admin.ensure_admin_token(rotate=True)
     assert store.admin_token_ok(new) and not store.admin_token_ok(token)
 
 
@@ -73,7 +73,7 @@ def test_import_bad_line_stores_nothing(db_url, tmp_path):
     rows = [pair_dict(0), pair_dict(1), pair_dict(2, a={"role": "assistant", "content": "   "}), pair_dict(3)]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
     with pytest.raises(DataError) as e:
-        store.import_pairs("demo", path)
+        store.admin.import_pairs("demo", path)
     assert str(e.value) == f"{path}:3: field 'a.content': empty completion"
     assert count(store, Pair) == 0 and count(store, Project) == 0
 
@@ -89,7 +89,7 @@ def test_import_errors_name_file_line_field(db_url, tmp_path, line, message):
     store = new_store(db_url)
     path = write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0), line])
     with pytest.raises(DataError) as e:
-        store.import_pairs("demo", path)
+        store.admin.import_pairs("demo", path)
     assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
     assert count(store, Pair) == 0
 
@@ -97,18 +97,18 @@ def test_import_errors_name_file_line_field(db_url, tmp_path, line, message):
 def test_reimport_needs_skip_existing_and_gold_file_validates_ids(db_url, tmp_path):
     store = new_store(db_url)
     path = write_pairs(tmp_path / "pairs.jsonl", 4)
-    store.import_pairs("demo", path)
+    store.admin.import_pairs("demo", path)
     with pytest.raises(DataError, match="pass --skip-existing"):
-        store.import_pairs("demo", path)
+        store.admin.import_pairs("demo", path)
     write_pairs(tmp_path / "more.jsonl", 6)
-    report = store.import_pairs("demo", tmp_path / "more.jsonl", skip_existing=True)
+    report = store.admin.import_pairs("demo", tmp_path / "more.jsonl", skip_existing=True)
     assert (report.n_pairs, report.n_existing_skipped) == (2, 4)
     gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": "p1", "winner": "b"}, {"id": "nope", "winner": "a"}])
     with pytest.raises(DataError, match=r"gold.jsonl:2: field 'id': no pair 'nope' in project 'demo'"):
-        store.import_pairs("demo", gold_path=gold)
+        store.admin.import_pairs("demo", gold_path=gold)
     assert count(store, Pair, Pair.gold_winner.is_not(None)) == 0  # the good first line was rolled back too
     write_jsonl(gold, [{"id": "p1", "winner": "b"}])
-    assert store.import_pairs("demo", gold_path=gold, gold_rate=0.25).n_gold == 1
+    assert store.admin.import_pairs("demo", gold_path=gold, gold_rate=0.25).n_gold == 1
     with store.db.read() as s:
         assert s.scalar(select(Project.gold_rate)) == 0.25
 
@@ -235,9 +235,9 @@ def test_uncertainty_orders_the_queue(db_url, tmp_path):
     scores = write_jsonl(tmp_path / "rm.jsonl", [
         {"id": "p0", "p": 0.99}, {"id": "p1", "p": 0.55}, {"id": "p2", "p": [0.1, 0.9]},
         {"id": "p3", "p": [0.5, 0.52]}])
-    assert store.import_pairs("demo", uncertainty_path=scores).n_scored == 4
+    assert store.admin.import_pairs("demo", uncertainty_path=scores).n_scored == 4
     with pytest.raises(DataError, match=r"rm.jsonl:1: field 'p': must be a probability"):
-        store.import_pairs("demo", uncertainty_path=write_jsonl(tmp_path / "rm.jsonl", [{"id": "p0", "p": 1.5}]))
+        store.admin.import_pairs("demo", uncertainty_path=write_jsonl(tmp_path / "rm.jsonl", [{"id": "p0", "p": 1.5}]))
     alice = who(store, tokens["alice"])
     order = []
     while (item := store.next_item(alice)) is not None:
@@ -253,7 +253,7 @@ def test_deactivated_annotator_loses_access_and_frees_items(db_url, tmp_path):
     secret, alice = store.login_annotator(tokens["alice"])
     store.next_item(alice)
     assert store.principal(secret) == alice
-    store.set_annotator_active("demo", "alice", False)
+    store.admin.set_annotator_active("demo", "alice", False)
     assert store.principal(secret) is None
     assert store.login_annotator(tokens["alice"]) is None
     assert store.next_item(who(store, tokens["bob"])) is not None

@@ -1,9 +1,14 @@
 """Human preference annotation: a web app that shows comparison pairs to people, tracks agreement
 and annotator quality, and exports PreferenceRecords the trainers read directly.
 
-Modules: ``cli`` (``rlhfkit annotate ...``), ``server`` / ``views_*`` / ``web`` (FastAPI app),
-``store`` (database operations), ``models`` + ``migrations/`` (schema), ``db`` (connections),
+Modules: ``server`` / ``views_*`` / ``web`` (FastAPI app), ``store`` (per-request database
+operations) with ``queries`` (its prebuilt SQL) and ``projects`` (admin operations, ``store.admin``),
+``models`` + ``migrations/`` (schema), ``db`` (connections),
 ``assignment`` (who sees what next), ``agreement`` (pure-numpy statistics), ``stats`` (project
 figures), ``export`` (PreferenceRecords), ``imports`` (input files). Nothing is imported here, so
-``rlhfkit.annotate.agreement`` works without the web dependencies installed.
+``rlhfkit.annotate.agreement`` works without the web dependencies installed. The command line,
+``rlhfkit annotate ...``, is ``rlhfkit/cli/annotate.py``.
+
+Layering: this package imports only ``rlhfkit.data``, ``ops``, ``config``, ``tracking``,
+``evaluate.stats`` and itself (``tests/test_annotate_layers.py`` checks it).
 """

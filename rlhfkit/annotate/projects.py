@@ -1,5 +1,5 @@
 """Projects, pairs, annotators and the admin token: the operations the CLI and the admin pages call
-on the store (:class:`ProjectAdmin`, a part of :class:`~rlhfkit.annotate.store.Store`). The
+on the store (:class:`ProjectAdmin`, ``store.admin``). The
 per-request paths (sessions, serving items, answers) are in ``store.py``."""
 
 from __future__ import annotations
@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
+from rlhfkit.annotate.db import Database
 from rlhfkit.annotate.imports import read_gold, read_pairs, read_uncertainty
 from rlhfkit.annotate.models import (
     AdminToken,
@@ -49,7 +51,11 @@ def _known(ids: dict, key: str, where, project: str) -> int:
 
 
 class ProjectAdmin:
-    """Admin-side operations; the store provides ``self.db`` and ``self._forget_sessions()``."""
+    """Admin-side operations on one database. ``forget_sessions`` empties the store's session cache
+    (called after a change that ends sessions, so no request re-caches the old state)."""
+
+    def __init__(self, db: Database, forget_sessions: Callable[[], None]):
+        self.db, self._forget_sessions = db, forget_sessions
 
     def ensure_admin_token(self, rotate: bool = False) -> str | None:
         """A new admin token if there is none (or ``rotate``: revoke all and make a new one).

@@ -15,46 +15,22 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
+from rlhfkit.annotate import queries as q
 from rlhfkit.annotate.db import Database, upgrade
 from rlhfkit.annotate.models import (
     AdminToken,
-    Annotator,
     Assignment,
     Label,
-    Pair,
-    Project,
     WebSession,
     utcnow,
 )
 from rlhfkit.annotate.projects import ProjectAdmin, digest
 from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused
 from rlhfkit.data.records import DataError
-
-# Core tables and prebuilt statements for the per-request paths: the ORM, and even building a Core
-# statement, cost several times more CPU than executing one on SQLite.
-P, A, L = Pair.__table__, Assignment.__table__, Label.__table__
-S, N, J = WebSession.__table__, Annotator.__table__, Project.__table__
-SESSION = (select(S.c.id_hash, S.c.csrf_token, S.c.is_admin, S.c.annotator_id, S.c.expires_at, N.c.name,
-                  N.c.project_id, N.c.active, J.c.gold_rate, J.c.lease_minutes)
-           .select_from(S.outerjoin(N, N.c.id == S.c.annotator_id).outerjoin(J, J.c.id == N.c.project_id))
-           .where(S.c.id_hash == bindparam("key")))
-ANNOTATOR_BY_TOKEN = select(N.c.id).where(N.c.token_hash == bindparam("token_hash"), N.c.active.is_(True))
-NEW_SESSION = insert(S)
-PAIR_TEXT = select(P.c.prompt, P.c.a, P.c.b).where(P.c.id == bindparam("p_id"))
-LABEL_COUNTS = select(L.c.skipped, func.count()).where(L.c.annotator_id == bindparam("aid")).group_by(L.c.skipped)
-BY_SUBMISSION = select(L, A.c.left).join(A, A.c.id == L.c.assignment_id).where(L.c.submission_id == bindparam("sid"))
-ASSIGNMENT = (select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status)
-              .where(A.c.id == bindparam("a_id")))
-NEW_LABEL = insert(L)
-GUIDELINES = select(J.c.guidelines).where(J.c.id == bindparam("pid"))
-LAST_LABEL = (select(L, A.c.left).join(A, A.c.id == L.c.assignment_id).where(L.c.annotator_id == bindparam("aid"))
-              .order_by(L.c.id.desc()).limit(1))
-SET_STATUS = update(A).where(A.c.id == bindparam("a_id")).values(status=bindparam("new_status"))
-MOVE_SLOTS = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_active + bindparam("delta"))
 
 ANNOTATOR_SESSION = timedelta(days=30)
 ADMIN_SESSION = timedelta(hours=12)
@@ -77,9 +53,11 @@ class _Pending:
     done: bool = False
 
 
-class Store(ProjectAdmin):
-    """The annotation database's operations. Admin-side ones (projects, pairs, annotators, the admin
-    token) come from :class:`~rlhfkit.annotate.projects.ProjectAdmin`; here are the per-request ones."""
+class Store:
+    """The annotation database's per-request operations (sessions, serving items, answers).
+
+    The admin-side ones (projects, pairs, annotators, the admin token) are ``store.admin``, a
+    :class:`~rlhfkit.annotate.projects.ProjectAdmin` on the same database."""
 
     def __init__(self, url: str, *, session_cache_s: float = SESSION_CACHE_S):
         self.db = Database(url)
@@ -88,6 +66,7 @@ class Store(ProjectAdmin):
         self._sessions_lock = threading.Lock()
         self._queue: list[_Pending] = []
         self._queue_lock = threading.Lock()
+        self.admin = ProjectAdmin(self.db, self._forget_sessions)
 
     # ---- setup -------------------------------------------------------------------------------
 
@@ -100,10 +79,10 @@ class Store(ProjectAdmin):
         once. Runs only statements that change nothing, in transactions that are rolled back."""
         probe = {"key": "", "token_hash": "", "sid": "", "p_id": -1, "aid": -1, "pid": -1, "a_id": -1,
                  "delta": 0, "new_status": "open"}
-        reads = (SESSION, ANNOTATOR_BY_TOKEN, GUIDELINES, LAST_LABEL, PAIR_TEXT, LABEL_COUNTS, BY_SUBMISSION,
-                 ASSIGNMENT, assign.OPEN_ASSIGNMENT, assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED,
+        reads = (q.SESSION, q.ANNOTATOR_BY_TOKEN, q.GUIDELINES, q.LAST_LABEL, q.PAIR_TEXT, q.LABEL_COUNTS, q.BY_SUBMISSION,
+                 q.ASSIGNMENT, assign.OPEN_ASSIGNMENT, assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED,
                  assign.REGULAR_WAIT, assign.GOLD)
-        writes = (SET_STATUS, MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
+        writes = (q.SET_STATUS, q.MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
         for engine in {self.db.engine, self.db.fast_engine, self.db.read_engine}:
             writer = engine is not self.db.read_engine
             with self.db._write_lock if writer else contextlib.nullcontext(), engine.connect() as conn:
@@ -125,16 +104,16 @@ class Store(ProjectAdmin):
 
     def login_annotator(self, token: str) -> tuple[str, Principal] | None:
         with self.db.begin() as conn:
-            ann_id = conn.execute(ANNOTATOR_BY_TOKEN, {"token_hash": digest(token)}).scalar()
+            ann_id = conn.execute(q.ANNOTATOR_BY_TOKEN, {"token_hash": digest(token)}).scalar()
         return None if ann_id is None else self._new_session(ann_id, ANNOTATOR_SESSION)
 
     def _new_session(self, annotator_id: int | None, ttl: timedelta) -> tuple[str, Principal]:
         secret, csrf, now = secrets.token_urlsafe(32), secrets.token_urlsafe(32), utcnow()
         with self.db.begin(write=True, durable=False) as conn:
-            conn.execute(NEW_SESSION, {"id_hash": digest(secret), "annotator_id": annotator_id,
+            conn.execute(q.NEW_SESSION, {"id_hash": digest(secret), "annotator_id": annotator_id,
                                        "is_admin": annotator_id is None, "csrf_token": csrf, "created_at": now,
                                        "expires_at": now + ttl})
-            conn.execute(delete(S).where(S.c.expires_at < now))  # keep the table small
+            conn.execute(delete(q.S).where(q.S.c.expires_at < now))  # keep the table small
         return secret, self.principal(secret)
 
     def principal(self, secret: str) -> Principal | None:
@@ -144,7 +123,7 @@ class Store(ProjectAdmin):
         if hit is not None and hit[0] > now and hit[1].expires_at > utcnow():
             return hit[1]
         with self.db.begin() as conn:
-            row = conn.execute(SESSION, {"key": key}).first()
+            row = conn.execute(q.SESSION, {"key": key}).first()
         if row is None or row.expires_at <= utcnow() or (not row.is_admin and not row.active):
             self._sessions.pop(key, None)
             return None
@@ -199,19 +178,19 @@ class Store(ProjectAdmin):
         with self.db.begin() as conn:
             if got is not None:
                 assignment_id, pair_id, left = got
-                pair = conn.execute(PAIR_TEXT, {"p_id": pair_id}).one()
+                pair = conn.execute(q.PAIR_TEXT, {"p_id": pair_id}).one()
                 shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
                 view["item"] = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
             if full:
-                last = conn.execute(LAST_LABEL, {"aid": who.annotator_id}).first()
+                last = conn.execute(q.LAST_LABEL, {"aid": who.annotator_id}).first()
                 view.update(progress=self._progress(conn, who),
-                            guidelines=conn.execute(GUIDELINES, {"pid": who.project_id}).scalar(),
+                            guidelines=conn.execute(q.GUIDELINES, {"pid": who.project_id}).scalar(),
                             last=None if last is None else _label_view(last, last.left))
         return view
 
     @staticmethod
     def _progress(conn, who: Principal) -> dict:
-        rows = dict(conn.execute(LABEL_COUNTS, {"aid": who.annotator_id}).all())
+        rows = dict(conn.execute(q.LABEL_COUNTS, {"aid": who.annotator_id}).all())
         return {"labelled": rows.get(False, 0), "skipped": rows.get(True, 0),
                 "remaining": assign.remaining_for(conn, who.queue)}
 
@@ -285,7 +264,7 @@ class Store(ProjectAdmin):
         replay = self._replay(conn, who, x)
         if replay is not None:
             return replay, False
-        a = conn.execute(ASSIGNMENT, {"a_id": x.assignment_id}).first()
+        a = conn.execute(q.ASSIGNMENT, {"a_id": x.assignment_id}).first()
         if a is None or a.annotator_id != who.annotator_id:
             raise Refused(404, "no such assignment for this annotator", "assignment_id")
         if a.status in ("done", "skipped"):
@@ -301,11 +280,11 @@ class Store(ProjectAdmin):
                "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left), "skipped": skip,
                "strength": x.strength, "rationale": _text(x.rationale), "unsafe": x.unsafe,
                "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
-        row["id"] = conn.execute(NEW_LABEL, row).inserted_primary_key[0]
-        conn.execute(SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
+        row["id"] = conn.execute(q.NEW_LABEL, row).inserted_primary_key[0]
+        conn.execute(q.SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
         delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
         if delta:
-            conn.execute(MOVE_SLOTS, {"p_id": a.pair_id, "delta": delta})
+            conn.execute(q.MOVE_SLOTS, {"p_id": a.pair_id, "delta": delta})
         # Hand out the next pair in the same transaction: it rides on this commit's fsync, and the
         # page load that follows only reads.
         assign.next_assignment(conn, who.queue)
@@ -313,7 +292,7 @@ class Store(ProjectAdmin):
 
     @staticmethod
     def _replay(conn, who: Principal, x: LabelInput) -> dict | None:
-        label = conn.execute(BY_SUBMISSION, {"sid": x.submission_id}).first()
+        label = conn.execute(q.BY_SUBMISSION, {"sid": x.submission_id}).first()
         if label is None:
             return None
         view = _label_view(label, label.left)

@@ -59,12 +59,12 @@ def router(store: Store, auth: Auth) -> APIRouter:
 
     @r.get("/admin")
     def index(who: Principal | None = Depends(admin)):
-        projects = [store.project_info(name) for name in store.project_names()]
+        projects = [store.admin.project_info(name) for name in store.admin.project_names()]
         return render("admin_index.html", projects=projects, csrf=who.csrf_token if who else "")
 
     @r.get("/admin/projects/{project}")
     def dashboard(project: str, who: Principal | None = Depends(admin)):
-        info, stats = _guard(store.project_info, project), _guard(project_stats, store, project)
+        info, stats = _guard(store.admin.project_info, project), _guard(project_stats, store, project)
         active = {a["name"]: a["active"] for a in info["annotators"]}
         return render("admin_project.html", info=info, stats=stats, active=active,
                       csrf=who.csrf_token if who else "", fmt=_fmt, consensus_methods=CONSENSUS)
@@ -80,7 +80,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
         name = name.strip()
         if not name:
             raise Problem(422, "name: an annotator needs a name", "name")
-        token = _guard(store.add_annotator, project, name)
+        token = _guard(store.admin.add_annotator, project, name)
         link = str(request.base_url).rstrip("/") + f"/a/{token}"
         return render("annotator_created.html", 201, project=project, name=name, link=link)
 
@@ -88,7 +88,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
     def set_active(request: Request, project: str, name: str, who: Principal | None = Depends(admin),
                    active: str = Form(""), csrf_token: str = Form("")):
         _check_form(request, who, csrf_token)
-        _guard(store.set_annotator_active, project, name, active == "1")
+        _guard(store.admin.set_annotator_active, project, name, active == "1")
         return RedirectResponse(f"/admin/projects/{project}", status_code=303)
 
     @r.get("/admin/projects/{project}/export.jsonl")

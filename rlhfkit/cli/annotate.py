@@ -119,7 +119,7 @@ def _store(args, migrate: bool = True):
 
 def cmd_init(args) -> int:
     store = _store(args)
-    token = store.ensure_admin_token(rotate=args.new_admin_token)
+    token = store.admin.ensure_admin_token(rotate=args.new_admin_token)
     if token is None:
         print(f"database {args.db} is up to date; an admin token exists already "
               "(lost it? run init --new-admin-token)")
@@ -137,7 +137,7 @@ def cmd_serve(args) -> int:
     from rlhfkit.annotate.server import create_app
 
     store = _store(args)
-    token = store.ensure_admin_token()
+    token = store.admin.ensure_admin_token()
     if token is not None:
         print(f"new database: admin token (shown once; sign in at /admin/login): {token}", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
@@ -160,7 +160,7 @@ def cmd_import(args) -> int:
             guidelines = open(args.guidelines, encoding="utf-8").read()
         except OSError as e:
             raise ValueError(f"--guidelines: cannot read {args.guidelines}: {e.strerror}") from None
-    r = _store(args).import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
+    r = _store(args).admin.import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
                                   skip_existing=args.skip_existing, guidelines=guidelines)
     what = "created project" if r.created_project else "project"
@@ -176,14 +176,14 @@ def cmd_import(args) -> int:
 
 
 def cmd_add_annotator(args) -> int:
-    token = _store(args).add_annotator(args.project, args.name)
+    token = _store(args).admin.add_annotator(args.project, args.name)
     print(f"annotator {args.name} added to {args.project}. Secret link (shown once; send it privately):")
     print(f"{args.base_url.rstrip('/')}/a/{token}")
     return 0
 
 
 def cmd_set_active(args) -> int:
-    _store(args).set_annotator_active(args.project, args.name, args.active)
+    _store(args).admin.set_annotator_active(args.project, args.name, args.active)
     print(f"annotator {args.name} is now {'active' if args.active else 'deactivated'}")
     return 0
 
