@@ -153,7 +153,7 @@ async def annotator(url: str, token: str, seed: int, deadline: float, think_s: f
     host, port = url.split("//")[1].split(":")
     browser = Browser(host, int(port))
     try:
-        status, _, _ = await browser.request("GET", f"/a/{token}")
+        status, _, _ = await browser.request("GET", f"/a/{token}", headers={"Sec-Fetch-Site": "none"})
         if status != 303:
             out["errors"] += 1
             return

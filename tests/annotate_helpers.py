@@ -163,7 +163,8 @@ class Server:
 
 def sign_in(client: httpx.Client, token: str) -> str:
     """Open the annotator's link; returns the session's CSRF token."""
-    r = client.get(f"/a/{token}", follow_redirects=False)
+    # Sec-Fetch-Site "none": what a browser sends for a link the person opened themselves.
+    r = client.get(f"/a/{token}", headers={"Sec-Fetch-Site": "none"}, follow_redirects=False)
     assert r.status_code == 303, r.text
     return client.get("/api/me").json()["csrf_token"]
 
@@ -216,9 +217,18 @@ class LeanClient:
         return response.status, json.loads(raw) if kind.startswith("application/json") else raw.decode()
 
     def sign_in(self, token: str) -> str:
-        status, _ = self.request("GET", f"/a/{token}")
+        status, _ = self.request("GET", f"/a/{token}", headers={"Sec-Fetch-Site": "none"})
         assert status == 303, status
         return self.request("GET", "/api/me")[1]["csrf_token"]
 
     def close(self) -> None:
         self.conn.close()
+
+
+def admin_sign_in(client) -> str:
+    """Sign a TestClient in as the admin (token in ``client.admin_token``); returns the session's CSRF token."""
+    page = client.get("/admin/login")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)
+    r = client.post("/admin/login", data={"token": client.admin_token, "csrf_token": csrf}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/admin", r.text
+    return re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin").text).group(1)

@@ -16,6 +16,7 @@ from rlhfkit.data.records import PreferenceRecord
 
 XSS_A = ('<script>alert("a")</script> and <img src=x onerror="alert(1)"> '
          '<a href="javascript:alert(2)">click</a> [md link](javascript:alert(3)) **bold**')
+DIRECT = {"Sec-Fetch-Site": "none"}  # a link the person opened themselves
 XSS_B = "</div><script src=//evil.example/x.js></script><svg onload=alert(4)>"
 
 
@@ -80,11 +81,11 @@ def test_home_health_and_security_headers(env):
 
 def test_secret_link_sets_httponly_cookie_and_redirects(env):
     c = env[3]()
-    r = c.get(f"/a/{env[2]['alice']}", follow_redirects=False)
+    r = c.get(f"/a/{env[2]['alice']}", headers=DIRECT, follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/label"
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "samesite=lax" in cookie.lower() and env[2]["alice"] not in cookie
-    bad = c.get("/a/not-a-real-token", follow_redirects=False)
+    bad = c.get("/a/not-a-real-token", headers=DIRECT, follow_redirects=False)
     assert bad.status_code == 403 and "not valid" in bad.text and "set-cookie" not in bad.headers
 
 
@@ -326,15 +327,15 @@ def test_admin_pages_annotators_and_export(env):
     assert c.post("/admin/projects/demo/annotators", data={"name": "a/b", "csrf_token": csrf}).status_code == 422
     assert c.post("/admin/projects/nope/annotators", data={"name": "x", "csrf_token": csrf}).status_code == 404
     dave = env[3]()
-    assert dave.get(link.replace("http://testserver", ""), follow_redirects=False).status_code == 303
+    assert dave.get(link.replace("http://testserver", ""), headers=DIRECT, follow_redirects=False).status_code == 303
     assert dave.get("/api/me").json()["annotator"] == "dave"
-    r = c.post("/admin/projects/demo/annotators/dave/active", data={"active": "0"})
+    r = c.post("/admin/projects/demo/annotator-status", data={"name": "dave", "active": "0"})
     assert r.status_code == 403
-    r = c.post("/admin/projects/demo/annotators/dave/active", data={"active": "0", "csrf_token": csrf},
+    r = c.post("/admin/projects/demo/annotator-status", data={"name": "dave", "active": "0", "csrf_token": csrf},
                follow_redirects=False)
     assert r.status_code == 303 and dave.get("/api/me").status_code == 401
-    assert c.post("/admin/projects/demo/annotators/zed/active",
-                  data={"active": "0", "csrf_token": csrf}).status_code == 404
+    assert c.post("/admin/projects/demo/annotator-status",
+                  data={"name": "zed", "active": "0", "csrf_token": csrf}).status_code == 404
     # two annotators agree on one pair -> a consensus record
     for name in ("alice", "bob"):
         a, a_csrf = annotator(env, name)
@@ -357,7 +358,8 @@ def test_admin_bearer_token(env):
     c = env[3]()
     ok = {"Authorization": f"Bearer {env[1]}"}
     assert c.get("/api/admin/projects/demo/stats", headers=ok).status_code == 200
-    assert c.get("/admin/projects/demo/export.jsonl", headers=ok).status_code == 200
+    r = c.get("/admin/projects/demo/export.jsonl", headers=ok)
+    assert r.status_code == 422 and "no records to export: 0 pairs have votes" in r.text  # nothing labelled yet
     r = c.get("/api/admin/projects/demo/stats", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and r.json()["field"] == "Authorization"
     assert c.get("/api/admin/projects/nope/stats", headers=ok).status_code == 404
@@ -406,4 +408,5 @@ def test_unsafe_flags_reach_the_dashboard_and_export(env):
     assert '<table id="unsafe">' in admin.get("/admin/projects/demo").text
     kept = admin.get("/admin/projects/demo/export.jsonl").text.splitlines()
     assert len(kept) == 1 and json.loads(kept[0])["metadata"]["votes"][0]["unsafe"] is True
-    assert admin.get("/admin/projects/demo/export.jsonl?drop_unsafe=true").text == ""
+    r = admin.get("/admin/projects/demo/export.jsonl?drop_unsafe=true")
+    assert r.status_code == 422 and "1 dropped as unsafe" in r.text

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from annotate_helpers import Server, new_store, pair_dict, write_jsonl
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from rlhfkit.annotate.models import Assignment, Label, Pair
 
@@ -103,3 +103,38 @@ def test_keyboard_labelling_in_a_real_browser(tmp_path):
             assert (a if label.winner == "a" else b)["content"] == winner_text
     assert rows[1][0].strength == 2 and rows[1][0].unsafe and rows[1][0].rationale == "because it is shorter"
     assert rows[0][0].strength is None and not rows[0][0].unsafe and rows[0][0].rationale is None
+
+
+def test_a_server_error_is_reported_not_retried(tmp_path):
+    """A 500 means the server could not store the answer (e.g. a NUL in a rationale on PostgreSQL,
+    issue 17): the page says so at once instead of retrying and promising that nothing is lost."""
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0)])
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0)
+    token = store.admin.add_annotator("web", "alice")
+    posts = []
+
+    def fail(route):
+        posts.append(route.request.method)
+        route.fulfill(status=500, content_type="application/json", body='{"detail": "internal error"}')
+
+    with Server(db) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/a/{token}")
+            page.route("**/api/labels", fail)
+            page.keyboard.press("1")
+            page.wait_for_selector("#status:has-text('Not saved')")  # no wait_for_function: the CSP forbids eval
+            text = page.inner_text("#status")
+            page.wait_for_timeout(1500)  # a retry would come after 300 ms
+            assert "could not store this answer (HTTP 500)" in text and "nothing is lost" not in text
+            assert posts == ["POST"]
+        finally:
+            browser.close()
+    with store.db.read() as s:
+        assert s.scalar(select(func.count()).select_from(Label)) == 0

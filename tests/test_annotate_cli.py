@@ -38,6 +38,7 @@ def test_full_project_from_the_command_line(tmp_path, capsys):
     pairs = write_pairs(tmp_path / "pairs.jsonl", 6, n_gold=1)
     gold = write_jsonl(tmp_path / "gold.jsonl", [{"id": "p1", "winner": "b"}])
     scores = write_jsonl(tmp_path / "rm.jsonl", [{"id": "p2", "p": 0.5}, {"id": "p3", "p": [0.2, 0.8]}])
+    assert cli(capsys, "init", "--db", db)[0] == 0
     code, out, _ = cli(capsys, "import", str(pairs), "--project", "demo", "--db", db, "--overlap", "2",
                        "--gold-rate", "0.2", "--gold", str(gold), "--uncertainty", str(scores))
     assert code == 0, out
@@ -88,7 +89,12 @@ def test_full_project_from_the_command_line(tmp_path, capsys):
     code, out, _ = cli(capsys, "deactivate-annotator", "bob", "--project", "demo", "--db", db)
     assert code == 0 and Store(db).login_annotator(links["bob"]) is None
     code, out, _ = cli(capsys, "activate-annotator", "bob", "--project", "demo", "--db", db)
-    assert code == 0 and Store(db).login_annotator(links["bob"]) is not None
+    new = re.search(r"^http://127\.0\.0\.1:8000/a/(\S+)$", out, re.M).group(1)
+    assert code == 0 and Store(db).login_annotator(new) is not None
+    assert Store(db).login_annotator(links["bob"]) is None  # the old link stays void
+    code, out, _ = cli(capsys, "new-link", "bob", "--project", "demo", "--db", db, "--base-url", "https://x.org")
+    newer = re.search(r"^https://x\.org/a/(\S+)$", out, re.M).group(1)
+    assert code == 0 and Store(db).login_annotator(newer) is not None and Store(db).login_annotator(new) is None
 
 
 @pytest.mark.parametrize("argv_tail, message", [
@@ -104,6 +110,7 @@ def test_import_errors(tmp_path, capsys, argv_tail, message):
     files = {"PAIRS": str(write_pairs(tmp_path / "pairs.jsonl", 2)),
              "BAD": str(write_jsonl(tmp_path / "bad.jsonl", [pair_dict(0), pair_dict(1, b=pair_dict(1)["a"])])),
              "MISSING": str(tmp_path / "missing.jsonl")}
+    assert cli(capsys, "init", "--db", db)[0] == 0
     code, _, err = cli(capsys, "import", *[files.get(a, a) for a in argv_tail], "--db", db)
     assert code == 1 and err.startswith("error: ") and message in err
 
@@ -112,6 +119,7 @@ def test_other_command_errors(tmp_path, capsys):
     db = f"sqlite:///{tmp_path / 'e.db'}"
     code, _, err = cli(capsys, "init", "--db", "annotate.db")
     assert code == 1 and "--db expects a database URL such as sqlite:///annotate.db" in err
+    assert cli(capsys, "init", "--db", db)[0] == 0
     code, _, err = cli(capsys, "stats", "--project", "nope", "--db", db)
     assert code == 1 and "no project 'nope'" in err
     cli(capsys, "import", str(write_pairs(tmp_path / "p.jsonl", 2)), "--project", "demo", "--db", db)

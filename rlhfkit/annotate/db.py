@@ -114,6 +114,25 @@ def check_url(url: str) -> str:
     return url
 
 
+def check_exists(url: str, hint: str) -> None:
+    """Refuse a database that does not exist or holds no annotation schema (``hint`` says what to do).
+
+    Checked before anything connects: opening a missing SQLite file creates it."""
+    url = check_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        path = Path(parsed.database or "")
+        if not path.is_file() or path.stat().st_size == 0:
+            raise ValueError(f"no annotation database at {path}: {hint}")
+    db = Database(url, pool_size=1)
+    try:
+        if not has_schema(db):
+            where = parsed.database if db.is_sqlite else parsed.render_as_string(hide_password=True)
+            raise ValueError(f"no annotation database at {where} (it has no annotation schema): {hint}")
+    finally:
+        db.dispose()
+
+
 def _sqlite_setup(engine: Engine, *, begin: str, synchronous: str) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_conn, _record):

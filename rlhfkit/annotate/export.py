@@ -65,6 +65,16 @@ class ExportOptions:
     force: bool = False
     """Replace ``out`` if it exists."""
 
+    def check(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.consensus not in CONSENSUS:
+            raise ValueError(f"--consensus must be one of {', '.join(CONSENSUS)}, got {self.consensus!r}")
+        if self.min_votes < 1:
+            raise ValueError(f"--min-votes must be at least 1, got {self.min_votes}")
+        if self.min_gold_accuracy is not None and not 0.0 <= self.min_gold_accuracy <= 1.0:
+            raise ValueError(f"--min-gold-accuracy must be in [0, 1], got {self.min_gold_accuracy}")
+
 
 @dataclass
 class ExportReport:
@@ -75,16 +85,30 @@ class ExportReport:
     dropped_unsafe: int
     excluded_annotators: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        return (f"{self.pairs_with_votes} pairs have votes, {self.unresolved} without a consensus, "
+                f"{self.below_min_votes} below --min-votes, {self.dropped_unsafe} dropped as unsafe"
+                + (f"; ignored annotators: {', '.join(self.excluded_annotators)}" if self.excluded_annotators else ""))
+
+
+class NothingToExport(ValueError):
+    """The filters left no record: an empty dataset is never what a trainer wants."""
+
+    def __init__(self, report: ExportReport):
+        super().__init__(f"no records to export: {report.summary()}. Nothing was written; relax the filters "
+                         "(--min-votes, --drop-unsafe, --exclude-annotator, --min-gold-accuracy) or label more")
+        self.report = report
+
 
 def export(store: Store, project: str, out: str | Path, opts: ExportOptions) -> ExportReport:
-    if opts.format not in FORMATS:
-        raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {opts.format!r}")
-    if opts.consensus not in CONSENSUS:
-        raise ValueError(f"--consensus must be one of {', '.join(CONSENSUS)}, got {opts.consensus!r}")
+    """Write the records to ``out``; raises :class:`NothingToExport` (writing nothing) when none are left."""
+    opts.check()
     out = Path(out)
     if out.exists() and not opts.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
     records, report = build_records(store, project, opts)
+    if not records:
+        raise NothingToExport(report)
     if opts.format == "jsonl":
         write_jsonl(records, out)
     else:
@@ -93,6 +117,7 @@ def export(store: Store, project: str, out: str | Path, opts: ExportOptions) -> 
 
 
 def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list[dict], ExportReport]:
+    opts.check()
     exclude = tuple(opts.exclude_annotators)
     if opts.min_gold_accuracy is not None:
         exclude += tuple(_low_gold(store, project, opts.min_gold_accuracy, exclude))

@@ -1,7 +1,9 @@
 """Reading the files ``rlhfkit annotate import`` takes. Parsing only; the store writes.
 
-Every file is JSON Lines; blank lines are ignored; any bad line raises
+Every file is JSON Lines in UTF-8; blank lines are ignored; any bad line raises
 :class:`~rlhfkit.data.records.DataError` naming file, line and field, before anything is written.
+Text that cannot be stored (a lone surrogate such as JSON ``"\\ud800"``, a NUL character) is refused
+wherever it appears in a line, keys included: see :func:`~rlhfkit.annotate.values.text_problem`.
 
 - pairs: one :class:`~rlhfkit.data.records.ComparisonPair` per line. ``metadata.gold_winner``
   ('a' or 'b') marks a gold (attention-check) pair.
@@ -18,30 +20,73 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.annotate.values import text_problem
 from rlhfkit.data.records import ComparisonPair, DataError, Where
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[Where, Any]]:
+def read_lines(path: str | Path) -> Iterator[tuple[Where, str]]:
+    """The file's lines as text, each with its :class:`Where`; invalid UTF-8 names the line."""
     path = str(path)
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, "rb")
     except OSError as e:
         raise DataError(f"cannot read file: {e.strerror}", path=path) from None
     with f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+        for lineno, raw in enumerate(f, 1):
             where = Where(path, lineno)
             try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise where.error(f"not valid JSON: {e.msg} (column {e.colno})") from None
+                yield where, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise where.error(f"not valid UTF-8: byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                  "line (save the file as UTF-8)") from None
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[Where, Any]]:
+    for where, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise where.error(f"not valid JSON: {e.msg} (column {e.colno})") from None
+        check_text(value, where)
+        yield where, value
+
+
+def check_text(value: Any, where: Where, field: str = "") -> None:
+    """Refuse the first string in ``value`` (keys too) that cannot be stored, naming its field."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise where.error(problem, field or None)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{field}.{k}" if field else str(k)
+            if text_problem(k):
+                raise where.error(f"a key {text_problem(k)}", field or None)
+            check_text(v, where, name)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_text(v, where, f"{field}[{i}]")
+
+
+def read_guidelines(path: str | Path) -> str:
+    """A plain-text guidelines file, checked line by line (UTF-8, storable text)."""
+    lines = []
+    for where, line in read_lines(path):
+        problem = text_problem(line)
+        if problem:
+            raise where.error(problem)
+        lines.append(line)
+    return "".join(lines)
 
 
 def read_pairs(path: str | Path) -> list[tuple[Where, ComparisonPair]]:
     """Validated pairs; a repeated id or a bad ``metadata.gold_winner`` is an error."""
     out, seen = [], {}
     for where, d in read_jsonl(path):
+        if isinstance(d, dict):
+            _check_pair_fields(d, where)
         pair = ComparisonPair.from_dict(d, where)
         if pair.id in seen:
             raise where.error(f"duplicate pair id {pair.id!r} (first on line {seen[pair.id]})", "id")
@@ -53,6 +98,20 @@ def read_pairs(path: str | Path) -> list[tuple[Where, ComparisonPair]]:
     if not out:
         raise DataError("no pairs in file", path=str(path))
     return out
+
+
+def _check_pair_fields(d: dict, where: Where) -> None:
+    """What ``ComparisonPair.from_dict`` does not check and the database needs."""
+    meta, task = d.get("metadata"), d.get("task")
+    if meta is not None and not isinstance(meta, dict):
+        raise where.error(f"must be a JSON object (or absent), got {type(meta).__name__}", "metadata")
+    if task is not None and not isinstance(task, str):
+        raise where.error(f"must be a string (or absent), got {type(task).__name__} {json.dumps(task)[:40]}",
+                          "task")
+    if task is not None and len(task) > 200:  # the column's size (models.Pair.task)
+        raise where.error(f"must be at most 200 characters, got {len(task)}", "task")
+    if isinstance(d.get("id"), str) and len(d["id"]) > 300:  # models.Pair.key
+        raise where.error(f"must be at most 300 characters, got {len(d['id'])}", "id")
 
 
 def read_gold(path: str | Path) -> list[tuple[Where, str, str]]:

@@ -150,21 +150,46 @@ class ProjectAdmin:
             raise Refused(409, f"annotator {name!r} already exists in project {project!r}", "name") from None
         return token
 
-    def set_annotator_active(self, project: str, name: str, active: bool) -> None:
-        """Deactivating ends the annotator's sessions, voids their link and frees their open items."""
+    def set_annotator_active(self, project: str, name: str, active: bool) -> str | None:
+        """Deactivating ends the annotator's sessions, voids their link and frees their open items.
+        Reactivating issues a new link (returned; stored only as a hash): the old one stays void."""
         with self.db.write() as s:
-            proj = find_project(s, project)
-            ann = s.scalars(select(Annotator).where(Annotator.project_id == proj.id, Annotator.name == name)).first()
-            if ann is None:
-                raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
+            ann = self._annotator(s, project, name)
             ann.active = active
-            if not active:
+            token = None
+            if active:
+                token = secrets.token_urlsafe(32)
+                ann.token_hash = digest(token)
+            else:
                 s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
                 for a in s.scalars(select(Assignment).where(Assignment.annotator_id == ann.id,
                                                             Assignment.status == "open")):
                     a.status = "expired"
                     s.execute(update(Pair).where(Pair.id == a.pair_id).values(n_active=Pair.n_active - 1))
         self._forget_sessions()  # after the commit, so no request re-caches the old state
+        return token
+
+    def new_link(self, project: str, name: str) -> str:
+        """Replace an active annotator's link (a leaked or forwarded one): the old link stops working
+        and their sessions end; their open items stay theirs. Returns the new secret."""
+        token = secrets.token_urlsafe(32)
+        with self.db.write() as s:
+            ann = self._annotator(s, project, name)
+            if not ann.active:
+                raise Refused(409, f"annotator {name!r} is deactivated: reactivate them (which issues a new link)",
+                              "name")
+            ann.token_hash = digest(token)
+            s.execute(update(WebSession).where(WebSession.annotator_id == ann.id).values(expires_at=utcnow()))
+        self._forget_sessions()
+        return token
+
+    @staticmethod
+    def _annotator(s, project: str, name: str) -> Annotator:
+        proj = find_project(s, project)
+        ann = s.scalars(select(Annotator).where(Annotator.project_id == proj.id, Annotator.name == name)).first()
+        if ann is None:
+            raise Refused(404, f"no annotator {name!r} in project {project!r}", "name")
+        return ann
 
     def project_names(self) -> list[str]:
         with self.db.read() as s:

@@ -33,13 +33,28 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rlhfkit.annotate import views_admin, views_annotator
 from rlhfkit.annotate.store import Store
-from rlhfkit.annotate.web import HERE, Auth, Problem, SecurityHeaders, error_response, render, templates
+from rlhfkit.annotate.web import (
+    HERE,
+    Auth,
+    BodyGuard,
+    Problem,
+    SecurityHeaders,
+    error_response,
+    render,
+    templates,
+)
 
 
-def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = True) -> FastAPI:
+def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = True,
+               max_body_bytes: int = 1 << 20, max_upload_bytes: int = 64 << 20) -> FastAPI:
     """``secure_cookies``: mark cookies Secure; set it when the app is served over HTTPS (behind a
     reverse proxy), never for plain-HTTP loopback use, or browsers drop the cookie. ``warm_up``:
-    compile templates and SQL before the first request (``serve`` does; unit tests skip it)."""
+    compile templates and SQL before the first request (``serve`` does; unit tests skip it).
+    ``max_body_bytes``: the largest request body from an annotator (an answer is well under 20 KB);
+    ``max_upload_bytes``: from the signed-in admin (pairs files uploaded in the web UI)."""
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_upload_bytes", max_upload_bytes)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     app = FastAPI(title="rlhfkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
     auth = Auth(store, secure_cookies)
     app.state.store = store
@@ -80,7 +95,8 @@ def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = Tr
     app.include_router(views_annotator.router(store, auth))
     app.include_router(views_admin.router(store, auth))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(BodyGuard, auth=auth, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
+    app.add_middleware(SecurityHeaders)  # added last: the outermost, so every answer gets the headers
     return app
 
 

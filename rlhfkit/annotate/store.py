@@ -29,7 +29,7 @@ from rlhfkit.annotate.models import (
     utcnow,
 )
 from rlhfkit.annotate.projects import ProjectAdmin, digest
-from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused
+from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused, text_problem
 from rlhfkit.data.records import DataError
 
 ANNOTATOR_SESSION = timedelta(days=30)
@@ -202,6 +202,7 @@ class Store:
         """
         if x.choice not in CHOICES:
             raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
+        _check_rationale(x.rationale)
         if self.db.is_sqlite:
             return self._submit_grouped(who, x)
         try:
@@ -320,20 +321,27 @@ class Store:
         return _label_view(*row)
 
     def update_label(self, who: Principal, label_id: int, changes: dict) -> dict:
-        """Change one's own label (choice left/right/tie, strength, rationale, unsafe)."""
+        """Change one's own label (choice left/right/tie, strength, rationale, unsafe).
+
+        A skip can be undone by giving a choice, as long as the pair's slot is still free: a skip
+        gave the slot back, so it is taken again here (409 when someone else has it now)."""
+        if "rationale" in changes:
+            _check_rationale(changes["rationale"])
         with self.db.write() as s:
-            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
+            row = s.execute(select(Label, Assignment.left, Assignment.is_gold)
+                            .join(Assignment, Assignment.id == Label.assignment_id)
                             .where(Label.id == label_id, Label.annotator_id == who.annotator_id)).first()
             if row is None:
                 raise Refused(404, "no such label for this annotator", "label_id")
-            label, left = row
-            if label.skipped:
-                raise Refused(409, "a skipped item cannot be labelled afterwards (its slot may have gone to "
-                                   "someone else)", "label_id")
+            label, left, is_gold = row
             if "choice" in changes:
                 if changes["choice"] not in ("left", "right", "tie"):
                     raise Refused(422, f"must be left, right or tie, got {changes['choice']!r}", "choice")
+                if label.skipped:
+                    self._unskip(s, label, is_gold)
                 label.winner = _winner(changes["choice"], left)
+            elif label.skipped:
+                raise Refused(409, "this item was skipped: give a choice (left, right or tie) to label it", "choice")
             if "strength" in changes:
                 label.strength = changes["strength"]
             if "rationale" in changes:
@@ -345,6 +353,23 @@ class Store:
             label.updated_at = utcnow()
             s.flush()
             return _label_view(label, left)
+
+    @staticmethod
+    def _unskip(s, label: Label, is_gold: bool) -> None:
+        """Take the pair's slot back for a skipped label (gold pairs have no limit), inside the caller's
+        transaction: the same conditional UPDATE that hands out slots, so overlap still holds."""
+        took = s.execute(assign.TAKE_GOLD if is_gold else assign.TAKE_SLOT, {"p_id": label.pair_id}).rowcount
+        if took != 1:
+            raise Refused(409, "this pair has gone to someone else since it was skipped; it can no longer be "
+                               "labelled by you", "label_id")
+        s.execute(update(Assignment).where(Assignment.id == label.assignment_id).values(status="done"))
+        label.skipped = False
+
+def _check_rationale(value: str | None) -> None:
+    problem = None if value is None else text_problem(value)
+    if problem:
+        raise Refused(422, problem, "rationale")
+
 
 def _text(value: str | None) -> str | None:
     """An empty or whitespace-only rationale is no rationale; any other text is kept exactly."""

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
 from rlhfkit.annotate import assignment as assign
+
+MAX_ID = 2**31 - 1
+"""Largest id or offset a request may name: PostgreSQL's INTEGER (SQLite's is 2**63 - 1). A larger
+number cannot name anything, so it is refused (422) before it reaches the database driver."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored, or None. A lone surrogate (JSON ``"\\ud800"``) is not Unicode
+    text: it cannot be encoded as UTF-8, so SQLite, PostgreSQL and every export fail on it. A NUL
+    character cannot be stored in a PostgreSQL text column (SQLite would accept it)."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored; remove it"
+    if _SURROGATE.search(text):
+        return "contains a lone surrogate (e.g. \\ud800), which is not valid Unicode text"
+    return None
 
 
 class Refused(Exception):

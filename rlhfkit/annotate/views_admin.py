@@ -8,13 +8,15 @@ import hmac
 import json
 import math
 import secrets
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from rlhfkit.annotate.export import CONSENSUS, ExportOptions, build_records
+from rlhfkit.annotate.export import CONSENSUS, ExportOptions, NothingToExport, build_records
 from rlhfkit.annotate.stats import json_safe, project_stats
 from rlhfkit.annotate.store import ADMIN_SESSION, Principal, Refused, Store
+from rlhfkit.annotate.values import MAX_ID
 from rlhfkit.annotate.web import COOKIE, LOGIN_CSRF_COOKIE, Auth, Problem, check_csrf, render
 
 
@@ -81,29 +83,60 @@ def router(store: Store, auth: Auth) -> APIRouter:
         if not name:
             raise Problem(422, "name: an annotator needs a name", "name")
         token = _guard(store.admin.add_annotator, project, name)
-        link = str(request.base_url).rstrip("/") + f"/a/{token}"
-        return render("annotator_created.html", 201, project=project, name=name, link=link)
+        return _link_page(request, project, name, token)
 
-    @r.post("/admin/projects/{project}/annotators/{name}/active")
-    def set_active(request: Request, project: str, name: str, who: Principal | None = Depends(admin),
+    # The annotator's name travels in the form, not the path: a name such as ".." or "a?b" in a
+    # path is rewritten by the browser (dot segments, query) before it reaches the server.
+    @r.post("/admin/projects/{project}/annotator-status")
+    def set_active(request: Request, project: str, who: Principal | None = Depends(admin), name: str = Form(""),
                    active: str = Form(""), csrf_token: str = Form("")):
+        """Deactivate (back to the dashboard) or reactivate, which shows the new link once."""
         _check_form(request, who, csrf_token)
-        _guard(store.admin.set_annotator_active, project, name, active == "1")
-        return RedirectResponse(f"/admin/projects/{project}", status_code=303)
+        if active not in ("0", "1"):
+            raise Problem(422, f"active: must be 0 or 1, got {active[:10]!r}", "active")
+        token = _guard(store.admin.set_annotator_active, project, name, active == "1")
+        if token is None:
+            return RedirectResponse(f"/admin/projects/{quote(project)}", status_code=303)
+        return _link_page(request, project, name, token, reactivated=True)
+
+    @r.post("/admin/projects/{project}/annotator-link")
+    def new_link(request: Request, project: str, who: Principal | None = Depends(admin), name: str = Form(""),
+                 csrf_token: str = Form("")):
+        """Replace an annotator's link (the old one stops working); shows the new one once."""
+        _check_form(request, who, csrf_token)
+        token = _guard(store.admin.new_link, project, name)
+        return _link_page(request, project, name, token, replaced=True)
 
     @r.get("/admin/projects/{project}/export.jsonl")
     def export_jsonl(project: str, _: Principal | None = Depends(admin), votes: bool = False,
                      consensus: str = Query("majority", pattern="^(majority|dawid-skene)$"),
-                     min_votes: int = Query(1, ge=1), include_gold: bool = False, drop_unsafe: bool = False):
+                     min_votes: int = Query(1, ge=1, le=MAX_ID), include_gold: bool = False,
+                     drop_unsafe: bool = False, exclude_annotator: list[str] = Query([]),
+                     min_gold_accuracy: str = ""):
+        """The CLI's export filters; an export that leaves nothing is refused (422), as in the CLI.
+        ``min_gold_accuracy`` may be empty (the dashboard form sends its empty field)."""
+        try:
+            min_gold = float(min_gold_accuracy) if min_gold_accuracy.strip() else None
+        except ValueError:
+            raise Problem(422, f"min_gold_accuracy: must be a number in [0, 1], got {min_gold_accuracy[:20]!r}",
+                          "min_gold_accuracy") from None
         opts = ExportOptions(votes=votes, consensus=consensus, min_votes=min_votes, include_gold=include_gold,
-                             drop_unsafe=drop_unsafe)
-        records, _ = _guard(build_records, store, project, opts)
+                             drop_unsafe=drop_unsafe, exclude_annotators=tuple(exclude_annotator),
+                             min_gold_accuracy=min_gold)
+        records, report = _guard(build_records, store, project, opts)
+        if not records:
+            raise Problem(422, str(NothingToExport(report)), "filters")
         body = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
         name = f"{project}-{'votes' if votes else 'consensus'}.jsonl".replace('"', "")
         return Response(body, media_type="application/x-ndjson",
                         headers={"content-disposition": f'attachment; filename="{name}"'})
 
     return r
+
+
+def _link_page(request: Request, project: str, name: str, token: str, **what):
+    link = str(request.base_url).rstrip("/") + f"/a/{token}"
+    return render("annotator_created.html", 201, project=project, name=name, link=link, **what)
 
 
 def _check_form(request: Request, who: Principal | None, csrf_token: str) -> None:
@@ -117,6 +150,8 @@ def _guard(fn, *args):
         return fn(*args)
     except Refused as e:
         raise Problem.of(e) from None
+    except ValueError as e:  # a setting out of range (export options, import settings)
+        raise Problem(422, str(e)) from None
 
 
 def _fmt(x, digits: int = 3) -> str:

@@ -10,15 +10,26 @@ from __future__ import annotations
 import secrets
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from rlhfkit.annotate.store import ANNOTATOR_SESSION, LabelInput, Principal, Refused, Store
-from rlhfkit.annotate.web import Auth, Problem, check_csrf, render
+from rlhfkit.annotate.values import MAX_ID, text_problem
+from rlhfkit.annotate.web import LOGIN_CSRF_COOKIE, Auth, Problem, check_csrf, render
 
 SUBMISSION_ID = r"^[A-Za-z0-9_-]{8,64}$"
+DIRECT_NAVIGATION = ("none", "same-origin")
+"""``Sec-Fetch-Site`` values of a link the person opened themselves (pasted, bookmarked, from a mail
+program) or followed inside this site. Browsers set the header and pages cannot forge it."""
+
+
+def _storable(v: str | None) -> str | None:
+    problem = None if v is None else text_problem(v)
+    if problem:
+        raise ValueError(problem)
+    return v
 
 
 class LabelBody(BaseModel):
@@ -27,7 +38,7 @@ class LabelBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     submission_id: str = Field(pattern=SUBMISSION_ID, description="client-chosen id, 8-64 of [A-Za-z0-9_-]; "
                                                                   "a retry reuses it and stores nothing new")
-    assignment_id: int
+    assignment_id: int = Field(ge=1, le=MAX_ID)
     choice: Literal["left", "right", "tie", "skip"]
     strength: int | None = Field(None, ge=1, le=3, description="1 slight, 2 clear, 3 strong; left/right only")
     rationale: str | None = Field(None, max_length=5000)
@@ -41,6 +52,8 @@ class LabelBody(BaseModel):
             raise ValueError("must be empty (null) for a tie or a skip")
         return v
 
+    _rationale = field_validator("rationale")(_storable)
+
     def to_input(self) -> LabelInput:
         return LabelInput(**self.model_dump())
 
@@ -53,6 +66,8 @@ class LabelPatch(BaseModel):
     strength: int | None = Field(None, ge=1, le=3)
     rationale: str | None = Field(None, max_length=5000)
     unsafe: bool | None = None
+
+    _rationale = field_validator("rationale")(_storable)
 
 
 def router(store: Store, auth: Auth) -> APIRouter:
@@ -71,11 +86,31 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return who
 
     @r.get("/a/{token}")
-    def sign_in(token: str):
+    def sign_in(request: Request, token: str):
+        """Login CSRF: a link another site sends the browser to (``Sec-Fetch-Site: cross-site``, or no
+        such header) would silently replace the session with the link's owner's. Such a visit gets
+        a page with one button instead, which posts the link back with a token from a cookie that
+        only this site's pages can pair with the form."""
+        if request.headers.get("sec-fetch-site") in DIRECT_NAVIGATION:
+            return _sign_in(token)
+        csrf = secrets.token_urlsafe(24)
+        response = render("sign_in.html", csrf=csrf)
+        response.set_cookie(LOGIN_CSRF_COOKIE, csrf, max_age=1800, httponly=True, samesite="strict",
+                            secure=auth.secure_cookies, path="/a/")
+        return response
+
+    @r.post("/a/{token}")
+    def sign_in_confirmed(request: Request, token: str, csrf_token: str = Form("")):
+        check_csrf(request, request.cookies.get(LOGIN_CSRF_COOKIE) or secrets.token_urlsafe(24), csrf_token)
+        response = _sign_in(token)
+        response.delete_cookie(LOGIN_CSRF_COOKIE, path="/a/")
+        return response
+
+    def _sign_in(token: str) -> RedirectResponse:
         got = store.login_annotator(token)
         if got is None:
-            raise Problem(403, "this link is not valid (mistyped, or the annotator was deactivated); ask your "
-                               "annotation lead for a new one")
+            raise Problem(403, "this link is not valid (mistyped, replaced by a new one, or the annotator was "
+                               "deactivated); ask your annotation lead for a new one")
         response = RedirectResponse("/label", status_code=303)
         auth.set_session_cookie(response, got[0], int(ANNOTATOR_SESSION.total_seconds()))
         return response
@@ -98,8 +133,8 @@ def router(store: Store, auth: Auth) -> APIRouter:
         check_csrf(request, who.csrf_token, csrf_token)
         if choice not in ("left", "right", "tie"):
             raise Problem(422, f"choice: must be left, right or tie, got {choice!r}", "choice")
-        if not label_id.isdigit():
-            raise Problem(422, f"label_id: must be a label id, got {label_id!r}", "label_id")
+        if not label_id.isdigit() or not 1 <= int(label_id) <= MAX_ID:
+            raise Problem(422, f"label_id: must be a label id, got {label_id[:20]!r}", "label_id")
         changes = {"choice": choice, **({"strength": None} if choice == "tie" else {})}
         try:
             store.update_label(who, int(label_id), changes)
@@ -157,18 +192,19 @@ def router(store: Store, auth: Auth) -> APIRouter:
 
     @r.get("/api/labels")
     def list_labels(who: Principal = Depends(annotator), limit: int = Query(50, ge=1, le=500),
-                    offset: int = Query(0, ge=0)):
+                    offset: int = Query(0, ge=0, le=MAX_ID)):
         return {"labels": store.labels_of(who, limit, offset)}
 
     @r.get("/api/labels/{label_id}")
-    def get_label(label_id: int, who: Principal = Depends(annotator)):
+    def get_label(label_id: int = Path(ge=1, le=MAX_ID), who: Principal = Depends(annotator)):
         try:
             return store.label_of(who, label_id)
         except Refused as e:
             raise Problem.of(e) from None
 
     @r.patch("/api/labels/{label_id}")
-    def patch_label(label_id: int, body: LabelPatch, who: Principal = Depends(annotator_writing)):
+    def patch_label(body: LabelPatch, label_id: int = Path(ge=1, le=MAX_ID),
+                    who: Principal = Depends(annotator_writing)):
         try:
             return store.update_label(who, label_id, body.model_dump(exclude_unset=True))
         except Refused as e:

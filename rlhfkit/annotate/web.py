@@ -11,7 +11,12 @@ Security model (GitHub issue 7):
   (form field ``csrf_token`` or header ``X-CSRF-Token``), and a cross-origin ``Origin`` header is
   refused. Bearer-token requests need no CSRF token: browsers never attach that header by themselves.
 - Every response carries a strict Content-Security-Policy: scripts and styles only from
-  ``/static``, no inline script, no framing, forms post only to this origin.
+  ``/static``, no inline script, no framing, forms post only to this origin. A 500 too: the
+  middleware answers an unhandled exception itself, inside the headers.
+- A request with a body (POST, PATCH, ...) is checked before any of its body is read
+  (:class:`BodyGuard`): sign-in (and for ``/api/`` the CSRF header), then the size: an annotator
+  may send ``max_body_bytes``, the signed-in admin ``max_upload_bytes`` (a pairs file), sign-in
+  forms ``PUBLIC_BODY_BYTES``. Larger bodies get 413 before they are read.
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ SECURITY_HEADERS = [
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
 NO_STORE = (b"cache-control", b"no-store")
+PUBLIC_POSTS = ("/admin/login", "/logout")
+"""Paths that take a body without a session (and ``/a/<token>``, the link's confirmation form)."""
+PUBLIC_BODY_BYTES = 16 * 1024
+"""Enough for the sign-in forms, which hold a token or two."""
 access_log = logging.getLogger("rlhfkit.annotate.access")
 
 # auto_reload off: templates ship with the package, so no stat() of the file on every render.
@@ -104,10 +113,68 @@ class SecurityHeaders:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Starlette's own 500 comes from a middleware outside this one, without these headers.
+            # Answer here when nothing was sent yet, then re-raise so the server logs the traceback.
+            if "code" not in status:
+                request = Request(scope)
+                await error_response(request, 500, "internal error: the server could not complete this request "
+                                     "(it is logged); try again later or tell your annotation lead")(
+                    scope, receive, send_with_headers)
+            raise
         finally:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info("%s %s %s %.1fms", scope["method"], redact(path), status.get("code", "-"),
                                 (time.perf_counter() - start) * 1000)
+
+
+class BodyGuard:
+    """Pure ASGI middleware for requests with a body: who is asking is checked before the body is
+    read, and the body's size is limited by who it is (see the module docstring). Without it, an
+    unauthenticated client could make the server buffer bodies of any size (FastAPI reads and parses
+    the body before it runs the sign-in dependency)."""
+
+    def __init__(self, app, auth: Auth, max_body_bytes: int, max_upload_bytes: int):
+        self.app, self.auth = app, auth
+        self.max_body_bytes, self.max_upload_bytes = max_body_bytes, max_upload_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        path = scope["path"]
+        if path in PUBLIC_POSTS or path.startswith("/a/"):
+            limit = PUBLIC_BODY_BYTES
+        else:
+            try:
+                limit = self.max_upload_bytes if self.auth.sender(request) else self.max_body_bytes
+            except Problem as e:
+                return await error_response(request, e.status_code, e.detail, e.field)(scope, receive, send)
+        too_big = error_response(request, 413, f"the request body is larger than this server accepts "
+                                               f"({limit} bytes)", "body")
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return await too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:  # at most `limit` bytes are held, whatever the client sends
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > limit:
+                return await too_big(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def redact(path: str) -> str:
@@ -144,6 +211,23 @@ class Auth:
         if mutating:
             check_csrf(request, who.csrf_token)
         return who
+
+    def sender(self, request: Request) -> bool:
+        """Whether the sender of a request with a body is the admin; raises 401 when nobody is signed
+        in, and 403 for an ``/api/`` call without the session's CSRF header (form posts carry theirs in
+        the body: their routes check it). Reads headers and cookies only."""
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            if self.store.admin_token_ok(header[7:].strip()):
+                return True
+            raise Problem(401, "the bearer token is not a valid admin token", "Authorization")
+        who = self.principal(request)
+        if who is None:
+            raise Problem(401, "not signed in: annotators open the personal link their annotation lead sent; "
+                               "leads sign in at /admin/login")
+        if request.url.path.startswith("/api/"):
+            check_csrf(request, who.csrf_token)
+        return who.is_admin
 
     def set_session_cookie(self, response, secret: str, max_age: int) -> None:
         response.set_cookie(COOKIE, secret, max_age=max_age, httponly=True, samesite="lax",

@@ -3,13 +3,19 @@
     init           create or upgrade the database; print the admin token (once)
     serve          run the web app
     import         add pairs (and/or gold answers, reward-model uncertainty) to a project
+    score          write reward-model uncertainty scores for a pairs file (what import --uncertainty reads)
     add-annotator  create an annotator and print their secret link
-    deactivate-annotator / activate-annotator
+    new-link       replace an annotator's link (the old one stops working)
+    deactivate-annotator / activate-annotator (reactivation prints a new link)
     export         write PreferenceRecords (jsonl or a Hugging Face dataset directory)
     stats          print agreement and annotator-quality figures
 
 Every command takes ``--db URL`` (default ``$RLHFKIT_ANNOTATE_DB`` or ``sqlite:///annotate.db``) and
-brings the schema up to date first. See docs/annotate.md.
+brings the schema up to date first. Only ``init`` creates a database: the others refuse one that does
+not exist (a mistyped ``--db``). See docs/annotate.md.
+
+The annotation modules are imported inside the commands: they need the optional ``annotate`` extra
+(FastAPI, SQLAlchemy), and ``score`` needs torch, which the other commands should not wait for.
 """
 
 from __future__ import annotations
@@ -55,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="revoke the existing admin token(s) and sessions, print a new token")
 
     c = command("serve", cmd_serve, "run the annotation web app")
+    c.add_argument("--max-body-kb", type=int, default=1024,
+                   help="largest request body an annotator may send, in KiB (default %(default)s); larger "
+                        "ones get 413. Sign-in is checked before any of the body is read")
+    c.add_argument("--max-upload-mb", type=int, default=64,
+                   help="largest body the signed-in admin may send (a pairs file uploaded in the web UI), "
+                        "in MiB (default %(default)s)")
     c.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s; "
                                                       "use 0.0.0.0 only behind HTTPS)")
     c.add_argument("--port", type=int, default=8000)
@@ -74,18 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--skip-existing", action="store_true", help="ignore pairs already in the project")
     c.add_argument("--guidelines", help="a text file of instructions shown above every pair (plain text)")
 
-    c = command("add-annotator", cmd_add_annotator, "create an annotator and print their secret link")
-    c.add_argument("name")
-    c.add_argument("--project", required=True)
-    c.add_argument("--base-url", default="http://127.0.0.1:8000",
-                   help="where annotators reach the server (default %(default)s)")
+    c = command("score", cmd_score, "score pairs with reward model(s): P(a better) per pair, the file "
+                                    "`import --uncertainty` reads to serve the most uncertain pairs first")
+    c.add_argument("--rm", action="append", required=True, metavar="PATH",
+                   help="reward model directory (a checkpoint of `rlhfkit reward train`); repeat for an "
+                        "ensemble: p becomes a list and the priority their disagreement")
+    c.add_argument("--pairs", required=True, help="pairs.jsonl (ComparisonPairs, as imported)")
+    c.add_argument("--out", required=True, help='where to write {"id", "p"} lines')
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    for name, active in (("deactivate-annotator", False), ("activate-annotator", True)):
-        c = command(name, cmd_set_active, ("end the annotator's sessions, void their link and free their open "
-                                           "items" if not active else "allow a deactivated annotator again"))
+    def with_link(c):
         c.add_argument("name")
         c.add_argument("--project", required=True)
-        c.set_defaults(active=active)
+        c.add_argument("--base-url", default="http://127.0.0.1:8000",
+                       help="where annotators reach the server (default %(default)s)")
+
+    with_link(command("add-annotator", cmd_add_annotator, "create an annotator and print their secret link"))
+    with_link(command("new-link", cmd_new_link, "replace an annotator's secret link: the old one stops working "
+                                                "and their sessions end; print the new one"))
+    c = command("deactivate-annotator", cmd_set_active, "end the annotator's sessions, void their link and free "
+                                                        "their open items")
+    c.add_argument("name")
+    c.add_argument("--project", required=True)
+    c.set_defaults(active=False)
+    c = command("activate-annotator", cmd_set_active, "allow a deactivated annotator again, with a new link "
+                                                      "(the old one stays void)")
+    with_link(c)
+    c.set_defaults(active=True)
 
     c = command("export", cmd_export, "write labelled pairs as PreferenceRecords")
     c.add_argument("--project", required=True)
@@ -108,17 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _store(args, migrate: bool = True):
+def _store(args, create: bool = False):
+    """The store, its schema brought up to date. Only ``init`` may ``create`` the database: elsewhere
+    a database that does not exist is a mistyped ``--db``, refused before anything is written."""
+    from rlhfkit.annotate.db import check_exists
     from rlhfkit.annotate.store import Store
 
+    if not create:
+        check_exists(args.db, hint="create it with `rlhfkit annotate init --db URL`, or check --db / "
+                                   "$RLHFKIT_ANNOTATE_DB for a typo")
     store = Store(args.db)
-    if migrate:
-        store.migrate()
+    store.migrate()
     return store
 
 
+def _link(args, token: str) -> str:
+    return f"{args.base_url.rstrip('/')}/a/{token}"
+
+
 def cmd_init(args) -> int:
-    store = _store(args)
+    store = _store(args, create=True)
     token = store.admin.ensure_admin_token(rotate=args.new_admin_token)
     if token is None:
         print(f"database {args.db} is up to date; an admin token exists already "
@@ -141,7 +178,8 @@ def cmd_serve(args) -> int:
     if token is not None:
         print(f"new database: admin token (shown once; sign in at /admin/login): {token}", flush=True)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
-    app = create_app(store, secure_cookies=args.secure_cookies)
+    app = create_app(store, secure_cookies=args.secure_cookies, max_body_bytes=args.max_body_kb * 1024,
+                     max_upload_bytes=args.max_upload_mb * 1024 * 1024)
     # uvicorn's own access log would print /a/<token> links; ours (rlhfkit.annotate.access) redacts them.
     # Keep idle connections 75 s (nginx's default) instead of uvicorn's 5: annotators think for tens
     # of seconds between requests, and a new connection (TLS behind a proxy) costs more than an idle one.
@@ -154,12 +192,9 @@ def cmd_import(args) -> int:
     if (args.pairs, args.gold, args.uncertainty, args.gold_rate, args.guidelines) == (None,) * 5:
         raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE, --uncertainty FILE, "
                          "--guidelines FILE (or only --gold-rate R to change the project's gold rate)")
-    guidelines = None
-    if args.guidelines is not None:
-        try:
-            guidelines = open(args.guidelines, encoding="utf-8").read()
-        except OSError as e:
-            raise ValueError(f"--guidelines: cannot read {args.guidelines}: {e.strerror}") from None
+    from rlhfkit.annotate.imports import read_guidelines
+
+    guidelines = None if args.guidelines is None else read_guidelines(args.guidelines)
     r = _store(args).admin.import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
                                   skip_existing=args.skip_existing, guidelines=guidelines)
@@ -178,13 +213,55 @@ def cmd_import(args) -> int:
 def cmd_add_annotator(args) -> int:
     token = _store(args).admin.add_annotator(args.project, args.name)
     print(f"annotator {args.name} added to {args.project}. Secret link (shown once; send it privately):")
-    print(f"{args.base_url.rstrip('/')}/a/{token}")
+    print(_link(args, token))
+    return 0
+
+
+def cmd_new_link(args) -> int:
+    token = _store(args).admin.new_link(args.project, args.name)
+    print(f"annotator {args.name}: the old link no longer works. New secret link (shown once; send it privately):")
+    print(_link(args, token))
     return 0
 
 
 def cmd_set_active(args) -> int:
-    _store(args).admin.set_annotator_active(args.project, args.name, args.active)
+    token = _store(args).admin.set_annotator_active(args.project, args.name, args.active)
     print(f"annotator {args.name} is now {'active' if args.active else 'deactivated'}")
+    if token is not None:
+        print("their old link stays void. New secret link (shown once; send it privately):")
+        print(_link(args, token))
+    return 0
+
+
+def cmd_score(args) -> int:
+    """P(a better) = sigmoid(r_a - r_b) (Bradley-Terry, the model reward training fits) on the raw
+    head outputs: normalisation constants rescale r and would change P."""
+    from pathlib import Path
+
+    import torch
+
+    from rlhfkit.annotate.export import write_jsonl
+    from rlhfkit.annotate.imports import read_pairs
+    from rlhfkit.models.heads import RewardModel
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    pairs = [pair for _, pair in read_pairs(args.pairs)]
+    prompts = [p.prompt for p in pairs]
+    per_model = []
+    for path in args.rm:
+        try:
+            rm = RewardModel.load(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--rm {path}: {e}") from None
+        r_a = rm.score(prompts, [p.a["content"] for p in pairs], batch_size=args.batch_size, normalized=False)
+        r_b = rm.score(prompts, [p.b["content"] for p in pairs], batch_size=args.batch_size, normalized=False)
+        per_model.append(torch.sigmoid(r_a - r_b).tolist())
+    rows = [{"id": pair.id, "p": ps[0] if len(ps) == 1 else ps} for pair, ps in zip(pairs, zip(*per_model))]
+    write_jsonl(rows, out)
+    print(f"wrote P(a better) from {len(args.rm)} reward model(s) for {len(rows)} pairs to {out}; import it with "
+          f"`rlhfkit annotate import --project P --uncertainty {out}`")
     return 0
 
 
@@ -195,11 +272,9 @@ def cmd_export(args) -> int:
                          include_gold=args.include_gold, drop_unsafe=args.drop_unsafe,
                          exclude_annotators=tuple(args.exclude_annotator),
                          min_gold_accuracy=args.min_gold_accuracy, force=args.force)
-    r = export(_store(args), args.project, args.out, opts)
+    r = export(_store(args), args.project, args.out, opts)  # refuses (exit 1) when nothing is left
     print(f"wrote {r.records} {'vote' if args.votes else 'consensus'} records to {args.out} ({args.format}); "
-          f"{r.pairs_with_votes} pairs have votes, {r.unresolved} without a consensus, "
-          f"{r.below_min_votes} below --min-votes, {r.dropped_unsafe} dropped as unsafe"
-          + (f"; ignored annotators: {', '.join(r.excluded_annotators)}" if r.excluded_annotators else ""))
+          + r.summary())
     return 0
 
 

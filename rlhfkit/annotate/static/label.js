@@ -6,7 +6,9 @@
 //   f flag unsafe · r write a rationale
 //
 // A submission keeps one submission_id across its retries, so a retried POST whose first attempt
-// did reach the server stores nothing new (the server answers 200 "replayed").
+// did reach the server stores nothing new (the server answers 200 "replayed"). Only a lost
+// connection or a gateway error (502/503/504: the server is restarting) is retried; any other
+// error means the server could not store this answer, and the page says so instead of retrying.
 (function () {
   "use strict";
   var form = document.getElementById("label-form");
@@ -16,6 +18,7 @@
   var shownAt = Date.now();
   var submissionId = randomId();
   var busy = false;
+  var RETRY_STATUSES = [502, 503, 504];
 
   function randomId() {
     var bytes = new Uint8Array(16);
@@ -62,6 +65,12 @@
         response = null;
       }
       if (response && response.ok) { window.location.replace("/label"); return; }
+      if (response && response.status >= 500 && RETRY_STATUSES.indexOf(response.status) < 0) {
+        say("Not saved: the server could not store this answer (HTTP " + response.status + "). " +
+            "Copy your rationale if you wrote one, reload the page, and tell your annotation lead if it happens again.");
+        setBusy(false);
+        return;
+      }
       if (response && response.status < 500) {
         var problem = await response.json().catch(function () { return {}; });
         var text = problem.message || (typeof problem.detail === "string" ? problem.detail : "") || ("HTTP " + response.status);
