@@ -90,7 +90,7 @@ def make_config(method: str, args, task_name: str, seed: int, out: Path):
     elif method == "grpo":
         from rlhfkit.train.grpo import GRPOConfig as cls
     elif method == "rloo":
-        from rlhfkit.train.rloo import RLOOConfig as cls
+        from rlhfkit.train.grpo import RLOOConfig as cls
     else:
         from rlhfkit.train.ppo import PPOConfig
 

@@ -21,7 +21,7 @@ DEFAULTS = {
     "ppo": ("rlhfkit.train.ppo:PPOConfig", dict(prompts_per_step=8, samples_per_prompt=1, epochs_per_step=2,
                                                 mini_batch_size=4, lr=5e-6)),
     "grpo": ("rlhfkit.train.grpo:GRPOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
-    "rloo": ("rlhfkit.train.rloo:RLOOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
+    "rloo": ("rlhfkit.train.grpo:RLOOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
     "cmpo": ("rlhfkit.train.cmpo:CMPOConfig", dict(prompts_per_step=2, samples_per_prompt=4, lr=5e-6)),
 }
 

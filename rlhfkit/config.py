@@ -58,6 +58,33 @@ class CommonConfig:
     progress: bool = True
     """Show a progress bar with ETA on the console."""
 
+    def __post_init__(self) -> None:
+        # Checked at construction, so a bad value from Python fails as early as one from the CLI.
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for a value outside its set or range. Each method's
+        config extends this (calling ``super().validate()`` first)."""
+        check_choice(self, "mixed_precision", MIXED_PRECISIONS)
+        for tracker in self.report_to.split(","):
+            if tracker.strip() not in TRACKERS:
+                raise ValueError(f"report_to: unknown tracker {tracker.strip()!r}; choose from {', '.join(TRACKERS)}")
+        for name in ("log_every", "save_every", "keep_checkpoints", "max_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+
+
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+TRACKERS = ("none", "tensorboard", "wandb")
+
+
+def check_choice(cfg, name: str, choices) -> None:
+    """Raise ValueError naming ``name`` when ``cfg.name`` is not one of ``choices``."""
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
 
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> the docstring written under it, across the dataclass's bases."""
@@ -165,10 +192,7 @@ def load_config(cls: type, path: str | None = None, overrides: dict[str, Any] | 
         if key not in types_:
             raise ConfigError(f"unknown config key '{key}' for {cls.__name__}")
         values[key] = coerce(value, types_[key], f"--{key.replace('_', '-')}")
-    cfg = cls(**values)
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
+    return cls(**values)  # validated in __post_init__
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

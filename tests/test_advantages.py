@@ -5,16 +5,13 @@ import math
 import pytest
 import torch
 
-from rlhfkit.advantages import (
+from rlhfkit.losses.advantages import gae, group_advantages, leave_one_out_advantages, reinforce_pp_advantages
+from rlhfkit.losses.kl import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
-    gae,
-    group_advantages,
     kl_per_token,
     kl_shaped_rewards,
-    leave_one_out_advantages,
-    reinforce_pp_advantages,
 )
 
 TOL = dict(atol=1e-5, rtol=1e-5)

@@ -1,7 +1,7 @@
-"""Tests for the offline preference trainer (rlhfkit.train.dpo) and completion log-probs (rlhfkit.train.logps).
+"""Tests for the offline preference trainer (rlhfkit.train.dpo).
 
-The losses themselves are tested in test_losses_dpo.py; here: the log-prob computation against its
-naive equivalent, the reference cache, tie/strength handling, that sigmoid DPO learns, that every
+The losses themselves are tested in test_losses_dpo.py, the log-probs in tests/models/test_logps.py; here:
+the DPO forward against its naive equivalent, the reference cache, tie/strength handling, that sigmoid DPO learns, that every
 loss runs end to end, resume, accumulation invariance, the CLI, and bad input.
 """
 
@@ -20,11 +20,12 @@ from conftest import write_jsonl
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
 from rlhfkit.data.records import DataError
 from rlhfkit.losses.dpo import REFERENCE_FREE
+from rlhfkit.models.batching import pad_completions
+from rlhfkit.models.logps import completion_logps
 from rlhfkit.tracking import read_metrics
 from rlhfkit.train import dpo
 from rlhfkit.train.dpo import DPOConfig, example_losses, forward_examples, train
 from rlhfkit.train.dpo_data import Example, load_examples
-from rlhfkit.train.logps import completion_logps
 
 WORDS = ["apple", "river", "stone", "cloud", "music", "paper", "garden", "window", "candle", "forest", "bridge",
          "coffee", "mirror", "planet", "silver", "thunder"]
@@ -75,21 +76,6 @@ def naive_logps(model, prompt: list[int], completion: list[int]) -> torch.Tensor
     return logps.gather(-1, torch.tensor(completion)[:, None])[:, 0]
 
 
-@pytest.mark.parametrize("packing", ["padding_free", "padded"])
-def test_completion_logps_equal_naive_full_logits(tiny, packing):
-    model, tok = tiny
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (5, 9, 1, 3)]
-    completions = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (4, 1, 7, 2)]
-    with torch.no_grad():
-        per_token, mask = completion_logps(model, prompts, completions, packing=packing, pad_id=tok.pad_token_id)
-        assert per_token.shape == mask.shape == (4, 7)
-        assert mask.sum(1).tolist() == [4, 1, 7, 2]
-        for b, (p, c) in enumerate(zip(prompts, completions)):
-            torch.testing.assert_close(per_token[b, :len(c)], naive_logps(model, p, c), atol=1e-5, rtol=0)
-            assert (per_token[b, len(c):] == 0).all()
-
-
 def test_padding_free_equals_padded_values_and_gradients(tiny):
     """Same values, and the same gradient: the packed row's block-diagonal mask isolates sequences."""
     from rlhfkit.models import load_model
@@ -114,41 +100,12 @@ def test_one_forward_concatenated_equals_two_separate_forwards(tiny):
     with torch.no_grad():
         logps, lengths = forward_examples(model, ex, "padding_free", tok.pad_token_id)  # (4, 2)
         for col, attr in enumerate(("first_ids", "second_ids")):
-            per_token, mask = completion_logps(model, prompts, [getattr(e, attr) for e in ex])
+            batch = pad_completions(prompts, [getattr(e, attr) for e in ex], tok.pad_token_id)
+            per_token = completion_logps(model, batch, layout="shared")
             torch.testing.assert_close(logps[:, col], per_token.sum(1), atol=1e-5, rtol=0)
-            assert lengths[:, col].tolist() == mask.sum(1).tolist()
+            assert lengths[:, col].tolist() == batch.completion_mask.sum(1).tolist()
             naive = torch.stack([naive_logps(model, e.prompt_ids, getattr(e, attr)).sum() for e in ex])
             torch.testing.assert_close(logps[:, col], naive, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompts_equal_separate_prompts(attn):
-    """Prompts repeated in a batch are computed once under a 4D mask; values equal one copy per sequence."""
-    from rlhfkit.models import load_model
-
-    model, _ = load_model("tiny", seed=2)
-    model.set_attn_implementation(attn)
-    g = torch.Generator().manual_seed(1)
-    uniq = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (5, 9, 3)]
-    prompts = [uniq[0], uniq[1], uniq[0], uniq[2], uniq[1], uniq[0]]
-    completions = [torch.randint(1, 5000, (n,), generator=g).tolist() for n in (4, 1, 7, 2, 5, 3)]
-    with torch.no_grad():
-        shared, mask = completion_logps(model, prompts, completions)
-        separate, mask2 = completion_logps(model, prompts, completions, share_prompts=False)
-        torch.testing.assert_close(shared, separate, atol=1e-5, rtol=0)
-        assert torch.equal(mask, mask2)
-        for b, (p, c) in enumerate(zip(prompts, completions)):
-            torch.testing.assert_close(shared[b, :len(c)], naive_logps(model, p, c), atol=1e-5, rtol=0)
-
-
-def test_bad_logps_input():
-    from rlhfkit.models import load_model
-
-    model, _ = load_model("tiny")
-    with pytest.raises(ValueError, match="sequence 1: empty completion"):
-        completion_logps(model, [[1, 2], [3]], [[4], []])
-    with pytest.raises(ValueError, match="packing must be one of"):
-        completion_logps(model, [[1]], [[2]], packing="ragged")
 
 
 # --- losses wired to the trainer ----------------------------------------------------------------------
@@ -309,6 +266,11 @@ def test_two_processes_match_one(prefs, tmp_path):
     keys = ("loss/dpo", "rewards/margin", "rewards/accuracy", "optim/grad_norm", "eval/loss", "eval/rewards/margin")
     for one, two in zip(read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two"), strict=True):
         for key in keys:
+            if key == "rewards/accuracy" and one["step"] == 1:
+                # at step 1 the policy is the reference: every margin is 0 up to float rounding (~1e-7,
+                # different in one and two processes), so the share of margins > 0 is rounding noise
+                assert one["rewards/margin"] == pytest.approx(0, abs=1e-5)
+                continue
             assert two[key] == pytest.approx(one[key], abs=1e-5), key
 
 

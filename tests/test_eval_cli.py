@@ -77,7 +77,7 @@ def test_eval_kl_and_rm_judge_with_a_different_policy(tmp_path, monkeypatch):
     """A reward-model judge decides the pairs; a peaked policy against a near-uniform reference has a
     clearly positive KL, estimated from log-probs at the sampling temperature."""
     from rlhfkit.evaluate import cli as eval_cli
-    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.heads import RewardModel
 
     rm_dir = RewardModel.init_from("tiny", seed=0).save(tmp_path / "rm")
     temperatures = []

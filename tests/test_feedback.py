@@ -232,7 +232,7 @@ def test_label_simulated_writes_records_and_report(tmp_path):
 def test_label_judge_and_rm_with_tiny_models(tmp_path, capsys):
     """The judge and RM labelers end to end, in-process (the subprocess path is the simulated test's)."""
     from rlhfkit.feedback.cli import main
-    from rlhfkit.models.reward import RewardModel
+    from rlhfkit.models.heads import RewardModel
 
     src = write_pairs(tmp_path / "pairs.jsonl", concise_pairs(3))
     assert main([str(src), "--labeler", "judge", "--judge-model", "tiny", "--out", str(tmp_path / "j.jsonl")]) == 0

@@ -17,7 +17,8 @@ from torch import nn
 
 from rlhfkit.data.prompts import load_prompts
 from rlhfkit.data.records import PreferenceRecord
-from rlhfkit.models.reward import PackedScorer, RewardModel, build_inputs, init_head, pack_groups
+from rlhfkit.models.batching import pack_groups, pad_completions
+from rlhfkit.models.heads import PackedScorer, RewardModel, init_head
 from rlhfkit.train.reward import (
     EncodedPair,
     RewardConfig,
@@ -97,7 +98,8 @@ def test_score_reads_the_eos_and_ignores_padding(rm):
     assert torch.allclose(alone, batched, atol=1e-5)
     p_ids, c_ids = rm.tokenize(PROMPTS[0], CHOSEN[0])
     assert c_ids[-1] == rm.tok.eos_token_id
-    ids, mask = build_inputs([p_ids, p_ids[:5]], [c_ids, c_ids[:2]], rm.tok.pad_token_id)
+    b = pad_completions([p_ids, p_ids[:5]], [c_ids, c_ids[:2]], rm.tok.pad_token_id)
+    ids, mask = b.input_ids, b.attention_mask
     assert ids.shape == mask.shape == (2, len(p_ids) + len(c_ids))
     assert not mask[1, :len(p_ids) - 5].any() and not mask[1, len(p_ids) + 2:].any()  # left and right pad
 
@@ -123,7 +125,7 @@ def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
     same scores as the text path (which re-encodes the text and closes it with an EOS), for truncated
     and ended completions, in one batch with both."""
     from rlhfkit.rollout.engine import Sampler, SamplingConfig
-    from rlhfkit.train.online import RewardSource
+    from rlhfkit.rollout.rewards import RewardSource
 
     policy, tok = tiny
     path = rm.save(tmp_path / "rm")
@@ -211,7 +213,8 @@ def test_save_load_round_trip_and_plain_transformers(tmp_path, rm):
     assert back.norm == (0.5, 2.0)
     assert torch.allclose(back.score(PROMPTS, CHOSEN), rm.score(PROMPTS, CHOSEN), atol=1e-5)
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
-    ids, mask = build_inputs(*zip(*[back.tokenize(p, c) for p, c in zip(PROMPTS, CHOSEN)]), back.tok.pad_token_id)
+    b = pad_completions(*zip(*[back.tokenize(p, c) for p, c in zip(PROMPTS, CHOSEN)]), back.tok.pad_token_id)
+    ids, mask = b.input_ids, b.attention_mask
     with torch.no_grad():
         logits = plain(input_ids=ids, attention_mask=mask.long(), position_ids=(mask.long().cumsum(1) - 1).clamp(min=0)).logits
     assert torch.allclose(logits[:, 0], rm.score(PROMPTS, CHOSEN, normalized=False), atol=1e-5)

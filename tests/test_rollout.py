@@ -2,7 +2,7 @@
 
 Layout under test (engine module docstring): prompts left-padded, completions right-padded with pad
 after the first EOS, ``completion_mask`` True through that EOS, ``ended`` = an EOS was emitted, and
-per-token log-probs from logits divided by the sampling temperature.
+per-token log-probs from logits divided by the sampling temperature (tests/models/test_logps.py).
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ import pytest
 import torch
 
 from rlhfkit.models import load_model
-from rlhfkit.rollout.engine import (
-    Rollout,
-    Sampler,
-    SamplingConfig,
-    completion_logps,
-    completion_mask_from_ids,
-)
+from rlhfkit.models.batching import completion_mask_from_ids
+from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -52,15 +47,6 @@ class FixedBackend:
 
     def sync_weights(self, model):
         pass
-
-
-def naive_completion_logps(model, prompt_ids: list[int], completion_ids: list[int], temperature: float) -> torch.Tensor:
-    """One unpadded sequence, full forward, log_softmax of every position, gather the completion tokens."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float()  # (P + C, V)
-    logps = torch.log_softmax(logits[:-1] / temperature, -1).gather(-1, ids[0, 1:, None])[:, 0]  # (P + C - 1,)
-    return logps[len(prompt_ids) - 1:]  # position t predicts token t + 1: the last C belong to the completion
 
 
 # --- masks, ended, padding -------------------------------------------------------------------------
@@ -167,99 +153,6 @@ def test_seeded_sampling_is_reproducible_and_leaves_the_global_rng_alone(eos_pro
     assert torch.equal(before, after)
     assert torch.equal(r1.completion_ids, r2.completion_ids)
     assert not torch.equal(r1.completion_ids, r3.completion_ids)
-
-
-# --- log-probs -------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_completion_logps_equal_a_naive_full_forward(peaked, temperature):
-    """Batched (left-padded prompts, right-padded completions, logits_to_keep) == one unpadded
-    sequence at a time through a plain forward + log_softmax(logits / T) + gather, to 1e-5."""
-    model, tok = peaked
-    sampler = Sampler(model, tok, SamplingConfig(temperature=temperature, max_new_tokens=6))
-    g = torch.Generator().manual_seed(0)
-    completions = [torch.randint(300, 5000, (n,), generator=g).tolist() + [tok.eos_token_id] for n in (4, 1, 2)]
-    prompt_ids, prompt_mask = sampler.encode_prompts(PROMPTS)
-    width = max(map(len, completions))
-    c_ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in completions])  # right-padded
-    c_mask = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in completions])
-    got = completion_logps(model, prompt_ids, prompt_mask, c_ids, c_mask, temperature)
-    assert got.shape == c_ids.shape
-    for i, c in enumerate(completions):
-        p = prompt_ids[i][prompt_mask[i]].tolist()
-        want = naive_completion_logps(model, p, c, temperature)
-        torch.testing.assert_close(got[i, :len(c)], want, atol=1e-5, rtol=0)
-    # the check has teeth: at T=1 the same tokens' log-probs differ from T=0.7 by far more than 1e-5
-    if temperature != 1.0:
-        other = naive_completion_logps(model, prompt_ids[0][prompt_mask[0]].tolist(), completions[0], 1.0)
-        assert (other - got[0, :len(completions[0])]).abs().max() > 1e-2
-
-
-def test_sampler_logps_use_the_sampling_temperature(peaked):
-    model, tok = peaked
-    sampler = Sampler(model, tok, SamplingConfig(temperature=0.7, max_new_tokens=5))
-    r = sampler.sample(PROMPTS, seed=0)
-    for i in range(len(PROMPTS)):
-        p = r.prompt_ids[i][r.prompt_mask[i]].tolist()
-        c = r.completion_ids[i][r.completion_mask[i]].tolist()
-        torch.testing.assert_close(r.logps[i, :len(c)], naive_completion_logps(model, p, c, 0.7), atol=1e-5, rtol=0)
-
-
-def test_left_padding_does_not_change_a_prompts_completion_logps(peaked):
-    model, tok = peaked
-    sampler = Sampler(model, tok, SamplingConfig(temperature=1.0))
-    short, long_ = PROMPTS[0], PROMPTS[1]
-    completion = torch.tensor([[400, 500, 600, tok.eos_token_id]])
-    c_mask = torch.ones_like(completion, dtype=torch.bool)
-    alone_ids, alone_mask = sampler.encode_prompts([short])
-    batch_ids, batch_mask = sampler.encode_prompts([short, long_])
-    assert batch_ids.shape[1] > alone_ids.shape[1] and not batch_mask[0].all()  # the short prompt is padded
-    alone = completion_logps(model, alone_ids, alone_mask, completion, c_mask)
-    batched = completion_logps(model, batch_ids, batch_mask, completion.repeat(2, 1), c_mask.repeat(2, 1))
-    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=0)
-    assert (batched[1] - batched[0]).abs().max() > 1e-2  # the other prompt conditions differently
-
-
-@pytest.mark.parametrize("row_tokens", [None, 40])
-def test_shared_prompt_layout_equals_the_padded_batch(peaked, monkeypatch, row_tokens):
-    """GRPO-shaped batch (each prompt K=3 times, shuffled, ragged completions): the shared-prompt,
-    padding-free layout gives the padded batch's log-probs, entropies and gradients; with a 40-token row
-    budget the batch is split into several packed rows and still matches."""
-    import rlhfkit.rollout.engine as engine
-
-    if row_tokens:
-        monkeypatch.setattr(engine, "SHARED_ROW_TOKENS", row_tokens)
-    model, tok = peaked
-    model = copy.deepcopy(model).train()
-    sampler = Sampler(model, tok, SamplingConfig(temperature=0.7, max_new_tokens=6))
-    prompts = [PROMPTS[i] for i in (0, 2, 0, 1, 2, 0, 1, 2, 1)]
-    g = torch.Generator().manual_seed(1)
-    completions = [torch.randint(300, 5000, (n,), generator=g).tolist() + [tok.eos_token_id]
-                   for n in (3, 0, 5, 2, 1, 4, 5, 2, 3)]
-    prompt_ids, prompt_mask = sampler.encode_prompts(prompts)
-    width = max(map(len, completions)) + 2  # wider than any completion, as a rollout batch can be
-    c_ids = torch.tensor([c + [tok.pad_token_id] * (width - len(c)) for c in completions])
-    c_mask = torch.tensor([[True] * len(c) + [False] * (width - len(c)) for c in completions])
-    results = {}
-    for share in (False, True):
-        model.zero_grad(set_to_none=True)
-        logps, entropy = completion_logps(model, prompt_ids, prompt_mask, c_ids, c_mask, 0.7, with_entropy=True,
-                                          share_prompts=share)
-        assert logps.shape == entropy.shape == c_ids.shape
-        (logps * c_mask).sum().backward()
-        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
-        results[share] = (logps * c_mask, entropy * c_mask, grads)
-    (lp0, h0, g0), (lp1, h1, g1) = results[False], results[True]
-    torch.testing.assert_close(lp1, lp0, atol=1e-5, rtol=0)
-    torch.testing.assert_close(h1, h0, atol=1e-5, rtol=0)
-    assert len(g0) == len(g1)
-    for a, b in zip(g0, g1):  # float sums in another order: compare each parameter's gradient as a whole
-        assert (b - a).norm() <= 1e-4 * a.norm() + 1e-6
-    # teeth: a completion scored after another prompt differs by far more than the tolerance
-    swapped = completion_logps(model, prompt_ids.roll(1, 0), prompt_mask.roll(1, 0), c_ids, c_mask, 0.7,
-                               share_prompts=True)
-    assert ((swapped - lp1) * c_mask).abs().max() > 1e-2
 
 
 # --- Rollout.select --------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from rlhfkit.rollout.engine import Sampler, SamplingConfig, completion_logps
-from rlhfkit.rollout.vllm_backend import VLLMBackend, right_pad
+from rlhfkit.models.batching import right_pad
+from rlhfkit.models.logps import completion_logps
+from rlhfkit.rollout.engine import Sampler, SamplingConfig
+from rlhfkit.rollout.vllm_backend import VLLMBackend
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -95,8 +97,8 @@ def test_prompts_are_unpadded_and_outputs_right_padded(fake_vllm, tiny):
 
 
 def test_right_pad_keeps_one_column_for_empty_outputs():
-    assert right_pad([[], []], 0).tolist() == [[0], [0]]
-    assert right_pad([[5], [], [6, 7]], 0).tolist() == [[5, 0], [0, 0], [6, 7]]
+    assert right_pad([[], []], 0)[0].tolist() == [[0], [0]]
+    assert right_pad([[5], [], [6, 7]], 0)[0].tolist() == [[5, 0], [0, 0], [6, 7]]
 
 
 def test_sampling_params_follow_the_sampling_config(fake_vllm, tokenizer):
@@ -139,7 +141,7 @@ def test_sampler_logps_come_from_the_training_model(fake_vllm, tiny):
     r = sampler.sample(PROMPTS, seed=0)
     assert r.ended.tolist() == [True, False, True]
     assert r.completion_mask.sum(1).tolist() == [3, 5, 1]
-    want = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 0.8)
+    want = completion_logps(model, r, temperature=0.8)
     torch.testing.assert_close(r.logps, want, atol=0, rtol=0)
     assert (r.logps[r.completion_mask] > -50).all()  # not the fake engine's -99 log-probs
     assert r.completions[0] == tok.decode([300, 301])
@@ -197,7 +199,7 @@ def test_real_vllm_generates_and_syncs_weights(tmp_path):
 
     r = sampler.sample(PROMPTS, seed=0)
     assert torch.equal(r.completion_ids, hf.sample(PROMPTS).completion_ids)
-    want = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask, 1.0)
+    want = completion_logps(model, r, temperature=1.0)
     torch.testing.assert_close(r.logps, want, atol=0, rtol=0)
 
     sampled = Sampler(model, tok, SamplingConfig(temperature=1.0, max_new_tokens=8), backend=backend)

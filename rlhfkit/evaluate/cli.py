@@ -49,18 +49,15 @@ def sequence_logps(model, tok, prompts, completions, temperature: float = 1.0) -
     For KL(policy || reference) the samples' log-probs must come from the distribution they were
     drawn from: pass the sampling temperature (the trainers' eval/kl does the same)."""
     from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
-    from rlhfkit.rollout.engine import completion_logps, left_pad
-    from rlhfkit.rollout.vllm_backend import right_pad
+    from rlhfkit.models.batching import pad_completions
+    from rlhfkit.models.logps import completion_logps
 
     out = []
     for i in range(0, len(prompts), 8):
         ps, cs = prompts[i:i + 8], completions[i:i + 8]
-        p_ids, p_mask = left_pad([tokenize_prompt(tok, p) for p in ps], tok.pad_token_id)
-        c_list = [tokenize_completion(tok, p, c) for p, c in zip(ps, cs)]
-        c_ids = right_pad(c_list, tok.pad_token_id)
-        c_mask = torch.arange(c_ids.shape[1])[None] < torch.tensor([len(c) for c in c_list])[:, None]
-        lp = completion_logps(model, p_ids, p_mask, c_ids, c_mask, temperature)
-        out += (lp * c_mask).sum(1).tolist()
+        batch = pad_completions([tokenize_prompt(tok, p) for p in ps],
+                                [tokenize_completion(tok, p, c) for p, c in zip(ps, cs)], tok.pad_token_id)
+        out += completion_logps(model, batch, temperature=temperature).sum(1).tolist()
     return out
 
 
@@ -80,7 +77,7 @@ def make_scorer(judge: str, task):
     if judge == "gold":
         return lambda p, c: torch.tensor(task.gold(p, c), dtype=torch.float32)
     if judge.startswith("rm:"):
-        from rlhfkit.models.reward import RewardModel
+        from rlhfkit.models.heads import RewardModel
 
         rm = RewardModel.load(judge[3:])
         return lambda p, c: rm.score(p, c).float().cpu()

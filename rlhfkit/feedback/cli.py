@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         row.update(position_stats(records))
     else:
         from rlhfkit.feedback.rm import label_with_rm
-        from rlhfkit.models.reward import RewardModel
+        from rlhfkit.models.heads import RewardModel
 
         if not args.rm:
             parser.error("--labeler rm needs --rm PATH (a reward model directory from `rlhfkit reward train`)")

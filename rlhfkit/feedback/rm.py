@@ -7,7 +7,7 @@ compare the RM as an annotator against the gold and the judge on the same pairs)
 from __future__ import annotations
 
 from rlhfkit.data.records import ComparisonPair, PreferenceRecord
-from rlhfkit.models.reward import RewardModel
+from rlhfkit.models.heads import RewardModel
 
 
 def label_with_rm(pairs: list[ComparisonPair], rm: RewardModel, tie_threshold: float = 0.1, batch_size: int = 16,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhfkit.advantages import kl_per_token
+from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.ops import aggregate_loss, masked_mean
 
 

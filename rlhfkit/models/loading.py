@@ -125,7 +125,7 @@ def load_tokenizer(name_or_path: str):
     if name_or_path in (BUNDLED, TINY) or name_or_path.startswith(TINY + ":"):
         tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir())
     else:
-        tok = _from_pretrained(AutoTokenizer, resolve(name_or_path))
+        tok = hub_load(AutoTokenizer, resolve(name_or_path))
     return prepare_tokenizer(tok)
 
 
@@ -163,7 +163,9 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
-def _from_pretrained(cls, name: str, **kwargs):
+def hub_load(cls, name: str, **kwargs):
+    """``cls.from_pretrained(name)`` that turns "not here and the hub is unreachable" into a
+    ModelNotFoundError saying what to do."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         # huggingface_hub reads HF_HUB_OFFLINE once, at import; a value set later (a test's monkeypatch,
         # a notebook's os.environ) would be ignored and a missing model would retry the network for ~50 s.
@@ -219,7 +221,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, seed: i
     else:
         extra = {"num_labels": 1} if kind == "reward" else {}
         with quiet_transformers(kind == "reward"):  # a reward head's "score.weight MISSING" is expected: it is new
-            model = _from_pretrained(cls, resolve(name_or_path), dtype=dtype, **extra)
+            model = hub_load(cls, resolve(name_or_path), dtype=dtype, **extra)
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id

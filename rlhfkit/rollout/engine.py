@@ -1,16 +1,16 @@
-"""The sampling engine: batched generation plus the per-token log-probs the RL losses need.
+"""The sampling engine: prompts in, a :class:`Rollout` out (token ids, masks, per-token log-probs).
 
-Layout of every batch (shapes: B sequences, P prompt tokens, C completion tokens)::
+A Rollout is laid out as :mod:`rlhfkit.models.batching` draws it (B sequences, P prompt tokens, C
+completion tokens)::
 
     prompt_ids     (B, P)  left-padded with the pad token        prompt_mask     (B, P) bool
     completion_ids (B, C)  right-padded after the first EOS      completion_mask (B, C) bool
 
 ``completion_mask`` is True up to and including the first EOS (the EOS is a real action the policy
 takes and must be credited); a completion with no EOS within ``max_new_tokens`` is *truncated*.
-Position ids are ``cumsum(attention_mask) - 1`` so left padding never shifts positions
-(N implementation details #2). Log-probs are taken from logits divided by the sampling temperature,
-identically at sampling and training time (N implementation details #5), and only at completion
-positions (``logits_to_keep``): no full-vocabulary work on prompt tokens.
+Log-probs come from :func:`rlhfkit.models.logps.completion_logps` with logits divided by the sampling
+temperature, identically at sampling and training time (N implementation details #5).
+A backend (transformers' ``generate`` here, vLLM in vllm_backend.py) only produces token ids.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from rlhfkit.data.chat import tokenize_prompt
-from rlhfkit.ops import entropy_from_logits, selective_log_softmax
+from rlhfkit.models.batching import CompletionBatch, completion_mask_from_ids, left_pad
+from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
 
 
 @dataclass
@@ -38,16 +39,13 @@ class SamplingConfig:
 
 
 @dataclass
-class Rollout:
-    """One batch of sampled completions and everything computed about them (shapes in module doc)."""
+class Rollout(CompletionBatch):
+    """One batch of sampled completions and everything computed about them: the four tensors of a
+    :class:`CompletionBatch` (shapes in the module doc) and the fields below."""
 
-    prompts: list[list[dict]]
-    completions: list[str]
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-    completion_ids: torch.Tensor
-    completion_mask: torch.Tensor
-    ended: torch.Tensor
+    prompts: list[list[dict]] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+    ended: torch.Tensor | None = None
     """(B,) bool: the completion emitted EOS before max_new_tokens."""
     logps: torch.Tensor | None = None
     """(B, C) policy per-token log-probs at sampling time (temperature-scaled)."""
@@ -60,14 +58,6 @@ class Rollout:
     rewards: torch.Tensor | None = None
     """(B, C) per-token rewards after KL shaping."""
     extras: dict = field(default_factory=dict)
-
-    @property
-    def input_ids(self) -> torch.Tensor:
-        return torch.cat([self.prompt_ids, self.completion_ids], 1)
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return torch.cat([self.prompt_mask, self.completion_mask], 1)
 
     def select(self, idx) -> Rollout:
         """The sub-batch at ``idx`` (a mini-batch): row indices (list or tensor) or a (B,) bool mask.
@@ -85,77 +75,6 @@ class Rollout:
             return v
         return Rollout(**{k: pick(getattr(self, k)) for k in self.__dataclass_fields__ if k != "extras"},
                        extras={k: pick(v) for k, v in self.extras.items()})
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = True
-    return ids, mask
-
-
-def completion_mask_from_ids(completion_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, ended): True through the first EOS of each row; ended = an EOS occurred."""
-    is_eos = completion_ids == eos_id
-    ended = is_eos.any(1)
-    first = torch.where(ended, is_eos.int().argmax(1), torch.full_like(ended, completion_ids.shape[1], dtype=torch.long))
-    mask = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None] <= first[:, None]
-    return mask, ended
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
-def forward_completion(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
-    """Model output over [prompt; completion] keeping only the C+1 positions whose logits predict
-    completion tokens (``logits_to_keep``). Returns the raw output; ``out.logits`` is (B, C+1, V)."""
-    ids = torch.cat([prompt_ids, completion_ids], 1)
-    att = torch.cat([prompt_mask, completion_mask], 1).long()
-    return model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False,
-                 logits_to_keep=completion_ids.shape[1] + 1)
-
-
-SHARED_ROW_TOKENS = 2048
-"""Most tokens in one packed row of the shared-prompt layout. Attention over a packed row costs N^2
-(the mask is dense), linear layers N: at 2048 tokens on a 135M model the masked-out attention is
-~25% of the linear work; a larger batch is split into several rows."""
-
-
-def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float = 1.0,
-                     with_entropy: bool = False, share_prompts: bool = False):
-    """Per-token log-probs (B, C) of the completion tokens under ``model`` at ``temperature``
-    (and per-token entropies when asked). Masked positions hold garbage; callers mask them.
-
-    ``share_prompts``: the padding-free layout of :func:`rlhfkit.train.logps.completion_logps`, in which
-    a prompt that several completions continue (GRPO's K samples) is computed once and no padding is
-    computed; the same values as the padded batch, to float rounding (tested)."""
-    if share_prompts:
-        return _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature,
-                                    with_entropy)
-    logits = forward_completion(model, prompt_ids, prompt_mask, completion_ids, completion_mask).logits
-    logits = logits[:, :-1].float() / temperature  # position t predicts completion token t
-    logps = selective_log_softmax(logits, completion_ids)
-    if with_entropy:
-        return logps, entropy_from_logits(logits)
-    return logps
-
-
-def _shared_prompt_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature: float,
-                         with_entropy: bool):
-    from rlhfkit.train.logps import completion_logps as ragged_logps
-
-    prompts = [row[m].tolist() for row, m in zip(prompt_ids, prompt_mask.bool())]
-    completions = [row[:n].tolist() for row, n in zip(completion_ids, completion_mask.sum(1).tolist())]
-    out = ragged_logps(model, prompts, completions, temperature=temperature, with_entropy=with_entropy,
-                       max_row_tokens=SHARED_ROW_TOKENS)
-    pad = (0, completion_ids.shape[1] - out[0].shape[1])  # the batch's width C; mask is a prefix of each row
-    logps = torch.nn.functional.pad(out[0], pad)
-    return (logps, torch.nn.functional.pad(out[2], pad)) if with_entropy else logps
 
 
 class HFBackend:
@@ -193,11 +112,11 @@ class Sampler:
     """Prompts in, :class:`Rollout` out. The backend (HF or vLLM) only produces token ids."""
 
     def __init__(self, model, tokenizer, sampling: SamplingConfig, backend=None, max_prompt_length: int = 512,
-                 share_prompts: bool = False):
+                 layout: str = "padded"):
         self.model, self.tok, self.sampling = model, tokenizer, sampling
         self.backend = backend or HFBackend(model, tokenizer)
         self.max_prompt_length = max_prompt_length
-        self.share_prompts = share_prompts  # the layout of the sampling-time log-probs (see completion_logps)
+        self.layout = layout  # of the sampling-time log-prob pass (rlhfkit.models.logps)
 
     def encode_prompts(self, prompts: list[list[dict]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
         seqs = [tokenize_prompt(self.tok, p, self.max_prompt_length) for p in prompts]
@@ -217,6 +136,6 @@ class Sampler:
         r = Rollout(prompts=prompts, completions=texts, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     completion_ids=completion_ids, completion_mask=mask, ended=ended)
         if with_logps:
-            r.logps = completion_logps(self.model, prompt_ids, prompt_mask, completion_ids, mask,
-                                       self.sampling.temperature or 1.0, share_prompts=self.share_prompts)
+            r.logps = completion_logps(self.model, r, layout=self.layout, temperature=self.sampling.temperature or 1.0,
+                                       max_row_tokens=SHARED_ROW_TOKENS)
         return r

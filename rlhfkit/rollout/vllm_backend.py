@@ -1,7 +1,7 @@
 """vLLM generation backend (optional extra: ``pip install rlhfkit[vllm]``), same interface as HFBackend.
 
 vLLM only produces token ids here; log-probs for training are recomputed by the training model
-(engine.completion_logps), so a vLLM/transformers numerical mismatch can never leak into the PPO
+(rlhfkit.models.logps.completion_logps), so a vLLM/transformers numerical mismatch can never leak into the PPO
 ratio at step start (a frequent complaint in other libraries' issue trackers: sampling-time and
 training-time log-probs disagree).
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.models.batching import right_pad
 from rlhfkit.rollout.engine import SamplingConfig
 
 
@@ -51,7 +52,7 @@ class VLLMBackend:
             params = [self.sampling_params(sampling, generator_seed + i) for i in range(len(prompts))]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         seqs = [list(o.outputs[0].token_ids) for o in outs]
-        return right_pad(seqs, self.tok.pad_token_id, device=prompt_ids.device)
+        return right_pad(seqs, self.tok.pad_token_id)[0].to(prompt_ids.device)
 
     def sync_weights(self, model) -> None:
         """Copy the training policy's weights into the vLLM engine (same process, same GPU)."""
@@ -64,11 +65,3 @@ class VLLMBackend:
 
 def _load_weights_rpc(worker, weights):
     worker.model_runner.model.load_weights(weights)
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, device=None) -> torch.Tensor:
-    width = max(1, max(len(s) for s in seqs))
-    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        out[r, :len(s)] = torch.tensor(s, dtype=torch.long)
-    return out.to(device) if device is not None else out

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.advantages import kl_per_token, leave_one_out_advantages
+from rlhfkit.data.tasks import get_task
+from rlhfkit.losses.advantages import leave_one_out_advantages
 from rlhfkit.losses.cmpo import RunningScale, cmpo_regulariser, cmpo_weight_metrics, cmpo_weights, ema_update
+from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean, masked_sum
-from rlhfkit.rollout.engine import HFBackend, Rollout, Sampler, completion_logps
+from rlhfkit.rollout import rewards
+from rlhfkit.rollout.engine import HFBackend, Rollout, Sampler
 from rlhfkit.train import online, runtime
 from rlhfkit.train.grpo import optimize
 
@@ -69,6 +72,7 @@ class CMPOConfig(online.OnlineConfig):
     """Policy learning rate (AdamW), as GRPO."""
 
     def validate(self) -> None:
+        super().validate()
         if self.samples_per_prompt < 2:
             raise ValueError("CMPO needs samples_per_prompt >= 2 (a target over one sample is trivial "
                              "and the leave-one-out baseline needs the other K-1)")
@@ -105,8 +109,7 @@ def cmpo_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: CMPOConfig) -> tuple[
     target weight w within its prompt.
     """
     mask = mb.completion_mask
-    logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mask,
-                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
+    logps, entropy = cfg.logps(policy, mb, with_entropy=True)
     loss, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, aggregation=cfg.aggregation,
                                     max_tokens=cfg.max_new_tokens)
     seq_logps = masked_sum(logps, mask, dim=1)  # (B,)
@@ -150,7 +153,7 @@ def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out) -> dict
     HF: a sampler over the policy. vLLM: the one engine gets the policy's weights, then the prior's back."""
     shared = None if isinstance(sampler.backend, HFBackend) else sampler.backend
     eval_sampler = Sampler(policy, sampler.tok, cfg.sampling(), backend=shared, max_prompt_length=cfg.max_prompt_length,
-                           share_prompts=cfg.share_prompts)
+                           layout=cfg.layout())
     eval_sampler.backend.sync_weights(policy)
     out = held_out(eval_sampler)
     sampler.backend.sync_weights(prior)
@@ -167,7 +170,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or online.get_task(cfg.task)
+    task = task or get_task(cfg.task)
     policy, ref, tok = online.load_policy_and_reference(cfg, ckpt)
     if ckpt is None:
         prior = copy.deepcopy(policy)
@@ -178,7 +181,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     else:
         raise FileNotFoundError(f"resume: {ckpt} has no prior/ sub-folder; resume CMPO only from a CMPO checkpoint")
     prior.eval().requires_grad_(False)
-    reward = online.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else online.CustomReward(reward_fn)
+    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
     total = cfg.steps()
     local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
     opt = runtime.adamw(policy.parameters(), acc, cfg.lr, cfg.adam_eps)

@@ -12,7 +12,7 @@ Efficiency by design (docs/dpo.md, "Efficiency"):
   the reference model, and the reference is deleted before training. Reference-free losses
   (simpo, orpo) never load one;
 - chosen and rejected go through the policy in ONE forward pass, packed without padding, their shared
-  prompt computed once (``rlhfkit.train.logps.completion_logps``), with logits on completion tokens only.
+  prompt computed once (``rlhfkit.models.logps.completion_logps``), with logits on completion tokens only.
 
 Iterative DPO (``labeler``, ``rounds``) is ``train_rounds`` at the end of the file.
 
@@ -42,9 +42,12 @@ from rlhfkit.losses.dpo import DPO_LOSSES, REFERENCE_FREE, PairLogps, kto_kl_est
 from rlhfkit.ops import exact_div, masked_sum
 from rlhfkit.train import runtime
 from rlhfkit.train.dpo_data import Example, load_examples
-from rlhfkit.train.logps import PACKINGS, completion_logps
+from rlhfkit.models.batching import pad_completions
+from rlhfkit.models.logps import completion_logps
 
 LOSSES = (*DPO_LOSSES, "kto")
+# packing (the config's word, shared with SFT) -> the log-prob layout of rlhfkit.models.logps
+PACKINGS = {"padding_free": "shared", "padded": "padded"}
 # Loss parameters and the one loss each applies to: setting one for another loss is an error, never ignored.
 LOSS_PARAMS = {"label_smoothing": "robust", "gamma_beta_ratio": "simpo", "strength_margin": "sigmoid",
                "desirable_weight": "kto", "undesirable_weight": "kto"}
@@ -147,6 +150,7 @@ class DPOConfig(CommonConfig):
     """With a labeler: held-out task prompts scored by the gold reward after each round (eval/gold)."""
 
     def validate(self) -> None:
+        super().validate()
         if self.labeler is not None:
             if self.labeler != "simulated":
                 raise ValueError(f"labeler must be 'simulated', got {self.labeler!r}; for a judge or reward model, "
@@ -194,8 +198,10 @@ def forward_examples(model, examples: list[Example], packing: str, pad_id: int) 
     The B first sequences and B second ones share the packed row (the prompt is computed twice).
     """
     prompts = [e.prompt_ids for e in examples]
-    per_token, mask = completion_logps(model, prompts + prompts, [e.first_ids for e in examples] +
-                                       [e.second_ids for e in examples], packing=packing, pad_id=pad_id)  # (2B, T)
+    batch = pad_completions(prompts + prompts, [e.first_ids for e in examples] + [e.second_ids for e in examples],
+                            pad_id)
+    per_token = completion_logps(model, batch, layout=PACKINGS[packing])  # (2B, T)
+    mask = batch.completion_mask.to(per_token.device)
     b = len(examples)
     logps = masked_sum(per_token, mask, dim=1)  # (2B,)
     lengths = mask.sum(1)
@@ -336,9 +342,11 @@ def kl_to_reference(model, prompts: list[list[int]], cfg: DPOConfig, tok, acc, s
     completions = []
     for row in out[:, width:].tolist():  # tokens up to the first EOS are all sampled (pads only follow EOS)
         completions.append(row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row)
-    logp, mask = completion_logps(policy, prompts, completions)
+    batch = pad_completions(prompts, completions, tok.pad_token_id)
+    logp = completion_logps(policy, batch, layout="shared")
+    mask = batch.completion_mask.to(logp.device)
     ref, _ = load_reference(cfg.reference_model or cfg.model, cfg.seed)
-    ref_logp, _ = completion_logps(ref.to(acc.device), prompts, completions)
+    ref_logp = completion_logps(ref.to(acc.device), batch, layout="shared")
     del ref
     gc.collect()
     kl = masked_sum(logp - ref_logp, mask, dim=1)  # (B,)

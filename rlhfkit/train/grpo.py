@@ -15,7 +15,7 @@ REINFORCE++    per-token returns, whitened over the batch      in the reward    
 
 Sources: GRPO — Shao et al. 2024 (DeepSeekMath) §4.1; Dr. GRPO — Liu et al. 2025 ("Understanding
 R1-Zero-Like Training"); RLOO — Ahmadian et al. 2024 ("Back to Basics"); REINFORCE++ — Hu 2025.
-``rlhfkit rloo`` is this loop with RLOO's defaults (see rloo.py).
+``rlhfkit rloo`` is this loop with RLOO's defaults (:class:`RLOOConfig`, a preset, not a copy).
 """
 
 from __future__ import annotations
@@ -25,16 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.advantages import (
-    group_advantages,
-    kl_per_token,
-    kl_shaped_rewards,
-    leave_one_out_advantages,
-    reinforce_pp_advantages,
-)
+from rlhfkit.losses.advantages import group_advantages, leave_one_out_advantages, reinforce_pp_advantages
+from rlhfkit.losses.kl import kl_per_token, kl_shaped_rewards
 from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean
-from rlhfkit.rollout.engine import Rollout, completion_logps
+from rlhfkit.rollout.engine import Rollout
 from rlhfkit.train import online, runtime
 
 ADVANTAGES = ("group", "dr_grpo", "loo", "reinforce_pp")
@@ -65,6 +60,7 @@ class GRPOConfig(online.OnlineConfig):
     """Policy learning rate."""
 
     def validate(self) -> None:
+        super().validate()
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
         if self.aggregation not in AGGREGATIONS:
@@ -105,8 +101,7 @@ def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
 
 def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate (+ k3 KL loss term unless the KL is in the reward) on one micro-batch."""
-    logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mb.completion_mask,
-                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
+    logps, entropy = cfg.logps(policy, mb, with_entropy=True)
     mask = mb.completion_mask
     old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
     loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
@@ -161,11 +156,29 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn
     return {k: v / max(count, 1) for k, v in sums.items()}
 
 
-def train(cfg: GRPOConfig, reward_fn=None, task=None, method: str = "grpo") -> dict:
-    """Run the loop. Python API extras: ``reward_fn(rollout) -> Tensor (B,)`` replaces the configured
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): REINFORCE with a leave-one-out baseline over K
+    samples per prompt, the KL penalty folded into the sequence reward."""
+
+    advantage: str = "loo"
+    """Leave-one-out baseline: A_i = r_i - mean of the other K-1 rewards of the prompt."""
+    kl_in_reward: bool = True
+    """RLOO subtracts beta x (sequence KL to the reference) from each reward before the baseline."""
+    kl_estimator: str = "k1"
+    """k1 summed over the sequence: the standard sequence-level KL estimate for the reward."""
+    aggregation: str = "token_mean"
+    """Per-token loss reduction."""
+    beta: float = 0.05
+    """KL coefficient in the reward."""
+
+
+def train(cfg: GRPOConfig, reward_fn=None, task=None) -> dict:
+    """Run the loop (GRPO, or RLOO given an RLOOConfig). Python API extras: ``reward_fn(rollout) -> Tensor (B,)`` replaces the configured
     reward, ``task`` (an object with ``prompts(split)`` and ``gold(prompts, completions)``) replaces
     the built-in task named by ``cfg.task``."""
 
+    method = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     # 1. runtime, task, models, optimizer
     s = online.start(cfg, reward_fn, task)
     acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total

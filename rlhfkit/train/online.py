@@ -13,10 +13,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rlhfkit.advantages import kl_per_token
 from rlhfkit.config import CommonConfig
+from rlhfkit.data.tasks import get_task
+from rlhfkit.losses.kl import kl_per_token
+from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
 from rlhfkit.ops import masked_mean
-from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig, completion_logps
+from rlhfkit.rollout import rewards
+from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
 
 
 @dataclass
@@ -89,6 +92,16 @@ class OnlineConfig(CommonConfig):
     def steps(self) -> int:
         return self.max_steps or self.total_steps
 
+    def layout(self) -> str:
+        """The log-prob layout (rlhfkit.models.logps) of every pass: 'shared' or 'padded'."""
+        return "shared" if self.share_prompts else "padded"
+
+    def logps(self, model, batch, with_entropy: bool = False):
+        """Per-token log-probs (B, C) of ``batch``'s completions under ``model`` at the sampling
+        temperature, in the configured layout: the one call behind every online log-prob pass."""
+        return completion_logps(model, batch, layout=self.layout(), temperature=self.temperature,
+                                with_entropy=with_entropy, max_row_tokens=SHARED_ROW_TOKENS)
+
 
 class Budget:
     """``max_minutes`` as a check the loop makes after each step."""
@@ -102,82 +115,6 @@ class Budget:
         if acc.num_processes > 1:
             over = acc.reduce(torch.tensor(float(over), device=acc.device), "max").item() > 0
         return over
-
-
-# --- reward sources --------------------------------------------------------------------------------
-
-
-class RewardSource:
-    """Scores a Rollout: a weighted sum of the task's gold reward and/or reward models."""
-
-    def __init__(self, spec: str, task, device, tokenizer=None):
-        self.parts: list[tuple[str, float, object]] = []
-        self.tokenizer = tokenizer
-        for item in [s.strip() for s in spec.split(",") if s.strip()]:
-            name, _, weight = item.partition("@")
-            w = float(weight) if weight else 1.0
-            if name == "gold":
-                self.parts.append(("gold", w, None))
-            elif name.startswith("rm:"):
-                from rlhfkit.models.reward import RewardModel
-
-                rm = RewardModel.load(name[3:])
-                rm.model.to(device)
-                self.parts.append(("rm", w, rm))
-            else:
-                raise ValueError(f"reward: unknown source '{name}' in '{spec}'; use gold, rm:PATH, or a comma list with @weights")
-        if not self.parts:
-            raise ValueError("reward: empty spec")
-        self.task = task
-
-    @property
-    def uses_gold_only(self) -> bool:
-        return all(kind == "gold" for kind, _, _ in self.parts)
-
-    @torch.no_grad()
-    def __call__(self, r: Rollout) -> torch.Tensor:
-        total = torch.zeros(len(r.completions))
-        for kind, w, rm in self.parts:
-            if kind == "gold":
-                s = torch.tensor(self.task.gold(r.prompts, r.completions), dtype=torch.float32)
-            elif self.shares_vocab(rm):
-                s = self.score_rollout_ids(rm, r)
-            else:  # another tokenizer: re-encode the text with the reward model's own template
-                s = rm.score(r.prompts, r.completions).float().cpu()
-            total += w * s
-        return total
-
-    def shares_vocab(self, rm) -> bool:
-        tok = self.tokenizer
-        return (tok is not None and len(tok) == len(rm.tok) and tok.eos_token_id == rm.tok.eos_token_id
-                and tok.get_vocab() == rm.tok.get_vocab())
-
-    @staticmethod
-    def score_rollout_ids(rm, r: Rollout) -> torch.Tensor:
-        """Score the sampled token ids as they are (no re-tokenisation). A truncated completion gets an
-        EOS appended before scoring, as a reward model's training pairs close every reply (sampled
-        pairs are truncated too): the head is then always read at an EOS, where it was trained."""
-        c_ids, c_mask = r.completion_ids, r.completion_mask.bool()
-        if not bool(r.ended.all()):
-            n = c_mask.sum(1)
-            c_ids = torch.cat([c_ids, torch.full_like(c_ids[:, :1], rm.tok.pad_token_id)], 1)
-            c_mask = torch.cat([c_mask, torch.zeros_like(c_mask[:, :1])], 1)
-            rows = (~r.ended.bool()).nonzero().flatten().to(c_ids.device)
-            c_ids[rows, n[rows]] = rm.tok.eos_token_id
-            c_mask[rows, n[rows]] = True
-        ids = torch.cat([r.prompt_ids, c_ids], 1)
-        mask = torch.cat([r.prompt_mask.bool(), c_mask], 1)
-        return rm.score_ids(ids, mask).float().cpu()
-
-
-def get_task(name: str):
-    from rlhfkit.data.tasks import get_task as lookup
-
-    return lookup(name)
-
-
-def gold_scores(task, r: Rollout) -> torch.Tensor:
-    return torch.tensor(task.gold(r.prompts, r.completions), dtype=torch.float32)
 
 
 # --- prompts -----------------------------------------------------------------------------------------
@@ -205,7 +142,7 @@ class PromptStream:
 
 
 @torch.no_grad()
-def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, reward: RewardSource, task,
+def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, reward: rewards.RewardSource, task,
                        cfg: OnlineConfig, seed: int, with_logps: bool = True) -> Rollout:
     """Sample K completions per prompt, compute policy and reference log-probs and the scores.
 
@@ -216,11 +153,10 @@ def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, rewar
     repeated = [p for p in prompts for _ in range(k)]
     r = sampler.sample(repeated, seed=seed, with_logps=with_logps)
     if ref_model is not None:
-        r.ref_logps = completion_logps(ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                       cfg.temperature, share_prompts=cfg.share_prompts)
+        r.ref_logps = cfg.logps(ref_model, r)
     raw = reward(r)
     r.extras["raw_scores"] = raw.clone()
-    r.extras["gold"] = raw.clone() if reward.uses_gold_only else gold_scores(task, r)
+    r.extras["gold"] = raw.clone() if reward.uses_gold_only else rewards.task_gold(task, r)
     if cfg.missing_eos_penalty is not None:
         raw = torch.where(r.ended.cpu(), raw, torch.full_like(raw, cfg.missing_eos_penalty))
     r.scores = raw.to(r.completion_ids.device)
@@ -259,14 +195,14 @@ class HeldOutEval:
     a higher gold reward than the first eval's reply to the same prompt, ties counted half.
     """
 
-    def __init__(self, ref_model, reward: RewardSource, task, prompts: list, cfg: OnlineConfig):
+    def __init__(self, ref_model, reward: rewards.RewardSource, task, prompts: list, cfg: OnlineConfig):
         self.ref_model, self.reward, self.task, self.prompts, self.cfg = ref_model, reward, task, prompts, cfg
         self.start_gold: torch.Tensor | None = None
 
     @torch.no_grad()
     def __call__(self, sampler: Sampler) -> dict:
         r = sampler.sample(self.prompts, seed=12345)
-        gold = gold_scores(self.task, r).float()
+        gold = rewards.task_gold(self.task, r).float()
         proxy = gold if self.reward.uses_gold_only else self.reward(r)
         out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
                "eval/length": r.completion_mask.sum(1).float().mean().item()}
@@ -275,8 +211,7 @@ class HeldOutEval:
         else:
             out["eval/win_rate_start"] = ((gold > self.start_gold).float() + 0.5 * (gold == self.start_gold).float()).mean().item()
         if self.ref_model is not None:
-            ref = completion_logps(self.ref_model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
-                                   self.cfg.temperature, share_prompts=self.cfg.share_prompts)
+            ref = self.cfg.logps(self.ref_model, r)
             kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
             out["eval/kl"] = kl
             out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
@@ -299,7 +234,7 @@ def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
     elif cfg.rollout_backend != "hf":
         raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {cfg.rollout_backend!r}")
     return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length,
-                   share_prompts=cfg.share_prompts)
+                   layout=cfg.layout())
 
 
 @dataclass
@@ -331,7 +266,7 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     task = task or get_task(cfg.task)
     policy, ref, tok = load_policy_and_reference(cfg, ckpt)
-    reward = RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else CustomReward(reward_fn)
+    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
     return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
                  local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
                  stream=PromptStream(task.prompts("train"), cfg.seed),
@@ -343,18 +278,6 @@ def local_batch(s: Start, step: int, cfg: OnlineConfig) -> list:
     prompts = s.stream.batch(step, cfg.prompts_per_step)
     i = s.acc.process_index
     return prompts[i * s.local_prompts:(i + 1) * s.local_prompts]
-
-
-class CustomReward:
-    """Adapter so a Python ``reward_fn(rollout)`` plugs in where a RewardSource goes."""
-
-    uses_gold_only = False
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, r: Rollout) -> torch.Tensor:
-        return torch.as_tensor(self.fn(r), dtype=torch.float32).cpu()
 
 
 def load_policy_and_reference(cfg: OnlineConfig, ckpt):

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.advantages import AdaptiveKLController, FixedKLController, gae, kl_per_token, kl_shaped_rewards
+from rlhfkit.losses.advantages import gae
+from rlhfkit.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards
 from rlhfkit.losses.ppo import ppo_policy_loss, value_loss
+from rlhfkit.models.batching import position_ids
 from rlhfkit.ops import masked_mean, masked_var, masked_whiten
-from rlhfkit.rollout.engine import Rollout, completion_logps, position_ids
+from rlhfkit.rollout.engine import Rollout
 from rlhfkit.train import online, runtime
 from rlhfkit.train.grpo import optimize
 
@@ -55,6 +57,7 @@ class PPOConfig(online.OnlineConfig):
     """Policy and critic learning rate (AdamW, eps from adam_eps, annealed to 0 by lr_schedule)."""
 
     def validate(self) -> None:
+        super().validate()
         if self.value_init not in ("policy", "reward"):
             raise ValueError(f"value_init must be 'policy' or 'reward', got {self.value_init!r}")
 
@@ -109,8 +112,7 @@ def critic_values(critic, r: Rollout) -> torch.Tensor:
 
 def actor_critic_loss(policy, critic, mb: Rollout, adv: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, dict]:
     mask = mb.completion_mask
-    logps, entropy = completion_logps(policy, mb.prompt_ids, mb.prompt_mask, mb.completion_ids, mask,
-                                      cfg.temperature, with_entropy=True, share_prompts=cfg.share_prompts)
+    logps, entropy = cfg.logps(policy, mb, with_entropy=True)
     pg, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps)
     values = critic_values(critic, mb)
     vf, vmetrics = value_loss(values, mb.values, mb.extras["returns"], mask, cfg.clip_eps_value)

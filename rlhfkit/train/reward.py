@@ -12,7 +12,7 @@ scaled by its share of the global batch (m / batch_size), so 1 x 8 accumulation 
 processes equal one; DDP averages gradients over processes, hence the extra factor of processes.
 
 Layout: one row per prompt, ``[prompt ; reply 1 ; ... ; reply n]``, with a mask that hides the
-replies from each other (:func:`rlhfkit.models.reward.pack_groups`): the prompt is computed once, and
+replies from each other (:func:`rlhfkit.models.batching.pack_groups`): the prompt is computed once, and
 a reply that appears in several pairs (K samples per prompt give C(K, 2) pairs) is computed once
 (InstructGPT §3.5). With ``group_by_prompt`` the epoch order keeps a prompt's pairs together so that
 this sharing happens. Rows are cut into micro-batches by length (the optimizer step sums over the
@@ -40,7 +40,8 @@ from rlhfkit.config import CommonConfig
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
 from rlhfkit.data.records import PreferenceRecord, Where
 from rlhfkit.losses.reward import bradley_terry_loss
-from rlhfkit.models.reward import PackedScorer, RewardModel, pack_groups, reward_head
+from rlhfkit.models.batching import pack_groups
+from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.ops import exact_div
 from rlhfkit.train import runtime
 
@@ -107,6 +108,7 @@ class RewardConfig(CommonConfig):
     A run stopped early is not normalised; the resumed run normalises at its end."""
 
     def validate(self) -> None:
+        super().validate()
         if self.ties not in ("half", "drop"):
             raise ValueError(f"ties must be 'half' or 'drop', got {self.ties!r}")
         if self.margin_scale < 0:

@@ -66,6 +66,7 @@ class SFTConfig(CommonConfig):
     """Stop (saving a checkpoint) at this step without changing the LR schedule: splits one run into parts."""
 
     def validate(self) -> None:
+        super().validate()
         if self.packing not in ("padding_free", "padded"):
             raise ValueError(f"packing must be 'padding_free' or 'padded', got {self.packing!r}")
 

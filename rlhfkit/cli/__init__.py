@@ -18,17 +18,17 @@ TRAINERS = {
     "dpo": ("rlhfkit.train.dpo", "DPOConfig", "offline preference optimisation: DPO, IPO, cDPO, SLiC, SimPO, ORPO, KTO"),
     "ppo": ("rlhfkit.train.ppo", "PPOConfig", "PPO with a critic (the N implementation details of RLHF with PPO)"),
     "grpo": ("rlhfkit.train.grpo", "GRPOConfig", "GRPO / Dr. GRPO / REINFORCE++: critic-free, group baselines"),
-    "rloo": ("rlhfkit.train.rloo", "RLOOConfig", "RLOO: REINFORCE with a leave-one-out baseline"),
+    "rloo": ("rlhfkit.train.grpo", "RLOOConfig", "RLOO: REINFORCE with a leave-one-out baseline"),
     "cmpo": ("rlhfkit.train.cmpo", "CMPOConfig", "CMPO: Muesli-style regularised policy optimisation"),
 }
 # command -> (module, function(argv) -> int, description)
 TOOLS = {
-    "demo": ("rlhfkit.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
+    "demo": ("rlhfkit.pipelines.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
     "tasks": ("rlhfkit.data.tasks", "main", "built-in tasks with hidden gold rewards"),
     "sample": ("rlhfkit.rollout.sample", "main", "sample K completions per prompt into comparison pairs"),
     "label": ("rlhfkit.feedback.cli", "main", "label pairs: simulated annotator, LM judge or reward model"),
     "reward": ("rlhfkit.train.reward", "main", "train / evaluate a Bradley-Terry reward model"),
-    "annotate": ("rlhfkit.annotate.cli", "main", "human preference annotation web app"),
+    "annotate": ("rlhfkit.cli.annotate", "main", "human preference annotation web app"),
     "eval": ("rlhfkit.evaluate.cli", "eval_main", "win rate of a policy over a reference, with CIs"),
     "compare": ("rlhfkit.evaluate.cli", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
     "report": ("rlhfkit.evaluate.cli", "report_main", "self-contained HTML report of runs"),
@@ -120,6 +120,3 @@ def main(argv: list[str] | None = None) -> int:
     _top_parser().parse_args(argv[:1])  # prints the usage error and exits 2
     return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The reward model: a causal LM body with a one-output head, read at the last token (the EOS).
+"""Scalar heads on a causal LM body. The reward model: a causal LM body with a one-output head, read at the last token (the EOS).
 
 Layout of every scored batch (shapes: B sequences, P prompt tokens, C completion tokens)::
 
@@ -27,7 +27,15 @@ import torch
 from torch import nn
 
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
-from rlhfkit.rollout.engine import left_pad, position_ids
+from rlhfkit.models.batching import pad_completions, position_ids
+from rlhfkit.models.loading import (
+    disable_dropout,
+    hub_load,
+    load_model,
+    load_tokenizer,
+    quiet_transformers,
+    resolve,
+)
 
 NORM_KEY = "rlhfkit_reward_norm"
 
@@ -53,19 +61,6 @@ def reward_head(model) -> nn.Linear:
     return head
 
 
-def build_inputs(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[left-padded prompt ; completion ; right pad] as ``(input_ids, attention_mask)``, both (B, P + C)."""
-    p_ids, p_mask = left_pad(prompt_ids, pad_id)
-    width = max(len(c) for c in completion_ids)
-    c_ids = torch.full((len(completion_ids), width), pad_id, dtype=torch.long)
-    c_mask = torch.zeros((len(completion_ids), width), dtype=torch.bool)
-    for r, c in enumerate(completion_ids):
-        c_ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        c_mask[r, :len(c)] = True
-    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1)
-
-
 def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B,) head output at each row's last real token, before normalisation."""
     att = attention_mask.long()
@@ -89,8 +84,6 @@ class RewardModel:
     def init_from(cls, model_name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> RewardModel:
         """A new reward model: the body of ``model_name`` (any name ``load_model`` takes) and a freshly
         initialised head (N details #3). Not normalised until :meth:`fit_normalization`."""
-        from rlhfkit.models.loading import load_model
-
         model, tok = load_model(model_name, kind="reward", seed=seed, dtype=dtype)
         init_head(reward_head(model), seed)
         if hasattr(model.config, NORM_KEY):
@@ -104,16 +97,8 @@ class RewardModel:
         trained head: that is an error, not a silently random reward."""
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        from rlhfkit.models.loading import (
-            _from_pretrained,
-            disable_dropout,
-            load_tokenizer,
-            quiet_transformers,
-            resolve,
-        )
-
         where = resolve(path_or_name)
-        config = _from_pretrained(AutoConfig, where)
+        config = hub_load(AutoConfig, where)
         archs = getattr(config, "architectures", None) or []
         if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != 1:
             raise ValueError(
@@ -216,64 +201,15 @@ class RewardModel:
         out = torch.empty(len(encoded))
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            ids, mask = build_inputs([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], self.tok.pad_token_id)
+            b = pad_completions([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], self.tok.pad_token_id)
+            ids, mask = b.input_ids, b.attention_mask
             out[idx] = self.score_ids(ids, mask, normalized=False).cpu()
         self.model.train(was_training)
         return self._normalize(out) if normalized else out
 
 
-# --- training layout: one row per prompt, the prompt shared by its replies ----------------------------
-
-
-def pack_groups(prompt_ids: list[list[int]], replies: list[list[list[int]]], pad_id: int,
-                dtype: torch.dtype = torch.float32) -> dict:
-    """One row per prompt, ``[prompt ; reply 1 ; ... ; reply n ; right pad]``, the prompt computed once.
-
-    Each reply must see the prompt but not the other replies, so the mask is a custom 4D additive
-    mask (R, 1, T, T): a token attends causally to the prompt and to its own reply only; pad tokens
-    attend to themselves (no all-masked softmax rows). Position ids restart at P for every reply, so
-    each reply sits at the positions it would have alone: the rewards equal scoring every
-    [prompt ; reply] separately (tests/test_reward_model.py checks this). ``read_at`` (R, N) holds the
-    index of each reply's last token (its EOS), where the head is read; ``reply_mask`` (R, N) marks
-    real replies (rows have different reply counts). Against one sequence per reply this saves the
-    prompt's forward and backward for all but one reply, and scores a reply shared by several pairs
-    once (InstructGPT, Ouyang et al. 2022, §3.5: one forward pass per completion, not per comparison).
-    """
-    R = len(prompt_ids)
-    rows = [p + [t for r in rs for t in r] for p, rs in zip(prompt_ids, replies)]
-    T, N = max(len(r) for r in rows), max(len(rs) for rs in replies)
-    input_ids = torch.full((R, T), pad_id, dtype=torch.long)
-    segment = torch.full((R, T), -1, dtype=torch.long)  # 0 prompt, j + 1 reply j, -1 pad
-    pos = torch.zeros((R, T), dtype=torch.long)
-    read_at = torch.zeros((R, N), dtype=torch.long)
-    reply_mask = torch.zeros((R, N), dtype=torch.bool)
-    for b, (p, rs) in enumerate(zip(prompt_ids, replies)):
-        input_ids[b, :len(rows[b])] = torch.tensor(rows[b], dtype=torch.long)
-        P = len(p)
-        segment[b, :P], pos[b, :P] = 0, torch.arange(P)
-        at = P
-        for j, r in enumerate(rs):
-            segment[b, at:at + len(r)] = j + 1
-            pos[b, at:at + len(r)] = torch.arange(P, P + len(r))
-            at += len(r)
-            read_at[b, j], reply_mask[b, j] = at - 1, True
-    q, k = segment[:, :, None], segment[:, None, :]  # (R, T, 1), (R, 1, T)
-    causal = torch.ones((T, T), dtype=torch.bool).tril()
-    allowed = causal & (q >= 0) & ((k == 0) | (k == q))
-    allowed |= torch.eye(T, dtype=torch.bool)  # pad rows see themselves
-    mask = torch.zeros((R, 1, T, T), dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": pos, "read_at": read_at,
-            "reply_mask": reply_mask, "num_tokens": int((segment >= 0).sum())}
-
-
-def pack_pairs(prompt_ids: list[list[int]], chosen_ids: list[list[int]], rejected_ids: list[list[int]],
-               pad_id: int, dtype: torch.dtype = torch.float32) -> dict:
-    """:func:`pack_groups` with two replies per row, [prompt ; chosen ; rejected]: rewards (B, 2)."""
-    return pack_groups(prompt_ids, [[c, r] for c, r in zip(chosen_ids, rejected_ids)], pad_id, dtype)
-
-
 class PackedScorer(nn.Module):
-    """(R, N) raw rewards of the replies of a :func:`pack_groups` batch (entries where
+    """(R, N) raw rewards of the replies of a :func:`rlhfkit.models.batching.pack_groups` batch (entries where
     ``reply_mask`` is False hold garbage).
 
     A module (not a function) so that ``accelerate.prepare`` can wrap it: DDP's gradient sync hooks

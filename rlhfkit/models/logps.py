@@ -1,14 +1,18 @@
 """Per-token log-probs of completions given their prompts, with logits only where they are needed.
 
-Shared by the offline (DPO family) and online (PPO/GRPO/RLOO) trainers: every one of them needs
+The one log-prob path of rlhfkit: the sampler, the reference and training passes of the online
+trainers (PPO/GRPO/RLOO/CMPO), the DPO family and the evaluator all call :func:`completion_logps`.
+Every one of them needs
 ``log π(y_t | x, y_<t)`` for the completion tokens ``y`` of a batch of (prompt ``x``, completion ``y``)
 pairs, and none needs a logit on a prompt token. The lm head is the single largest matrix of a small
 model (SmolLM2-135M: 576 x 49152 = 28M of its 135M parameters) and its (T, V) output the largest
 activation, so the positions are selected *before* the head through ``logits_to_keep``.
 
-Two layouts (``packing``), which give the same values (``tests/test_dpo.py`` checks it):
+The batch always arrives in the padded layout of :mod:`rlhfkit.models.batching` (a Rollout, or a
+``CompletionBatch``); ``layout`` chooses how the model sees it. Both give the same values to float
+rounding (tests check it, gradients included):
 
-``"padding_free"``
+``"shared"`` (padding-free, prompts shared)
     one row, the sequences ``prompt + completion`` concatenated, ``position_ids`` restarting at 0 per
     sequence and ``attention_mask=None``: transformers then builds a block-diagonal causal mask from
     the position ids (``masking_utils.find_packed_sequence_indices``), and no pad token is computed.
@@ -24,95 +28,79 @@ Two layouts (``packing``), which give the same values (``tests/test_dpo.py`` che
     whole row costs N^2 too: ``max_row_tokens`` splits the batch into several rows (consecutive
     sequences, each row at most that many tokens where one sequence allows), one forward each.
 ``"padded"``
-    one row per sequence, prompts left-padded to the longest prompt and completions right-padded to
-    the longest completion, so every completion starts in the same column and the kept positions are
-    one contiguous range (the layout TRL's DPO uses). Position ids are counted over real tokens only,
-    so values match the packed layout.
+    the batch as it is: one row per sequence, prompts left-padded to the longest prompt and
+    completions right-padded to the longest completion, so every completion starts in the same column
+    and the kept positions are one contiguous range (the layout TRL's DPO uses). Position ids are
+    counted over real tokens only, so values match the packed layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from rlhfkit.models.batching import position_ids
 from rlhfkit.ops import entropy_from_logits, selective_log_softmax
 
-PACKINGS = ("padding_free", "padded")
+LAYOUTS = ("padded", "shared")
+
+SHARED_ROW_TOKENS = 2048
+"""Most tokens in one packed row of the ``"shared"`` layout for the online trainers' batches. Attention
+over a packed row costs N^2 (the mask is dense), linear layers N: at 2048 tokens on a 135M model the
+masked-out attention is ~25% of the linear work; a larger batch is split into several rows."""
 
 
-def completion_logps(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    packing: str = "padding_free",
-    pad_id: int = 0,
-    temperature: float = 1.0,
-    share_prompts: bool = True,
-    with_entropy: bool = False,
-    max_row_tokens: int | None = None,
-) -> tuple[torch.Tensor, ...]:
+def completion_logps(model, batch, *, layout: str = "padded", temperature: float = 1.0, with_entropy: bool = False,
+                     max_row_tokens: int | None = None):
     """``log π(completion token | prompt, earlier completion tokens)`` for a batch of sequences.
 
     Args:
         model: a causal LM taking ``input_ids, position_ids, attention_mask, use_cache, logits_to_keep``
             (every decoder-only model in transformers >= 4.50), possibly wrapped by accelerate/DDP.
-        prompt_ids, completion_ids: B lists of token ids each (ragged; every one non-empty).
-        packing: ``"padding_free"`` or ``"padded"`` (see the module docstring).
-        pad_id: token placed in padding (its logits are never computed into a result).
-        temperature: logits are divided by it (sampling temperature, for RL; 1 for DPO).
-        share_prompts: in ``padding_free``, compute a prompt that occurs several times once (see above).
+        batch: a :class:`rlhfkit.models.batching.CompletionBatch` or anything with its four fields
+            (a Rollout): ``prompt_ids``/``prompt_mask`` (B, P) left-padded, ``completion_ids``/
+            ``completion_mask`` (B, C) right-padded; every prompt and completion has >= 1 token.
+        layout: ``"padded"`` or ``"shared"`` (see the module docstring); the same values to float rounding.
+        temperature: logits are divided by it (the sampling temperature, for RL; 1 for DPO).
         with_entropy: also return the per-token entropies of the (tempered) next-token distributions.
-        max_row_tokens: in ``padding_free``, the most tokens in one packed row (None: one row).
+        max_row_tokens: ``"shared"`` only: the most tokens in one packed row (None: one row).
     Returns:
-        ``per_token_logps`` (B, T) float32 and ``completion_mask`` (B, T) bool, T = longest completion;
-        entry (b, t) is completion token t of sequence b; masked-out entries are 0. With
-        ``with_entropy``, a third (B, T) tensor of entropies, laid out the same way.
+        ``per_token_logps`` (B, C) float32, 0 where ``completion_mask`` is False; with ``with_entropy``,
+        ``(per_token_logps, entropies)``, both (B, C).
 
-    Naive equivalent (``tests/test_dpo.py`` compares them): run each ``prompt + completion`` alone,
-    ``log_softmax(logits[len(prompt) - 1 : -1])`` gathered at the completion tokens.
+    Naive equivalent (tests compare them): run each ``prompt + completion`` alone,
+    ``log_softmax(logits[len(prompt) - 1 : -1] / temperature)`` gathered at the completion tokens.
     """
-    if packing not in PACKINGS:
-        raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {packing!r}")
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    if not prompt_ids:
-        raise ValueError("completion_logps needs at least one sequence")
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        if len(p) == 0 or len(c) == 0:
-            raise ValueError(f"sequence {b}: empty {'prompt' if len(p) == 0 else 'completion'}; the first completion "
-                             "token is predicted from the last prompt token, so both need at least one token")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    prompt_mask, completion_mask = batch.prompt_mask.bool(), batch.completion_mask.bool()
+    if not bool(prompt_mask.any(1).all()) or not bool(completion_mask.any(1).all()):
+        raise ValueError("completion_logps: every sequence needs at least one prompt and one completion token (the "
+                         "first completion token is predicted from the last prompt token)")
     device = next(model.parameters()).device
-    lengths = torch.tensor([len(c) for c in completion_ids])
-    width = int(lengths.max())
-    completion_mask = (torch.arange(width)[None] < lengths[:, None]).to(device)  # (B, T)
-    if packing == "padding_free":
-        pieces = [_packed_logps(model, [prompt_ids[b] for b in rows], [completion_ids[b] for b in rows], temperature,
-                                share_prompts, device, with_entropy)
-                  for rows in _row_chunks(prompt_ids, completion_ids, max_row_tokens)]
+    if layout == "shared":
+        prompts = [row[m].tolist() for row, m in zip(batch.prompt_ids, prompt_mask)]
+        completions = [row[:n].tolist() for row, n in zip(batch.completion_ids, completion_mask.sum(1).tolist())]
+        pieces = [_packed_logps(model, [prompts[b] for b in rows], [completions[b] for b in rows], temperature,
+                                device, with_entropy)
+                  for rows in _row_chunks(prompts, completions, max_row_tokens)]
         # masked_scatter fills True entries in row-major (sequence, time) order, the order of the pieces
+        mask = completion_mask.to(device)
         out = [torch.cat([p[i] for p in pieces]) for i in range(2 if with_entropy else 1)]  # each (K,)
-        out = [x.new_zeros(completion_mask.shape).masked_scatter(completion_mask, x) for x in out]
-        return (out[0], completion_mask, *out[1:])
-    plen = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), plen + width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[b, plen - len(p):plen + len(c)] = torch.tensor([*p, *c])
-        att[b, plen - len(p):plen + len(c)] = 1
-    pos = (att.cumsum(1) - 1).clamp(min=0)  # positions count real tokens, as in the packed layout
-    ids, att, pos = ids.to(device), att.to(device), pos.to(device)
-    keep = torch.arange(plen - 1, plen + width - 1, device=device)  # (T,): the columns predicting completions
-    logits = model(input_ids=ids, position_ids=pos, attention_mask=att, use_cache=False,
-                   logits_to_keep=keep).logits  # (B, T, V)
+        out = [x.new_zeros(mask.shape).masked_scatter(mask, x) for x in out]
+        return tuple(out) if with_entropy else out[0]
+    p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    ids = torch.cat([batch.prompt_ids, batch.completion_ids], 1).to(device)
+    att = torch.cat([prompt_mask, completion_mask], 1).long().to(device)
+    mask = completion_mask.to(device)
+    # the last C + 1 columns; the first C of them (P-1 .. P+C-2) predict the completion tokens
+    logits = model(input_ids=ids, attention_mask=att, position_ids=position_ids(att), use_cache=False,
+                   logits_to_keep=c + 1).logits[:, :-1]  # (B, C, V)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature
-    per_token = selective_log_softmax(logits, ids[:, plen:])  # (B, T)
     zero = torch.zeros((), device=device)
+    per_token = torch.where(mask, selective_log_softmax(logits, ids[:, p:]), zero)
     if with_entropy:
-        entropy = torch.where(completion_mask, entropy_from_logits(logits).float(), zero)
-        return torch.where(completion_mask, per_token, zero), completion_mask, entropy
-    return torch.where(completion_mask, per_token, zero), completion_mask
+        return per_token, torch.where(mask, entropy_from_logits(logits).float(), zero)
+    return per_token
 
 
 def _row_chunks(prompt_ids, completion_ids, max_row_tokens: int | None) -> list[range]:
@@ -133,7 +121,7 @@ def _row_chunks(prompt_ids, completion_ids, max_row_tokens: int | None) -> list[
     return chunks
 
 
-def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_prompts: bool, device,
+def _packed_logps(model, prompt_ids, completion_ids, temperature: float, device,
                   with_entropy: bool = False) -> tuple[torch.Tensor, ...]:
     """Log-probs (and entropies) of every completion token, flattened in (sequence, time) order, from
     one packed row."""
@@ -144,7 +132,7 @@ def _packed_logps(model, prompt_ids, completion_ids, temperature: float, share_p
     attn = getattr(config, "_attn_implementation", None)
     # a custom 4D mask replaces every layer's own mask, sliding-window layers' included
     sliding = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-    share = share_prompts and attn in ("sdpa", "eager") and not sliding and len(groups) < len(prompt_ids)
+    share = attn in ("sdpa", "eager") and not sliding and len(groups) < len(prompt_ids)
     if not share:  # every sequence with its own prompt copy: one entry per sequence
         groups = {(b,): [b] for b in range(len(prompt_ids))}
     ids, pos, seg, branch = [], [], [], []

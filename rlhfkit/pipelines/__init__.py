@@ -1,0 +1,1 @@
+"""End-to-end pipelines built from the trainers, labelers and evaluators: the demo, iterative DPO."""

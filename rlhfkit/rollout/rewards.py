@@ -1,0 +1,89 @@
+"""Reward sources for online RL: what scores a :class:`~rlhfkit.rollout.engine.Rollout`.
+
+``RewardSource`` parses the ``reward`` config string ('gold', 'rm:PATH', weighted comma lists);
+``CustomReward`` adapts a Python function. Both return (B,) float32 scores on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhfkit.models.heads import RewardModel
+from rlhfkit.rollout.engine import Rollout
+
+
+class RewardSource:
+    """Scores a Rollout: a weighted sum of the task's gold reward and/or reward models."""
+
+    def __init__(self, spec: str, task, device, tokenizer=None):
+        self.parts: list[tuple[str, float, object]] = []
+        self.tokenizer = tokenizer
+        for item in [s.strip() for s in spec.split(",") if s.strip()]:
+            name, _, weight = item.partition("@")
+            w = float(weight) if weight else 1.0
+            if name == "gold":
+                self.parts.append(("gold", w, None))
+            elif name.startswith("rm:"):
+                rm = RewardModel.load(name[3:])
+                rm.model.to(device)
+                self.parts.append(("rm", w, rm))
+            else:
+                raise ValueError(f"reward: unknown source '{name}' in '{spec}'; use gold, rm:PATH, or a comma list with @weights")
+        if not self.parts:
+            raise ValueError("reward: empty spec")
+        self.task = task
+
+    @property
+    def uses_gold_only(self) -> bool:
+        return all(kind == "gold" for kind, _, _ in self.parts)
+
+    @torch.no_grad()
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        total = torch.zeros(len(r.completions))
+        for kind, w, rm in self.parts:
+            if kind == "gold":
+                s = torch.tensor(self.task.gold(r.prompts, r.completions), dtype=torch.float32)
+            elif self.shares_vocab(rm):
+                s = self.score_rollout_ids(rm, r)
+            else:  # another tokenizer: re-encode the text with the reward model's own template
+                s = rm.score(r.prompts, r.completions).float().cpu()
+            total += w * s
+        return total
+
+    def shares_vocab(self, rm) -> bool:
+        tok = self.tokenizer
+        return (tok is not None and len(tok) == len(rm.tok) and tok.eos_token_id == rm.tok.eos_token_id
+                and tok.get_vocab() == rm.tok.get_vocab())
+
+    @staticmethod
+    def score_rollout_ids(rm, r: Rollout) -> torch.Tensor:
+        """Score the sampled token ids as they are (no re-tokenisation). A truncated completion gets an
+        EOS appended before scoring, as a reward model's training pairs close every reply (sampled
+        pairs are truncated too): the head is then always read at an EOS, where it was trained."""
+        c_ids, c_mask = r.completion_ids, r.completion_mask.bool()
+        if not bool(r.ended.all()):
+            n = c_mask.sum(1)
+            c_ids = torch.cat([c_ids, torch.full_like(c_ids[:, :1], rm.tok.pad_token_id)], 1)
+            c_mask = torch.cat([c_mask, torch.zeros_like(c_mask[:, :1])], 1)
+            rows = (~r.ended.bool()).nonzero().flatten().to(c_ids.device)
+            c_ids[rows, n[rows]] = rm.tok.eos_token_id
+            c_mask[rows, n[rows]] = True
+        ids = torch.cat([r.prompt_ids, c_ids], 1)
+        mask = torch.cat([r.prompt_mask.bool(), c_mask], 1)
+        return rm.score_ids(ids, mask).float().cpu()
+
+
+class CustomReward:
+    """Adapter so a Python ``reward_fn(rollout)`` plugs in where a RewardSource goes."""
+
+    uses_gold_only = False
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        return torch.as_tensor(self.fn(r), dtype=torch.float32).cpu()
+
+
+def task_gold(task, r: Rollout) -> torch.Tensor:
+    return torch.tensor(task.gold(r.prompts, r.completions), dtype=torch.float32)
