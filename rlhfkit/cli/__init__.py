@@ -24,7 +24,7 @@ TRAINERS = {
 # command -> (module, function(argv) -> int, description)
 TOOLS = {
     "demo": ("rlhfkit.pipelines.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
-    "tasks": ("rlhfkit.data.tasks", "main", "built-in tasks with hidden gold rewards"),
+    "tasks": ("rlhfkit.cli.tasks", "main", "built-in tasks with hidden gold rewards"),
     "sample": ("rlhfkit.rollout.sample", "main", "sample K completions per prompt into comparison pairs"),
     "label": ("rlhfkit.feedback.cli", "main", "label pairs: simulated annotator, LM judge or reward model"),
     "reward": ("rlhfkit.train.reward", "main", "train / evaluate a Bradley-Terry reward model"),

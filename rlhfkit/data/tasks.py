@@ -6,14 +6,13 @@ the gold score, a reward model is trained on those labels, and the policy's gold
 optimising the learned reward improved the thing that was wanted (or only the proxy).
 
 Every ``gold`` is deterministic, cheap (no model calls) and lies in [0, 1]. docs/tasks.md lists
-the bundled model's measured starting score for each task (``rlhfkit tasks --measure``).
+the bundled model's measured starting score for each task (``rlhfkit tasks --measure``, which
+samples a model: ``rlhfkit.evaluate.gold.measure``).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
 import re
 import zlib
 
@@ -262,79 +261,3 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-# --- measuring a policy's starting score ------------------------------------------------------------
-
-
-def measure(task: Task, model, tokenizer, *, num_prompts: int = 48, split: str = "heldout", temperature: float = 0.7,
-            max_new_tokens: int = 48, batch_size: int = 16, seed: int = 0) -> dict:
-    """Mean gold score of ``model``'s samples on ``num_prompts`` prompts of ``split`` (a seeded subset)."""
-    import numpy as np
-
-    from rlhfkit.rollout.engine import Sampler, SamplingConfig
-
-    rows = task.prompt_rows(split)
-    if len(rows) > num_prompts:
-        keep = sorted(np.random.default_rng(seed).choice(len(rows), num_prompts, replace=False).tolist())
-        rows = [rows[i] for i in keep]
-    sampler = Sampler(model, tokenizer, SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens))
-    scores, ended = [], []
-    for i in range(0, len(rows), batch_size):
-        prompts = [r["messages"] for r in rows[i:i + batch_size]]
-        out = sampler.sample(prompts, seed=seed + i, with_logps=False)
-        scores += task.gold(prompts, out.completions)
-        ended += out.ended.tolist()
-    g = np.array(scores)
-    return {"task": task.name, "n": len(g), "gold_mean": float(g.mean()), "gold_std": float(g.std(ddof=1)) if len(g) > 1
-            else 0.0, "gold_sem": float(g.std(ddof=1) / np.sqrt(len(g))) if len(g) > 1 else 0.0,
-            "ended_frac": float(np.mean(ended)), "split": split, "temperature": temperature,
-            "max_new_tokens": max_new_tokens, "seed": seed}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="rlhfkit tasks", description="List the built-in tasks (prompts + hidden gold "
-                                "reward); with --measure, score a model's samples on each.")
-    p.add_argument("--measure", action="store_true", help="sample from --model and report its mean gold score")
-    p.add_argument("--model", default="smollm2-135m-instruct", help="policy to measure (default: the bundled model)")
-    p.add_argument("--task", action="append", help="measure only this task (repeatable)")
-    p.add_argument("--num-prompts", type=int, default=48, help="prompts per task (seeded subset of the split)")
-    p.add_argument("--split", default="heldout", choices=["train", "heldout"])
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = p.parse_args(argv)
-    try:
-        tasks = [get_task(n) for n in (args.task or TASKS)]
-    except ValueError as e:
-        p.error(str(e))
-    rows = [{"task": t.name, "train": len(t.prompt_rows("train")), "heldout": len(t.prompt_rows("heldout")),
-             "description": t.description} for t in tasks]
-    if args.measure:
-        from rlhfkit.models import load_model
-
-        model, tok = load_model(args.model, seed=args.seed)
-        model.eval()
-        for row, t in zip(rows, tasks):
-            row.update(measure(t, model, tok, num_prompts=args.num_prompts, split=args.split,
-                               temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, seed=args.seed), model=args.model)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    for r in rows:
-        line = f"{r['task']:<12} {r['train']:>4} train / {r['heldout']:>3} heldout prompts  {r['description']}"
-        if args.measure:
-            line += (f"\n{'':<12} {r['model']}: gold {r['gold_mean']:.3f} ± {r['gold_sem']:.3f} (sem) on {r['n']} "
-                     f"{r['split']} prompts, T={r['temperature']}, {r['max_new_tokens']} new tokens, "
-                     f"{r['ended_frac']:.0%} ended with EOS")
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())

@@ -110,7 +110,7 @@ def test_constraints_gold_on_prompt_without_constraints_is_an_error():
 
 
 def test_tasks_command_lists(capsys):
-    from rlhfkit.data.tasks import main
+    from rlhfkit.cli.tasks import main
 
     assert main([]) == 0
     listing = capsys.readouterr().out
@@ -119,7 +119,7 @@ def test_tasks_command_lists(capsys):
 
 
 def test_tasks_command_measures():
-    out = subprocess.run([sys.executable, "-m", "rlhfkit.data.tasks", "--measure", "--model", "tiny", "--task", "concise",
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "tasks", "--measure", "--model", "tiny", "--task", "concise",
                           "--num-prompts", "4", "--max-new-tokens", "6", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
