@@ -25,7 +25,7 @@ interrupted ablation resumes where it stopped, and on a multi-core machine one p
 call with every task (which only aggregates) splits the work.
 
 Tasks: any built-in task (``rlhfkit tasks``) or ``toy``: the reward is the fraction of completion
-tokens in a fixed half S of the vocabulary (tests/test_online_rl.py's toy, learnable by a random
+tokens in a fixed half S of the vocabulary (tests/train/test_online.py's toy, learnable by a random
 'tiny' model in a few steps; gold = the same fraction of the re-tokenised text). A random tiny
 model almost never emits EOS, so pass ``--missing-eos-penalty none`` with it.
 

@@ -27,7 +27,7 @@ def gae(
     (the episode ends). Masked positions are skipped (so a mask with holes, e.g. tool output in a
     multi-turn completion, chains across them) and are 0 in both outputs. Returns = A + V.
     Naive equivalent: a python loop per row over that row's valid tokens (``naive_gae`` in
-    ``tests/test_advantages.py``, compared on random right-padded and holed masks).
+    ``tests/losses/test_advantages.py``, compared on random right-padded and holed masks).
 
     Args: rewards, values (B, T) float; mask (B, T) bool; gamma discount, lam GAE λ (N details #8:
     gamma = 1, lam = 0.95). Returns ``(advantages, returns)``, both (B, T).

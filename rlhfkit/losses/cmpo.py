@@ -110,7 +110,7 @@ def cmpo_regulariser(
 
     Decomposition: the loss is linear in each ℓ_nk, so a micro-batch holding an arbitrary subset of
     the N·K samples can be passed as (B, 1) tensors with weights ``K·w``: the mean over equal-sized
-    micro-batches of those losses equals the (N, K) loss (``tests/test_losses_cmpo.py`` checks it).
+    micro-batches of those losses equals the (N, K) loss (``tests/losses/test_cmpo_losses.py`` checks it).
 
     Worked example: seq_logps = [[-1, -2], [-3, -4]], w = [[0.75, 0.25], [0.5, 0.5]]:
     row losses 0.75 + 0.5 = 1.25 and 1.5 + 2 = 3.5 -> loss 2.375. With lengths [[1, 2], [3, 4]]:

@@ -1,7 +1,7 @@
 """CMPO trainer tests: target wiring, the prior's EMA per optimizer update, eval on the policy,
 learning on the toy reward (and unlearning on its negation), checkpoint + resume.
 
-The toy is tests/test_online_rl.py's: reward = fraction of completion tokens in a set S of half the
+The toy is tests/train/test_online.py's: reward = fraction of completion tokens in a set S of half the
 vocabulary (S = {x : e_x . u > 0} for the starting 'tiny:0.5' model's embeddings e and a fixed random
 direction u); the starting fraction is ~0.4-0.5.
 """
