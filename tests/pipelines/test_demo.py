@@ -12,7 +12,7 @@ import pytest
 
 from rlhfkit import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_commands() -> list[str]:

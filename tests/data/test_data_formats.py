@@ -238,7 +238,7 @@ def test_examples_in_the_docs_are_detected_as_the_format_they_document():
     import json
     import pathlib
 
-    doc = (pathlib.Path(__file__).parents[1] / "docs" / "data.md").read_text()
+    doc = (pathlib.Path(__file__).parents[2] / "docs" / "data.md").read_text()
     doc = doc[doc.index("## Formats"):doc.index("## Errors")]
     found = re.findall(r"\*\*`(\w+)`\*\*[^\n]*\n(?:[^\n]*\n)*?```json\n(.*?)```", doc, re.S)
     assert {name for name, _ in found} == set(PREFERENCE_FORMATS)
