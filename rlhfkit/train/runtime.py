@@ -6,7 +6,9 @@ No math lives here (that is in ops/losses/advantages); only the machinery every 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import resource
 import shutil
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlhfkit.config import to_dict
 from rlhfkit.models.loading import quiet_transformers
 from rlhfkit.tracking import RunDir, default_run_dir
 
@@ -71,8 +74,6 @@ def device_report(acc) -> str:
 
 def open_run(cfg, method: str, acc, total_steps: int | None) -> RunDir:
     """Create the run directory (on the main process) and record the resolved config."""
-    from rlhfkit.config import to_dict
-
     if cfg.output_dir is None:
         # every process must agree on the directory: take the main process's choice
         from accelerate.utils import broadcast_object_list
@@ -113,8 +114,17 @@ def perf_metrics(tokens: int, seconds: float, acc) -> dict:
 
 
 # --- checkpoints ---------------------------------------------------------------------------------
+#
+# Trainer state and RNG files hold only tensors and plain Python values (dict, list, str, int, float,
+# bool, None) and are read back with torch.load(weights_only=True): unpickling arbitrary objects would
+# let a checkpoint directory from someone else run code on resume. numpy's and Python's RNG states are
+# therefore stored as tensors and converted back exactly (rng_state / set_rng_state).
 
 STATE_FILE = "trainer_state.pt"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds pickled objects that ``torch.load(weights_only=True)`` refuses to build."""
 
 
 def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimizer, scheduler, state: dict) -> Path:
@@ -130,8 +140,8 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
                 acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
         optim = {"optimizer": optimizer.state_dict()} if getattr(run, "save_optimizer", True) else {}
-        torch.save({"step": step, **optim, "scheduler": scheduler.state_dict() if scheduler else None,
-                    "rng": rng_state(), **state}, path / STATE_FILE)
+        torch.save(_plain({"step": step, **optim, "scheduler": scheduler.state_dict() if scheduler else None,
+                           "rng": rng_state(), **state}, "trainer state"), path / STATE_FILE)
     acc.wait_for_everyone()
     if acc.num_processes > 1:  # every process's own generators: a resumed rank continues its own streams
         torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
@@ -142,6 +152,23 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return path
+
+
+def _plain(value, where: str):
+    """``value`` with numpy scalars/arrays turned into Python numbers/tensors; anything else that
+    ``torch.load(weights_only=True)`` could not read back is an error here, at save time, not on resume."""
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, f"{where}[{i}]") for i, v in enumerate(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if value is None or isinstance(value, (torch.Tensor, str, bytes, bool, int, float)):
+        return value
+    raise TypeError(f"{where}: a {type(value).__name__} cannot go into a checkpoint; trainer state holds only "
+                    "tensors and plain Python values (dict, list, str, int, float, bool, None)")
 
 
 def restore(ckpt: Path | None, optimizer, scheduler, rank: int = 0) -> tuple[int, dict]:
@@ -168,16 +195,29 @@ def checkpoints(run_path: Path) -> list[Path]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's torch, numpy, Python (and CUDA) generator states as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # legacy MT19937 tuple
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        # uint32 words widened to int64: exact, and a dtype every torch version serialises
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Inverse of ``rng_state``: every generator continues exactly where it was saved."""
+    n, p = state["numpy"], state["python"]
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -198,15 +238,35 @@ def find_checkpoint(resume: str | None, output_dir: str | None) -> Path | None:
 def load_trainer_state(path: Path, rank: int = 0) -> dict:
     """The checkpoint's trainer state; restores this process's RNG streams (``rng-RANK.pt`` when the run
     had several processes, else the single state saved with the trainer state)."""
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    state = _load_plain(path / STATE_FILE)
     rng = state.pop("rng", None)
     own = path / f"rng-{rank}.pt"
     if own.exists():
-        rng = torch.load(own, map_location="cpu", weights_only=False)
+        rng = _load_plain(own)
     if rng:
         set_rng_state(rng)
     return state
 
+
+def _load_plain(file: Path) -> dict:
+    """``torch.load(weights_only=True)``: tensors and plain values only; nothing in the file can run code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch names the first global it refused ("Unsupported global: GLOBAL posix.system was not ...")
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        refused = f"it refers to {found.group(1)}" if found else "torch.load(weights_only=True) refused it"
+        older = found is not None and found.group(1).startswith("numpy")  # rlhfkit 0.1.0 pickled numpy RNG state
+        raise UnsafeCheckpointError(
+            f"resume: {file} holds pickled Python objects, which rlhfkit does not load because unpickling them "
+            f"could run code ({refused}). "
+            + ("It was probably written by an older rlhfkit (before checkpoints held only tensors and plain "
+               "values): resume it with that rlhfkit version, or restart the run without --resume."
+               if older else "If you did not write this checkpoint yourself, do not use it; otherwise restart "
+               "the run without --resume.")) from None
+    if not isinstance(state, dict):
+        raise UnsafeCheckpointError(f"resume: {file} does not hold a trainer-state dict (found {type(state).__name__})")
+    return state
 
 class Timer:
     def __enter__(self):
