@@ -110,7 +110,7 @@ def test_label_page_shows_pair_and_progress(env):
     assert page_values(c.get("/label").text)["assignment_id"] == v["assignment_id"]  # reload keeps the item
     nxt = c.get("/api/next").json()
     assert nxt["item"]["assignment_id"] == int(v["assignment_id"]) and nxt["csrf_token"] == v["csrf_token"]
-    assert set(nxt["item"]) == {"assignment_id", "prompt", "left", "right"}  # no pair id, no a/b, no gold flag
+    assert set(nxt["item"]) == {"kind", "assignment_id", "prompt", "left", "right"}  # no pair id, no a/b, no gold flag
 
 
 def test_untrusted_text_is_escaped(env, tmp_path):

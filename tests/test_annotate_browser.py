@@ -138,3 +138,96 @@ def test_a_server_error_is_reported_not_retried(tmp_path):
             browser.close()
     with store.db.read() as s:
         assert s.scalar(select(func.count()).select_from(Label)) == 0
+
+
+def _browser(pw):
+    return pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+
+
+def test_ranking_by_keyboard_with_a_tie(tmp_path):
+    """Keys 3 = 1 4 Backspace 2 4 Enter on four replies: reply 3 and reply 1 (as shown) tie for
+    first, then 2, then 4; the database holds those ranks translated to reply indices."""
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    replies = [XSS, "Red, green, blue.", "Cyan, magenta, yellow.", "Black and white are not colours."]
+    write_jsonl(tmp_path / "items.jsonl", [{"id": "r0", "prompt": [{"role": "user", "content": "Name colours."}],
+                                            "replies": [{"role": "assistant", "content": r} for r in replies]}])
+    store.admin.import_pairs("web", tmp_path / "items.jsonl", overlap=1, gold_rate=0.0)
+    token = store.admin.add_annotator("web", "alice")
+    dialogs, page_errors = [], []
+    with Server(db) as server, sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/a/{token}")
+            page.wait_for_selector("#label-form[data-kind=ranking]")
+            shown = [page.inner_text(f"#reply-{k} .completion") for k in range(1, 5)]
+            assert sorted(shown) == sorted(replies)
+            for key in ["3", "=", "1", "4", "Backspace", "2"]:
+                page.keyboard.press(key)
+            assert page.inner_text("#ranking").splitlines() == ["Reply 3 = Reply 1", "Reply 2"]
+            page.keyboard.press("Enter")  # one reply unplaced: refused on the page
+            assert "Place every reply first (1 left)" in page.inner_text("#status")
+            with page.expect_navigation():
+                page.keyboard.press("4")
+                page.keyboard.press("Enter")
+            page.wait_for_selector("#done")
+            assert dialogs == [] and page_errors == []
+        finally:
+            browser.close()
+    with store.db.read() as s:
+        ranks, order = s.execute(select(Label.ranks, Assignment.shown_order)
+                                 .join(Assignment, Assignment.id == Label.assignment_id)).one()
+    screen = [1, 2, 1, 3]  # shown positions 1..4: reply 1 and 3 first, 2 second, 4 third
+    assert [ranks[reply] for reply in order] == screen
+    assert [replies[reply] for reply in order] == shown
+
+
+def test_pinned_question_long_conversation_and_narrow_screen(tmp_path):
+    """The project's question stays on screen while the page scrolls; a long conversation shows its
+    last user turn and folds the earlier ones; on a narrow screen the sides are called A and B."""
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    turns = []
+    for k in range(3):
+        turns += [{"role": "user", "content": f"question {k} " + "words " * 200},
+                  {"role": "assistant", "content": f"answer {k} " + "words " * 200}]
+    turns.append({"role": "user", "content": "the last question: which is better?"})
+    long_reply = "\n".join(f"line {i}" for i in range(300))
+    write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0, prompt=turns, a={"role": "assistant", "content": long_reply})])
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0,
+                             question="Which reply is more helpful? <b>not bold</b>", guidelines="Be fair.")
+    token = store.admin.add_annotator("web", "alice")
+    with Server(db) as server, sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 450})
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/a/{token}")
+            page.wait_for_selector("#label-form")
+            assert page.inner_text("#question") == "Which reply is more helpful? <b>not bold</b>"
+            page.mouse.wheel(0, 3000)
+            page.wait_for_timeout(300)
+            assert page.evaluate("window.scrollY") > 150  # the page did scroll
+            box = page.locator("#question").bounding_box()
+            assert box is not None and 0 <= box["y"] < 60  # pinned at the top
+            assert page.is_visible(".last-turn") and "the last question" in page.inner_text(".last-turn")
+            assert not page.is_visible(".earlier .msg")  # folded until opened
+            long_side = "left" if page.inner_text("#side-left .completion").startswith("line 0") else "right"
+            assert page.is_visible(f"#side-{long_side} .more")  # the "scroll for more" hint
+            assert page.get_attribute(f"#side-{long_side} .completion", "dir") == "auto"
+            page.eval_on_selector(f"#side-{long_side} .completion", "e => { e.scrollTop = e.scrollHeight; }")
+            page.wait_for_timeout(200)
+            assert not page.is_visible(f"#side-{long_side} .more")
+            assert page.inner_text("#side-left h2").startswith("Left")
+            page.set_viewport_size({"width": 480, "height": 800})
+            assert page.inner_text("#side-left h2").startswith("A") and page.inner_text("#side-right h2").startswith("B")
+        finally:
+            browser.close()

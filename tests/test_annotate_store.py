@@ -50,7 +50,7 @@ def test_migrations_match_models(db_url):
 
     store = new_store(db_url)
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.db) == "0001"
+    assert current_revision(store.db) == "0002"
     with store.db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         checks = {c["name"] for c in inspect(conn).get_check_constraints("labels")}
@@ -349,3 +349,48 @@ def test_concurrent_answers_commit_together_and_fail_alone(db_url, tmp_path):
         else:
             assert f.result()[1] is True
     assert count(store, Label) == len(people) - 1
+
+
+def test_a_database_from_revision_0001_upgrades_with_its_labels(db_url, tmp_path):
+    """A database written by the first release (revision 0001) keeps every row through the upgrade
+    (SQLite copies the labels table to change its CHECK constraint) and works afterwards."""
+    from sqlalchemy import text
+
+    from rlhfkit.annotate.db import current_revision, upgrade
+    from rlhfkit.annotate.store import Store
+
+    store = Store(db_url)
+    upgrade(store.db, "0001")
+    now = utcnow()
+    msg = {"role": "assistant", "content": "x"}
+    with store.db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO projects (id, name, gold_rate, lease_minutes, created_at) "
+                          "VALUES (1, 'old', 0, 60, :t)"), {"t": now})
+        for k, (a, b) in enumerate([("A0", "B0"), ("A1", "B1")], 1):
+            conn.execute(text("INSERT INTO pairs (id, project_id, key, prompt, a, b, meta, overlap, n_active, "
+                              "queue_rank, created_at) VALUES (:id, 1, :key, :prompt, :a, :b, '{}', 2, 0, 1, :t)"),
+                         {"id": k, "key": f"p{k}", "prompt": json.dumps([{"role": "user", "content": "q"}]),
+                          "a": json.dumps({**msg, "content": a}), "b": json.dumps({**msg, "content": b}), "t": now})
+        for k, name in ((1, "ann"), (2, "bea")):
+            conn.execute(text("INSERT INTO annotators (id, project_id, name, token_hash, active, created_at) "
+                              "VALUES (:id, 1, :name, :h, true, :t)"), {"id": k, "name": name, "h": f"h{k}", "t": now})
+            conn.execute(text("INSERT INTO assignments (id, pair_id, annotator_id, \"left\", is_gold, status, created_at) "
+                              "VALUES (:id, 1, :id, 'b', false, 'done', :t)"), {"id": k, "t": now})
+            conn.execute(text("INSERT INTO labels (submission_id, assignment_id, annotator_id, pair_id, winner, "
+                              "skipped, strength, rationale, unsafe, created_at) VALUES (:s, :id, :id, 1, 'a', false, "
+                              "2, 'old reason', false, :t)"), {"s": f"sub-old-{k}", "id": k, "t": now})
+        if not store.db.is_sqlite:  # ids were given explicitly: move PostgreSQL's sequences past them
+            for table in ("projects", "pairs", "annotators", "assignments"):
+                conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)"))
+    assert current_revision(store.db) == "0001"
+    store.migrate()
+    assert current_revision(store.db) == "0002"
+    records, _ = build_records(store, "old", ExportOptions())
+    assert len(records) == 1 and records[0]["chosen"]["content"] == "A0" and records[0]["strength"] == 2
+    with store.db.read() as s:
+        assert s.scalars(select(Pair.n_replies)).all() == [2, 2]
+    token = store.admin.add_annotator("old", "cy")
+    cy = who(store, token)
+    item = store.next_item(cy)
+    label, created = store.submit(cy, LabelInput("sub-new-0001", item.assignment_id, "tie"))
+    assert created and label["choice"] == "tie"

@@ -36,6 +36,7 @@ from rlhfkit.annotate.models import Assignment, Pair, utcnow
 P, A = Pair.__table__, Assignment.__table__
 
 GOLDEN = (math.sqrt(5) - 1) / 2
+_RANDOM = secrets.SystemRandom()
 
 
 def uncertainty_score(ps: list[float]) -> float:
@@ -82,7 +83,7 @@ class Queue:
 _UNSEEN = ~exists().where(and_(A.c.pair_id == P.c.id, A.c.annotator_id == bindparam("aid")))
 # n_active < overlap and gold_winner IS NULL: the predicate of the partial index ix_pairs_open.
 _OPEN_PAIRS = (P.c.project_id == bindparam("pid"), P.c.n_active < P.c.overlap, P.c.gold_winner.is_(None), _UNSEEN)
-OPEN_ASSIGNMENT = (select(A.c.id, A.c.pair_id, A.c.left)
+OPEN_ASSIGNMENT = (select(A.c.id, A.c.pair_id, A.c.left, A.c.shown_order)
                    .where(A.c.annotator_id == bindparam("aid"), A.c.status == "open").order_by(A.c.id).limit(1))
 SERVED = (select(func.count(), func.coalesce(func.sum(case((A.c.is_gold, 1), else_=0)), 0))
           .where(A.c.annotator_id == bindparam("aid")))
@@ -97,11 +98,12 @@ TAKE_SLOT = (update(P).where(P.c.id == bindparam("p_id"), P.c.n_active < P.c.ove
              .values(n_active=P.c.n_active + 1))
 TAKE_GOLD = update(P).where(P.c.id == bindparam("p_id")).values(n_active=P.c.n_active + 1)
 NEW_ASSIGNMENT = insert(A)
+N_REPLIES = select(P.c.n_replies).where(P.c.id == bindparam("p_id"))
 
 
-def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
-    """``(assignment_id, pair_id, left)``: the open assignment, or a new one; None when nothing is
-    left for this annotator. Must run inside a write transaction."""
+def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str, list[int] | None] | None:
+    """``(assignment_id, pair_id, left, shown_order)``: the open assignment, or a new one; None when
+    nothing is left for this annotator. Must run inside a write transaction."""
     current = open_assignment(conn, q)
     if current is not None:
         return current
@@ -122,8 +124,8 @@ def next_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
     return _assign(conn, pair_id, q, gold=False)
 
 
-def open_assignment(conn: Connection, q: Queue) -> tuple[int, int, str] | None:
-    """``(assignment_id, pair_id, left)`` of the annotator's oldest open assignment, if any."""
+def open_assignment(conn: Connection, q: Queue) -> tuple[int, int, str, list[int] | None] | None:
+    """``(assignment_id, pair_id, left, shown_order)`` of the annotator's oldest open assignment, if any."""
     row = conn.execute(OPEN_ASSIGNMENT, {"aid": q.annotator_id}).first()
     return None if row is None else tuple(row)
 
@@ -163,11 +165,20 @@ def _take(conn: Connection, candidates: list[int], statement) -> int | None:
     return None
 
 
-def _assign(conn: Connection, pair_id: int, q: Queue, gold: bool) -> tuple[int, int, str]:
-    left = secrets.choice("ab")
+def _assign(conn: Connection, pair_id: int, q: Queue, gold: bool) -> tuple[int, int, str, list[int] | None]:
+    """A new assignment with its presentation drawn at random: which side is on the left, or for a
+    ranking item the order of its K replies (``left`` then records whether reply 0 came first)."""
+    n = conn.execute(N_REPLIES, {"p_id": pair_id}).scalar_one()
+    order = None
+    if n > 2:
+        order = _RANDOM.sample(range(n), n)
+        left = "a" if order.index(0) < order.index(1) else "b"
+    else:
+        left = secrets.choice("ab")
     result = conn.execute(NEW_ASSIGNMENT, {"pair_id": pair_id, "annotator_id": q.annotator_id, "left": left,
-                                           "is_gold": gold, "status": "open", "created_at": utcnow()})
-    return result.inserted_primary_key[0], pair_id, left
+                                           "is_gold": gold, "status": "open", "shown_order": order,
+                                           "created_at": utcnow()})
+    return result.inserted_primary_key[0], pair_id, left, order
 
 
 def _expire_stale(conn: Connection, q: Queue) -> int:

@@ -17,6 +17,14 @@ duration_ms, time), ``agreement`` (fraction of votes equal to the consensus), ``
 
 Votes mode (``--votes``): one record per individual vote, ``annotator_id`` the annotator's name, and
 in ``metadata`` the single ``vote``, the pair's ``consensus`` (or None) and ``agreement``.
+
+Ranking items: every ranking is exported as its K(K-1)/2 implied pairs (reply i as side a, reply j
+as b), each a record of its own as above with ``metadata.implied_pair = [i, j]`` and the item's id
+as ``pair_id``; ``build_rankings`` gives the rankings themselves (``export --rankings``).
+
+Adjudication: a lead's decision (``decisions`` table) replaces the votes' consensus for its pair or
+implied pair (``consensus_method: "adjudicated"``, ``metadata.adjudication``: by, note, time), and is
+exported whatever ``min_votes`` says: a person looked at it.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from sqlalchemy import select
 
 from rlhfkit.annotate import agreement as ag
-from rlhfkit.annotate.models import Pair
+from rlhfkit.annotate.models import Decision, Pair
 from rlhfkit.annotate.projects import find_project
 from rlhfkit.annotate.stats import Vote, load_votes
 from rlhfkit.annotate.store import Store
@@ -125,38 +133,76 @@ def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list
     with store.db.read() as s:
         proj = find_project(s, project)
         pairs = {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == proj.id).order_by(Pair.id))}
-    by_pair: dict[int, list[Vote]] = {}
+        decided = {(d.pair_id, d.i, d.j): d for d in s.scalars(
+            select(Decision).join(Pair, Pair.id == Decision.pair_id).where(Pair.project_id == proj.id))}
+    by_item: dict[tuple[int, int, int], list[Vote]] = {}
     for v in data.votes:
         if opts.include_gold or v.pair_id not in data.gold:
-            by_pair.setdefault(v.pair_id, []).append(v)
-    winners = _consensus(data, by_pair, opts.consensus)
+            by_item.setdefault(v.item, []).append(v)
+    winners = _consensus(data, by_item, opts.consensus)
 
-    records, report = [], ExportReport(0, len(by_pair), 0, 0, 0, list(exclude))
-    for pair_id, votes in by_pair.items():
-        if len(votes) < opts.min_votes:
+    records, report = [], ExportReport(0, len(by_item), 0, 0, 0, list(exclude))
+    for item, votes in by_item.items():
+        decision = decided.get(item)
+        if len(votes) < opts.min_votes and decision is None:
             report.below_min_votes += 1
             continue
         if opts.drop_unsafe and any(v.unsafe for v in votes):
             report.dropped_unsafe += 1
             continue
-        p = pairs[pair_id]
-        meta = dict(p.meta) | ({"gold_winner": p.gold_winner} if p.gold_winner else {})
-        pair = ComparisonPair(id=p.key, prompt=p.prompt, a=p.a, b=p.b, task=p.task, metadata=meta)
-        winner = winners.get(pair_id)
+        pair = item_pair(pairs[item[0]], item)
+        winner = decision.winner if decision is not None else winners.get(item)
         agreeing = [v for v in votes if v.winner == winner]
         agreement = len(agreeing) / len(votes) if winner else None
+        method = {"consensus_method": opts.consensus}
+        if decision is not None:
+            method = {"consensus_method": "adjudicated", "adjudication": {
+                "by": decision.decided_by, "note": decision.note, "time": decision.created_at.isoformat() + "Z"}}
         if winner is None:
             report.unresolved += 1
         if opts.votes:
             for v in votes:
                 records.append(_record(pair, v.winner, [v], v.annotator, {
-                    "vote": v.to_dict(), "consensus": winner, "agreement": agreement}))
+                    "vote": v.to_dict(), "consensus": winner, "agreement": agreement,
+                    "adjudicated": decision is not None}))
         elif winner is not None:
             records.append(_record(pair, winner, agreeing, "consensus", {
-                "votes": [v.to_dict() for v in votes], "agreement": agreement, "n_votes": len(votes),
-                "consensus_method": opts.consensus}))
+                "votes": [v.to_dict() for v in votes], "agreement": agreement, "n_votes": len(votes), **method}))
     report.records = len(records)
     return records, report
+
+
+def item_pair(p: Pair, item: tuple[int, int, int]) -> ComparisonPair:
+    """The comparison an item stands for: the pair itself, or reply i vs reply j of a ranking item."""
+    meta = dict(p.meta) | ({"gold_winner": p.gold_winner} if p.gold_winner else {})
+    if p.replies is None:
+        return ComparisonPair(id=p.key, prompt=p.prompt, a=p.a, b=p.b, task=p.task, metadata=meta)
+    _, i, j = item
+    return ComparisonPair(id=p.key, prompt=p.prompt, a=p.replies[i], b=p.replies[j], task=p.task,
+                          metadata=meta | {"implied_pair": [i, j], "n_replies": p.n_replies})
+
+
+def build_rankings(store: Store, project: str, exclude: tuple[str, ...] = ()) -> list[dict]:
+    """One object per ranking item with a ranking: the item (``id``, ``prompt``, ``replies``, ``task``,
+    ``metadata``), every ``ranking`` (annotator, ``ranks`` by reply index with 1 the best,
+    ``presented_order`` the reply indices as shown, rationale, unsafe, time) and ``mean_rank`` per reply."""
+    data = load_votes(store, project, exclude)
+    with store.db.read() as s:
+        proj = find_project(s, project)
+        items = {p.id: p for p in s.scalars(select(Pair).where(Pair.project_id == proj.id, Pair.n_replies > 2))}
+    out: dict[int, dict] = {}
+    for v in data.votes:
+        p = items.get(v.pair_id)
+        if p is None or v.item[1:] != (0, 1):  # one entry per ranking: its (0, 1) implied vote
+            continue
+        entry = out.setdefault(p.id, {"id": p.key, "prompt": p.prompt, "replies": p.replies, "task": p.task,
+                                      "metadata": dict(p.meta), "rankings": []})
+        entry["rankings"].append({"annotator": v.annotator, "ranks": v.ranks, "presented_order": v.shown_order,
+                                  "rationale": v.rationale,
+                                  "unsafe": v.unsafe, "time": v.to_dict()["time"]})
+    for entry in out.values():
+        entry["mean_rank"] = np.mean([r["ranks"] for r in entry["rankings"]], axis=0).round(4).tolist()
+    return list(out.values())
 
 
 def _record(pair: ComparisonPair, winner: str, basis: list[Vote], annotator_id: str, meta: dict) -> dict:
@@ -172,9 +218,9 @@ def _record(pair: ComparisonPair, winner: str, basis: list[Vote], annotator_id: 
     return rec.to_dict()
 
 
-def _consensus(data, by_pair: dict[int, list[Vote]], method: str) -> dict[int, str]:
-    ids = sorted(by_pair)
-    ratings, rows = data.matrix([v for p in ids for v in by_pair[p]])
+def _consensus(data, by_item: dict, method: str) -> dict[tuple[int, int, int], str]:
+    ids = sorted(by_item)
+    ratings, rows = data.matrix([v for p in ids for v in by_item[p]])
     if not len(rows):
         return {}
     if method == "majority":
@@ -189,7 +235,7 @@ def _consensus(data, by_pair: dict[int, list[Vote]], method: str) -> dict[int, s
 def _low_gold(store: Store, project: str, threshold: float, exclude: tuple[str, ...]) -> list[str]:
     data = load_votes(store, project, exclude)
     ratings, ids = data.matrix([v for v in data.votes if v.pair_id in data.gold])
-    acc, n = ag.gold_accuracy(ratings, np.array([ag.CODE[data.gold[p]] for p in ids], dtype=int))
+    acc, n = ag.gold_accuracy(ratings, np.array([ag.CODE[data.gold[p[0]]] for p in ids], dtype=int))
     return [name for name, a, k in zip(data.annotators, acc, n) if k > 0 and a < threshold]
 
 

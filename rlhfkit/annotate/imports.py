@@ -6,7 +6,8 @@ Text that cannot be stored (a lone surrogate such as JSON ``"\\ud800"``, a NUL c
 wherever it appears in a line, keys included: see :func:`~rlhfkit.annotate.values.text_problem`.
 
 - pairs: one :class:`~rlhfkit.data.records.ComparisonPair` per line. ``metadata.gold_winner``
-  ('a' or 'b') marks a gold (attention-check) pair.
+  ('a' or 'b') marks a gold (attention-check) pair. A line with ``"replies": [K assistant
+  messages]`` (3 <= K <= 9) instead of ``a``/``b`` is a ranking item.
 - gold: ``{"id": pair id, "winner": "a" | "b"}`` per line.
 - uncertainty: ``{"id": pair id, "p": P(a preferred)}`` per line, or ``"p": [p_1, ..., p_M]`` from an
   ensemble of reward models. See :func:`rlhfkit.annotate.assignment.uncertainty_score`.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.annotate.values import text_problem
-from rlhfkit.data.records import ComparisonPair, DataError, Where
+from rlhfkit.data.records import ComparisonPair, DataError, Where, check_message
 
 
 def read_lines(path: str | Path) -> Iterator[tuple[Where, str]]:
@@ -81,22 +82,55 @@ def read_guidelines(path: str | Path) -> str:
     return "".join(lines)
 
 
-def read_pairs(path: str | Path) -> list[tuple[Where, ComparisonPair]]:
-    """Validated pairs; a repeated id or a bad ``metadata.gold_winner`` is an error."""
+MIN_REPLIES, MAX_REPLIES = 3, 9
+"""A ranking item's size: 2 replies are a pair; InstructGPT ranked 4-9 (one digit key per reply)."""
+
+
+def read_pairs(path: str | Path) -> list[tuple[Where, ComparisonPair, list[dict] | None]]:
+    """Validated ``(where, pair, replies)``: ``replies`` is a ranking item's K messages (the pair then
+    holds the first two as ``a`` and ``b``), None for a pair. A repeated id or a bad
+    ``metadata.gold_winner`` is an error."""
     out, seen = [], {}
     for where, d in read_jsonl(path):
+        replies = None
         if isinstance(d, dict):
             _check_pair_fields(d, where)
+            if "replies" in d:
+                replies = _check_replies(d, where)
+                d = {**{k: v for k, v in d.items() if k != "replies"}, "a": replies[0], "b": replies[1]}
         pair = ComparisonPair.from_dict(d, where)
         if pair.id in seen:
             raise where.error(f"duplicate pair id {pair.id!r} (first on line {seen[pair.id]})", "id")
         seen[pair.id] = where.line
         gold = pair.metadata.get("gold_winner")
+        if gold is not None and replies is not None:
+            raise where.error("a ranking item cannot be a gold pair", "metadata.gold_winner")
         if gold is not None and gold not in ("a", "b"):
             raise where.error(f"must be 'a' or 'b' (the known better side), got {gold!r}", "metadata.gold_winner")
-        out.append((where, pair))
+        out.append((where, pair, replies))
     if not out:
         raise DataError("no pairs in file", path=str(path))
+    return out
+
+
+def _check_replies(d: dict, where: Where) -> list[dict]:
+    replies = d["replies"]
+    if "a" in d or "b" in d:
+        raise where.error("give either 'replies' (a ranking item) or 'a' and 'b' (a pair), not both", "replies")
+    if not isinstance(replies, list) or not MIN_REPLIES <= len(replies) <= MAX_REPLIES:
+        n = len(replies) if isinstance(replies, list) else type(replies).__name__
+        raise where.error(f"must be a list of {MIN_REPLIES} to {MAX_REPLIES} assistant messages, got {n}", "replies")
+    out = []
+    for i, r in enumerate(replies):
+        field = f"replies[{i}]"
+        msg = check_message({"role": "assistant", "content": r} if isinstance(r, str) else r, where, field)
+        if msg["role"] != "assistant":
+            raise where.error(f"must be an assistant message, got role '{msg['role']}'", f"{field}.role")
+        if not msg["content"].strip():
+            raise where.error("empty completion", f"{field}.content")
+        if any(o["content"] == msg["content"] for o in out):
+            raise where.error("repeats an earlier reply; a ranking needs different replies", field)
+        out.append(msg)
     return out
 
 

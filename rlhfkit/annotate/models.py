@@ -12,6 +12,10 @@ Vocabulary:
   nobody sees a pair twice;
 - a *label* is the answer to one assignment: a winner in pair terms (``'a'``, ``'b'``, ``'tie'``) or a
   skip. ``submission_id`` (chosen by the client) is unique, which makes a retried POST store one row.
+- a *ranking item* is a pair row with ``n_replies`` K >= 3 replies in ``replies`` (``a`` and ``b``
+  are its first two); its labels hold ``ranks`` (one per reply) instead of a winner, and each of its
+  K(K-1)/2 *implied pairs* (i, j), i < j, counts as a comparison of reply i (side a) with reply j (b);
+- a *decision* is a lead's adjudicated answer for a pair (i, j = 0, 1) or one implied pair.
 
 All timestamps are naive UTC (SQLite has no time zones; PostgreSQL stores the same values).
 """
@@ -37,6 +41,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# JSON(none_as_null=True): Python None is SQL NULL, not the JSON text 'null' (CHECKs test IS NULL).
 # Deterministic constraint names, so migrations can refer to them on every backend.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -75,6 +80,8 @@ class Project(Base):
     """An open assignment older than this may be handed to someone else when the pool runs dry."""
     guidelines: Mapped[str | None] = mapped_column(Text, nullable=True)
     """Instructions shown above every pair (plain text; markdown is shown as written)."""
+    question: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """The question pinned above every item, e.g. "Which reply is more helpful?"."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
@@ -108,6 +115,10 @@ class Pair(Base):
     come last). Ascending, so that the partial index ``ix_pairs_open`` serves the queue query."""
     rm_p: Mapped[list | None] = mapped_column(JSON, nullable=True)
     """The reward-model probabilities the priority came from, as given in the uncertainty file."""
+    n_replies: Mapped[int] = mapped_column(Integer, default=2, server_default="2")
+    """2 for a pair; K (3-9) for a ranking item."""
+    replies: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """A ranking item's K assistant messages (NULL for a pair)."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
         UniqueConstraint("project_id", "key"),
@@ -160,6 +171,8 @@ class Assignment(Base):
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     status: Mapped[str] = mapped_column(String(10), default="open")
     """open -> done | skipped; open -> expired (lease ran out; a late answer is still accepted)."""
+    shown_order: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """A ranking item's reply indices in the order shown (drawn at random); NULL for a pair."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
         UniqueConstraint("pair_id", "annotator_id"),
@@ -177,7 +190,9 @@ class Label(Base):
     annotator_id: Mapped[int] = mapped_column(ForeignKey("annotators.id", ondelete="CASCADE"), index=True)
     pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"), index=True)
     winner: Mapped[str | None] = mapped_column(String(3), nullable=True)
-    """'a', 'b' or 'tie' in pair terms; NULL for a skip."""
+    """'a', 'b' or 'tie' in pair terms; NULL for a skip or a ranking."""
+    ranks: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """A ranking: the rank of each reply, by reply index (1 best; equal ranks tie; dense 1..m)."""
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -187,8 +202,30 @@ class Label(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
     __table_args__ = (
-        CheckConstraint("(skipped = true AND winner IS NULL) OR (skipped = false AND winner IN ('a', 'b', 'tie'))",
+        CheckConstraint("(skipped = true AND winner IS NULL AND ranks IS NULL) OR (skipped = false AND "
+                        "((winner IN ('a', 'b', 'tie') AND ranks IS NULL) OR (winner IS NULL AND ranks IS NOT NULL)))",
                         name="winner_or_skip"),
         CheckConstraint("strength IS NULL OR (strength >= 1 AND strength <= 3)", name="strength_range"),
         CheckConstraint("strength IS NULL OR winner IN ('a', 'b')", name="strength_needs_winner"),
+    )
+
+
+class Decision(Base):
+    """A lead's adjudicated answer: it replaces the votes' consensus in the export."""
+
+    __tablename__ = "decisions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pair_id: Mapped[int] = mapped_column(ForeignKey("pairs.id", ondelete="CASCADE"))
+    i: Mapped[int] = mapped_column(Integer)
+    j: Mapped[int] = mapped_column(Integer)
+    """The implied pair (reply i as side a, reply j as side b); 0, 1 for a pair."""
+    winner: Mapped[str] = mapped_column(String(3))
+    decided_by: Mapped[str] = mapped_column(String(200))
+    """The name the lead gave when deciding (there is one admin token; this says which person)."""
+    note: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    __table_args__ = (
+        UniqueConstraint("pair_id", "i", "j"),
+        CheckConstraint("winner IN ('a', 'b', 'tie')", name="winner_value"),
+        CheckConstraint("i >= 0 AND j > i", name="reply_indices"),
     )

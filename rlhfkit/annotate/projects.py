@@ -26,7 +26,7 @@ from rlhfkit.annotate.models import (
     WebSession,
     utcnow,
 )
-from rlhfkit.annotate.values import ImportReport, Refused
+from rlhfkit.annotate.values import ImportReport, Refused, text_problem
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 ANNOTATOR_NAME = re.compile(r"^[^/\\\x00-\x1f\x7f]{1,100}$")
@@ -77,8 +77,9 @@ class ProjectAdmin:
     def import_pairs(self, project: str, pairs_path: str | Path | None = None, *, overlap: int = 3,
                      gold_rate: float | None = None, gold_path: str | Path | None = None,
                      uncertainty_path: str | Path | None = None, skip_existing: bool = False,
-                     guidelines: str | None = None) -> ImportReport:
-        """Import pairs and/or gold answers and/or uncertainty scores in one transaction.
+                     guidelines: str | None = None, question: str | None = None) -> ImportReport:
+        """Import pairs and/or gold answers and/or uncertainty scores in one transaction;
+        ``guidelines`` and ``question`` (pinned above every item; "" removes it) are project settings.
 
         All files are parsed and checked first; any error (bad line, unknown id, id already in the
         project) raises :class:`DataError` and stores nothing.
@@ -90,6 +91,11 @@ class ProjectAdmin:
             raise ValueError(f"--overlap must be at least 1, got {overlap}")
         if gold_rate is not None and not 0.0 <= gold_rate <= 1.0:
             raise ValueError(f"--gold-rate must be in [0, 1], got {gold_rate}")
+        for name, text in (("guidelines", guidelines), ("question", question)):
+            if text is not None and text_problem(text):
+                raise ValueError(f"--{name}: {text_problem(text)}")
+        if question is not None and len(question) > 500:
+            raise ValueError(f"--question: at most 500 characters, got {len(question)}")
         pairs = read_pairs(pairs_path) if pairs_path is not None else []
         gold = read_gold(gold_path) if gold_path is not None else []
         scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
@@ -108,9 +114,11 @@ class ProjectAdmin:
                 proj.gold_rate = gold_rate
             if guidelines is not None:
                 proj.guidelines = guidelines.strip() or None
+            if question is not None:
+                proj.question = question.strip() or None
             existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
             rows, n_skipped, now = [], 0, utcnow()
-            for where, pair in pairs:
+            for where, pair, replies in pairs:
                 if pair.id in existing:
                     if skip_existing:
                         n_skipped += 1
@@ -120,11 +128,15 @@ class ProjectAdmin:
                 rows.append({"project_id": proj.id, "key": pair.id, "prompt": pair.prompt, "a": pair.a,
                              "b": pair.b, "task": pair.task, "meta": pair.metadata,
                              "gold_winner": pair.metadata.get("gold_winner"), "overlap": overlap,
-                             "n_active": 0, "queue_rank": 1.0, "created_at": now})
+                             "n_active": 0, "queue_rank": 1.0, "created_at": now, "replies": replies,
+                             "n_replies": 2 if replies is None else len(replies)})
             if rows:
                 s.execute(insert(Pair), rows)
             ids = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
+            rankings = set(s.scalars(select(Pair.key).where(Pair.project_id == proj.id, Pair.n_replies > 2)))
             for where, key, winner in gold:
+                if key in rankings:
+                    raise where.error(f"{key!r} is a ranking item; gold answers are for pairs", "id")
                 s.execute(update(Pair).where(Pair.id == _known(ids, key, where, project))
                           .values(gold_winner=winner))
             for where, key, ps in scores:

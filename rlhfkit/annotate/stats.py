@@ -2,6 +2,12 @@
 
 Agreement figures (Fleiss, Krippendorff, Cohen, Dawid–Skene, consensus) use regular pairs only:
 gold pairs are chosen to be easy and would inflate them; they give ``gold_accuracy`` instead.
+
+A ranking of K replies counts as its K(K-1)/2 implied pairwise votes (reply i vs reply j, i < j:
+'a' when i is ranked above j, 'b' below, 'tie' level), each implied pair an item of its own
+(InstructGPT's reading of a ranking, Ouyang et al. 2022, sec. 3.5). The implied pairs of one
+ranking are not independent, so on ranking items the figures describe pairwise agreement, and the
+bootstrap intervals resample whole items (all implied pairs of a ranking together).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from rlhfkit.annotate.store import Store
 
 @dataclass
 class Vote:
-    pair_id: int
+    item: tuple[int, int, int]
+    """(pair id, i, j): the pair (0, 1), or the implied pair (reply i as a, reply j as b) of a ranking."""
     annotator: str
     winner: str
     """'a', 'b' or 'tie'."""
@@ -31,6 +38,14 @@ class Vote:
     """The side shown on the left: 'a' or 'b'."""
     duration_ms: int | None
     time: datetime
+    ranks: list[int] | None = None
+    """The whole ranking this implied vote comes from (by reply index), None for a pair vote."""
+    shown_order: list[int] | None = None
+    """The ranking's reply indices in the order they were shown."""
+
+    @property
+    def pair_id(self) -> int:
+        return self.item[0]
 
     def to_dict(self) -> dict:
         return {"annotator": self.annotator, "winner": self.winner, "strength": self.strength,
@@ -52,15 +67,15 @@ class Votes:
     def regular(self) -> list[Vote]:
         return [v for v in self.votes if v.pair_id not in self.gold]
 
-    def matrix(self, votes: list[Vote]) -> tuple[np.ndarray, list[int]]:
-        """(I, R) ratings over the pairs in ``votes`` (see agreement.py) and the pair id of each row."""
-        pair_ids = sorted({v.pair_id for v in votes})
-        row = {p: i for i, p in enumerate(pair_ids)}
+    def matrix(self, votes: list[Vote]) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """(I, R) ratings over the items in ``votes`` (see agreement.py) and the item of each row."""
+        items = sorted({v.item for v in votes})
+        row = {p: i for i, p in enumerate(items)}
         col = {a: j for j, a in enumerate(self.annotators)}
-        m = np.full((len(pair_ids), len(self.annotators)), ag.MISSING, dtype=int)
+        m = np.full((len(items), len(self.annotators)), ag.MISSING, dtype=int)
         for v in votes:
-            m[row[v.pair_id], col[v.annotator]] = ag.CODE[v.winner]
-        return m, pair_ids
+            m[row[v.item], col[v.annotator]] = ag.CODE[v.winner]
+        return m, items
 
 
 def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Votes:
@@ -70,7 +85,7 @@ def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Vot
                                            .order_by(Annotator.id)) if n not in exclude]
         rows = s.execute(
             select(Label.pair_id, Annotator.name, Label.winner, Label.strength, Label.rationale, Label.unsafe,
-                   Assignment.left, Label.duration_ms, Label.created_at)
+                   Assignment.left, Label.duration_ms, Label.created_at, Label.ranks, Assignment.shown_order)
             .join(Assignment, Assignment.id == Label.assignment_id)
             .join(Annotator, Annotator.id == Label.annotator_id)
             .where(Annotator.project_id == proj.id, Label.skipped.is_(False))
@@ -80,8 +95,22 @@ def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Vot
                                .group_by(Annotator.name)).all())
         gold = dict(s.execute(select(Pair.id, Pair.gold_winner)
                               .where(Pair.project_id == proj.id, Pair.gold_winner.is_not(None))).all())
-    votes = [Vote(*r) for r in rows if r[1] not in exclude]
+    votes = [v for r in rows if r[1] not in exclude for v in _votes_of(*r)]
     return Votes(annotators, votes, gold, skips)
+
+
+def _votes_of(pair_id, name, winner, strength, rationale, unsafe, left, duration_ms, time, ranks, order) -> list[Vote]:
+    """One vote for a pair label; the K(K-1)/2 implied votes of a ranking (see the module docstring)."""
+    if ranks is None:
+        return [Vote((pair_id, 0, 1), name, winner, strength, rationale, unsafe, left, duration_ms, time)]
+    out = []
+    for i in range(len(ranks)):
+        for j in range(i + 1, len(ranks)):
+            w = "a" if ranks[i] < ranks[j] else "b" if ranks[i] > ranks[j] else "tie"
+            shown_left = "a" if order.index(i) < order.index(j) else "b"
+            out.append(Vote((pair_id, i, j), name, w, None, rationale, unsafe, shown_left, duration_ms, time, ranks,
+                            order))
+    return out
 
 
 def project_stats(store: Store, project: str) -> dict:
@@ -95,7 +124,7 @@ def project_stats(store: Store, project: str) -> dict:
     kappa, shared = ag.pairwise_cohen_kappa(ratings)
     loo, loo_n = ag.agreement_with_consensus(ratings)
     gold_ratings, gold_ids = data.matrix([v for v in data.votes if v.pair_id in data.gold])
-    gold_acc, gold_n = ag.gold_accuracy(gold_ratings, np.array([ag.CODE[data.gold[p]] for p in gold_ids], dtype=int))
+    gold_acc, gold_n = ag.gold_accuracy(gold_ratings, np.array([ag.CODE[data.gold[p[0]]] for p in gold_ids], dtype=int))
     ds = ag.dawid_skene(ratings) if len(ratings) else None
 
     per = []

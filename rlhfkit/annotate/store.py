@@ -12,24 +12,23 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import SimpleNamespace
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from rlhfkit.annotate import assignment as assign
+from rlhfkit.annotate import labels as lab
 from rlhfkit.annotate import queries as q
 from rlhfkit.annotate.db import Database, upgrade
 from rlhfkit.annotate.models import (
     AdminToken,
-    Assignment,
-    Label,
     WebSession,
     utcnow,
 )
 from rlhfkit.annotate.projects import ProjectAdmin, digest
-from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused, text_problem
+from rlhfkit.annotate.values import ImportReport, Item, LabelInput, Principal, Refused
 from rlhfkit.data.records import DataError
 
 ANNOTATOR_SESSION = timedelta(days=30)
@@ -39,7 +38,6 @@ MAX_GROUP = 64
 SESSION_CACHE_S = 10.0
 """How long a server process trusts a session it looked up. Signing out and deactivating through
 this process take effect at once; through another process (the CLI, a second server) within this."""
-CHOICES = ("left", "right", "tie", "skip")
 
 
 @dataclass
@@ -79,7 +77,7 @@ class Store:
         once. Runs only statements that change nothing, in transactions that are rolled back."""
         probe = {"key": "", "token_hash": "", "sid": "", "p_id": -1, "aid": -1, "pid": -1, "a_id": -1,
                  "delta": 0, "new_status": "open"}
-        reads = (q.SESSION, q.ANNOTATOR_BY_TOKEN, q.GUIDELINES, q.LAST_LABEL, q.PAIR_TEXT, q.LABEL_COUNTS, q.BY_SUBMISSION,
+        reads = (q.SESSION, q.ANNOTATOR_BY_TOKEN, q.SETTINGS, q.LAST_LABEL, q.PAIR_TEXT, q.LABEL_COUNTS, q.BY_SUBMISSION,
                  q.ASSIGNMENT, assign.OPEN_ASSIGNMENT, assign.REMAINING, assign.SERVED, assign.REGULAR_SKIP_LOCKED,
                  assign.REGULAR_WAIT, assign.GOLD)
         writes = (q.SET_STATUS, q.MOVE_SLOTS, assign.TAKE_SLOT, assign.TAKE_GOLD)
@@ -177,15 +175,20 @@ class Store:
         view = {"item": None}
         with self.db.begin() as conn:
             if got is not None:
-                assignment_id, pair_id, left = got
+                assignment_id, pair_id, left, order = got
                 pair = conn.execute(q.PAIR_TEXT, {"p_id": pair_id}).one()
-                shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
-                view["item"] = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
+                if order is not None:  # a ranking item: its replies in the order drawn for this assignment
+                    view["item"] = Item(assignment_id, pair.prompt, None, None,
+                                        [pair.replies[i]["content"] for i in order])
+                else:
+                    shown_left, shown_right = (pair.a, pair.b) if left == "a" else (pair.b, pair.a)
+                    view["item"] = Item(assignment_id, pair.prompt, shown_left["content"], shown_right["content"])
             if full:
                 last = conn.execute(q.LAST_LABEL, {"aid": who.annotator_id}).first()
-                view.update(progress=self._progress(conn, who),
-                            guidelines=conn.execute(q.GUIDELINES, {"pid": who.project_id}).scalar(),
-                            last=None if last is None else _label_view(last, last.left))
+                settings = conn.execute(q.SETTINGS, {"pid": who.project_id}).one()
+                view.update(progress=self._progress(conn, who), guidelines=settings.guidelines,
+                            question=settings.question,
+                            last=None if last is None else lab.label_view(last, last.left, last.shown_order))
         return view
 
     @staticmethod
@@ -200,9 +203,9 @@ class Store:
 
         Returns only once the label is committed (on SQLite with ``synchronous=FULL``: on disk).
         """
-        if x.choice not in CHOICES:
-            raise Refused(422, f"must be one of {', '.join(CHOICES)}, got {x.choice!r}", "choice")
-        _check_rationale(x.rationale)
+        if x.choice not in lab.CHOICES:
+            raise Refused(422, f"must be one of {', '.join(lab.CHOICES)}, got {x.choice!r}", "choice")
+        lab.check_rationale(x.rationale)
         if self.db.is_sqlite:
             return self._submit_grouped(who, x)
         try:
@@ -276,11 +279,18 @@ class Store:
                 return replay, False
             raise Refused(409, "this assignment is already answered; change the answer with "
                                "PATCH /api/labels/{id}", "assignment_id")
-        skip = x.choice == "skip"
+        skip, ranking = x.choice == "skip", a.shown_order is not None
+        if not skip and ranking != (x.choice == "rank"):
+            raise Refused(422, "this item is a ranking: answer with choice 'rank' and ranks" if ranking else
+                               f"this item is a pair: 'rank' answers a ranking item, got {x.choice!r}", "choice")
+        if ranking and x.strength is not None:
+            raise Refused(422, "must be empty for a ranking", "strength")
+        ranks = lab.to_pair_terms(lab.dense_ranks(x.ranks, len(a.shown_order)), a.shown_order) \
+            if ranking and not skip else None
         row = {"submission_id": x.submission_id, "assignment_id": a.id, "annotator_id": a.annotator_id,
-               "pair_id": a.pair_id, "winner": None if skip else _winner(x.choice, a.left), "skipped": skip,
-               "strength": x.strength, "rationale": _text(x.rationale), "unsafe": x.unsafe,
-               "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
+               "pair_id": a.pair_id, "winner": None if skip or ranking else lab.winner(x.choice, a.left),
+               "ranks": ranks, "skipped": skip, "strength": x.strength, "rationale": lab.text(x.rationale),
+               "unsafe": x.unsafe, "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
         row["id"] = conn.execute(q.NEW_LABEL, row).inserted_primary_key[0]
         conn.execute(q.SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
         delta = -1 if (skip and a.status == "open") else 1 if (not skip and a.status == "expired") else 0
@@ -289,116 +299,33 @@ class Store:
         # Hand out the next pair in the same transaction: it rides on this commit's fsync, and the
         # page load that follows only reads.
         assign.next_assignment(conn, who.queue)
-        return _label_view(SimpleNamespace(**row), a.left), True
+        return lab.label_view(SimpleNamespace(**row), a.left, a.shown_order), True
 
     @staticmethod
     def _replay(conn, who: Principal, x: LabelInput) -> dict | None:
         label = conn.execute(q.BY_SUBMISSION, {"sid": x.submission_id}).first()
         if label is None:
             return None
-        view = _label_view(label, label.left)
+        view = lab.label_view(label, label.left, label.shown_order)
         same = (label.annotator_id == who.annotator_id and label.assignment_id == x.assignment_id
                 and view["choice"] == x.choice and label.strength == x.strength
-                and label.rationale == _text(x.rationale) and label.unsafe == x.unsafe)
+                and (view["ranks"] is None or view["ranks"] == lab.dense_ranks(x.ranks, len(view["ranks"])))
+                and label.rationale == lab.text(x.rationale) and label.unsafe == x.unsafe)
         if not same:
             raise Refused(409, "this submission_id was already used for a different answer; "
                                "generate a new one for each answer", "submission_id")
         return view
 
+    # ---- one's own answers (labels.py) ----------------------------------------------------------
+
     def labels_of(self, who: Principal, limit: int = 50, offset: int = 0) -> list[dict]:
-        with self.db.read() as s:
-            rows = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
-                             .where(Label.annotator_id == who.annotator_id)
-                             .order_by(Label.id.desc()).limit(limit).offset(offset)).all()
-        return [_label_view(label, left) for label, left in rows]
+        return lab.labels_of(self.db, who, limit, offset)
 
     def label_of(self, who: Principal, label_id: int) -> dict:
-        with self.db.read() as s:
-            row = s.execute(select(Label, Assignment.left).join(Assignment, Assignment.id == Label.assignment_id)
-                            .where(Label.id == label_id, Label.annotator_id == who.annotator_id)).first()
-        if row is None:
-            raise Refused(404, "no such label for this annotator", "label_id")
-        return _label_view(*row)
+        return lab.label_of(self.db, who, label_id)
 
     def update_label(self, who: Principal, label_id: int, changes: dict) -> dict:
-        """Change one's own label (choice left/right/tie, strength, rationale, unsafe).
-
-        A skip can be undone by giving a choice, as long as the pair's slot is still free: a skip
-        gave the slot back, so it is taken again here (409 when someone else has it now)."""
-        if "rationale" in changes:
-            _check_rationale(changes["rationale"])
-        with self.db.write() as s:
-            row = s.execute(select(Label, Assignment.left, Assignment.is_gold)
-                            .join(Assignment, Assignment.id == Label.assignment_id)
-                            .where(Label.id == label_id, Label.annotator_id == who.annotator_id)).first()
-            if row is None:
-                raise Refused(404, "no such label for this annotator", "label_id")
-            label, left, is_gold = row
-            if "choice" in changes:
-                if changes["choice"] not in ("left", "right", "tie"):
-                    raise Refused(422, f"must be left, right or tie, got {changes['choice']!r}", "choice")
-                if label.skipped:
-                    self._unskip(s, label, is_gold)
-                label.winner = _winner(changes["choice"], left)
-            elif label.skipped:
-                raise Refused(409, "this item was skipped: give a choice (left, right or tie) to label it", "choice")
-            if "strength" in changes:
-                label.strength = changes["strength"]
-            if "rationale" in changes:
-                label.rationale = _text(changes["rationale"])
-            if "unsafe" in changes:
-                label.unsafe = bool(changes["unsafe"])
-            if label.winner == "tie" and label.strength is not None:
-                raise Refused(422, "must be empty for a tie", "strength")
-            label.updated_at = utcnow()
-            s.flush()
-            return _label_view(label, left)
-
-    @staticmethod
-    def _unskip(s, label: Label, is_gold: bool) -> None:
-        """Take the pair's slot back for a skipped label (gold pairs have no limit), inside the caller's
-        transaction: the same conditional UPDATE that hands out slots, so overlap still holds."""
-        took = s.execute(assign.TAKE_GOLD if is_gold else assign.TAKE_SLOT, {"p_id": label.pair_id}).rowcount
-        if took != 1:
-            raise Refused(409, "this pair has gone to someone else since it was skipped; it can no longer be "
-                               "labelled by you", "label_id")
-        s.execute(update(Assignment).where(Assignment.id == label.assignment_id).values(status="done"))
-        label.skipped = False
-
-def _check_rationale(value: str | None) -> None:
-    problem = None if value is None else text_problem(value)
-    if problem:
-        raise Refused(422, problem, "rationale")
-
-
-def _text(value: str | None) -> str | None:
-    """An empty or whitespace-only rationale is no rationale; any other text is kept exactly."""
-    return value if value and value.strip() else None
-
-
-def _winner(choice: str, left: str) -> str:
-    if choice == "tie":
-        return "tie"
-    right = "b" if left == "a" else "a"
-    return left if choice == "left" else right
-
-
-def _label_view(label: Label, left: str) -> dict:
-    """A label in screen terms, as the annotator who gave it sees it."""
-    if label.skipped:
-        choice = "skip"
-    elif label.winner == "tie":
-        choice = "tie"
-    else:
-        choice = "left" if label.winner == left else "right"
-    return {"id": label.id, "submission_id": label.submission_id, "assignment_id": label.assignment_id,
-            "choice": choice, "strength": label.strength, "rationale": label.rationale, "unsafe": label.unsafe,
-            "duration_ms": label.duration_ms, "created_at": _iso(label.created_at),
-            "updated_at": _iso(label.updated_at)}
-
-
-def _iso(t: datetime | None) -> str | None:
-    return None if t is None else t.isoformat(timespec="milliseconds") + "Z"
+        return lab.update_label(self.db, who, label_id, changes)
 
 
 __all__ = ["DataError", "ImportReport", "Item", "LabelInput", "Principal", "Refused", "Store"]

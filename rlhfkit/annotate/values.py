@@ -49,12 +49,14 @@ class Principal:
 
 @dataclass
 class Item:
-    """One assignment as the annotator sees it."""
+    """One assignment as the annotator sees it: a pair's two sides, or a ranking item's replies."""
 
     assignment_id: int
     prompt: list[dict]
-    left: str
-    right: str
+    left: str | None
+    right: str | None
+    replies: list[str] | None = None
+    """A ranking item's K replies in the order shown (``left``/``right`` are then None)."""
 
 
 @dataclass
@@ -62,7 +64,9 @@ class LabelInput:
     submission_id: str
     assignment_id: int
     choice: str
-    """'left', 'right', 'tie' or 'skip' (screen sides)."""
+    """'left', 'right', 'tie' or 'skip' (screen sides); 'rank' (or 'skip') for a ranking item."""
+    ranks: list[int] | None = None
+    """A ranking: one rank per reply as shown, 1 the best; equal ranks are a tie."""
     strength: int | None = None
     rationale: str | None = None
     unsafe: bool = False

@@ -13,7 +13,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
-from rlhfkit.annotate.export import CONSENSUS, ExportOptions, NothingToExport, build_records
+from rlhfkit.annotate.export import CONSENSUS, ExportOptions, NothingToExport, build_rankings, build_records
 from rlhfkit.annotate.stats import json_safe, project_stats
 from rlhfkit.annotate.store import ADMIN_SESSION, Principal, Refused, Store
 from rlhfkit.annotate.values import MAX_ID
@@ -112,7 +112,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
                      consensus: str = Query("majority", pattern="^(majority|dawid-skene)$"),
                      min_votes: int = Query(1, ge=1, le=MAX_ID), include_gold: bool = False,
                      drop_unsafe: bool = False, exclude_annotator: list[str] = Query([]),
-                     min_gold_accuracy: str = ""):
+                     min_gold_accuracy: str = "", rankings: bool = False):
         """The CLI's export filters; an export that leaves nothing is refused (422), as in the CLI.
         ``min_gold_accuracy`` may be empty (the dashboard form sends its empty field)."""
         try:
@@ -123,11 +123,16 @@ def router(store: Store, auth: Auth) -> APIRouter:
         opts = ExportOptions(votes=votes, consensus=consensus, min_votes=min_votes, include_gold=include_gold,
                              drop_unsafe=drop_unsafe, exclude_annotators=tuple(exclude_annotator),
                              min_gold_accuracy=min_gold)
-        records, report = _guard(build_records, store, project, opts)
-        if not records:
-            raise Problem(422, str(NothingToExport(report)), "filters")
+        if rankings:  # the ranking items' rankings themselves (see export.build_rankings)
+            records = _guard(build_rankings, store, project, opts.exclude_annotators)
+            if not records:
+                raise Problem(422, "no rankings to export: no ranking item has a ranking yet", "rankings")
+        else:
+            records, report = _guard(build_records, store, project, opts)
+            if not records:
+                raise Problem(422, str(NothingToExport(report)), "filters")
         body = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
-        name = f"{project}-{'votes' if votes else 'consensus'}.jsonl".replace('"', "")
+        name = f"{project}-{'rankings' if rankings else 'votes' if votes else 'consensus'}.jsonl".replace('"', "")
         return Response(body, media_type="application/x-ndjson",
                         headers={"content-disposition": f'attachment; filename="{name}"'})
 

@@ -33,13 +33,15 @@ def _storable(v: str | None) -> str | None:
 
 
 class LabelBody(BaseModel):
-    """``POST /api/labels``. Sides are the annotator's screen sides."""
+    """``POST /api/labels``. Sides are the annotator's screen sides; a ranking item is answered with
+    ``choice: "rank"`` and ``ranks``, one per reply in the order shown (1 best, equal ranks tie)."""
 
     model_config = ConfigDict(extra="forbid")
     submission_id: str = Field(pattern=SUBMISSION_ID, description="client-chosen id, 8-64 of [A-Za-z0-9_-]; "
                                                                   "a retry reuses it and stores nothing new")
     assignment_id: int = Field(ge=1, le=MAX_ID)
-    choice: Literal["left", "right", "tie", "skip"]
+    choice: Literal["left", "right", "tie", "skip", "rank"]
+    ranks: list[int] | None = Field(None, max_length=9)
     strength: int | None = Field(None, ge=1, le=3, description="1 slight, 2 clear, 3 strong; left/right only")
     rationale: str | None = Field(None, max_length=5000)
     unsafe: bool = False
@@ -48,8 +50,8 @@ class LabelBody(BaseModel):
     @field_validator("strength")
     @classmethod
     def _strength_needs_side(cls, v, info: ValidationInfo):
-        if v is not None and info.data.get("choice") in ("tie", "skip"):
-            raise ValueError("must be empty (null) for a tie or a skip")
+        if v is not None and info.data.get("choice") in ("tie", "skip", "rank"):
+            raise ValueError("must be empty (null) for a tie, a skip or a ranking")
         return v
 
     _rationale = field_validator("rationale")(_storable)
@@ -63,6 +65,7 @@ class LabelPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     choice: Literal["left", "right", "tie"] | None = None
+    ranks: list[int] | None = Field(None, max_length=9)
     strength: int | None = Field(None, ge=1, le=3)
     rationale: str | None = Field(None, max_length=5000)
     unsafe: bool | None = None
@@ -143,14 +146,23 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return RedirectResponse("/label", status_code=303)
 
     @r.post("/label")
-    def label_form(request: Request, who: Principal = Depends(annotator), csrf_token: str = Form(""),
+    async def label_form(request: Request, who: Principal = Depends(annotator), csrf_token: str = Form(""),
                    assignment_id: str = Form(""), submission_id: str = Form(""), choice: str = Form(""),
                    strength: str = Form(""), rationale: str = Form(""), unsafe: str = Form(""),
                    duration_ms: str = Form("")):
         """The no-JavaScript path. The strength control is documented on the page as applying to
-        left/right only, so here it is dropped for tie and skip rather than refused."""
+        left/right only, so here it is dropped for tie and skip rather than refused. A ranking
+        comes as ``rank_0`` .. ``rank_{K-1}`` (the selects, in the order shown)."""
         check_csrf(request, who.csrf_token, csrf_token)
+        form = await request.form()
+        ranks = None
+        if choice == "rank":
+            raw = [form.get(f"rank_{i}", "") for i in range(9) if f"rank_{i}" in form]
+            if not all(isinstance(r, str) and r.isdigit() and len(r) == 1 for r in raw):
+                raise Problem(422, "ranks: give every reply a rank (1 is the best)", "ranks")
+            ranks = [int(r) for r in raw]
         fields = {"submission_id": submission_id, "assignment_id": assignment_id, "choice": choice,
+                  "ranks": ranks,
                   "strength": strength if strength and choice in ("left", "right") else None,
                   "rationale": rationale or None, "unsafe": unsafe in ("1", "on", "true"),
                   "duration_ms": duration_ms or None}
@@ -159,7 +171,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
         except ValidationError as e:
             err = e.errors()[0]
             raise Problem(422, f"{'.'.join(map(str, err['loc']))}: {err['msg']}", str(err["loc"][0])) from None
-        _submit(store, who, body)
+        await run_in_threadpool(_submit, store, who, body)
         return RedirectResponse("/label", status_code=303)
 
     @r.post("/logout")
@@ -181,8 +193,14 @@ def router(store: Store, auth: Auth) -> APIRouter:
     def next_item(who: Principal = Depends(annotator)):
         """The current assignment (the same one until it is answered), or ``{"item": null}``."""
         item = store.next_item(who)
-        body = None if item is None else {"assignment_id": item.assignment_id, "prompt": item.prompt,
-                                          "left": item.left, "right": item.right}
+        if item is None:
+            body = None
+        elif item.replies is None:
+            body = {"kind": "pair", "assignment_id": item.assignment_id, "prompt": item.prompt, "left": item.left,
+                    "right": item.right}
+        else:
+            body = {"kind": "ranking", "assignment_id": item.assignment_id, "prompt": item.prompt,
+                    "replies": item.replies}
         return {"item": body, "csrf_token": who.csrf_token}
 
     @r.post("/api/labels")

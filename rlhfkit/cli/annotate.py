@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "serve the most uncertain pairs first")
     c.add_argument("--skip-existing", action="store_true", help="ignore pairs already in the project")
     c.add_argument("--guidelines", help="a text file of instructions shown above every pair (plain text)")
+    c.add_argument("--question", help='the question pinned above every item, e.g. "Which reply is more helpful?" '
+                                      '("" removes it)')
 
     c = command("score", cmd_score, "score pairs with reward model(s): P(a better) per pair, the file "
                                     "`import --uncertainty` reads to serve the most uncertain pairs first")
@@ -120,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=["jsonl", "hf-dataset"], default="jsonl")
     c.add_argument("--out", required=True, help="a .jsonl file, or a directory for hf-dataset")
     c.add_argument("--votes", action="store_true", help="one record per individual vote")
+    c.add_argument("--rankings", action="store_true",
+                   help="write the ranking items' rankings (one object per item, jsonl) instead of PreferenceRecords; "
+                        "without it, each ranking is exported as its implied pairs")
     c.add_argument("--consensus", choices=["majority", "dawid-skene"], default="majority")
     c.add_argument("--min-votes", type=int, default=1, help="leave out pairs with fewer votes")
     c.add_argument("--include-gold", action="store_true", help="also export gold pairs")
@@ -189,7 +194,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_import(args) -> int:
-    if (args.pairs, args.gold, args.uncertainty, args.gold_rate, args.guidelines) == (None,) * 5:
+    if (args.pairs, args.gold, args.uncertainty, args.gold_rate, args.guidelines, args.question) == (None,) * 6:
         raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE, --uncertainty FILE, "
                          "--guidelines FILE (or only --gold-rate R to change the project's gold rate)")
     from rlhfkit.annotate.imports import read_guidelines
@@ -197,14 +202,16 @@ def cmd_import(args) -> int:
     guidelines = None if args.guidelines is None else read_guidelines(args.guidelines)
     r = _store(args).admin.import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
-                                  skip_existing=args.skip_existing, guidelines=guidelines)
+                                  skip_existing=args.skip_existing, guidelines=guidelines,
+                                  question=args.question)
     what = "created project" if r.created_project else "project"
     print(f"{what} {r.project}: imported {r.n_pairs} pairs" + (f" (overlap {args.overlap})" if r.n_pairs else "")
           + (f", skipped {r.n_existing_skipped} already present" if r.n_existing_skipped else "")
           + f"; {r.n_gold} gold pairs in the project; gold rate {r.gold_rate:g}"
           + (f" (was {r.previous_gold_rate:g})" if r.previous_gold_rate is not None else "")
           + (f"; uncertainty scores for {r.n_scored} pairs" if r.n_scored else "")
-          + ("; guidelines set" if guidelines is not None else ""))
+          + ("; guidelines set" if guidelines is not None else "")
+          + ("; question set" if args.question else "; question removed" if args.question == "" else ""))
     if r.gold_rate > 0 and r.n_gold == 0:
         print("note: the gold rate has no effect until gold pairs exist (metadata.gold_winner or --gold FILE)")
     return 0
@@ -247,7 +254,10 @@ def cmd_score(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
-    pairs = [pair for _, pair in read_pairs(args.pairs)]
+    # Ranking items (K replies) are left out: the scores are P(a better) of a pair.
+    pairs = [pair for _, pair, replies in read_pairs(args.pairs) if replies is None]
+    if not pairs:
+        raise ValueError(f"{args.pairs}: no pairs to score (ranking items are not scored)")
     prompts = [p.prompt for p in pairs]
     per_model = []
     for path in args.rm:
@@ -266,7 +276,22 @@ def cmd_score(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from rlhfkit.annotate.export import ExportOptions, export
+    from pathlib import Path
+
+    from rlhfkit.annotate.export import ExportOptions, build_rankings, export, write_jsonl
+
+    if args.rankings:
+        if args.format != "jsonl":
+            raise ValueError("--rankings writes jsonl only")
+        out = Path(args.out)
+        if out.exists() and not args.force:
+            raise FileExistsError(f"{out} exists; pass --force to replace it")
+        rows = build_rankings(_store(args), args.project, tuple(args.exclude_annotator))
+        if not rows:
+            raise ValueError("no rankings to export: no ranking item has a ranking yet. Nothing was written")
+        write_jsonl(rows, out)
+        print(f"wrote {len(rows)} ranking items with {sum(len(r['rankings']) for r in rows)} rankings to {out}")
+        return 0
 
     opts = ExportOptions(format=args.format, votes=args.votes, consensus=args.consensus, min_votes=args.min_votes,
                          include_gold=args.include_gold, drop_unsafe=args.drop_unsafe,

@@ -2,8 +2,10 @@
 // Served from /static because the Content-Security-Policy forbids inline script.
 //
 // Keys (ignored while typing in the rationale box; Escape leaves it):
-//   1 left better · 2 right better · t tie · s skip · q/w/e strength slight/clear/strong
-//   f flag unsafe · r write a rationale
+//   pair:    1 left better · 2 right better · t tie · s skip · q/w/e strength slight/clear/strong
+//   ranking: 1..K place that reply next (best first) · = tie the next one with the one before ·
+//            Backspace take the last one back · Enter submit · s skip
+//   both:    f flag unsafe · r write a rationale
 //
 // A submission keeps one submission_id across its retries, so a retried POST whose first attempt
 // did reach the server stores nothing new (the server answers 200 "replayed"). Only a lost
@@ -13,6 +15,7 @@
   "use strict";
   var form = document.getElementById("label-form");
   if (!form) { return; }
+  var ranking = form.dataset.kind === "ranking";
   var statusLine = document.getElementById("status");
   var buttons = form.querySelectorAll("button[name=choice]");
   var shownAt = Date.now();
@@ -40,13 +43,78 @@
 
   function sleep(ms) { return new Promise(function (resolve) { setTimeout(resolve, ms); }); }
 
+  // ---- ranking: tiers of reply positions (0-based, as shown), best first ----------------------
+  var n = ranking ? Number(form.dataset.n) : 2;
+  var tiers = [];
+  var tieNext = false;
+
+  function placed(pos) {
+    return tiers.some(function (tier) { return tier.indexOf(pos) >= 0; });
+  }
+
+  function ranksFromSelects() {
+    var ranks = [];
+    for (var i = 0; i < n; i++) { ranks.push(Number(form.elements["rank_" + i].value) || null); }
+    return ranks;
+  }
+
+  function showRanking() {
+    for (var i = 0; i < n; i++) { form.elements["rank_" + i].value = ""; }
+    var list = document.getElementById("ranking");
+    list.textContent = "";
+    tiers.forEach(function (tier, k) {
+      tier.forEach(function (pos) { form.elements["rank_" + pos].value = String(k + 1); });
+      var li = document.createElement("li");
+      li.textContent = tier.map(function (pos) { return "Reply " + (pos + 1); }).join(" = ");
+      list.appendChild(li);
+    });
+    var left = n - tiers.reduce(function (a, t) { return a + t.length; }, 0);
+    say(left ? (left + " to place" + (tieNext ? " (next one ties)" : "")) : "All placed: Enter submits.");
+  }
+
+  function place(pos) {
+    if (pos >= n || placed(pos)) { return; }
+    if (tieNext && tiers.length) { tiers[tiers.length - 1].push(pos); } else { tiers.push([pos]); }
+    tieNext = false;
+    showRanking();
+  }
+
+  function unplace() {
+    if (tieNext) { tieNext = false; } else if (tiers.length) {
+      tiers[tiers.length - 1].pop();
+      if (!tiers[tiers.length - 1].length) { tiers.pop(); }
+    }
+    showRanking();
+  }
+
+  if (ranking) {
+    form.addEventListener("change", function (event) {
+      if (event.target.tagName !== "SELECT") { return; }
+      // Chosen with the mouse: rebuild the tiers from the selects.
+      var ranks = ranksFromSelects(), levels = [];
+      ranks.forEach(function (r) { if (r && levels.indexOf(r) < 0) { levels.push(r); } });
+      levels.sort(function (a, b) { return a - b; });
+      tiers = levels.map(function (r) {
+        return ranks.map(function (x, i) { return x === r ? i : -1; }).filter(function (i) { return i >= 0; });
+      });
+      showRanking();
+    });
+  }
+
+  // ---- submitting -----------------------------------------------------------------------------
   async function submit(choice) {
     if (busy) { return; }
+    var ranks = null;
+    if (choice === "rank") {
+      ranks = ranksFromSelects();
+      if (ranks.indexOf(null) >= 0) { say("Place every reply first (" + ranks.filter(function (r) { return !r; }).length + " left)."); return; }
+    }
     setBusy(true);
     var body = JSON.stringify({
       submission_id: submissionId,
       assignment_id: Number(form.elements.assignment_id.value),
       choice: choice,
+      ranks: ranks,
       strength: (choice === "left" || choice === "right") ? strength() : null,
       rationale: form.elements.rationale.value.trim() || null,
       unsafe: form.elements.unsafe.checked,
@@ -75,7 +143,7 @@
         var problem = await response.json().catch(function () { return {}; });
         var text = problem.message || (typeof problem.detail === "string" ? problem.detail : "") || ("HTTP " + response.status);
         if (response.status === 409 && problem.field === "assignment_id") {
-          say("Already answered (another tab?). Loading the next pair…");
+          say("Already answered (another tab?). Loading the next item…");
           window.location.replace("/label");
           return;
         }
@@ -101,6 +169,25 @@
     radio.checked = !radio.checked;
   }
 
+  var common = {
+    "s": function () { submit("skip"); },
+    "f": function () { form.elements.unsafe.checked = !form.elements.unsafe.checked; },
+    "r": function () { form.elements.rationale.focus(); }
+  };
+  var pairKeys = {
+    "1": function () { submit("left"); },
+    "2": function () { submit("right"); },
+    "t": function () { submit("tie"); },
+    "q": function () { toggleStrength(1); },
+    "w": function () { toggleStrength(2); },
+    "e": function () { toggleStrength(3); }
+  };
+  var rankKeys = {
+    "=": function () { if (tiers.length) { tieNext = true; showRanking(); } },
+    "backspace": unplace,
+    "enter": function () { submit("rank"); }
+  };
+
   document.addEventListener("keydown", function (event) {
     if (event.ctrlKey || event.metaKey || event.altKey) { return; }
     var target = event.target;
@@ -109,21 +196,27 @@
       if (event.key === "Escape") { target.blur(); }
       return;
     }
-    var actions = {
-      "1": function () { submit("left"); },
-      "2": function () { submit("right"); },
-      "t": function () { submit("tie"); },
-      "s": function () { submit("skip"); },
-      "q": function () { toggleStrength(1); },
-      "w": function () { toggleStrength(2); },
-      "e": function () { toggleStrength(3); },
-      "f": function () { form.elements.unsafe.checked = !form.elements.unsafe.checked; },
-      "r": function () { form.elements.rationale.focus(); }
-    };
-    var action = actions[event.key.toLowerCase()];
+    var key = event.key.toLowerCase();
+    var action = common[key] || (ranking ? rankKeys[key] : pairKeys[key]);
+    if (!action && ranking && /^[1-9]$/.test(key)) {
+      action = function () { place(Number(key) - 1); };
+    }
     if (action) {
       event.preventDefault();
       action();
     }
   });
+
+  // ---- a visible hint while a reply has more text below ----------------------------------------
+  Array.prototype.forEach.call(document.querySelectorAll(".completion"), function (box) {
+    var hint = box.parentNode.querySelector(".more");
+    if (!hint) { return; }
+    function update() { hint.hidden = box.scrollTop + box.clientHeight >= box.scrollHeight - 4; }
+    box.addEventListener("scroll", update);
+    window.addEventListener("resize", update);
+    update();
+  });
+  // The question's last user turn stays in view: a long conversation starts scrolled to its end.
+  var prompt = document.querySelector(".prompt");
+  if (prompt) { prompt.scrollTop = prompt.scrollHeight; }
 }());
