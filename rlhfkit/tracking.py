@@ -1,7 +1,14 @@
-"""Run directories and metrics: config.yaml, metrics.jsonl, samples.jsonl, console progress, trackers.
+"""Run directories: the one writer (``RunDir``) and the one reader (``read_run`` and friends).
 
-Only the main process writes; every other process gets a ``RunDir`` whose writes are no-ops, so
-trainers call it unconditionally.
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one row per logged
+step), ``samples.jsonl`` (sample completions), ``eval.json`` (``rlhfkit eval``) and optionally
+``reward_eval.json``, ``checkpoints/`` and tracker folders. docs/evaluation.md describes each file.
+
+Writing: only the main process writes; every other process gets a ``RunDir`` whose writes are
+no-ops, so trainers call it unconditionally. Reading: ``report`` and ``compare`` read runs through the
+functions at the end of this module, strictly (a malformed file is a ``ValueError`` naming file and
+line) or leniently (the problem is recorded and the rest is read: a live run can leave a half-written
+last line, and a report should still show everything else).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -112,9 +120,7 @@ class RunDir:
 
     def write_json(self, name: str, data: dict) -> None:
         if self.is_main:
-            tmp = self.path / (name + ".tmp")
-            tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-            os.replace(tmp, self.path / name)
+            write_json(self.path / name, data)
 
     def close(self) -> None:
         if self._bar is not None:
@@ -126,6 +132,134 @@ class RunDir:
                 t.finish()
 
 
+def write_json(path: str | Path, data: dict) -> Path:
+    """Write ``data`` as indented JSON, atomically (a reader never sees half a file); returns the path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+    os.replace(tmp, path)
+    return path
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval.json", "reward_eval.json")
+OPTIONAL_FILES = ("reward_eval.json",)
+"""Files whose absence is no problem (only reward-model runs write reward_eval.json)."""
+
+
+def _bad(problems: list[str] | None, path: Path, what: str, lenient_suffix: str = "") -> None:
+    """Strict (``problems`` is None): raise ``ValueError`` naming the file; lenient: record ``what``."""
+    if problems is None:
+        raise ValueError(f"{path} {what}")
+    problems.append(f"{path.name} {what}{lenient_suffix}")
+
+
+def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[dict]:
+    """The JSON object on each non-blank line of ``path``. A line that is not one is an error, or,
+    with a ``problems`` list, skipped and described there."""
+    path = Path(path)
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _bad(problems, path, f"line {i} is not valid JSON ({e.msg})", "; skipped")
+            continue
+        if not isinstance(row, dict):
+            _bad(problems, path, f"line {i} is not a JSON object", "; skipped")
+            continue
+        rows.append(row)
+    return rows
+
+
+def read_json(path: str | Path, problems: list[str] | None = None) -> dict | None:
+    """The JSON object in ``path`` (None, with a ``problems`` list, when it is not one)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+    except json.JSONDecodeError as e:
+        return _bad(problems, path, f"is not valid JSON ({e.msg})")
+    if not isinstance(d, dict):
+        return _bad(problems, path, "is not a JSON object")
+    return d
+
+
+def parse_config(path: Path, text: str, problems: list[str] | None = None) -> dict | None:
+    """``config.yaml``'s mapping (None, with a ``problems`` list, when it is not one)."""
+    try:
+        cfg = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        return _bad(problems, path, f"does not parse as YAML: {e}")
+    if cfg is None and problems is not None:  # an empty file: nothing to show, and nothing wrong to report
+        return None
+    if not isinstance(cfg, dict):
+        return _bad(problems, path, "is not a YAML mapping")
+    return cfg
+
+
+def read_config(run_dir: str | Path) -> dict:
+    """A run's resolved config; ``ValueError`` when config.yaml is missing or malformed."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"run {run_dir} has no config.yaml")
+    return parse_config(path, path.read_text(encoding="utf-8"))
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, in order ([] when there is none yet)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+    return read_jsonl(p) if p.exists() else []
+
+
+def read_eval(run_dir: str | Path) -> dict | None:
+    """A run's eval.json (the ``evaluate_pairs`` record), or None when it has none."""
+    p = Path(run_dir) / "eval.json"
+    return read_json(p) if p.is_file() else None
+
+
+@dataclass
+class RunData:
+    """Everything read from one run directory; ``problems`` lists missing or malformed files."""
+
+    name: str
+    path: Path
+    config: dict | None = None
+    config_text: str | None = None
+    metrics: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    eval: dict | None = None
+    reward_eval: dict | None = None
+    problems: list[str] = field(default_factory=list)
+    missing: set[str] = field(default_factory=set)
+
+
+def read_run(run_dir: str | Path, name: str | None = None) -> RunData:
+    """Read every file of a run directory leniently: never raises on a missing or malformed file."""
+    run_dir = Path(run_dir)
+    run = RunData(name=name or run_dir.name, path=run_dir)
+    if not run_dir.is_dir():
+        run.problems.append(f"run directory {run_dir} does not exist")
+        run.missing.update(f for f in RUN_FILES if f not in OPTIONAL_FILES)
+        return run
+    for fname in RUN_FILES:
+        p = run_dir / fname
+        if not p.is_file():
+            run.missing.add(fname)
+            if fname not in OPTIONAL_FILES:
+                run.problems.append(f"{fname} is missing")
+            continue
+        if fname == "config.yaml":
+            run.config_text = p.read_text(encoding="utf-8", errors="replace")
+            run.config = parse_config(p, run.config_text, run.problems)
+        elif fname == "metrics.jsonl":
+            run.metrics = read_jsonl(p, run.problems)
+        elif fname == "samples.jsonl":
+            run.samples = read_jsonl(p, run.problems)
+        elif fname == "eval.json":
+            run.eval = read_json(p, run.problems)
+        else:
+            run.reward_eval = read_json(p, run.problems)
+    return run

@@ -2,19 +2,19 @@
 
 Each run contributes one score, its final value of a metric; runs are stratified by the `task` key
 of their config.yaml (runs without one share the stratum "default"). Reported per group: IQM with a
-stratified bootstrap CI and the plain mean; between groups: P(A > B) with its CI.
+stratified bootstrap CI and the plain mean; between groups: P(A > B) with its CI. Runs are read by
+``rlhfkit.tracking`` strictly: a malformed file is an error that names it.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from rlhfkit.evaluate.stats import iqm, probability_of_improvement_ci, stratified_bootstrap_ci
+from rlhfkit.tracking import read_config, read_eval, read_metrics
 
 __all__ = ["final_value", "compare_runs", "format_compare"]
 
@@ -25,25 +25,15 @@ _EVAL_JSON_KEYS = {"eval/gold": ("gold", "policy", "value"), "eval/proxy": ("pro
 
 def final_value(run_dir: Path, metric: str) -> float:
     """Last finite value of `metric` in metrics.jsonl, else the policy mean in eval.json (gold/proxy only)."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
     last = None
-    if metrics.is_file():
-        for i, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{metrics} line {i} is not valid JSON: {e.msg}") from e
-            v = row.get(metric) if isinstance(row, dict) else None
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                last = float(v)
+    for row in read_metrics(run_dir):
+        v = row.get(metric)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            last = float(v)
     if last is not None:
         return last
-    ev = run_dir / "eval.json"
-    if metric in _EVAL_JSON_KEYS and ev.is_file():
-        node = json.loads(ev.read_text(encoding="utf-8"))
+    node = read_eval(run_dir) if metric in _EVAL_JSON_KEYS else None
+    if node is not None:
         for k in _EVAL_JSON_KEYS[metric]:
             node = node.get(k) if isinstance(node, dict) else None
         if isinstance(node, (int, float)):
@@ -56,12 +46,10 @@ def final_value(run_dir: Path, metric: str) -> float:
 
 
 def _task(run_dir: Path) -> str:
-    cfg_path = Path(run_dir) / "config.yaml"
-    if not cfg_path.is_file():
-        raise ValueError(f"run {run_dir} has no config.yaml, so its task (stratum) is unknown")
-    cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_path} is not a YAML mapping")
+    try:
+        cfg = read_config(run_dir)
+    except ValueError as e:
+        raise ValueError(f"{e}, so its task (stratum) is unknown") from None
     return str(cfg.get("task", DEFAULT_TASK))
 
 
