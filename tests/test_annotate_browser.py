@@ -231,3 +231,54 @@ def test_pinned_question_long_conversation_and_narrow_screen(tmp_path):
             assert page.inner_text("#side-left h2").startswith("A") and page.inner_text("#side-right h2").startswith("B")
         finally:
             browser.close()
+
+
+def test_adjudication_in_a_real_browser(tmp_path):
+    """A lead signs in, opens the queue, reads the votes (hostile rationale shown as text) and decides;
+    the decision is stored with their name and the queue empties."""
+    from playwright.sync_api import sync_playwright
+
+    from rlhfkit.annotate.models import Decision
+    from rlhfkit.annotate.store import LabelInput
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    admin = store.admin.ensure_admin_token()
+    write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0)])
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=2, gold_rate=0.0)
+    for name, side in (("alice", "a"), ("bob", "b")):  # they disagree (in pair terms)
+        who = store.login_annotator(store.admin.add_annotator("web", name))[1]
+        item = store.next_item(who)
+        with store.db.read() as s:
+            left = s.scalar(select(Assignment.left).where(Assignment.id == item.assignment_id))
+        store.submit(who, LabelInput(f"{name}-sub-01", item.assignment_id, "left" if left == side else "right",
+                                     rationale=XSS))
+    dialogs, page_errors = [], []
+    with Server(db) as server, sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/admin/login")
+            page.fill("input[name=token]", admin)
+            with page.expect_navigation():
+                page.click("button[type=submit]")
+            page.goto(f"{server.url}/admin/projects/web/adjudication")
+            with page.expect_navigation():
+                page.click("#queue a")
+            assert page.inner_text("#comparisons tr#c-0-1 td:nth-child(2)") == "1 / 0 / 1"
+            assert [t for t in page.locator("#votes td.rationale").all_inner_texts()] == [XSS, XSS]
+            page.fill("#c-0-1 input[name=decided_by]", "Dana")
+            page.fill("#c-0-1 input[name=note]", "b answers the question")
+            with page.expect_navigation():
+                page.click("#c-0-1 button[value=b]")
+            assert page.url.endswith("/admin/projects/web/adjudication")
+            page.wait_for_selector("#empty")
+            assert dialogs == [] and page_errors == []
+        finally:
+            browser.close()
+    with store.db.read() as s:
+        d = s.scalars(select(Decision)).one()
+    assert (d.winner, d.decided_by, d.note, d.i, d.j) == ("b", "Dana", "b answers the question", 0, 1)

@@ -18,9 +18,14 @@ Routes (all HTML is server-rendered with Jinja2 autoescaping; the only scripts a
     GET  /admin                     projects and progress
     GET  /admin/projects/{p}        dashboard: agreement, annotator quality, annotators, export
     POST /admin/projects/{p}/annotators               create an annotator, show their link once
-    POST /admin/projects/{p}/annotators/{name}/active  activate / deactivate
-    GET  /admin/projects/{p}/export.jsonl             download PreferenceRecords
+    POST /admin/projects/{p}/annotator-status         deactivate / reactivate (new link); name in the form
+    POST /admin/projects/{p}/annotator-link           replace an annotator's link
+    GET  /admin/projects/{p}/export.jsonl             download PreferenceRecords (the CLI's filters; ?rankings=true)
     GET  /api/admin/projects/{p}/stats                dashboard figures as JSON
+    GET  /admin/projects/{p}/items[/{id}]             item browser, one item with every vote (+ /api/admin/... JSON)
+    GET  /admin/projects/{p}/adjudication             items where votes disagree (+ /api/admin/... JSON)
+    POST /admin/projects/{p}/decisions                the lead's answer for an item (form)
+    GET  /a/{token}, POST /a/{token}                  sign-in link; a cross-site visit confirms with a button first
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhfkit.annotate import views_admin, views_annotator
+from rlhfkit.annotate import views_admin, views_annotator, views_review
 from rlhfkit.annotate.store import Store
 from rlhfkit.annotate.web import (
     HERE,
@@ -94,6 +99,7 @@ def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = Tr
 
     app.include_router(views_annotator.router(store, auth))
     app.include_router(views_admin.router(store, auth))
+    app.include_router(views_review.router(store, auth))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(BodyGuard, auth=auth, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
     app.add_middleware(SecurityHeaders)  # added last: the outermost, so every answer gets the headers

@@ -166,11 +166,11 @@ def unsafe_pairs(store: Store, project: str, limit: int = 200) -> list[dict]:
     with store.db.read() as s:
         proj = find_project(s, project)
         rows = s.execute(
-            select(Pair.key, func.count(), func.sum(case((Label.skipped.is_(True), 1), else_=0)))
+            select(Pair.key, func.count(), func.sum(case((Label.skipped.is_(True), 1), else_=0)), Pair.id)
             .join(Label, Label.pair_id == Pair.id)
             .where(Pair.project_id == proj.id, Label.unsafe.is_(True))
-            .group_by(Pair.key).order_by(func.count().desc(), Pair.key).limit(limit)).all()
-    return [{"pair_id": key, "flags": int(n), "skipped": int(sk or 0)} for key, n, sk in rows]
+            .group_by(Pair.key, Pair.id).order_by(func.count().desc(), Pair.key).limit(limit)).all()
+    return [{"pair_id": key, "flags": int(n), "skipped": int(sk or 0), "id": pid} for key, n, sk, pid in rows]
 
 
 def format_table(stats: dict) -> str:
