@@ -15,7 +15,7 @@ import sys
 # command -> (module, config class, one-line description)
 TRAINERS = {
     "sft": ("rlhfkit.train.sft", "SFTConfig", "supervised fine-tuning on chat data (assistant-only loss)"),
-    "dpo": ("rlhfkit.train.dpo", "DPOConfig", "offline preference optimisation: DPO, IPO, cDPO, SLiC, SimPO, ORPO, KTO"),
+    "dpo": ("rlhfkit.pipelines.iterative_dpo", "IterativeDPOConfig", "offline preference optimisation: DPO, IPO, cDPO, SLiC, SimPO, ORPO, KTO"),
     "ppo": ("rlhfkit.train.ppo", "PPOConfig", "PPO with a critic (the N implementation details of RLHF with PPO)"),
     "grpo": ("rlhfkit.train.grpo", "GRPOConfig", "GRPO / Dr. GRPO / REINFORCE++: critic-free, group baselines"),
     "rloo": ("rlhfkit.train.grpo", "RLOOConfig", "RLOO: REINFORCE with a leave-one-out baseline"),
@@ -23,15 +23,15 @@ TRAINERS = {
 }
 # command -> (module, function(argv) -> int, description)
 TOOLS = {
-    "demo": ("rlhfkit.pipelines.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
+    "demo": ("rlhfkit.cli.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
     "tasks": ("rlhfkit.cli.tasks", "main", "built-in tasks with hidden gold rewards"),
-    "sample": ("rlhfkit.rollout.sample", "main", "sample K completions per prompt into comparison pairs"),
-    "label": ("rlhfkit.feedback.cli", "main", "label pairs: simulated annotator, LM judge or reward model"),
-    "reward": ("rlhfkit.train.reward", "main", "train / evaluate a Bradley-Terry reward model"),
+    "sample": ("rlhfkit.cli.sample", "main", "sample K completions per prompt into comparison pairs"),
+    "label": ("rlhfkit.cli.label", "main", "label pairs: simulated annotator, LM judge or reward model"),
+    "reward": ("rlhfkit.cli.reward", "main", "train / evaluate a Bradley-Terry reward model"),
     "annotate": ("rlhfkit.cli.annotate", "main", "human preference annotation web app"),
-    "eval": ("rlhfkit.evaluate.cli", "eval_main", "win rate of a policy over a reference, with CIs"),
-    "compare": ("rlhfkit.evaluate.cli", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
-    "report": ("rlhfkit.evaluate.cli", "report_main", "self-contained HTML report of runs"),
+    "eval": ("rlhfkit.cli.evaluate", "eval_main", "win rate of a policy over a reference, with CIs"),
+    "compare": ("rlhfkit.cli.evaluate", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
+    "report": ("rlhfkit.cli.evaluate", "report_main", "self-contained HTML report of runs"),
     "info": ("rlhfkit.cli", "info", "versions, device, threads and the bundled model's cache state"),
 }
 
@@ -64,10 +64,11 @@ def run_trainer(name: str, argv: list[str]) -> int:
         parser.error(str(e))
     from rlhfkit.data.records import DataError
     from rlhfkit.models.loading import ModelNotFoundError
+    from rlhfkit.train.runtime import UnsafeCheckpointError
 
     try:
         result = module.train(cfg)
-    except (DataError, ModelNotFoundError) as e:
+    except (DataError, ModelNotFoundError, UnsafeCheckpointError) as e:
         # the user's input, not rlhfkit, is at fault and the message says where: no traceback
         print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
         return 1

@@ -1,9 +1,11 @@
 """Offline preference optimisation: DPO and its family (IPO, cDPO, SLiC hinge, SimPO, ORPO) and KTO.
 
-Reads top to bottom: the config, log-probs, the reference pre-pass, then ``train(cfg)`` whose loop
-is numbered phases. Reading and tokenizing the data is ``rlhfkit.train.dpo_data``; the losses
-themselves are the pure functions of ``rlhfkit.losses.dpo``; docs/dpo.md gives every loss's
-equation and when to use it.
+Reads top to bottom: the config, log-probs and losses, the reference pre-pass, eval, then
+``train(cfg)`` whose loop is numbered phases. Reading and tokenizing the data is
+``rlhfkit.train.dpo_data``; the losses themselves are the pure functions of ``rlhfkit.losses.dpo``;
+the machinery shared with SFT and the reward model (step counts, global batches, accumulation, the
+end-of-step tail) is ``rlhfkit.train.offline``; iterative DPO (sample, label, train, repeat) is
+``rlhfkit.pipelines.iterative_dpo``. docs/dpo.md gives every loss's equation and when to use it.
 
 Efficiency by design (docs/dpo.md, "Efficiency"):
 
@@ -14,8 +16,6 @@ Efficiency by design (docs/dpo.md, "Efficiency"):
 - chosen and rejected go through the policy in ONE forward pass, packed without padding, their shared
   prompt computed once (``rlhfkit.models.logps.completion_logps``), with logits on completion tokens only.
 
-Iterative DPO (``labeler``, ``rounds``) is ``train_rounds`` at the end of the file.
-
 Batch vocabulary (as in SFT): ``batch_size`` examples per optimizer step across all processes =
 ``micro_batch_size`` x accumulation steps x processes. An example is a pair (two sequences) for the
 pairwise losses and one labelled completion for KTO. The loss is the mean over the global batch:
@@ -25,25 +25,27 @@ parallelism do not change it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlhfkit.config import CommonConfig
+from rlhfkit.config import CommonConfig, check_choice
+from rlhfkit.data.formats import PREFERENCE_FORMATS
+from rlhfkit.data.records import DataError
 from rlhfkit.losses.dpo import DPO_LOSSES, REFERENCE_FREE, PairLogps, kto_kl_estimate, kto_loss
-from rlhfkit.ops import exact_div, masked_sum
-from rlhfkit.train import runtime
-from rlhfkit.train.dpo_data import Example, load_examples
+from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.models.batching import pad_completions
+from rlhfkit.models.loading import TINY, resolve
 from rlhfkit.models.logps import completion_logps
+from rlhfkit.ops import masked_sum
+from rlhfkit.train import offline, runtime
+from rlhfkit.train.dpo_data import Example, load_examples
 
 LOSSES = (*DPO_LOSSES, "kto")
 # packing (the config's word, shared with SFT) -> the log-prob layout of rlhfkit.models.logps
@@ -55,6 +57,8 @@ LOSS_PARAMS = {"label_smoothing": "robust", "gamma_beta_ratio": "simpo", "streng
 # a preference probability (target 1/2) or IPO's regression (target h = 0). hinge only penalises
 # margins beyond 1/beta (flat inside), orpo adds SFT on the chosen side, kto has no pairs.
 TIE_LOSSES = ("sigmoid", "robust", "ipo", "simpo")
+TIES = ("skip", "half")
+LONG_PROMPTS = ("error", "skip")
 
 
 @dataclass
@@ -129,63 +133,30 @@ class DPOConfig(CommonConfig):
     """Tokens sampled per prompt for eval/kl_ref (temperature 1, no top-k/top-p)."""
     stop_at_step: int | None = None
     """Stop (saving a checkpoint) at this step without changing the LR schedule: splits one run into parts."""
-    rounds: int = 1
-    """Iterative (online) DPO with a labeler: rounds of sample pairs from the current policy -> label -> train
-    (the round's starting policy is its reference). Without a labeler: 1 (plain offline DPO on data)."""
-    labeler: str | None = None
-    """Labels each round's pairs: 'simulated' (the task's hidden gold reward with human-like noise,
-    rlhfkit.feedback.SimulatedAnnotator). None: offline DPO on data."""
-    task: str | None = None
-    """With a labeler: the built-in task (rlhfkit.data.tasks) whose train prompts are sampled each round and
-    whose gold reward labels the pairs and scores held-out samples (eval/gold per round)."""
-    round_prompts: int = 64
-    """With a labeler: train prompts sampled per round (a seeded subset, different each round)."""
-    round_k: int = 2
-    """With a labeler: completions sampled per prompt; every distinct pair of them is labelled (K(K-1)/2)."""
-    round_temperature: float = 1.0
-    """With a labeler: sampling temperature of the round's completions (> 0)."""
-    round_max_new_tokens: int = 48
-    """With a labeler: token cap of sampled completions (and of the held-out gold samples)."""
-    gold_prompts: int = 32
-    """With a labeler: held-out task prompts scored by the gold reward after each round (eval/gold)."""
 
     def validate(self) -> None:
         super().validate()
-        if self.labeler is not None:
-            if self.labeler != "simulated":
-                raise ValueError(f"labeler must be 'simulated', got {self.labeler!r}; for a judge or reward model, "
-                                 "run `rlhfkit sample`, `rlhfkit label` and `rlhfkit dpo --data` per round")
-            if self.task is None:
-                raise ValueError("labeler=simulated needs task: the built-in task whose prompts and gold reward to use")
-            if self.data is not None:
-                raise ValueError("with a labeler each round's pairs are sampled and labelled: leave data unset")
-            if self.rounds < 1 or self.round_k < 2 or self.round_temperature <= 0:
-                raise ValueError("rounds must be >= 1, round_k >= 2 and round_temperature > 0")
-        elif self.rounds != 1:
-            raise ValueError("rounds > 1 needs a labeler for the new pairs (--labeler simulated --task NAME)")
-        elif self.data is None:
-            raise ValueError("data is required: --data FILE.jsonl (or a Parquet file, save_to_disk folder, hub id)")
+        offline.check_offline_config(self)
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
         for name, owner in LOSS_PARAMS.items():
             default = next(f.default for f in dataclasses.fields(self) if f.name == name)
             if getattr(self, name) != default and self.loss != owner:
                 raise ValueError(f"{name} applies to loss={owner} only (loss is {self.loss}); leave it at {default}")
-        if self.ties not in ("skip", "half"):
+        if self.ties not in TIES:
             raise ValueError(f"ties must be 'skip' or 'half', got {self.ties!r}")
         if self.ties == "half" and self.loss not in TIE_LOSSES:
             raise ValueError(f"ties=half is not defined for loss={self.loss} (it is for {', '.join(TIE_LOSSES)}); "
                              "use ties=skip")
-        if self.long_prompts not in ("error", "skip"):
-            raise ValueError(f"long_prompts must be 'error' or 'skip', got {self.long_prompts!r}")
-        if self.packing not in PACKINGS:
-            raise ValueError(f"packing must be one of {', '.join(PACKINGS)}, got {self.packing!r}")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if not 0 <= self.eval_fraction < 1:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_prompt_length < 1 or self.max_completion_length < 1:
-            raise ValueError("max_prompt_length and max_completion_length must be >= 1")
+        check_choice(self, "data_format", ("auto", *PREFERENCE_FORMATS))
+        check_choice(self, "long_prompts", LONG_PROMPTS)
+        check_choice(self, "packing", tuple(PACKINGS))
+        offline.check_positive(self, "beta", "desirable_weight", "undesirable_weight")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
+        offline.check_at_least(self, 0, "gamma_beta_ratio", "strength_margin", "kl_prompts")
+        offline.check_at_least(self, 1, "max_prompt_length", "max_completion_length", "inference_micro_batch_size",
+                               "kl_max_new_tokens")
 
 
 # --- log-probs and losses ---------------------------------------------------------------------------
@@ -266,8 +237,6 @@ def logps_table(model, examples: list[Example], cfg: DPOConfig, pad_id: int, acc
 
 def load_reference(name: str, seed: int):
     """The frozen reference policy; the only place a reference model is loaded (tests patch it)."""
-    from rlhfkit.models import load_model
-
     model, tok = load_model(name, seed=seed)
     model.requires_grad_(False)
     return model.eval(), tok
@@ -277,8 +246,6 @@ def reference_key(name: str, seed: int, examples: list[Example], acc) -> str:
     """Hash of what the cached reference log-probs depend on: the reference model's identity (local
     files' names, sizes and modification times; 'tiny' with its seed; a hub id by name), the
     precision, and every example's token ids."""
-    from rlhfkit.models.loading import TINY, resolve
-
     if name == TINY or name.startswith(TINY + ":"):
         ident: object = f"{name}:seed={seed}"
     elif Path(path := resolve(name)).is_dir():
@@ -318,7 +285,7 @@ def reference_logps(cfg: DPOConfig, examples: list[Example], run_path: Path, tok
 # --- eval ------------------------------------------------------------------------------------------
 
 
-def evaluate(model, examples: list[Example], ref: torch.Tensor | None, cfg: DPOConfig, pad_id: int, acc) -> dict:
+def eval_metrics(model, examples: list[Example], ref: torch.Tensor | None, cfg: DPOConfig, pad_id: int, acc) -> dict:
     """``eval/`` versions of the training metrics over the whole held-out set."""
     logps, lengths = logps_table(model, examples, cfg, pad_id, acc)
     z0 = kto_kl_estimate(logps[:, 1], ref[:, 1]) if cfg.loss == "kto" else None
@@ -359,18 +326,11 @@ def kl_to_reference(model, prompts: list[list[int]], cfg: DPOConfig, tok, acc, s
 # --- training --------------------------------------------------------------------------------------
 
 
-def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Deterministic shuffled order for an epoch, cut into global batches (incomplete tail dropped)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
 def train(cfg: DPOConfig) -> dict:
-    from rlhfkit.models import load_model, load_tokenizer
-
-    cfg.validate()
-    if cfg.labeler is not None:
-        return train_rounds(cfg)
+    if not cfg.data:
+        # checked here, not in validate: a config without data is still a config (YAML bases, iterative
+        # DPO's rounds, which fill it in); the CLI prints this without a traceback
+        raise DataError("data is required: --data FILE.jsonl (or a Parquet file, save_to_disk folder, hub id)")
     # 1. runtime: accelerator, per-process seed, tokenizer (the models come after the data)
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
@@ -382,20 +342,13 @@ def train(cfg: DPOConfig) -> dict:
     if cfg.eval_data:
         eval_set, _ = load_examples(cfg.eval_data, tok, cfg)
     else:
-        n_eval = int(len(data) * cfg.eval_fraction)
-        perm = np.random.default_rng(cfg.seed).permutation(len(data))
-        eval_set, data = [data[i] for i in perm[:n_eval]], [data[i] for i in perm[n_eval:]]
-    local_bs = exact_div(cfg.batch_size, acc.num_processes, "batch_size / processes")
-    accum = exact_div(local_bs, cfg.micro_batch_size, "batch_size / (micro_batch_size x processes)")
-    steps_per_epoch = len(data) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {len(data)} training examples, fewer than one batch of {cfg.batch_size}")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-    run = runtime.open_run(cfg, "dpo", acc, total_steps)
+        data, eval_set = offline.split_off_eval(data, cfg.eval_fraction, cfg.seed)
+    steps = offline.plan(len(data), cfg, acc.num_processes, "training examples", cfg.micro_batch_size)
+    run = runtime.open_run(cfg, "dpo", acc, steps.total)
     result = {"run_dir": str(run.path), **counts, "train_examples": len(data), "eval_examples": len(eval_set)}
 
     # 3. reference log-probs: once per dataset, before the policy exists; none for reference-free losses
-    ref = None
+    ref = eval_ref = None
     if cfg.loss not in REFERENCE_FREE:
         with runtime.Timer() as t:
             ref, result["ref_logps"] = reference_logps(cfg, data + eval_set, run.path, tok, acc)
@@ -406,146 +359,57 @@ def train(cfg: DPOConfig) -> dict:
     # 4. policy, optimizer, schedule, resumed state
     model, _ = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
     model.config.use_cache = False
-    opt = runtime.adamw(model.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
-    sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, opt = acc.prepare(model, opt)
-    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
+    model, opt, sched, step = offline.start_optimizer(model, cfg, acc, steps, ckpt)
     run.advance(step)
-    model.train()
-    last_stop = min(total_steps, cfg.stop_at_step or total_steps)
 
-    while step < last_stop:
-        epoch, i = divmod(step, steps_per_epoch)
-        gbatch = global_batches(len(data), cfg.batch_size, cfg.seed, epoch)[i]
-        local = gbatch[acc.process_index * local_bs:(acc.process_index + 1) * local_bs].tolist()
+    # ALGO LOGIC: one micro-batch's summed loss; chosen + rejected in one forward pass
+    def micro_loss(idx: list[int]) -> tuple[torch.Tensor, dict]:
+        micro = [data[j] for j in idx]
+        logps, lengths = forward_examples(model, micro, cfg.packing, tok.pad_token_id)
+        micro_ref = ref[idx] if ref is not None else None
+        z0 = None
+        if cfg.loss == "kto":  # z0 from this micro-batch's mismatched pairs on every process
+            z0 = kto_kl_estimate(acc.gather(logps[:, 1].detach()), acc.gather(micro_ref[:, 1].to(acc.device)))
+        loss, _ = example_losses(cfg, logps, micro_ref, lengths, micro, z0)
+        seen = {"idx": torch.tensor(idx, device=acc.device), "logps": logps.detach(), "lengths": lengths,
+                "loss": loss.detach(), "z0": z0}
+        return loss.sum(), seen
+
+    def evaluate() -> dict:
+        """Held-out metrics, and the KL to the reference of fresh policy samples."""
+        out = eval_metrics(model, eval_set, eval_ref, cfg, tok.pad_token_id, acc)
+        if kl_prompts:
+            out["eval/kl_ref"], samples = kl_to_reference(model, [list(p) for p in kl_prompts], cfg, tok, acc, step)
+            run.log_samples(step, samples)
+        return out
+
+    while step < steps.last:
+        local = steps.local(steps.global_batch(step, len(data), cfg.seed), acc.process_index).tolist()
         if cfg.packing == "padded":  # group by length: the sum over the batch does not depend on the order
             local.sort(key=lambda j: data[j].num_tokens)
+        micros = [local[k:k + cfg.micro_batch_size] for k in range(0, len(local), cfg.micro_batch_size)]
+        # 5. forward/backward over micro-batches (syncing gradients on the last), clip, step
         with runtime.Timer() as t:
-            # 5. forward/backward over micro-batches (chosen + rejected in one pass), syncing on the last
-            seen = {"idx": [], "logps": [], "lengths": [], "loss": [], "z0": []}
-            for k in range(accum):
-                idx = local[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size]
-                micro = [data[j] for j in idx]
-                with acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext():
-                    logps, lengths = forward_examples(model, micro, cfg.packing, tok.pad_token_id)
-                    micro_ref = ref[idx] if ref is not None else None
-                    z0 = None
-                    if cfg.loss == "kto":  # z0 from this micro-batch's mismatched pairs on every process
-                        z0 = kto_kl_estimate(acc.gather(logps[:, 1].detach()), acc.gather(micro_ref[:, 1].to(acc.device)))
-                        seen["z0"].append(z0)
-                    loss, _ = example_losses(cfg, logps, micro_ref, lengths, micro, z0)
-                    # mean over the global batch; DDP averages gradients over processes, so multiply back
-                    acc.backward(loss.sum() / cfg.batch_size * acc.num_processes)
-                seen["idx"].append(torch.tensor(idx, device=acc.device))
-                seen["logps"].append(logps.detach())
-                seen["lengths"].append(lengths)
-                seen["loss"].append(loss.detach())
-            # 6. clip and step
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            seen, grad_norm = offline.optimizer_step(model, opt, sched, acc, micros, micro_loss, cfg.batch_size,
+                                                     cfg.grad_clip)
         step += 1
-        # 7. log: the metrics of the whole global batch, from the gathered per-example values
-        gathered = {k: acc.gather(torch.cat(v)) for k, v in seen.items() if k != "z0"}
+        # 6. metrics of the whole global batch, from the gathered per-example values
+        gathered = {k: acc.gather(torch.cat([s[k] for s in seen])) for k in ("idx", "logps", "lengths", "loss")}
         order = gathered["idx"].cpu()
         batch = [data[j] for j in order.tolist()]
-        z0 = torch.stack(seen["z0"]).mean() if seen["z0"] else None
+        z0 = torch.stack([s["z0"] for s in seen]).mean() if cfg.loss == "kto" else None
         _, metrics = example_losses(cfg, gathered["logps"], ref[order] if ref is not None else None,
                                     gathered["lengths"], batch, z0)
         metrics = {"loss/dpo": gathered["loss"].mean().item(), **{k: float(v) for k, v in metrics.items()},
-                   "optim/lr": sched.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
                    **runtime.perf_metrics(sum(e.num_tokens for e in batch), t.seconds, acc),
                    "perf/examples_per_s": cfg.batch_size / max(t.seconds, 1e-9)}
-        if grad_norm is not None:
-            metrics["optim/grad_norm"] = float(grad_norm)
-        # 8. eval: held-out metrics, and the KL to the reference of fresh policy samples
-        if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
-            metrics.update(evaluate(model, eval_set, eval_ref if ref is not None else None, cfg, tok.pad_token_id, acc))
-            if kl_prompts:
-                metrics["eval/kl_ref"], samples = kl_to_reference(model, [list(p) for p in kl_prompts], cfg, tok, acc, step)
-                run.log_samples(step, samples)
-        if step % cfg.log_every == 0 or step == last_stop:
-            run.log(step, metrics)
-        run.advance()
+        # 7. eval, log, checkpoint
+        saved = offline.end_of_step(
+            run, step, metrics, steps, cfg, sched, grad_norm, evaluate=evaluate if eval_set else None,
+            save=lambda: runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
         result.update({k: v for k, v in metrics.items() if not k.startswith(("perf/", "optim/", "train/"))})
-        # 9. checkpoint
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last_stop:
-            result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
+        if saved is not None:
+            result["checkpoint"] = str(saved)
     run.close()
     result["steps"] = step
     return result
-
-
-# --- iterative DPO -----------------------------------------------------------------------------------
-
-
-def sample_labelled_pairs(model, tok, cfg: DPOConfig, task, round_: int) -> list:
-    """Sample ``round_k`` completions per prompt for a seeded subset of the task's train prompts from
-    ``model``, pair them (``rollout.sample.make_pairs``) and label them with the simulated annotator."""
-    from rlhfkit.feedback.simulated import SimulatedAnnotator
-    from rlhfkit.rollout.engine import Sampler, SamplingConfig
-    from rlhfkit.rollout.sample import make_pairs, pick
-
-    rows = pick(task.prompt_rows("train"), cfg.round_prompts, cfg.seed * 1_000_003 + round_)
-    sampler = Sampler(model, tok, SamplingConfig(temperature=cfg.round_temperature,
-                                                 max_new_tokens=cfg.round_max_new_tokens),
-                      max_prompt_length=cfg.max_prompt_length)
-    flat = [r for r in rows for _ in range(cfg.round_k)]
-    texts, info = [], []
-    for b in range(0, len(flat), cfg.inference_micro_batch_size):
-        out = sampler.sample([r["messages"] for r in flat[b:b + cfg.inference_micro_batch_size]],
-                             seed=(cfg.seed * 1_000_003 + round_) * 1_000_003 + b, with_logps=False)
-        texts += out.completions
-        info += [{"ended": bool(e)} for e in out.ended.tolist()]
-    meta = {"seed": cfg.seed, "round": round_, "task": task.name}
-    pairs = []
-    for i, row in enumerate(rows):
-        k = slice(i * cfg.round_k, (i + 1) * cfg.round_k)
-        pairs += make_pairs(row, texts[k], info[k], meta, task.name)[0]
-    return SimulatedAnnotator(task=task, seed=cfg.seed + round_).label(pairs)
-
-
-def train_rounds(cfg: DPOConfig) -> dict:
-    """Iterative DPO (e.g. Xiong et al. 2024, "Iterative Preference Learning from Human Feedback"): each
-    round samples pairs from the current policy, labels them, and trains one DPO round on them with the
-    round's starting policy as reference. ``eval/gold`` (the task's gold reward of samples on held-out
-    prompts) is logged per round, round 0 being the starting model. One process; no resume."""
-    from rlhfkit.data.io import save_preferences
-    from rlhfkit.data.tasks import get_task, measure
-    from rlhfkit.models import load_model
-    from rlhfkit.tracking import RunDir, default_run_dir
-
-    task = get_task(cfg.task)
-    root = Path(cfg.output_dir or default_run_dir("dpo-rounds"))
-    run = RunDir(root, dataclasses.asdict(cfg), method="dpo-rounds", progress=False)
-    print(f"[rlhfkit] dpo: {cfg.rounds} rounds on task {task.name}, run dir {root}", flush=True)
-    policy, history, trained = cfg.model, [], {}
-    for round_ in range(cfg.rounds + 1):
-        # 1. score the policy after `round_` rounds on held-out prompts with the hidden gold reward
-        model, tok = load_model(policy, seed=cfg.seed)
-        model.eval()
-        gold = measure(task, model, tok, num_prompts=cfg.gold_prompts, max_new_tokens=cfg.round_max_new_tokens,
-                       batch_size=cfg.inference_micro_batch_size, seed=cfg.seed)
-        history.append({"eval/gold": gold["gold_mean"], "eval/gold_sem": gold["gold_sem"], **trained,
-                        "policy": policy})
-        run.log(round_, history[-1])
-        if round_ == cfg.rounds:
-            break
-        # 2. sample pairs from it and label them
-        records = sample_labelled_pairs(model, tok, cfg, task, round_ + 1)
-        del model
-        gc.collect()
-        data = root / f"round-{round_ + 1}" / "prefs.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        save_preferences(data, records)
-        # 3. one round of DPO on them, the round's starting policy as reference
-        sub = dataclasses.replace(cfg, model=policy, reference_model=None, data=str(data), labeler=None, rounds=1,
-                                  output_dir=str(data.parent / "train"), resume=None)
-        result = train(sub)
-        policy = result["checkpoint"]
-        trained = {"round/pairs": len(records), "round/ties": sum(r.tie for r in records),
-                   "round/loss": result["loss/dpo"], "round/accuracy": result["rewards/accuracy"]}
-    run.close()
-    return {"run_dir": str(root), "rounds": cfg.rounds, "checkpoint": policy, "gold": [h["eval/gold"] for h in history],
-            "history": history}

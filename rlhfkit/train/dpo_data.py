@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
+from rlhfkit.data.formats import to_conversation, to_preference
+from rlhfkit.data.io import read_rows
 from rlhfkit.data.records import DataError, Where
 
 if TYPE_CHECKING:
@@ -48,11 +50,8 @@ def _prompt(tok, prompt: list[dict], where: Where, cfg: DPOConfig, counts: dict)
         return None
 
 
-def load_pairs(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
+def load_pair_examples(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
     """Tokenized preference pairs from ``source``; ties dropped unless ``cfg.ties == 'half'``."""
-    from rlhfkit.data.formats import to_preference
-    from rlhfkit.data.io import read_rows
-
     out, same = [], 0
     for where, row in read_rows(source):
         rec = to_preference(row, where, cfg.data_format)
@@ -73,13 +72,10 @@ def load_pairs(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
     return out
 
 
-def load_kto(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
+def load_kto_examples(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
     """Unpaired examples for KTO: rows ``{prompt, completion, label}`` (label true = desirable; a
     ``label`` column or ``metadata.label``), and preference rows, each split into a desirable chosen and
     an undesirable rejected example (ties skipped). ``second_ids`` is a derangement of completions."""
-    from rlhfkit.data.formats import to_conversation, to_preference
-    from rlhfkit.data.io import read_rows
-
     rows = []  # (prompt ids, prompt messages, completion text, desirable, where)
     for where, row in read_rows(source):
         if isinstance(row, dict) and "chosen" in row and "rejected" in row:
@@ -121,8 +117,10 @@ def load_kto(source: str, tok, cfg: DPOConfig, counts: dict) -> list[Example]:
 
 
 def load_examples(source: str, tok, cfg: DPOConfig) -> tuple[list[Example], dict]:
+    """The training examples of ``cfg.loss`` from ``source`` (pairs, or KTO's unpaired examples) and
+    the counts of what was skipped (ties, long prompts)."""
     counts = {"ties_skipped": 0, "long_prompts": 0}
-    examples = (load_kto if cfg.loss == "kto" else load_pairs)(source, tok, cfg, counts)
+    examples = (load_kto_examples if cfg.loss == "kto" else load_pair_examples)(source, tok, cfg, counts)
     if not examples:
         raise ValueError(f"{source}: no usable examples ({counts['ties_skipped']} ties skipped, "
                          f"{counts['long_prompts']} prompts over max_prompt_length skipped)")

@@ -1,31 +1,35 @@
 """Supervised fine-tuning on chat data, loss on assistant tokens only.
 
-Reads top to bottom: the config, then ``train(cfg)`` whose loop is numbered phases. Runs under
-``accelerate`` (one process, or several via ``torchrun``/``accelerate launch``).
+Reads top to bottom: the config, the data, the loss (``summed_nll``) and the attention that makes
+padding-free rows cheap, then ``train(cfg)`` whose loop is numbered phases. The machinery shared with
+DPO and the reward model (step counts, global batches, accumulation, the end-of-step tail) is
+``rlhfkit.train.offline``. Runs under ``accelerate`` (one process, or several via
+``torchrun``/``accelerate launch``). docs/sft.md.
 
-Batch vocabulary (shared by every rlhfkit method): ``batch_size`` sequences per optimizer step
-across all processes = ``micro_batch_size`` x ``grad_accum_steps`` x processes.
+Batch vocabulary (shared by every rlhfkit method): ``batch_size`` sequences per optimizer step across
+all processes = ``micro_batch_size`` x accumulation steps x processes.
 
-Loss normalisation: token mean over the *whole global batch* — each micro-batch's summed NLL is
+Loss normalisation: token mean over the *whole global batch*: each micro-batch's summed NLL is
 divided by the global batch's loss-token count, so 1 x 8 accumulation equals 8 x 1 and two
-processes equal one (the gradient-accumulation bug TRL/transformers fixed in 2024 came from
-averaging per micro-batch).
+processes equal one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.config import CommonConfig
+from rlhfkit.config import CommonConfig, check_choice
 from rlhfkit.data.chat import TokenizedChat, tokenize_chat
-from rlhfkit.ops import exact_div
-from rlhfkit.train import runtime
+from rlhfkit.data.formats import to_conversation
+from rlhfkit.data.io import read_rows
+from rlhfkit.data.records import DataError
+from rlhfkit.models import load_model
+from rlhfkit.train import offline, runtime
+
+PACKINGS = ("padding_free", "padded")
 
 
 @dataclass
@@ -67,28 +71,20 @@ class SFTConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.packing not in ("padding_free", "padded"):
-            raise ValueError(f"packing must be 'padding_free' or 'padded', got {self.packing!r}")
+        offline.check_offline_config(self)
+        check_choice(self, "packing", PACKINGS)
+        offline.check_at_least(self, 1, "max_length")
 
 
 def load_sft_data(source: str, tok, max_length: int) -> list[TokenizedChat]:
     """Conversations from ``source``, tokenized with assistant masks."""
     if not source:
-        raise ValueError("--data is required: a file, save_to_disk directory or hub dataset of conversations")
-    from rlhfkit.data.formats import to_conversation
-    from rlhfkit.data.io import read_rows
-
+        raise DataError("--data is required: a file, save_to_disk directory or hub dataset of conversations")
     convs = [(where, to_conversation(row, where)) for where, row in read_rows(source)]
     out = [tokenize_chat(tok, c.messages, max_length, where) for where, c in convs]
     if not out:
         raise ValueError(f"{source}: no conversations")
     return out
-
-
-def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Deterministic shuffled order for an epoch, cut into global batches (incomplete tail dropped)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def collate(examples: list[TokenizedChat], packing: str, pad_id: int) -> dict:
@@ -202,8 +198,6 @@ def eval_loss(model, data: list[TokenizedChat], cfg: SFTConfig, pad_id: int, acc
 
 
 def train(cfg: SFTConfig) -> dict:
-    from rlhfkit.models import load_model
-
     # 1. runtime: accelerator, per-process seed, model
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
@@ -218,67 +212,43 @@ def train(cfg: SFTConfig) -> dict:
     if cfg.eval_data:
         eval_set = load_sft_data(cfg.eval_data, tok, cfg.max_length)
     else:
-        n_eval = int(len(data) * cfg.eval_fraction)
-        perm = np.random.default_rng(cfg.seed).permutation(len(data))
-        eval_set, data = [data[i] for i in perm[:n_eval]], [data[i] for i in perm[n_eval:]]
-    local_bs = exact_div(cfg.batch_size, acc.num_processes, "batch_size / processes")
-    accum = exact_div(local_bs, cfg.micro_batch_size, "batch_size / (micro_batch_size x processes)")
-    steps_per_epoch = len(data) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {len(data)} conversations, fewer than one batch of {cfg.batch_size}")
-    total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
+        data, eval_set = offline.split_off_eval(data, cfg.eval_fraction, cfg.seed)
+    steps = offline.plan(len(data), cfg, acc.num_processes, "conversations", cfg.micro_batch_size)
 
-    # 3. optimizer and schedule
-    opt = runtime.adamw(model.parameters(), acc, cfg.lr, cfg.adam_eps, cfg.weight_decay)
-    sched = runtime.make_scheduler(opt, cfg.lr_schedule, int(cfg.warmup_ratio * total_steps), total_steps)
-    model, opt = acc.prepare(model, opt)
-    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
-    run = runtime.open_run(cfg, "sft", acc, total_steps)
+    # 3. optimizer and schedule, resumed state, run directory
+    model, opt, sched, step = offline.start_optimizer(model, cfg, acc, steps, ckpt)
+    run = runtime.open_run(cfg, "sft", acc, steps.total)
     run.advance(step)
-    model.train()
-    last_stop = min(total_steps, cfg.stop_at_step or total_steps)
     result = {"run_dir": str(run.path)}
 
-    while step < last_stop:
-        epoch, i = divmod(step, steps_per_epoch)
-        gbatch = global_batches(len(data), cfg.batch_size, cfg.seed, epoch)[i]
-        examples = [data[j] for j in gbatch]
+    def micro_loss(examples: list[TokenizedChat]) -> tuple[torch.Tensor, float]:
+        nll, _ = summed_nll(model, collate(examples, cfg.packing, tok.pad_token_id), acc.device)
+        return nll, nll.item()
+
+    while step < steps.last:
+        examples = [data[j] for j in steps.global_batch(step, len(data), cfg.seed)]
         # 4. the loss denominator: loss tokens in the whole global batch, known to every process
         global_tokens = sum(sum(e.loss_mask[1:]) for e in examples)
-        local = examples[acc.process_index * local_bs:(acc.process_index + 1) * local_bs]
+        local = steps.local(examples, acc.process_index)
+        micros = [local[k:k + cfg.micro_batch_size] for k in range(0, len(local), cfg.micro_batch_size)]
+        # 5. forward/backward over micro-batches (syncing gradients on the last), clip, step
         with runtime.Timer() as t:
-            # 5. forward/backward over micro-batches, syncing gradients only on the last
-            loss_sum = 0.0
-            for k in range(accum):
-                micro = collate(local[k * cfg.micro_batch_size:(k + 1) * cfg.micro_batch_size], cfg.packing, tok.pad_token_id)
-                ctx = acc.no_sync(model) if k < accum - 1 else contextlib.nullcontext()
-                with ctx:
-                    nll, _ = summed_nll(model, micro, acc.device)
-                    # DDP averages gradients over processes; multiply back so the result is sum/global_tokens
-                    acc.backward(nll / max(global_tokens, 1) * acc.num_processes)
-                loss_sum += nll.item()
-            # 6. clip and step
-            grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            nlls, grad_norm = offline.optimizer_step(model, opt, sched, acc, micros, micro_loss,
+                                                     max(global_tokens, 1), cfg.grad_clip)
         step += 1
-        # 7. log (the loss summed over processes / global token count = the true global token mean)
-        loss = acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum").item() / max(global_tokens, 1)
-        metrics = {"loss/sft": loss, "optim/lr": sched.get_last_lr()[0], "train/epoch": step / steps_per_epoch,
-                   **runtime.perf_metrics(sum(len(e.input_ids) for e in examples), t.seconds, acc)}
-        if grad_norm is not None:
-            metrics["optim/grad_norm"] = float(grad_norm)
-        if eval_set and (step % cfg.eval_every == 0 or step == total_steps):
-            metrics["eval/loss"] = eval_loss(model, eval_set, cfg, tok.pad_token_id, acc)
-            result["eval_loss"] = metrics["eval/loss"]
-        if step % cfg.log_every == 0 or step == last_stop:
-            run.log(step, metrics)
-        run.advance()
+        # 6. log (the NLL summed over processes / global token count = the true global token mean),
+        # eval, checkpoint
+        loss = acc.reduce(torch.tensor(sum(nlls), device=acc.device), "sum").item() / max(global_tokens, 1)
+        metrics = {"loss/sft": loss, **runtime.perf_metrics(sum(len(e.input_ids) for e in examples), t.seconds, acc)}
+        saved = offline.end_of_step(
+            run, step, metrics, steps, cfg, sched, grad_norm,
+            evaluate=(lambda: {"eval/loss": eval_loss(model, eval_set, cfg, tok.pad_token_id, acc)}) if eval_set else None,
+            save=lambda: runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
         result["loss"] = loss
-        # 8. checkpoint
-        if (cfg.save_every and step % cfg.save_every == 0) or step == last_stop:
-            result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": model}, tok, opt, sched, {}))
+        if "eval/loss" in metrics:
+            result["eval_loss"] = metrics["eval/loss"]
+        if saved is not None:
+            result["checkpoint"] = str(saved)
     run.close()
     result["steps"] = step
     return result

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 import yaml
 
 from rlhfkit.data.chat import tokenize_chat
+from rlhfkit.data.records import DataError
 from rlhfkit.tracking import read_metrics
 from rlhfkit.train.sft import SEGMENT_SDPA, SFTConfig, collate, summed_nll, train, use_segment_attention
 
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent.parent
 # constant LR, no warmup: the per-step losses then depend only on the data, the batch and the loop
 FAST = dict(model="tiny", lr=1e-2, lr_schedule="constant", warmup_ratio=0.0, eval_fraction=0.0, progress=False)
 
@@ -104,7 +106,7 @@ def test_two_processes_match_one(shared_sft_jsonl, tmp_path, reference_losses):
     """torchrun starts two processes (``accelerate launch --cpu`` would start one here: DESIGN.md);
     the script fails unless the trainer's accelerator saw both."""
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     # own session: on a timeout the whole group (torchrun and both workers) is killed, no orphans left
     proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -194,8 +196,8 @@ def test_run_directory_has_config_and_metrics(full_run):
     assert config["method"] == "sft" and config["lr"] == RESUME["lr"] and config["max_steps"] == 6
     assert config["rlhfkit_version"]
     assert "git_revision" in config
-    if (TESTS.parent / ".git").exists():
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=TESTS.parent, capture_output=True, text=True).stdout
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
         assert config["git_revision"] == head.strip()
     rows = read_metrics(full_run)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -210,6 +212,28 @@ def test_sizes_that_do_not_divide_raise(sft_jsonl, run_dir):
     with pytest.raises(ValueError, match="batch_size / \\(micro_batch_size x processes\\)"):
         train(SFTConfig(**{**FAST, "data": str(sft_jsonl), "output_dir": str(run_dir), "batch_size": 8,
                            "micro_batch_size": 3, "max_steps": 1}))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("packing", "packed", "packing must be one of padding_free, padded, got 'packed'"),
+    ("lr_schedule", "step", "lr_schedule must be one of cosine, linear, constant, got 'step'"),
+    ("eval_fraction", 1.0, r"eval_fraction must be in \[0, 1\), got 1.0"),
+    ("warmup_ratio", -0.1, r"warmup_ratio must be in \[0, 1\], got -0.1"),
+    ("micro_batch_size", 0, "micro_batch_size must be >= 1, got 0"),
+    ("lr", 0.0, "lr must be > 0, got 0.0"),
+    ("grad_clip", -1.0, "grad_clip must be >= 0, got -1.0"),
+    ("max_length", 0, "max_length must be >= 1, got 0"),
+])
+def test_config_rejects_a_bad_value_naming_the_field(field, value, message):
+    """From Python, at construction (``validate`` runs in ``__post_init__``), not first in ``train``."""
+    with pytest.raises(ValueError, match=message):
+        SFTConfig(data="x.jsonl", **{field: value})
+
+
+def test_missing_data_is_an_error_at_train_time(run_dir):
+    """A config without data is a valid config (YAML bases, defaults); training without data is not."""
+    with pytest.raises(DataError, match="--data is required"):
+        train(SFTConfig(**{**FAST, "output_dir": str(run_dir)}))
 
 
 def test_fewer_conversations_than_one_batch_raise(sft_jsonl, run_dir):
