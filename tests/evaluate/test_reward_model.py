@@ -10,15 +10,12 @@ from rlhfkit.data.records import PreferenceRecord
 from rlhfkit.evaluate.reward_model import expected_calibration_error, reward_model_report
 from rlhfkit.models.heads import RewardModel
 
-PROMPTS = [[{"role": "user", "content": "Hello there, how are you?"}], [{"role": "user", "content": "Name a fruit."}],
-           [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"}]]
-CHOSEN = ["I am fine, thanks for asking.", "Apple.", "Rome."]
-REJECTED = ["Bad.", "A banana is a long yellow fruit that monkeys like.", "It is Rome, the eternal city."]
-
-
-@pytest.fixture(scope="module")
-def rm():
-    return RewardModel.init_from("tiny", seed=1)
+# (prompt, chosen, rejected): replies of different lengths, so the length correlation is defined
+PAIRS = [("Hello there, how are you?", "I am fine, thanks for asking.", "Bad."),
+         ("Name a fruit.", "Apple.", "A banana is a long yellow fruit that monkeys like."),
+         ("Capital of Italy?", "Rome.", "It is Rome, the eternal city.")]
+PROMPTS = [[{"role": "user", "content": p}] for p, _, _ in PAIRS]
+CHOSEN, REJECTED = [c for _, c, _ in PAIRS], [r for _, _, r in PAIRS]
 
 
 def test_ece_by_hand():
@@ -30,7 +27,8 @@ def test_ece_by_hand():
     assert sum(b["n"] for b in table) == 4
 
 
-def test_evaluate_groups_and_gold(rm):
+def test_evaluate_groups_and_gold():
+    rm = RewardModel.init_from("tiny", seed=1)
     recs = [PreferenceRecord(prompt=p, chosen={"role": "assistant", "content": c},
                              rejected={"role": "assistant", "content": r},
                              metadata={"task": "t1" if i else "t2", "category": "x", "gold_chosen": 0.9,
