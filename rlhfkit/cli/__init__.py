@@ -23,15 +23,15 @@ TRAINERS = {
 }
 # command -> (module, function(argv) -> int, description)
 TOOLS = {
-    "demo": ("rlhfkit.pipelines.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
+    "demo": ("rlhfkit.cli.demo", "main", "the whole RLHF loop on the bundled model, offline, with a report"),
     "tasks": ("rlhfkit.cli.tasks", "main", "built-in tasks with hidden gold rewards"),
-    "sample": ("rlhfkit.rollout.sample", "main", "sample K completions per prompt into comparison pairs"),
-    "label": ("rlhfkit.feedback.cli", "main", "label pairs: simulated annotator, LM judge or reward model"),
+    "sample": ("rlhfkit.cli.sample", "main", "sample K completions per prompt into comparison pairs"),
+    "label": ("rlhfkit.cli.label", "main", "label pairs: simulated annotator, LM judge or reward model"),
     "reward": ("rlhfkit.cli.reward", "main", "train / evaluate a Bradley-Terry reward model"),
     "annotate": ("rlhfkit.cli.annotate", "main", "human preference annotation web app"),
-    "eval": ("rlhfkit.evaluate.cli", "eval_main", "win rate of a policy over a reference, with CIs"),
-    "compare": ("rlhfkit.evaluate.cli", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
-    "report": ("rlhfkit.evaluate.cli", "report_main", "self-contained HTML report of runs"),
+    "eval": ("rlhfkit.cli.evaluate", "eval_main", "win rate of a policy over a reference, with CIs"),
+    "compare": ("rlhfkit.cli.evaluate", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
+    "report": ("rlhfkit.cli.evaluate", "report_main", "self-contained HTML report of runs"),
     "info": ("rlhfkit.cli", "info", "versions, device, threads and the bundled model's cache state"),
 }
 
@@ -64,10 +64,11 @@ def run_trainer(name: str, argv: list[str]) -> int:
         parser.error(str(e))
     from rlhfkit.data.records import DataError
     from rlhfkit.models.loading import ModelNotFoundError
+    from rlhfkit.train.runtime import UnsafeCheckpointError
 
     try:
         result = module.train(cfg)
-    except (DataError, ModelNotFoundError) as e:
+    except (DataError, ModelNotFoundError, UnsafeCheckpointError) as e:
         # the user's input, not rlhfkit, is at fault and the message says where: no traceback
         print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
         return 1

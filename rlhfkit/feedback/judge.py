@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rlhfkit.data.records import ComparisonPair, PreferenceRecord
+from rlhfkit.models.loading import load_model
 
 JUDGE_SYSTEM = "You are a fair and careful judge of replies written by AI assistants."
 JUDGE_TEMPLATE = """Read the conversation and the two replies to it, then say which reply is better: more helpful, \
@@ -55,8 +56,6 @@ class LMJudge:
 
     @classmethod
     def from_name(cls, name: str, labels: str = "AB", batch_size: int = 8) -> LMJudge:
-        from rlhfkit.models.loading import load_model
-
         try:
             model, tok = load_model(name)
         except ValueError as e:
@@ -128,6 +127,18 @@ def judge_pairs(pairs: list[ComparisonPair], scorer: Scorer, annotator_id: str =
             "first_position_votes": int(x > 0) + int(y > 0),
         }))
     return out
+
+
+def judge_prefs(scorer: Scorer, prompts: list[list[dict]], a: list[str], b: list[str]) -> list[float]:
+    """Per-prompt preference for ``a[i]`` over ``b[i]``: 1, 0, or 0.5 for a tie (the two orders disagreed).
+    Identical or empty replies leave nothing to judge and count as ties without asking."""
+    prefs = [0.5] * len(prompts)
+    pairs = [ComparisonPair(id=str(i), prompt=p, a={"role": "assistant", "content": x},
+                            b={"role": "assistant", "content": y})
+             for i, (p, x, y) in enumerate(zip(prompts, a, b)) if x != y and x.strip() and y.strip()]
+    for pair, rec in zip(pairs, judge_pairs(pairs, scorer)):
+        prefs[int(pair.id)] = 0.5 if rec.tie else 1.0 if rec.chosen["content"] == pair.a["content"] else 0.0
+    return prefs
 
 
 def position_stats(records: list[PreferenceRecord]) -> dict:

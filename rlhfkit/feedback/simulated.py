@@ -26,7 +26,7 @@ from rlhfkit.data.records import ComparisonPair, PreferenceRecord
 from rlhfkit.data.tasks import Task, get_task
 
 
-def gold_scores(pairs: list[ComparisonPair], task: Task | None = None) -> tuple[list[float], list[float]]:
+def pair_gold_scores(pairs: list[ComparisonPair], task: Task | None = None) -> tuple[list[float], list[float]]:
     """Gold scores of the two sides of each pair, by ``task`` or else each pair's own ``task`` field.
 
     Raises ValueError naming the pair when neither says which task's gold to use.
@@ -103,7 +103,7 @@ class SimulatedAnnotator:
         return {"winner": winner, "p_a": p_a, "drawn": drawn, "flipped": flipped}
 
     def label(self, pairs: list[ComparisonPair]) -> list[PreferenceRecord]:
-        ga, gb = gold_scores(pairs, self.task)
+        ga, gb = pair_gold_scores(pairs, self.task)
         out = []
         for p, a, b in zip(pairs, ga, gb):
             d = self.decide(p.id, a, b)

@@ -11,21 +11,65 @@ resumes a training phase from its last checkpoint)::
     6 report   runs/demo-<time>/report.html and a summary table
 
 The summary shows the measured gold gain with its 95% CI whatever it is, and says so when the proxy
-(reward-model) score rose while the gold score did not.
+(reward-model) score rose while the gold score did not. The command line is ``rlhfkit/cli/demo.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from rlhfkit.tracking import default_run_dir
+from rlhfkit.data.io import load_pairs, save_pairs
+from rlhfkit.data.tasks import get_task
+from rlhfkit.evaluate.policy import eval_policy
+from rlhfkit.evaluate.report import write_report
+from rlhfkit.evaluate.winrate import format_table
+from rlhfkit.feedback.labeling import annotator_table, label_pairs, write_labels
+from rlhfkit.rollout.engine import SamplingConfig
+from rlhfkit.rollout.sample import sample_pairs, select_prompts
+from rlhfkit.tracking import read_eval, write_json
+from rlhfkit.train import cmpo, dpo, grpo, ppo
+from rlhfkit.train.reward import RewardConfig
+from rlhfkit.train.reward import train as train_rm
 
 METHODS = ("ppo", "grpo", "rloo", "dpo", "cmpo")
+ONLINE = {"ppo": (ppo.PPOConfig, ppo.train), "grpo": (grpo.GRPOConfig, grpo.train),
+          "rloo": (grpo.RLOOConfig, grpo.train), "cmpo": (cmpo.CMPOConfig, cmpo.train)}
+"""The RL methods: config class and train function (DPO trains offline, on the labels)."""
+
+
+@dataclass
+class DemoOptions:
+    """What ``rlhfkit demo`` was asked for; saved in state.json so ``--resume`` continues alike."""
+
+    task: str = "sentiment"
+    """Built-in task with a hidden gold reward (`rlhfkit tasks`)."""
+    methods: str = "ppo"
+    """Comma list of METHODS."""
+    quick: bool = False
+    """Small sizes (<= 3 min), e.g. for CI."""
+    model: str = "smollm2-135m-instruct"
+    """Starting policy."""
+    lr: float = 1e-5
+    """Learning rate of the RL methods."""
+    seed: int = 0
+
+    def method_list(self) -> list[str]:
+        """The methods, checked: an unknown one is a ``ValueError`` naming it."""
+        methods = [m.strip() for m in self.methods.split(",") if m.strip()]
+        for m in methods:
+            if m not in METHODS:
+                raise ValueError(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
+        return methods
+
+    @classmethod
+    def saved(cls, state: dict) -> DemoOptions:
+        """The options a run started with (state.json's ``args``)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in state.get("args", {}).items() if k in names})
 
 
 @dataclass
@@ -78,34 +122,29 @@ class Phases:
         return self.state["results"].get(name)
 
 
-def train_method(method: str, root: Path, args, size: DemoSize, rm_path: str, prefs: Path) -> str:
+def train_method(method: str, root: Path, args: DemoOptions, size: DemoSize, rm_path: str, prefs: Path) -> str:
     """Train one method; returns its final checkpoint directory."""
     out = root / method
     common = dict(model=args.model, output_dir=str(out), seed=args.seed, resume="auto", save_every=max(1, size.rl_steps // 3),
                   keep_checkpoints=1)
     if method == "dpo":
-        from rlhfkit.train.dpo import DPOConfig, train
-
-        cfg = DPOConfig(**common, data=str(prefs), epochs=1.0, batch_size=8, micro_batch_size=4, lr=5e-6, beta=0.1)
-    else:
-        module = __import__(f"rlhfkit.train.{method}", fromlist=["train"])
-        cls = {"ppo": "PPOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig", "cmpo": "CMPOConfig"}[method]
-        k = 1 if method == "ppo" else 4
-        cfg = getattr(module, cls)(
-            **common, task=args.task, reward=f"rm:{rm_path}", total_steps=size.rl_steps,
-            prompts_per_step=size.rl_prompts_per_step if k == 1 else max(1, size.rl_prompts_per_step // 2),
-            samples_per_prompt=k, max_new_tokens=size.rl_tokens, lr=args.lr, micro_batch_size=8,
-            # the eval phase judges every method on the same held-out prompts; no eval hook inside training
-            eval_every=0,
-            # most replies run past the demo's short token budget: penalising every one of them alike
-            # would leave no signal; a truncated reply is scored by the reward model where it stops
-            missing_eos_penalty=None,
-        )
-        if method == "ppo":  # one PPO epoch over one mini-batch: what a 10-minute CPU budget allows
-            cfg.epochs_per_step, cfg.mini_batch_size = 1, None
-        train = module.train
-    result = train(cfg)
-    return result["checkpoint"]
+        cfg = dpo.DPOConfig(**common, data=str(prefs), epochs=1.0, batch_size=8, micro_batch_size=4, lr=5e-6, beta=0.1)
+        return dpo.train(cfg)["checkpoint"]
+    config_cls, train = ONLINE[method]
+    k = 1 if method == "ppo" else 4
+    cfg = config_cls(
+        **common, task=args.task, reward=f"rm:{rm_path}", total_steps=size.rl_steps,
+        prompts_per_step=size.rl_prompts_per_step if k == 1 else max(1, size.rl_prompts_per_step // 2),
+        samples_per_prompt=k, max_new_tokens=size.rl_tokens, lr=args.lr, micro_batch_size=8,
+        # the eval phase judges every method on the same held-out prompts; no eval hook inside training
+        eval_every=0,
+        # most replies run past the demo's short token budget: penalising every one of them alike
+        # would leave no signal; a truncated reply is scored by the reward model where it stops
+        missing_eos_penalty=None,
+    )
+    if method == "ppo":  # one PPO epoch over one mini-batch: what a 10-minute CPU budget allows
+        cfg.epochs_per_step, cfg.mini_batch_size = 1, None
+    return train(cfg)["checkpoint"]
 
 
 def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
@@ -144,45 +183,26 @@ def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
     return "\n".join(lines), notes
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlhfkit demo", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--task", default="sentiment", help="built-in task with a hidden gold reward (`rlhfkit tasks`)")
-    ap.add_argument("--methods", default="ppo", help=f"comma list of {', '.join(METHODS)}")
-    ap.add_argument("--quick", action="store_true", help="small sizes (<= 3 min), e.g. for CI")
-    ap.add_argument("--resume", metavar="DIR", help="continue an interrupted demo run directory")
-    ap.add_argument("--output-dir", help="run directory (default runs/demo-<time>)")
-    ap.add_argument("--model", default="smollm2-135m-instruct", help="starting policy")
-    ap.add_argument("--lr", type=float, default=1e-5, help="learning rate of the RL methods")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for m in methods:
-        if m not in METHODS:
-            ap.error(f"--methods: unknown method '{m}'; choose from {', '.join(METHODS)}")
-    size = SIZES["quick" if args.quick else "full"]
-    root = Path(args.resume or args.output_dir or default_run_dir("demo"))
-    if args.resume and not (root / "state.json").exists():
-        ap.error(f"--resume {root}: not a demo run directory (no state.json)")
+def run(options: DemoOptions, root: Path, resume: bool = False) -> int:
+    """Run (or, with ``resume``, continue with its saved options) the demo in ``root``; prints the
+    summary. Returns 0, or 130 after Ctrl-C (the run directory can then be resumed)."""
     root.mkdir(parents=True, exist_ok=True)
     phases = Phases(root)
-    if args.resume:  # continue with the settings the run started with
-        for key, value in phases.state.get("args", {}).items():
-            if key not in ("resume", "output_dir"):
-                setattr(args, key, value)
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        size = SIZES["quick" if args.quick else "full"]
+    if resume:  # continue with the settings the run started with
+        options = DemoOptions.saved(phases.state)
     else:
-        phases.state["args"] = vars(args)
+        phases.state["args"] = asdict(options)
+    methods = options.method_list()
+    size = SIZES["quick" if options.quick else "full"]
     t0 = time.time()
     try:
-        run_phases(args, size, methods, root, phases)
+        run_phases(options, size, methods, root, phases)
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with: rlhfkit demo --resume {root}", file=sys.stderr)
         return 130
-    evals = {m: json.loads((root / m / "eval.json").read_text()) for m in methods}
+    evals = {m: read_eval(root / m) for m in methods}
     table, notes = summarise(evals, phases.result("reward"))
-    print(f"\n== rlhfkit demo: task '{args.task}', {time.time() - t0:.0f} s this session ==")
+    print(f"\n== rlhfkit demo: task '{options.task}', {time.time() - t0:.0f} s this session ==")
     print(table)
     for n in notes:
         print("- " + n)
@@ -190,15 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_phases(args, size: DemoSize, methods: list[str], root: Path, phases: Phases) -> None:
+def run_phases(args: DemoOptions, size: DemoSize, methods: list[str], root: Path, phases: Phases) -> None:
     from tqdm.auto import tqdm
-
-    from rlhfkit.evaluate.cli import eval_main
-    from rlhfkit.evaluate.report import write_report
-    from rlhfkit.feedback.cli import main as label_main
-    from rlhfkit.rollout.sample import main as sample_main
-    from rlhfkit.train.reward import RewardConfig
-    from rlhfkit.train.reward import train as train_rm
 
     pairs, prefs = root / "pairs.jsonl", root / "prefs.jsonl"
     steps = ["sample", "label", "reward"] + [f"train:{m}" for m in methods] + [f"eval:{m}" for m in methods] + ["report"]
@@ -211,10 +224,20 @@ def run_phases(args, size: DemoSize, methods: list[str], root: Path, phases: Pha
             phases.finish(name, fn())
             bar.update()
 
-    phase("sample", lambda: sample_main([
-        "--model", args.model, "--task", args.task, "--num-prompts", str(size.pair_prompts), "--k", str(size.pair_k),
-        "--max-new-tokens", str(size.pair_tokens), "--temperature", "1.0", "--seed", str(args.seed), "--out", str(pairs)]))
-    phase("label", lambda: label_main([str(pairs), "--labeler", "simulated", "--out", str(prefs), "--seed", str(args.seed)]))
+    def sample():
+        rows = select_prompts(task=args.task, num_prompts=size.pair_prompts, seed=args.seed)
+        made, summary = sample_pairs(args.model, rows, task=args.task, split="train", k=size.pair_k, seed=args.seed,
+                                     sampling=SamplingConfig(temperature=1.0, max_new_tokens=size.pair_tokens))
+        save_pairs(pairs, made)
+        print(json.dumps({"out": str(pairs), **summary}, indent=2))
+        return summary
+
+    def label():
+        records, row = label_pairs(load_pairs(pairs), "simulated", source=str(pairs), seed=args.seed)
+        report = write_labels(prefs, records, row, pairs_file=str(pairs), labeler="simulated")
+        print(annotator_table([row]))
+        print(json.dumps(report))
+        return {"agreement": row["agreement"], "pairs": row["pairs"]}
 
     def reward():
         cfg = RewardConfig(model=args.model, data=str(prefs), output_dir=str(root / "rm"), epochs=size.rm_epochs,
@@ -224,16 +247,23 @@ def run_phases(args, size: DemoSize, methods: list[str], root: Path, phases: Pha
         ev = r.get("eval") or {}
         return {"checkpoint": r["checkpoint"], "accuracy": ev.get("accuracy"), "ceiling": ev.get("label_gold_agreement")}
 
+    def eval_phase(method: str, ckpt: str):
+        result = eval_policy(ckpt, get_task(args.task), reference=args.model, judge="gold", proxy=f"rm:{rm_path}",
+                             num_prompts=size.eval_prompts, max_new_tokens=size.eval_tokens, seed=args.seed)
+        out = write_json(root / method / "eval.json", result)
+        print(format_table(result))
+        print(f"wrote {out}")
+        return 0
+
+    phase("sample", sample)
+    phase("label", label)
     phase("reward", reward)
     rm_path = phases.result("reward")["checkpoint"]
     for m in methods:
         phase(f"train:{m}", lambda m=m: {"checkpoint": train_method(m, root, args, size, rm_path, prefs)})
     for m in methods:
         ckpt = phases.result(f"train:{m}")["checkpoint"]
-        phase(f"eval:{m}", lambda m=m, ckpt=ckpt: eval_main([
-            "--policy", ckpt, "--reference", args.model, "--task", args.task, "--judge", "gold",
-            "--proxy", f"rm:{rm_path}", "--num-prompts", str(size.eval_prompts),
-            "--max-new-tokens", str(size.eval_tokens), "--seed", str(args.seed), "--out", str(root / m)]))
+        phase(f"eval:{m}", lambda m=m, ckpt=ckpt: eval_phase(m, ckpt))
     phase("report", lambda: str(write_report([root / m for m in methods], root / "report.html",
                                              title=f"rlhfkit demo: {args.task}")))
     bar.close()

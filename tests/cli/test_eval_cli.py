@@ -76,18 +76,18 @@ def test_eval_as_a_subprocess_writes_eval_json_in_the_working_directory(tmp_path
 def test_eval_kl_and_rm_judge_with_a_different_policy(tmp_path, monkeypatch):
     """A reward-model judge decides the pairs; a peaked policy against a near-uniform reference has a
     clearly positive KL, estimated from log-probs at the sampling temperature."""
-    from rlhfkit.evaluate import cli as eval_cli
+    from rlhfkit.evaluate import policy as eval_policy
     from rlhfkit.models.heads import RewardModel
 
     rm_dir = RewardModel.init_from("tiny", seed=0).save(tmp_path / "rm")
     temperatures = []
-    real = eval_cli.sequence_logps
+    real = eval_policy.sequence_logps
 
     def recording(model, tok, prompts, completions, temperature=1.0):
         temperatures.append(temperature)
         return real(model, tok, prompts, completions, temperature)
 
-    monkeypatch.setattr(eval_cli, "sequence_logps", recording)
+    monkeypatch.setattr(eval_policy, "sequence_logps", recording)
     with pytest.warns(UserWarning, match="no normalisation constants"):
         d = run_eval(tmp_path / "out", "--policy", "tiny:0.5", "--reference", "tiny", "--judge", f"rm:{rm_dir}",
                      "--temperature", "0.8")
@@ -100,7 +100,7 @@ def test_eval_kl_and_rm_judge_with_a_different_policy(tmp_path, monkeypatch):
 
 def test_sequence_logps_at_a_temperature_equal_a_naive_sum(tiny):
     from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
-    from rlhfkit.evaluate.cli import sequence_logps
+    from rlhfkit.evaluate.policy import sequence_logps
 
     model, tok = tiny
     prompts = [[{"role": "user", "content": "Hi."}], [{"role": "user", "content": "Tell me a longer story, please."}]]

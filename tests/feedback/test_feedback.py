@@ -14,7 +14,7 @@ from rlhfkit.data.records import ComparisonPair
 from rlhfkit.data.tasks import Task
 from rlhfkit.feedback.judge import LMJudge, judge_pairs, position_stats
 from rlhfkit.feedback.rm import label_with_rm
-from rlhfkit.feedback.simulated import SimulatedAnnotator, gold_scores, gold_winner
+from rlhfkit.feedback.simulated import SimulatedAnnotator, gold_winner, pair_gold_scores
 
 
 class NumberTask(Task):
@@ -106,7 +106,7 @@ def test_bad_parameters_and_missing_task():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SimulatedAnnotator(temperature=-1)
     with pytest.raises(ValueError, match="pair 'p0' has no task"):
-        gold_scores([pair(0, "x", "y")])
+        pair_gold_scores([pair(0, "x", "y")])
 
 
 # --- judge ------------------------------------------------------------------------------------------
@@ -202,13 +202,13 @@ def concise_pairs(n=12):
 
 def label(*args, timeout=300):
     """`rlhfkit label ...` as a subprocess (what a user runs)."""
-    return subprocess.run([sys.executable, "-m", "rlhfkit.feedback.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "rlhfkit.cli", "label", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout)
 
 
 def label_error(capsys, *args) -> tuple[int, str]:
     """`rlhfkit label ...` in-process, expected to fail: (exit code, message) — faster than a subprocess."""
-    from rlhfkit.feedback.cli import main
+    from rlhfkit.cli.label import main
 
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
@@ -231,7 +231,7 @@ def test_label_simulated_writes_records_and_report(tmp_path):
 
 def test_label_judge_and_rm_with_tiny_models(tmp_path, capsys):
     """The judge and RM labelers end to end, in-process (the subprocess path is the simulated test's)."""
-    from rlhfkit.feedback.cli import main
+    from rlhfkit.cli.label import main
     from rlhfkit.models.heads import RewardModel
 
     src = write_pairs(tmp_path / "pairs.jsonl", concise_pairs(3))

@@ -63,21 +63,21 @@ def test_demo_quick_on_the_bundled_model(tmp_path):
 def test_demo_ctrl_c_then_resume_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     """Ctrl-C during the eval phase leaves a run directory; --resume (with no other arguments: the
     run's own settings are restored) redoes only the unfinished phases."""
-    import rlhfkit.evaluate.cli as eval_cli
+    from rlhfkit.pipelines import demo as pipeline
 
     out = tmp_path / "demo"
-    real_eval = eval_cli.eval_main
+    real_eval = pipeline.eval_policy
 
-    def interrupted(argv):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_cli, "eval_main", interrupted)
+    monkeypatch.setattr(pipeline, "eval_policy", interrupted)
     assert cli.main(["demo", "--quick", "--model", "tiny", "--output-dir", str(out)]) == 130
     assert "rlhfkit demo --resume" in capsys.readouterr().err
     state = json.loads((out / "state.json").read_text())
     assert state["done"] == ["sample", "label", "reward", "train:ppo"]
     before = (out / "pairs.jsonl").stat().st_mtime_ns
-    monkeypatch.setattr(eval_cli, "eval_main", real_eval)
+    monkeypatch.setattr(pipeline, "eval_policy", real_eval)
     assert cli.main(["demo", "--resume", str(out)]) == 0
     assert json.loads((out / "state.json").read_text())["done"][-2:] == ["eval:ppo", "report"]
     assert (out / "report.html").exists() and (out / "ppo" / "eval.json").exists()

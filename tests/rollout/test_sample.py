@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
+from rlhfkit.cli.sample import main
 from rlhfkit.data.io import load_pairs
-from rlhfkit.rollout.sample import load_prompt_file, main, make_pairs, pick
+from rlhfkit.rollout.sample import load_prompt_file, make_pairs, pick
 
 ROW = {"id": "q1", "category": "advice", "messages": [{"role": "user", "content": "Hi?"}]}
 META = {"seed": 0, "model": "tiny"}
@@ -37,7 +38,7 @@ def test_pick_is_a_seeded_subset_in_order():
 
 def test_sample_command_writes_pairs_with_metadata(tmp_path):
     out_path = tmp_path / "pairs.jsonl"
-    out = subprocess.run([sys.executable, "-m", "rlhfkit.rollout.sample", "--model", "tiny", "--task", "sentiment",
+    out = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "sample", "--model", "tiny", "--task", "sentiment",
                           "--split", "heldout", "--num-prompts", "3", "--k", "3", "--max-new-tokens", "8",
                           "--batch-size", "4", "--seed", "5", "--temperature", "1.0", "--out", str(out_path)],
                          capture_output=True, text=True, timeout=300)
