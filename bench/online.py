@@ -69,7 +69,7 @@ SEED = 0
 def stream_prompts(steps: int, per_step: int) -> list[list[dict]]:
     """The train prompts rlhfkit's trainer draws for steps 0..steps-1, in order."""
     from rlhfkit.data.tasks import get_task
-    from rlhfkit.train.online import PromptStream
+    from rlhfkit.train.online_rollout import PromptStream
 
     stream = PromptStream(get_task(TASK).prompts("train"), SEED)
     return [p for s in range(steps) for p in stream.batch(s, per_step)]
@@ -121,7 +121,6 @@ def worker_rlhfkit(args) -> None:
                           max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, lr=LR, beta=BETA,
                           epochs_per_step=1, mini_batch_size=None, micro_batch_size=PROMPTS_PER_STEP * K,
                           eval_every=0, sample_every=0, mixed_precision="no", progress=False)
-    cfg.validate()
     grpo.train(cfg)
     rows = _rows(run_dir)
     write_worker_result(args.out, framework="rlhfkit", step_s=[r["perf/step_s"] for r in rows], cpu_s=cpu,
@@ -191,7 +190,6 @@ def worker_ppo(args) -> None:
                         max_steps=args.steps, prompts_per_step=n, samples_per_prompt=1, max_new_tokens=MAX_NEW_TOKENS,
                         temperature=TEMPERATURE, top_p=1.0, epochs_per_step=1, mini_batch_size=n, micro_batch_size=n,
                         eval_every=0, sample_every=0, mixed_precision="no", progress=False)
-    cfg.validate()
     ppo.train(cfg)
     rows = _rows(run_dir)
     write_worker_result(args.out, framework="rlhfkit-ppo", step_s=[r["perf/step_s"] for r in rows], cpu_s=cpu,

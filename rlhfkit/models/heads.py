@@ -1,4 +1,6 @@
-"""Scalar heads on a causal LM body. The reward model: a causal LM body with a one-output head, read at the last token (the EOS).
+"""Scalar heads on a causal LM body. The reward model: a causal LM body with a one-output head, read at the
+last token (the EOS). The value model (PPO's critic): a one-output head at every position
+(:func:`load_value_model`, :func:`completion_values`).
 
 Layout of every scored batch (shapes: B sequences, P prompt tokens, C completion tokens)::
 
@@ -27,14 +29,16 @@ import torch
 from torch import nn
 
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
-from rlhfkit.models.batching import pad_completions, position_ids
+from rlhfkit.models.batching import CompletionBatch, pad_completions, position_ids
 from rlhfkit.models.loading import (
+    TINY,
     disable_dropout,
     hub_load,
     load_model,
     load_tokenizer,
     quiet_transformers,
     resolve,
+    tiny_config,
 )
 
 NORM_KEY = "rlhfkit_reward_norm"
@@ -227,3 +231,53 @@ class PackedScorer(nn.Module):
                       use_cache=False).last_hidden_state  # (R, T, d)
         picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, N, d)
         return self.head(picked).squeeze(-1).float()  # (R, N)
+
+
+# --- the value model (critic) ----------------------------------------------------------------------
+
+
+def load_value_model(source: str | None, base_model: str, seed: int = 0):
+    """A token-level value model: ``AutoModelForTokenClassification`` with one output, (B, T) -> (B, T, 1).
+
+    ``source``: a directory holding a saved critic (a checkpoint's ``value/``) or a reward model (body
+    and head are kept; the token head's ``score.bias``, absent from a sequence head, starts at 0).
+    None: a new head on ``base_model``'s body (any name ``load_model`` takes; a tiny model is built
+    from ``seed``), weights and bias at zero, so the first values are 0 (N implementation details #3).
+    Dropout is off (N details #6).
+    """
+    # transformers' auto classes are heavy to import: loaded on first use, as in RewardModel.load
+    from transformers import AutoModelForTokenClassification
+
+    if source is not None:
+        with quiet_transformers(True):  # from a reward model: score.bias (token head only) is reported MISSING
+            critic = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
+    else:
+        if base_model.startswith(TINY):
+            tok = load_tokenizer(base_model)
+            _, _, init = base_model.partition(":")
+            config = tiny_config(tok, init_std=float(init) if init else 0.02)
+            config.num_labels = 1
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                critic = AutoModelForTokenClassification.from_config(config)
+        else:
+            with quiet_transformers(True):  # the value head is new: its MISSING report is expected
+                critic = AutoModelForTokenClassification.from_pretrained(resolve(base_model), num_labels=1)
+        torch.nn.init.zeros_(critic.score.weight)
+        if getattr(critic.score, "bias", None) is not None:
+            torch.nn.init.zeros_(critic.score.bias)
+    disable_dropout(critic)
+    return critic
+
+
+def completion_values(critic, batch: CompletionBatch) -> torch.Tensor:
+    """(B, C) float32: V(s_t) for each completion step t, read at the position *before* token t is
+    emitted (the position whose logits give the token's log-prob in ``rlhfkit.models.logps``)::
+
+        input_ids   [pad pad p0 p1 p2 | c0 c1 c2 pad]     P = 5 prompt columns, C = 4
+        read at                  ^  ^    ^  ^             positions P-1 .. P-1+C-1 -> V(s_0) .. V(s_3)
+    """
+    att = batch.attention_mask.long()
+    out = critic(input_ids=batch.input_ids, attention_mask=att, position_ids=position_ids(att), use_cache=False).logits
+    p, c = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    return out[:, p - 1:p - 1 + c, 0].float()

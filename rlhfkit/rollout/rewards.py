@@ -1,10 +1,13 @@
 """Reward sources for online RL: what scores a :class:`~rlhfkit.rollout.engine.Rollout`.
 
-``RewardSource`` parses the ``reward`` config string ('gold', 'rm:PATH', weighted comma lists);
-``CustomReward`` adapts a Python function. Both return (B,) float32 scores on the CPU.
+``RewardSource`` parses the ``reward`` config string ('gold', 'rm:PATH', weighted comma lists, see
+:func:`parse_reward_spec`); ``CustomReward`` adapts a Python function; :func:`task_gold` is the task's
+programmatic (gold) reward. All return (B,) float32 scores on the CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -12,25 +15,47 @@ from rlhfkit.models.heads import RewardModel
 from rlhfkit.rollout.engine import Rollout
 
 
+def parse_reward_spec(spec: str) -> list[tuple[str, float, str | None]]:
+    """``'rm:runs/rm@1.0,gold@0.5'`` -> ``[("rm", 1.0, "runs/rm"), ("gold", 0.5, None)]``: (kind, weight,
+    reward-model path) per comma-separated item, weight 1 when no ``@w`` is given. Raises ValueError
+    naming the ``reward`` field for an unknown source, a bad weight or an empty spec. Nothing is loaded."""
+    parts = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        name, _, weight = item.partition("@")
+        try:
+            w = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"reward: bad weight {weight!r} in {spec!r}; write NAME@NUMBER, e.g. gold@0.5") from None
+        if not math.isfinite(w):
+            raise ValueError(f"reward: weight {weight!r} in {spec!r} is not finite")
+        if name == "gold":
+            parts.append(("gold", w, None))
+        elif name.startswith("rm:") and name[3:]:
+            parts.append(("rm", w, name[3:]))
+        else:
+            raise ValueError(f"reward: unknown source '{name}' in '{spec}'; use gold, rm:PATH, or a comma list with @weights")
+    if not parts:
+        raise ValueError("reward: empty spec; use gold, rm:PATH, or a comma list with @weights")
+    return parts
+
+
+def task_gold(task, r: Rollout) -> torch.Tensor:
+    """(B,) the task's gold (programmatic) reward of each completion."""
+    return torch.tensor(task.gold(r.prompts, r.completions), dtype=torch.float32)
+
+
 class RewardSource:
     """Scores a Rollout: a weighted sum of the task's gold reward and/or reward models."""
 
     def __init__(self, spec: str, task, device, tokenizer=None):
-        self.parts: list[tuple[str, float, object]] = []
+        self.parts: list[tuple[str, float, RewardModel | None]] = []
         self.tokenizer = tokenizer
-        for item in [s.strip() for s in spec.split(",") if s.strip()]:
-            name, _, weight = item.partition("@")
-            w = float(weight) if weight else 1.0
-            if name == "gold":
-                self.parts.append(("gold", w, None))
-            elif name.startswith("rm:"):
-                rm = RewardModel.load(name[3:])
+        for kind, w, path in parse_reward_spec(spec):
+            rm = None
+            if kind == "rm":
+                rm = RewardModel.load(path)
                 rm.model.to(device)
-                self.parts.append(("rm", w, rm))
-            else:
-                raise ValueError(f"reward: unknown source '{name}' in '{spec}'; use gold, rm:PATH, or a comma list with @weights")
-        if not self.parts:
-            raise ValueError("reward: empty spec")
+            self.parts.append((kind, w, rm))
         self.task = task
 
     @property
@@ -42,7 +67,7 @@ class RewardSource:
         total = torch.zeros(len(r.completions))
         for kind, w, rm in self.parts:
             if kind == "gold":
-                s = torch.tensor(self.task.gold(r.prompts, r.completions), dtype=torch.float32)
+                s = task_gold(self.task, r)
             elif self.shares_vocab(rm):
                 s = self.score_rollout_ids(rm, r)
             else:  # another tokenizer: re-encode the text with the reward model's own template
@@ -84,6 +109,3 @@ class CustomReward:
     def __call__(self, r: Rollout) -> torch.Tensor:
         return torch.as_tensor(self.fn(r), dtype=torch.float32).cpu()
 
-
-def task_gold(task, r: Rollout) -> torch.Tensor:
-    return torch.tensor(task.gold(r.prompts, r.completions), dtype=torch.float32)

@@ -22,7 +22,7 @@ class VLLMBackend:
                  llm=None):
         self.tok = tokenizer
         if llm is None:
-            try:
+            try:  # vllm is an optional heavy extra (CUDA only): imported when this backend is chosen
                 from vllm import LLM
             except ImportError as e:
                 raise RuntimeError("the vLLM backend needs `pip install 'rlhfkit[vllm]'` on a CUDA machine") from e
@@ -31,7 +31,7 @@ class VLLMBackend:
         self.llm = llm
 
     def sampling_params(self, sampling: SamplingConfig, seed: int | None):
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional extra, as in __init__
 
         return SamplingParams(
             n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,

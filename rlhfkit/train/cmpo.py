@@ -11,7 +11,8 @@ advantages A -> running scale σ̂ (bias-corrected RMS of A) -> CMPO target weig
 
 -> after every optimizer update, π_prior <- (1 - α) π_prior + α π_θ (α = ``prior_ema``).
 
-The loop is grpo.py's, phase for phase; ``optimize`` is reused from there, ``CustomReward`` from online.py.
+The loop is grpo.py's, phase for phase, on online.py's shared machinery (start, generate-and-score,
+optimize, log/eval/checkpoint); the prior is built on top of ``online.start``.
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.data.tasks import get_task
 from rlhfkit.losses.advantages import leave_one_out_advantages
 from rlhfkit.losses.cmpo import RunningScale, cmpo_regulariser, cmpo_weight_metrics, cmpo_weights, ema_update
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.losses.ppo import ppo_policy_loss
-from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean, masked_sum
-from rlhfkit.rollout import rewards
+from rlhfkit.models import load_model
+from rlhfkit.ops import AGGREGATIONS, aggregate_loss, masked_mean, masked_sum
 from rlhfkit.rollout.engine import HFBackend, Rollout, Sampler
-from rlhfkit.train import online, runtime
-from rlhfkit.train.grpo import optimize
+from rlhfkit.train import online, online_rollout, runtime
+from rlhfkit.train.online_eval import HeldOutEval
 
 
 @dataclass
@@ -74,18 +74,15 @@ class CMPOConfig(online.OnlineConfig):
     def validate(self) -> None:
         super().validate()
         if self.samples_per_prompt < 2:
-            raise ValueError("CMPO needs samples_per_prompt >= 2 (a target over one sample is trivial "
-                             "and the leave-one-out baseline needs the other K-1)")
-        if self.lam < 0:
-            raise ValueError(f"lam must be >= 0, got {self.lam}")
-        if not self.c > 0:
-            raise ValueError(f"c must be > 0, got {self.c}")
-        if not 0 < self.prior_ema <= 1:
-            raise ValueError(f"prior_ema must be in (0, 1], got {self.prior_ema} (0 would freeze the prior)")
-        if not 0 <= self.sigma_decay < 1:
-            raise ValueError(f"sigma_decay must be in [0, 1), got {self.sigma_decay}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+            raise ValueError(f"samples_per_prompt must be >= 2 for CMPO, got {self.samples_per_prompt} (a target "
+                             "over one sample is trivial and the leave-one-out baseline needs the other K-1)")
+        online.require(self, "lam", self.lam >= 0, ">= 0")
+        online.require(self, "c", self.c > 0, "> 0")
+        online.require(self, "prior_ema", 0 < self.prior_ema <= 1, "in (0, 1] (0 would freeze the prior)")
+        online.require(self, "sigma_decay", 0 <= self.sigma_decay < 1, "in [0, 1)")
+        online.require(self, "sigma_eps", self.sigma_eps >= 0, ">= 0")
+        online.require(self, "clip_eps", self.clip_eps > 0, "> 0")
+        online.variant(dict.fromkeys(AGGREGATIONS), self.aggregation, "aggregation")
 
 
 def cmpo_targets(scores: torch.Tensor, k: int, scale: RunningScale, c: float,
@@ -148,7 +145,19 @@ class PriorTrackingOptimizer:
         self.opt.zero_grad(set_to_none=set_to_none)
 
 
-def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out) -> dict:
+def load_prior(policy, ckpt, seed: int):
+    """π_prior: a copy of the starting policy, or the checkpoint's ``prior/`` when resuming; frozen
+    (it moves only by :class:`PriorTrackingOptimizer`'s EMA)."""
+    if ckpt is None:
+        prior = copy.deepcopy(policy)
+    elif (ckpt / "prior").exists():
+        prior, _ = load_model(str(ckpt / "prior"), seed=seed)
+    else:
+        raise FileNotFoundError(f"resume: {ckpt} has no prior/ sub-folder; resume CMPO only from a CMPO checkpoint")
+    return prior.eval().requires_grad_(False)
+
+
+def eval_policy_not_prior(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out: HeldOutEval) -> dict:
     """The eval hook on π_θ (the checkpoint's policy), not on the prior that samples training data.
     HF: a sampler over the policy. vLLM: the one engine gets the policy's weights, then the prior's back."""
     shared = None if isinstance(sampler.backend, HFBackend) else sampler.backend
@@ -163,89 +172,41 @@ def evaluate(cfg: CMPOConfig, policy, prior, sampler: Sampler, held_out) -> dict
 def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
     """Run CMPO. Python API extras as in grpo.train: ``reward_fn(rollout) -> Tensor (B,)`` replaces the
     configured reward, ``task`` replaces the built-in task named by ``cfg.task``."""
-    cfg.validate()
     k = cfg.samples_per_prompt
-
-    # 1. runtime, task, models (policy, reference, prior), optimizer, σ̂
-    acc = runtime.make_accelerator(cfg.mixed_precision)
-    runtime.seed_everything(cfg.seed + acc.process_index)
-    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or get_task(cfg.task)
-    policy, ref, tok = online.load_policy_and_reference(cfg, ckpt)
-    if ckpt is None:
-        prior = copy.deepcopy(policy)
-    elif (ckpt / "prior").exists():
-        from rlhfkit.models import load_model
-
-        prior, _ = load_model(str(ckpt / "prior"), seed=cfg.seed)
-    else:
-        raise FileNotFoundError(f"resume: {ckpt} has no prior/ sub-folder; resume CMPO only from a CMPO checkpoint")
-    prior.eval().requires_grad_(False)
-    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
-    total = cfg.steps()
-    local_prompts = exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes")
-    opt = runtime.adamw(policy.parameters(), acc, cfg.lr, cfg.adam_eps)
-    sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
-    policy, opt = acc.prepare(policy, opt)
-    ref.to(acc.device)
-    prior.to(acc.device)
+    # 1. runtime, task, policy + frozen reference, reward (online.start); the prior, the optimizer, σ̂
+    s = online.start(cfg, reward_fn, task)
+    acc = s.acc
+    prior = load_prior(s.policy, s.ckpt, cfg.seed).to(acc.device)
+    opt = runtime.adamw(s.policy.parameters(), acc, cfg.lr, cfg.adam_eps)
+    sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, s.total)
+    policy, opt = acc.prepare(s.policy, opt)
     tracked_opt = PriorTrackingOptimizer(opt, prior, acc.unwrap_model(policy), cfg.prior_ema)
     scale = RunningScale(cfg.sigma_decay, cfg.sigma_eps)
-    sampler = online.make_sampler(cfg, prior, tok, str(ckpt / "prior" if ckpt else cfg.model))
-    stream = online.PromptStream(task.prompts("train"), cfg.seed)
-    held_out = online.HeldOutEval(ref, reward, task, task.prompts("heldout")[:cfg.eval_prompts], cfg)
-    step, state = runtime.restore(ckpt, opt, sched, acc.process_index)
+    sampler = online_rollout.make_sampler(cfg, prior, s.tok, str(s.ckpt / "prior" if s.ckpt else cfg.model))
+    loop, state = online.begin(cfg, s, "cmpo", opt, sched, evaluate=lambda: eval_policy_not_prior(
+        cfg, acc.unwrap_model(policy), prior, sampler, s.held_out))
     if state:
         scale.load_state_dict(state["sigma"])
-    run = runtime.open_run(cfg, "cmpo", acc, total)
-    run.advance(step)
-    result: dict = {"run_dir": str(run.path)}
-    if step == 0 and cfg.eval_every:
-        result["eval_start"] = evaluate(cfg, acc.unwrap_model(policy), prior, sampler, held_out)
-        run.log(0, result["eval_start"])
 
-    budget = online.Budget(cfg.max_minutes)
-    while step < total:
+    while loop.step < loop.total:
         with runtime.Timer() as t:
             # 2. generate from the prior and score; r.logps are the prior's (the behaviour policy's)
-            prompts = stream.batch(step, cfg.prompts_per_step)
-            prompts = prompts[acc.process_index * local_prompts:(acc.process_index + 1) * local_prompts]
-            r = online.generate_and_score(sampler, prompts, k, ref, reward, task, cfg,
-                                          seed=cfg.seed * 100_003 + step * 101 + acc.process_index)
+            r = online_rollout.generate_and_score(s, sampler, loop.step, cfg)
+            # ALGO LOGIC
             # 3-4. leave-one-out advantages / running σ̂, CMPO target weights over each prompt's K samples
             adv, r.extras["cmpo_weights"], cmpo_metrics = cmpo_targets(
                 r.scores, k, scale, cfg.c, lambda x: acc.reduce(x, "mean"))
             token_adv = adv[:, None].expand_as(r.logps) * r.completion_mask
-            # 5. optimize; the prior follows the policy after every update
+            # 5. optimize; the prior follows the policy after every update (PriorTrackingOptimizer)
             policy.train()
-            metrics = optimize([policy], tracked_opt, r, token_adv, cfg, acc,
-                               lambda mb, a: cmpo_loss(policy, mb, a, cfg))
+            metrics = online.optimize([policy], tracked_opt, r, token_adv, lambda mb, a: cmpo_loss(policy, mb, a, cfg),
+                                      cfg, acc, loop.step)
             sched.step()
             sampler.backend.sync_weights(prior)
-        step += 1
-        last = step == total or budget.spent(acc)
-        # 6. log (means over processes)
+        # 6. log, eval (of the policy), samples, checkpoint: the policy at the top (plain HF), the prior in
+        # prior/, σ̂ in the trainer state
         metrics.update(cmpo_metrics)
-        metrics.update(online.rollout_metrics(r))
-        metrics = {k_: acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item() for k_, v in metrics.items()}
-        tokens = int(r.completion_mask.sum()) * acc.num_processes
-        metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
-        metrics["optim/lr"] = sched.get_last_lr()[0]
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            metrics.update(evaluate(cfg, acc.unwrap_model(policy), prior, sampler, held_out))
-            result["eval_end"] = {k_: v for k_, v in metrics.items() if k_.startswith("eval/")}
-        if step % cfg.log_every == 0 or last:
-            run.log(step, metrics)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            run.log_samples(step, online.sample_rows(r))
-        run.advance()
-        # 7. checkpoint: policy at the top (plain HF), the prior in prior/, σ̂ in the trainer state
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            result["checkpoint"] = str(runtime.save_checkpoint(
-                acc, run, step, {"policy": policy, "prior": prior}, tok, opt, sched, {"sigma": scale.state_dict()}))
-        if last:
+        if online.end_of_step(loop, r, metrics, t.seconds, models={"policy": policy, "prior": prior},
+                              state={"sigma": scale.state_dict()}):
             break
-    run.close()
-    result["steps"] = step
-    result["last"] = metrics
-    return result
+    return online.finish(loop)

@@ -1,4 +1,4 @@
-"""Critic-free policy optimisation: GRPO, Dr. GRPO, RLOO and REINFORCE++ in one loop.
+"""Critic-free policy optimisation: GRPO, Dr. GRPO, RLOO and REINFORCE++ in one loop (docs/grpo.md).
 
 The four differ only in the advantage estimate and where the KL penalty goes, so they share this
 module and pick the differences by name (``advantage``, ``kl_in_reward``, ``aggregation``):
@@ -16,11 +16,11 @@ REINFORCE++    per-token returns, whitened over the batch      in the reward    
 Sources: GRPO — Shao et al. 2024 (DeepSeekMath) §4.1; Dr. GRPO — Liu et al. 2025 ("Understanding
 R1-Zero-Like Training"); RLOO — Ahmadian et al. 2024 ("Back to Basics"); REINFORCE++ — Hu 2025.
 ``rlhfkit rloo`` is this loop with RLOO's defaults (:class:`RLOOConfig`, a preset, not a copy).
+The machinery (start, generate-and-score, optimize, log/eval/checkpoint) is shared: online.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -28,13 +28,9 @@ import torch
 from rlhfkit.losses.advantages import group_advantages, leave_one_out_advantages, reinforce_pp_advantages
 from rlhfkit.losses.kl import kl_per_token, kl_shaped_rewards
 from rlhfkit.losses.ppo import ppo_policy_loss
-from rlhfkit.ops import AGGREGATIONS, aggregate_loss, exact_div, masked_mean
+from rlhfkit.ops import AGGREGATIONS, aggregate_loss, masked_mean, masked_sum
 from rlhfkit.rollout.engine import Rollout
-from rlhfkit.train import online, runtime
-
-ADVANTAGES = ("group", "dr_grpo", "loo", "reinforce_pp")
-TRAINING_LOGPS = "_training_logps"
-"""Key under which a loss returns the micro-batch's detached log-probs for a rollout sampled without them."""
+from rlhfkit.train import online, online_rollout, runtime
 
 
 @dataclass
@@ -49,9 +45,9 @@ class GRPOConfig(online.OnlineConfig):
     kl_in_reward: bool = False
     """Put -beta x KL into the reward (RLOO, REINFORCE++) instead of a k3 loss term (GRPO)."""
     clip_eps: float = 0.2
-    """PPO ratio clip (lower, and upper unless clip_eps_high is set)."""
+    """PPO ratio clip (lower, and upper unless clip_eps_high is set), > 0."""
     clip_eps_high: float | None = None
-    """Upper ratio clip ('clip-higher', DAPO); None = clip_eps."""
+    """Upper ratio clip ('clip-higher', DAPO), > 0; None = clip_eps."""
     beta: float = 0.04
     """KL coefficient (GRPO paper: 0.04)."""
     kl_estimator: str = "k3"
@@ -61,12 +57,13 @@ class GRPOConfig(online.OnlineConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.advantage not in ADVANTAGES:
-            raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {self.advantage!r}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}")
+        online.variant(ADVANTAGES, self.advantage, "advantage")
+        online.variant(dict.fromkeys(AGGREGATIONS), self.aggregation, "aggregation")
+        online.require(self, "clip_eps", self.clip_eps > 0, "> 0")
+        online.require(self, "clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0, "> 0 or None")
         if self.advantage != "reinforce_pp" and self.samples_per_prompt < 2:
-            raise ValueError(f"advantage='{self.advantage}' needs samples_per_prompt >= 2 (a group baseline)")
+            raise ValueError(f"samples_per_prompt must be >= 2 for advantage='{self.advantage}' (a group baseline), "
+                             f"got {self.samples_per_prompt}")
 
     def logps_from_training_pass(self, local_batch: int) -> bool:
         """One optimizer step per rollout batch and no KL in the reward: the policy at sampling time
@@ -74,86 +71,6 @@ class GRPOConfig(online.OnlineConfig):
         log-probs (ratio exactly 1) and the sampling-time forward pass is skipped."""
         one_step = self.epochs_per_step == 1 and (self.mini_batch_size is None or self.mini_batch_size >= local_batch)
         return one_step and not (self.kl_in_reward and self.beta > 0)
-
-
-def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
-    """Per-token advantages (B, C); sequence-level estimates are broadcast over the completion."""
-    mask = r.completion_mask
-    scores = r.scores.float()
-    if cfg.kl_in_reward and cfg.beta > 0:
-        kl = kl_per_token(r.logps, r.ref_logps, cfg.kl_estimator)
-        if cfg.advantage == "reinforce_pp":
-            rewards = kl_shaped_rewards(scores, kl, mask, cfg.beta)
-            return reinforce_pp_advantages(rewards, mask)
-        scores = scores - cfg.beta * (kl * mask).sum(1)
-    k = cfg.samples_per_prompt
-    if cfg.advantage == "group":
-        adv = group_advantages(scores, k, scale=True)
-    elif cfg.advantage == "dr_grpo":
-        adv = group_advantages(scores, k, scale=False)
-    elif cfg.advantage == "loo":
-        adv = leave_one_out_advantages(scores, k)
-    else:
-        rewards = kl_shaped_rewards(scores, torch.zeros(mask.shape, device=mask.device), mask, 0.0)
-        return reinforce_pp_advantages(rewards, mask)
-    return adv[:, None].expand(mask.shape) * mask
-
-
-def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (+ k3 KL loss term unless the KL is in the reward) on one micro-batch."""
-    logps, entropy = cfg.logps(policy, mb, with_entropy=True)
-    mask = mb.completion_mask
-    old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
-    loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
-                                    aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens)
-    if mb.logps is None:
-        metrics[TRAINING_LOGPS] = logps.detach()
-    if cfg.beta > 0 and not cfg.kl_in_reward:
-        kl = kl_per_token(logps, mb.ref_logps, cfg.kl_estimator)
-        kl_loss = aggregate_loss(kl, mask, cfg.aggregation, cfg.max_new_tokens)
-        loss = loss + cfg.beta * kl_loss
-        metrics["loss/kl"] = kl_loss.detach()
-    metrics["policy/entropy"] = masked_mean(entropy, mask).detach()
-    return loss, metrics
-
-
-def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, cfg, acc, loss_fn) -> dict:
-    """``epochs_per_step`` passes of mini-batch updates over one rollout batch, micro-batched, with
-    gradients synchronised across processes only on a mini-batch's last micro-batch. Each micro-batch's
-    loss is weighted by its share of the mini-batch's sequences."""
-    n = r.completion_ids.shape[0]
-    mini = cfg.mini_batch_size or n
-    exact_div(n, mini, "rollout batch per process / mini_batch_size")
-    sums: dict[str, float] = {}
-    count = 0
-    fresh = torch.zeros(r.completion_ids.shape, device=r.completion_ids.device) if r.logps is None else None
-    gen = torch.Generator().manual_seed(cfg.seed + int(r.completion_ids.sum().item()) % 10_000)
-    for _ in range(cfg.epochs_per_step):
-        perm = torch.randperm(n, generator=gen)
-        for m0 in range(0, n, mini):
-            idx = perm[m0:m0 + mini]
-            micros = [idx[i:i + cfg.micro_batch_size] for i in range(0, len(idx), cfg.micro_batch_size)]
-            for j, mi in enumerate(micros):
-                mi = mi.to(r.completion_ids.device)
-                with contextlib.ExitStack() as stack:
-                    if j < len(micros) - 1:
-                        for m in models:
-                            stack.enter_context(acc.no_sync(m))
-                    loss, metrics = loss_fn(r.select(mi), adv[mi])
-                    acc.backward(loss * len(mi) / len(idx))
-                if TRAINING_LOGPS in metrics:
-                    fresh[mi] = metrics.pop(TRAINING_LOGPS).float()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-            if cfg.grad_clip > 0:
-                sums["optim/grad_norm"] = sums.get("optim/grad_norm", 0.0) + float(
-                    acc.clip_grad_norm_([p for m in models for p in m.parameters()], cfg.grad_clip)) * len(micros)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    if fresh is not None:  # the sampling-time log-probs, taken from the training pass (for the KL metrics)
-        r.logps = fresh
-    return {k: v / max(count, 1) for k, v in sums.items()}
 
 
 @dataclass
@@ -173,68 +90,99 @@ class RLOOConfig(GRPOConfig):
     """KL coefficient in the reward."""
 
 
+# ALGO LOGIC: the advantage variants. Each takes the (B,) scores, the (B, C) per-token KL when it goes
+# into the reward (else None), the (B, C) completion mask and the config; returns (B, C) advantages.
+
+
+def penalised(scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Sequence reward r - beta x sum_t KL_t (RLOO's KL in the reward); the scores when ``kl`` is None."""
+    return scores if kl is None else scores - beta * masked_sum(kl, mask, dim=1)
+
+
+def per_token(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A sequence-level advantage (B,) broadcast over each completion's tokens (B, C), 0 on padding."""
+    return adv[:, None].expand(mask.shape) * mask
+
+
+def grpo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+    # A_i = (r_i - mean_g) / (std_g + eps)   (DeepSeekMath §4.1.2, outcome supervision)
+    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=True), mask)
+
+
+def dr_grpo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+    # A_i = r_i - mean_g: no std division, which up-weights too-easy and too-hard prompts (Dr. GRPO §3.1)
+    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=False), mask)
+
+
+def rloo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+    # A_i = r_i - 1/(K-1) sum_{j != i} r_j   (Ahmadian et al. 2024; Kool et al. 2019)
+    return per_token(leave_one_out_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt), mask)
+
+
+def reinforce_pp_token_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+    # per-token rewards (-beta KL_t, the score at the last token), returns-to-go, whitened over the batch
+    beta, kl = (cfg.beta, kl) if kl is not None else (0.0, torch.zeros(mask.shape, device=mask.device))
+    return reinforce_pp_advantages(kl_shaped_rewards(scores, kl, mask, beta), mask)
+
+
+ADVANTAGES = {"group": grpo_advantages, "dr_grpo": dr_grpo_advantages, "loo": rloo_advantages,
+              "reinforce_pp": reinforce_pp_token_advantages}
+"""``GRPOConfig.advantage`` -> its estimator."""
+
+
+def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
+    """Per-token advantages (B, C) of the variant named by ``cfg.advantage``."""
+    estimator = online.variant(ADVANTAGES, cfg.advantage, "advantage")
+    kl = kl_per_token(r.logps, r.ref_logps, cfg.kl_estimator) if cfg.kl_in_reward and cfg.beta > 0 else None
+    return estimator(r.scores.float(), kl, r.completion_mask, cfg)
+
+
+def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate (+ beta x KL loss term unless the KL is in the reward) on one micro-batch."""
+    logps, entropy = cfg.logps(policy, mb, with_entropy=True)
+    mask = mb.completion_mask
+    old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
+    loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
+                                    aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens)
+    if mb.logps is None:
+        metrics[online.TRAINING_LOGPS] = logps.detach()
+    if cfg.beta > 0 and not cfg.kl_in_reward:
+        kl = kl_per_token(logps, mb.ref_logps, cfg.kl_estimator)
+        kl_loss = aggregate_loss(kl, mask, cfg.aggregation, cfg.max_new_tokens)
+        loss = loss + cfg.beta * kl_loss
+        metrics["loss/kl"] = kl_loss.detach()
+    metrics["policy/entropy"] = masked_mean(entropy, mask).detach()
+    return loss, metrics
+
+
 def train(cfg: GRPOConfig, reward_fn=None, task=None) -> dict:
-    """Run the loop (GRPO, or RLOO given an RLOOConfig). Python API extras: ``reward_fn(rollout) -> Tensor (B,)`` replaces the configured
-    reward, ``task`` (an object with ``prompts(split)`` and ``gold(prompts, completions)``) replaces
-    the built-in task named by ``cfg.task``."""
-
+    """Run the loop (GRPO, or RLOO given an RLOOConfig). Python API extras: ``reward_fn(rollout) ->
+    Tensor (B,)`` replaces the configured reward, ``task`` (an object with ``prompts(split)`` and
+    ``gold(prompts, completions)``) replaces the built-in task named by ``cfg.task``."""
     method = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
-    # 1. runtime, task, models, optimizer
+    # 1. runtime, task, policy + frozen reference, reward; optimizer and LR schedule over the policy
     s = online.start(cfg, reward_fn, task)
-    acc, ckpt, task, ref, tok, reward, total = s.acc, s.ckpt, s.task, s.ref, s.tok, s.reward, s.total
+    acc = s.acc
     opt = runtime.adamw(s.policy.parameters(), acc, cfg.lr, cfg.adam_eps)
-    sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, total)
+    sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, s.total)
     policy, opt = acc.prepare(s.policy, opt)
-    ref.to(acc.device)
-    sampler = online.make_sampler(cfg, acc.unwrap_model(policy), tok, str(ckpt or cfg.model))
-    held_out = online.HeldOutEval(ref, reward, task, s.eval_prompts, cfg)
-    step, _ = runtime.restore(ckpt, opt, sched, acc.process_index)
-    run = runtime.open_run(cfg, method, acc, total)
-    run.advance(step)
-    result: dict = {"run_dir": str(run.path)}
-    if step == 0 and cfg.eval_every:
-        result["eval_start"] = held_out(sampler)
-        run.log(0, result["eval_start"])
-
-    budget = online.Budget(cfg.max_minutes)
+    sampler = online_rollout.make_sampler(cfg, acc.unwrap_model(policy), s.tok, str(s.ckpt or cfg.model))
+    loop, _ = online.begin(cfg, s, method, opt, sched, evaluate=lambda: s.held_out(sampler))
     from_training = cfg.logps_from_training_pass(s.local_prompts * cfg.samples_per_prompt)
-    while step < total:
+
+    while loop.step < loop.total:
         with runtime.Timer() as t:
-            # 2. generate and score this process's share of the prompts
-            prompts = online.local_batch(s, step, cfg)
-            r = online.generate_and_score(sampler, prompts, cfg.samples_per_prompt, ref, reward, task, cfg,
-                                          seed=cfg.seed * 100_003 + step * 101 + acc.process_index,
-                                          with_logps=not from_training)
-            # 3. advantages
+            # 2. generate K completions for each of this process's prompts; score them
+            r = online_rollout.generate_and_score(s, sampler, loop.step, cfg, with_logps=not from_training)
+            # 3. advantages, per group of K (a group never spans processes: no gather needed)
             adv = compute_advantages(r, cfg)
-            # 4. optimize
+            # 4. optimize the clipped surrogate; the sampler gets the new weights
             policy.train()
-            metrics = optimize([policy], opt, r, adv, cfg, acc, lambda mb, a: policy_loss(policy, mb, a, cfg))
+            metrics = online.optimize([policy], opt, r, adv, lambda mb, a: policy_loss(policy, mb, a, cfg),
+                                      cfg, acc, loop.step)
             sched.step()
             sampler.backend.sync_weights(acc.unwrap_model(policy))
-        step += 1
-        last = step == total or budget.spent(acc)
-        # 5. log (means over processes)
-        metrics.update(online.rollout_metrics(r))
-        metrics = {k: acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item() for k, v in metrics.items()}
-        tokens = int(r.completion_mask.sum()) * acc.num_processes
-        metrics.update(runtime.perf_metrics(tokens, t.seconds, acc))
-        metrics["optim/lr"] = sched.get_last_lr()[0]
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            metrics.update(held_out(sampler))
-            result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-        if step % cfg.log_every == 0 or last:
-            run.log(step, metrics)
-        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            run.log_samples(step, online.sample_rows(r))
-        run.advance()
-        # 6. checkpoint
-        if (cfg.save_every and step % cfg.save_every == 0) or last:
-            result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": policy}, tok, opt, sched, {}))
-        if last:
+        # 5. log, eval, samples, checkpoint (the policy alone)
+        if online.end_of_step(loop, r, metrics, t.seconds, models={"policy": policy}, state={}):
             break
-    run.close()
-    result["steps"] = step
-    result["last"] = metrics
-    return result
-
+    return online.finish(loop)

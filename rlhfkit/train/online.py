@@ -1,25 +1,45 @@
-"""What every online RL method (PPO, GRPO, RLOO, REINFORCE++, CMPO) shares: the config block, the
-prompt stream, reward sources, the generate-and-score phase, the periodic eval hook.
+"""What every online RL method (PPO, GRPO, RLOO, REINFORCE++, CMPO) shares, in the order its
+``train()`` calls it (torchtune's PPO recipe reads the same way)::
 
-The methods' modules keep their own loops and math; this file is plumbing only.
+    s = online.start(cfg, reward_fn, task)          # 1. accelerator, seeds, task, policy + reference, reward
+    ...the method's optimizer, sampler, extra models...
+    loop, state = online.begin(cfg, s, "grpo", opt, sched, evaluate)   # resume, run dir, step-0 eval
+    while loop.step < loop.total:
+        r = online_rollout.generate_and_score(s, sampler, loop.step, cfg)   # 2. generate and score
+        adv = ...the method's own math...                                    # 3. rewards, advantages
+        metrics = online.optimize(models, opt, r, adv, loss_fn, cfg, s.acc, loop.step)   # 4. optimize
+        if online.end_of_step(loop, r, metrics, seconds, models, state):    # 5. log, eval, checkpoint
+            break
+    return online.finish(loop)
+
+The generate-and-score phase is in online_rollout.py, the eval hook in online_eval.py. No math here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from rlhfkit.config import CommonConfig
+from rlhfkit.config import CommonConfig, check_choice
 from rlhfkit.data.tasks import get_task
-from rlhfkit.losses.kl import kl_per_token
+from rlhfkit.losses.kl import KL_ESTIMATORS
+from rlhfkit.models import load_model
 from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
-from rlhfkit.ops import masked_mean
+from rlhfkit.ops import exact_div
 from rlhfkit.rollout import rewards
-from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
+from rlhfkit.rollout.engine import Rollout, SamplingConfig
+from rlhfkit.train import runtime
+from rlhfkit.train.online_eval import HeldOutEval
+from rlhfkit.train.online_rollout import ROLLOUT_BACKENDS, PromptStream, rollout_metrics, sample_rows
+
+LR_SCHEDULES = ("linear", "cosine", "constant")
+"""Decay after warmup (``runtime.make_scheduler``'s names)."""
 
 
 @dataclass
@@ -38,9 +58,9 @@ class OnlineConfig(CommonConfig):
     samples_per_prompt: int = 1
     """K completions per prompt (GRPO/RLOO groups need K >= 2)."""
     temperature: float = 0.7
-    """Sampling temperature; training log-probs use the same one (N details #5)."""
+    """Sampling temperature (> 0); training log-probs use the same one (N details #5)."""
     top_p: float = 1.0
-    """Nucleus sampling (1.0 = off, keeps the sampler exactly the policy)."""
+    """Nucleus sampling, in (0, 1] (1.0 = off, keeps the sampler exactly the policy)."""
     max_new_tokens: int = 48
     """Completion length cap; longer completions are truncated."""
     max_prompt_length: int = 256
@@ -60,23 +80,23 @@ class OnlineConfig(CommonConfig):
     epochs_per_step: int = 1
     """Optimisation passes over each batch of rollouts (PPO's 'ppo_epochs')."""
     mini_batch_size: int | None = None
-    """Sequences per optimizer update; None = the whole rollout batch (one update per epoch)."""
+    """Sequences per optimizer update (per process); None = the whole rollout batch (one update per epoch)."""
     micro_batch_size: int = 8
     """Sequences per forward/backward (per process)."""
     share_prompts: bool = True
     """Log-prob passes (sampling-time, reference, training) compute each prompt once for all of its
-    completions, without padding (one packed row, a 4D mask; ``rlhfkit.train.logps``). False: padded
-    batches, each completion with its own copy of the prompt. Same values to float rounding."""
+    completions, without padding (one packed row, a 4D mask; ``rlhfkit.models.logps``, layout 'shared').
+    False: padded batches, each completion with its own copy of the prompt. Same values to float rounding."""
     beta: float = 0.05
-    """KL coefficient against the reference (starting) policy (0 disables the reference model)."""
+    """KL coefficient against the reference (starting) policy (0 disables the KL penalty)."""
     kl_estimator: str = "k1"
     """Per-token KL estimator: k1, k2 or k3 (http://joschu.net/blog/kl-approx.html)."""
     eval_every: int = 10
-    """Evaluate on held-out prompts every this many steps (and at step 0 and the end)."""
+    """Evaluate on held-out prompts every this many steps (and at step 0 and the end); 0 = never."""
     eval_prompts: int = 32
     """Held-out prompts used by the eval hook (fixed set, fixed seed)."""
     sample_every: int = 10
-    """Write a table of sample completions to samples.jsonl every this many steps."""
+    """Write a table of sample completions to samples.jsonl every this many steps (0 = never)."""
     max_minutes: float | None = None
     """Wall-clock budget: stop (evaluating and checkpointing) after the step that passes it; the LR
     schedule still follows total_steps. None = no budget."""
@@ -84,7 +104,27 @@ class OnlineConfig(CommonConfig):
     """Generation backend: 'hf' (transformers generate, any device) or 'vllm' (CUDA, `pip install
     rlhfkit[vllm]`; weights are pushed to vLLM after every update)."""
     vllm_gpu_memory_utilization: float = 0.3
-    """Fraction of GPU memory vLLM may take when colocated with training."""
+    """Fraction of GPU memory vLLM may take when colocated with training, in (0, 1]."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice(self, "kl_estimator", KL_ESTIMATORS)
+        check_choice(self, "lr_schedule", LR_SCHEDULES)
+        check_choice(self, "rollout_backend", ROLLOUT_BACKENDS)
+        rewards.parse_reward_spec(self.reward)
+        for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_prompt_length",
+                     "epochs_per_step", "micro_batch_size", "eval_prompts"):
+            require(self, name, getattr(self, name) >= 1, ">= 1")
+        for name in ("warmup_steps", "grad_clip", "beta", "eval_every", "sample_every"):
+            require(self, name, getattr(self, name) >= 0, ">= 0")
+        for name in ("temperature", "lr", "adam_eps"):
+            require(self, name, getattr(self, name) > 0, "> 0")
+        require(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
+        require(self, "vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]")
+        require(self, "mini_batch_size", self.mini_batch_size is None or self.mini_batch_size >= 1, ">= 1 or None")
+        require(self, "max_minutes", self.max_minutes is None or self.max_minutes >= 0, ">= 0 or None")
+        require(self, "missing_eos_penalty", self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
+                "finite or None")
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
@@ -103,6 +143,167 @@ class OnlineConfig(CommonConfig):
                                 with_entropy=with_entropy, max_row_tokens=SHARED_ROW_TOKENS)
 
 
+def require(cfg, name: str, ok: bool, rule: str) -> None:
+    """Raise ValueError naming the field ``name`` unless ``ok`` (``rule`` says what is allowed)."""
+    if not ok:
+        raise ValueError(f"{name} must be {rule}, got {getattr(cfg, name)!r}")
+
+
+def variant(table: dict, name: str, field_name: str):
+    """``table[name]``: a method variant chosen by name; an unknown name is an error, never a fallback."""
+    if name not in table:
+        raise ValueError(f"{field_name} must be one of {', '.join(table)}, got {name!r}")
+    return table[name]
+
+
+# --- 1. start: what every method builds before its loop ----------------------------------------------
+
+
+@dataclass
+class Start:
+    """What every online method builds before its loop, made by :func:`start`."""
+
+    acc: object
+    ckpt: object
+    task: object
+    policy: object
+    ref: object
+    tok: object
+    reward: object
+    total: int
+    local_prompts: int
+    stream: PromptStream
+    held_out: HeldOutEval
+
+
+def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
+    """Accelerator and per-process seed (N details #12), the checkpoint to resume from, the task, the
+    policy (from the checkpoint when resuming) and a frozen reference copy of the *starting* model
+    on the device, the reward source (``reward_fn(rollout)`` overrides it), step count, this process's
+    share of the prompts, the prompt stream and the held-out eval hook."""
+    cfg.validate()  # again: a field may have been set after construction
+    acc = runtime.make_accelerator(cfg.mixed_precision)
+    runtime.seed_everything(cfg.seed + acc.process_index)
+    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
+    task = task or get_task(cfg.task)
+    policy, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    # The reference is always loaded: the KL penalty needs it when beta > 0, the eval hook reports KL.
+    ref, _ = load_model(cfg.model, seed=cfg.seed)
+    ref.eval().requires_grad_(False).to(acc.device)
+    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
+    return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
+                 local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
+                 stream=PromptStream(task.prompts("train"), cfg.seed),
+                 held_out=HeldOutEval(ref, reward, task, task.prompts("heldout")[:cfg.eval_prompts], cfg))
+
+
+@dataclass
+class Loop:
+    """The run's progress between steps: made by :func:`begin`, advanced by :func:`end_of_step`."""
+
+    cfg: OnlineConfig
+    acc: object
+    tok: object
+    opt: object
+    sched: object
+    run: object
+    evaluate: Callable[[], dict]
+    budget: Budget
+    total: int
+    step: int
+    result: dict
+    metrics: dict = field(default_factory=dict)
+
+
+def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, evaluate: Callable[[], dict]) -> tuple[Loop, dict]:
+    """Resume (optimizer, scheduler, RNG, step), open the run directory, and evaluate the starting
+    policy with ``evaluate()`` (the method's eval callable, also run by :func:`end_of_step`) unless
+    resuming. Returns the loop and the rest of the checkpoint's trainer state (the method's own)."""
+    step, state = runtime.restore(s.ckpt, opt, sched, s.acc.process_index)
+    run = runtime.open_run(cfg, method, s.acc, s.total)
+    run.advance(step)
+    loop = Loop(cfg=cfg, acc=s.acc, tok=s.tok, opt=opt, sched=sched, run=run, evaluate=evaluate,
+                budget=Budget(cfg.max_minutes), total=s.total, step=step, result={"run_dir": str(run.path)})
+    if step == 0 and cfg.eval_every:
+        loop.result["eval_start"] = evaluate()
+        run.log(0, loop.result["eval_start"])
+    return loop, state
+
+
+# --- 4. optimize: epochs -> mini-batches -> micro-batches --------------------------------------------
+
+TRAINING_LOGPS = "_training_logps"
+"""Metrics key under which a loss returns the micro-batch's detached per-token log-probs when the
+rollout was sampled without them (``r.logps is None``); ``optimize`` stores them back into ``r.logps``."""
+
+
+def shuffle_seed(seed: int, step: int) -> int:
+    """Seed of :func:`optimize`'s mini-batch shuffle at ``step``: a function of (seed, step) only, so a
+    resumed run shuffles step N exactly as the uninterrupted run did. Its own stream (the trailing 1 in
+    the seed sequence), unrelated to the prompt stream's ``[seed, epoch]``. Every process draws the
+    same permutation of its own (different) rows."""
+    return int(np.random.SeedSequence([seed, step, 1]).generate_state(1)[0])
+
+
+def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: OnlineConfig, acc, step: int) -> dict:
+    """``epochs_per_step`` passes over one rollout batch (this process's B rows)::
+
+        for epoch in epochs_per_step:                   shuffle the B rows (shuffle_seed(seed, step))
+            for mini-batch of mini_batch_size rows:     one optimizer update
+                for micro-batch of micro_batch_size:    one forward + backward, loss x rows/mini-batch rows
+                clip the gradient norm, opt.step(), zero_grad
+
+    ``loss_fn(micro_batch, adv[rows])`` returns the micro-batch's loss as a mean over its rows and its
+    metrics. Weighting each by its share of the mini-batch's rows makes the accumulated gradient the
+    mini-batch's mean-over-rows gradient whatever the micro-batch size (1 x 8 == 8 x 1, tested in
+    tests/train/test_online.py). A loss averaged over tokens (aggregation 'token_mean') accumulates
+    exactly only when the micro-batches hold equal token counts (``rlhfkit.ops.aggregate_loss``).
+    Returns the metrics: micro-batch metrics weighted like the loss within an update, then averaged
+    over the updates, plus ``optim/grad_norm`` (before clipping, when clipping is on).
+    """
+    n = r.completion_ids.shape[0]
+    mini = cfg.mini_batch_size or n
+    exact_div(n, mini, "rollout batch per process / mini_batch_size")
+    device = r.completion_ids.device
+    params = [p for m in models for p in m.parameters()]
+    fresh = torch.zeros(r.completion_ids.shape, device=device) if r.logps is None else None
+    gen = torch.Generator().manual_seed(shuffle_seed(cfg.seed, step))
+    totals: dict[str, float] = {}
+    updates = 0
+    for _epoch in range(cfg.epochs_per_step):
+        order = torch.randperm(n, generator=gen)
+        for first in range(0, n, mini):
+            rows = order[first:first + mini]
+            micros = rows.split(cfg.micro_batch_size)
+            update: dict[str, float] = {}
+            for j, micro in enumerate(micros):
+                micro = micro.to(device)
+                weight = len(micro) / len(rows)
+                with contextlib.ExitStack() as stack:
+                    if j < len(micros) - 1:  # DDP: all-reduce the gradients once, on the last micro-batch
+                        for m in models:
+                            stack.enter_context(acc.no_sync(m))
+                    loss, metrics = loss_fn(r.select(micro), adv[micro])
+                    acc.backward(loss * weight)
+                if TRAINING_LOGPS in metrics:
+                    fresh[micro] = metrics.pop(TRAINING_LOGPS).float()
+                for k, v in metrics.items():
+                    update[k] = update.get(k, 0.0) + weight * float(v)
+            if cfg.grad_clip > 0:
+                update["optim/grad_norm"] = float(acc.clip_grad_norm_(params, cfg.grad_clip))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for k, v in update.items():
+                totals[k] = totals.get(k, 0.0) + v
+            updates += 1
+    if fresh is not None:  # the sampling-time log-probs, taken from the training pass (for the KL metrics)
+        r.logps = fresh
+    return {k: v / updates for k, v in totals.items()}
+
+
+# --- 5. end of step: log, eval, samples, checkpoint ---------------------------------------------------
+
+
 class Budget:
     """``max_minutes`` as a check the loop makes after each step."""
 
@@ -117,175 +318,39 @@ class Budget:
         return over
 
 
-# --- prompts -----------------------------------------------------------------------------------------
+def end_of_step(loop: Loop, r: Rollout, metrics: dict, seconds: float, models: dict, state: dict) -> bool:
+    """Close one step: count it, log ``metrics`` + the batch's rollout metrics (means over processes)
+    + perf and LR, run the eval hook every ``eval_every`` steps and at the end, write sample
+    completions, and checkpoint every ``save_every`` steps and at the end: ``models`` by name (the
+    policy at the top, others such as ``value`` or ``prior`` in sub-folders) and the method's extra
+    trainer ``state``. Returns True when the run stops here (last step or ``max_minutes`` spent)."""
+    cfg, acc, run = loop.cfg, loop.acc, loop.run
+    loop.step += 1
+    step = loop.step
+    last = step == loop.total or loop.budget.spent(acc)
+    # every process logged its own share of the prompts: all-reduce to the mean before writing
+    metrics = {**metrics, **rollout_metrics(r)}
+    metrics = {k: acc.reduce(torch.tensor(float(v), device=acc.device), "mean").item() for k, v in metrics.items()}
+    metrics.update(runtime.perf_metrics(int(r.completion_mask.sum()) * acc.num_processes, seconds, acc))
+    metrics["optim/lr"] = loop.sched.get_last_lr()[0]
+    if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+        metrics.update(loop.evaluate())
+        loop.result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    if step % cfg.log_every == 0 or last:
+        run.log(step, metrics)
+    if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+        run.log_samples(step, sample_rows(r))
+    run.advance()
+    if (cfg.save_every and step % cfg.save_every == 0) or last:
+        loop.result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, models, loop.tok, loop.opt,
+                                                                loop.sched, state))
+    loop.metrics = metrics
+    return last
 
 
-class PromptStream:
-    """Endless shuffled passes over the task's train prompts; deterministic in (seed, position) so
-    a resumed run sees the same prompts as an uninterrupted one."""
-
-    def __init__(self, prompts: list, seed: int):
-        if not prompts:
-            raise ValueError("no training prompts")
-        self.prompts, self.seed = prompts, seed
-
-    def batch(self, step: int, n: int) -> list:
-        out = []
-        for i in range(step * n, (step + 1) * n):
-            epoch, j = divmod(i, len(self.prompts))
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
-            out.append(self.prompts[order[j]])
-        return out
-
-
-# --- the generate-and-score phase -------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate_and_score(sampler: Sampler, prompts: list, k: int, ref_model, reward: rewards.RewardSource, task,
-                       cfg: OnlineConfig, seed: int, with_logps: bool = True) -> Rollout:
-    """Sample K completions per prompt, compute policy and reference log-probs and the scores.
-
-    Groups are consecutive: rows [g*K, (g+1)*K) share a prompt (what group advantages expect).
-    ``with_logps=False`` leaves ``r.logps`` None for a trainer that takes them from its own first
-    (and only) training forward pass.
-    """
-    repeated = [p for p in prompts for _ in range(k)]
-    r = sampler.sample(repeated, seed=seed, with_logps=with_logps)
-    if ref_model is not None:
-        r.ref_logps = cfg.logps(ref_model, r)
-    raw = reward(r)
-    r.extras["raw_scores"] = raw.clone()
-    r.extras["gold"] = raw.clone() if reward.uses_gold_only else rewards.task_gold(task, r)
-    if cfg.missing_eos_penalty is not None:
-        raw = torch.where(r.ended.cpu(), raw, torch.full_like(raw, cfg.missing_eos_penalty))
-    r.scores = raw.to(r.completion_ids.device)
-    return r
-
-
-def rollout_metrics(r: Rollout) -> dict:
-    """reward/, kl/ and length metrics of one batch (padding excluded everywhere)."""
-    mask = r.completion_mask
-    lengths = mask.sum(1).float()
-    m = {
-        "reward/mean": r.extras["raw_scores"].mean().item(),
-        "reward/std": r.extras["raw_scores"].std().item() if len(r.completions) > 1 else 0.0,
-        "reward/score_mean": r.scores.float().mean().item(),
-        "reward/gold": r.extras["gold"].mean().item(),
-        "rollout/length": lengths.mean().item(),
-        "rollout/truncated_frac": (~r.ended).float().mean().item(),
-    }
-    if r.ref_logps is not None:
-        seq_kl = ((r.logps - r.ref_logps) * mask).sum(1)
-        m["kl/seq"] = seq_kl.mean().item()
-        m["kl/k3_token"] = masked_mean(kl_per_token(r.logps, r.ref_logps, "k3"), mask).item()
-    return m
-
-
-# --- the eval hook --------------------------------------------------------------------------------
-
-
-class HeldOutEval:
-    """The eval hook: gold reward, proxy reward and KL(policy || reference) on a fixed held-out prompt set.
-
-    Sampled at the training temperature with a fixed seed, so successive evals differ only by the
-    policy. KL is the sequence-level estimate mean_y[log pi(y) - log pi_ref(y)], y ~ pi. The first
-    call's per-prompt gold rewards (the starting policy's, in a run that does not resume) are the
-    baseline of every later call's ``eval/win_rate_start``: the fraction of prompts whose reply scores
-    a higher gold reward than the first eval's reply to the same prompt, ties counted half.
-    """
-
-    def __init__(self, ref_model, reward: rewards.RewardSource, task, prompts: list, cfg: OnlineConfig):
-        self.ref_model, self.reward, self.task, self.prompts, self.cfg = ref_model, reward, task, prompts, cfg
-        self.start_gold: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def __call__(self, sampler: Sampler) -> dict:
-        r = sampler.sample(self.prompts, seed=12345)
-        gold = rewards.task_gold(self.task, r).float()
-        proxy = gold if self.reward.uses_gold_only else self.reward(r)
-        out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
-               "eval/length": r.completion_mask.sum(1).float().mean().item()}
-        if self.start_gold is None:
-            self.start_gold = gold
-        else:
-            out["eval/win_rate_start"] = ((gold > self.start_gold).float() + 0.5 * (gold == self.start_gold).float()).mean().item()
-        if self.ref_model is not None:
-            ref = self.cfg.logps(self.ref_model, r)
-            kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
-            out["eval/kl"] = kl
-            out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
-        return out
-
-
-def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
-    return [{"prompt": p[-1]["content"], "completion": c, "reward": float(s), "gold": float(g)}
-            for p, c, s, g in list(zip(r.prompts, r.completions, r.extras["raw_scores"], r.extras["gold"]))[:n]]
-
-
-def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
-    """The sampler over the (unwrapped) policy with the configured backend."""
-    backend = None
-    if cfg.rollout_backend == "vllm":
-        from rlhfkit.models.loading import resolve
-        from rlhfkit.rollout.vllm_backend import VLLMBackend
-
-        backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    elif cfg.rollout_backend != "hf":
-        raise ValueError(f"rollout_backend must be 'hf' or 'vllm', got {cfg.rollout_backend!r}")
-    return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length,
-                   layout=cfg.layout())
-
-
-@dataclass
-class Start:
-    """What every online method builds before its loop (phase 1), made by :func:`start`."""
-
-    acc: object
-    ckpt: object
-    task: object
-    policy: object
-    ref: object
-    tok: object
-    reward: object
-    total: int
-    local_prompts: int
-    stream: PromptStream
-    eval_prompts: list
-
-
-def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
-    """Accelerator and per-process seed (N details #12), the checkpoint to resume from, the task,
-    policy + frozen reference, the reward source (``reward_fn(rollout)`` overrides it), step count,
-    this process's share of prompts, the prompt stream and the fixed held-out eval prompts."""
-    from rlhfkit.ops import exact_div
-    from rlhfkit.train import runtime
-
-    acc = runtime.make_accelerator(cfg.mixed_precision)
-    runtime.seed_everything(cfg.seed + acc.process_index)
-    ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or get_task(cfg.task)
-    policy, ref, tok = load_policy_and_reference(cfg, ckpt)
-    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
-    return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
-                 local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
-                 stream=PromptStream(task.prompts("train"), cfg.seed),
-                 eval_prompts=task.prompts("heldout")[:cfg.eval_prompts])
-
-
-def local_batch(s: Start, step: int, cfg: OnlineConfig) -> list:
-    """This process's slice of the step's prompts."""
-    prompts = s.stream.batch(step, cfg.prompts_per_step)
-    i = s.acc.process_index
-    return prompts[i * s.local_prompts:(i + 1) * s.local_prompts]
-
-
-def load_policy_and_reference(cfg: OnlineConfig, ckpt):
-    """The trainable policy (from the checkpoint when resuming) and a frozen reference copy of the
-    *starting* model: the KL penalty needs it when beta > 0, and the eval hook always reports KL."""
-    from rlhfkit.models import load_model
-
-    policy, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
-    ref, _ = load_model(cfg.model, seed=cfg.seed)
-    ref.eval().requires_grad_(False)
-    return policy, ref, tok
+def finish(loop: Loop) -> dict:
+    """Close the run directory; the run's result: run_dir, steps, last metrics, eval_start/eval_end, checkpoint."""
+    loop.run.close()
+    loop.result["steps"] = loop.step
+    loop.result["last"] = loop.metrics
+    return loop.result

@@ -18,7 +18,7 @@ from toy_rl import ToyTask, frac_in_set, make_token_set
 
 from rlhfkit.losses.cmpo import RunningScale
 from rlhfkit.models import load_model
-from rlhfkit.train import cmpo
+from rlhfkit.train import cmpo, online_rollout
 from rlhfkit.train.cmpo import CMPOConfig, PriorTrackingOptimizer, cmpo_targets, train
 
 
@@ -77,12 +77,12 @@ def test_eval_hook_samples_the_policy_not_the_prior():
     prior = copy.deepcopy(policy)
     cfg = CMPOConfig(**common())
     seen = {}
-    sampler = cmpo.online.make_sampler(cfg, prior, tok, "tiny")
-    cmpo.evaluate(cfg, policy, prior, sampler, lambda s: seen.setdefault("model", s.backend.model) and {})
+    sampler = online_rollout.make_sampler(cfg, prior, tok, "tiny")
+    cmpo.eval_policy_not_prior(cfg, policy, prior, sampler, lambda s: seen.setdefault("model", s.backend.model) and {})
     assert seen["model"] is policy
 
 
-@pytest.mark.parametrize("bad,match", [(dict(samples_per_prompt=1), "samples_per_prompt >= 2"),
+@pytest.mark.parametrize("bad,match", [(dict(samples_per_prompt=1), "samples_per_prompt must be >= 2"),
                                        (dict(prior_ema=0.0), "prior_ema"), (dict(c=0.0), "c must be > 0"),
                                        (dict(lam=-1.0), "lam"), (dict(aggregation="sum"), "aggregation")])
 def test_config_errors(bad, match):

@@ -118,16 +118,143 @@ def test_held_out_eval_reports_the_win_rate_against_its_first_eval():
     from types import SimpleNamespace
 
     from rlhfkit.models import load_model
-    from rlhfkit.train import online
+    from rlhfkit.train import online_rollout
     from rlhfkit.train.grpo import GRPOConfig
+    from rlhfkit.train.online_eval import HeldOutEval
 
     model, tok = load_model("tiny")
     cfg = GRPOConfig(**common(samples_per_prompt=2))
     golds = iter([[0.5, 0.2, 0.9, 0.1], [0.6, 0.2, 0.3, 0.1], [0.0] * 4])
     task = SimpleNamespace(gold=lambda prompts, completions: next(golds))
-    held_out = online.HeldOutEval(None, SimpleNamespace(uses_gold_only=True), task, ToyTask().prompts("heldout")[:4], cfg)
-    sampler = online.make_sampler(cfg, model, tok, "tiny")
+    held_out = HeldOutEval(None, SimpleNamespace(uses_gold_only=True), task, ToyTask().prompts("heldout")[:4], cfg)
+    sampler = online_rollout.make_sampler(cfg, model, tok, "tiny")
     first = held_out(sampler)
     assert "eval/win_rate_start" not in first and first["eval/gold"] == pytest.approx(0.425)
     assert held_out(sampler)["eval/win_rate_start"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)  # ties count half
     assert held_out(sampler)["eval/win_rate_start"] == 0.0
+
+
+# --- the shared optimize: micro/mini-batch invariance --------------------------------------------------
+
+
+def test_optimize_gives_the_same_update_whatever_the_micro_batch_split():
+    """One mini-batch of 8 rows as 1 micro-batch of 8, as 8 micro-batches of 1 and as 3 + 3 + 2: the
+    same parameters after the update, and the same logged metrics.
+
+    GRPO's loss (seq_mean aggregation, a k3 KL term to a different reference model) is a mean over
+    rows, so each micro-batch's loss weighted by its share of the mini-batch's rows accumulates to the
+    full batch's gradient. Plain SGD without clipping keeps the update proportional to the gradient:
+    Adam's first step (~lr x sign(g)) and norm clipping would hide a wrongly scaled gradient, and a
+    wrong weight (none, 1/number of micro-batches with the uneven 3 + 3 + 2 split) changes the update
+    by up to 8x. All completions are full length, so token means equal row means and every metric
+    (clipfrac, entropy, ...) must agree as well.
+    """
+    import copy
+
+    import torch
+
+    from rlhfkit.models import load_model
+    from rlhfkit.rollout.engine import Sampler
+    from rlhfkit.train import grpo, online, runtime
+
+    cfg = grpo.GRPOConfig(**common(model="tiny:0.5", samples_per_prompt=2, max_new_tokens=4, beta=0.1, grad_clip=0.0))
+    model, tok = load_model("tiny:0.5", seed=0)
+    ref, _ = load_model("tiny:0.5", seed=1)
+    ref.eval().requires_grad_(False)
+    r = Sampler(model, tok, cfg.sampling(), layout=cfg.layout()).sample(
+        [p for p in ToyTask().prompts("train")[:4] for _ in range(2)], seed=0)
+    assert r.completion_mask.all(), "precondition: no completion ends early (equal token counts)"
+    r.ref_logps = cfg.logps(ref, r)
+    r.scores = torch.tensor([1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 0.7])
+    adv = grpo.compute_advantages(r, cfg)
+    acc = runtime.make_accelerator("no")
+
+    def step(micro_batch_size):
+        policy = copy.deepcopy(model).train()
+        opt = torch.optim.SGD(policy.parameters(), lr=1.0)
+        cfg.micro_batch_size = micro_batch_size
+        metrics = online.optimize([policy], opt, r.select(torch.arange(8)), adv,
+                                  lambda mb, a: grpo.policy_loss(policy, mb, a, cfg), cfg, acc, step=0)
+        return [p.detach() - p0 for p, p0 in zip(policy.parameters(), model.parameters())], metrics
+
+    (one, m_one), (eight, m_eight), (uneven, m_uneven) = step(8), step(1), step(3)
+    assert max(d.abs().max().item() for d in one) > 1e-3  # the update is far above float rounding
+    for a, b, c in zip(one, eight, uneven):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(c, a, atol=1e-6, rtol=1e-4)
+    assert set(m_one) == set(m_eight) == set(m_uneven) and "loss/kl" in m_one
+    for key in m_one:
+        assert m_eight[key] == pytest.approx(m_one[key], abs=1e-5), key
+        assert m_uneven[key] == pytest.approx(m_one[key], abs=1e-5), key
+
+
+def test_named_seeds_are_functions_of_seed_step_and_rank():
+    from rlhfkit.train.online import shuffle_seed
+    from rlhfkit.train.online_rollout import sampling_seed
+
+    assert sampling_seed(3, 7, 1) == 3 * 100_003 + 7 * 101 + 1  # the formula the resume test depends on
+    streams = {sampling_seed(0, step, rank) for step in range(50) for rank in range(8)}
+    assert len(streams) == 50 * 8
+    assert shuffle_seed(0, 5) == shuffle_seed(0, 5)
+    assert len({shuffle_seed(seed, step) for seed in range(3) for step in range(50)}) == 150
+
+
+# --- config validation ---------------------------------------------------------------------------
+
+
+def online_configs():
+    from rlhfkit.train.cmpo import CMPOConfig
+    from rlhfkit.train.grpo import GRPOConfig, RLOOConfig
+    from rlhfkit.train.online import OnlineConfig
+    from rlhfkit.train.ppo import PPOConfig
+
+    return [OnlineConfig, GRPOConfig, RLOOConfig, PPOConfig, CMPOConfig]
+
+
+SHARED_BAD = [("kl_estimator", "k4"), ("rollout_backend", "sglang"), ("lr_schedule", "step"), ("temperature", 0.0),
+              ("top_p", 0.0), ("top_p", 1.5), ("samples_per_prompt", 0), ("prompts_per_step", 0),
+              ("epochs_per_step", 0), ("micro_batch_size", 0), ("mini_batch_size", 0), ("total_steps", 0),
+              ("max_new_tokens", 0), ("lr", -1.0), ("adam_eps", 0.0), ("beta", -0.1), ("grad_clip", -1.0),
+              ("warmup_steps", -1), ("eval_every", -1), ("eval_prompts", 0), ("max_minutes", -1.0),
+              ("vllm_gpu_memory_utilization", 1.5), ("missing_eos_penalty", float("nan")), ("reward", "rm:"),
+              ("reward", "gold@x"), ("reward", "bleu"), ("temperature", float("nan"))]
+
+
+@pytest.mark.parametrize("field,bad", SHARED_BAD)
+def test_every_online_config_rejects_a_bad_shared_field_naming_it(field, bad):
+    for cls in online_configs():
+        with pytest.raises(ValueError, match=rf"\b{field}\b"):
+            cls(**{field: bad})
+
+
+@pytest.mark.parametrize("cls_name,field,bad", [
+    ("GRPOConfig", "advantage", "typo"), ("RLOOConfig", "advantage", "reinforce"), ("GRPOConfig", "aggregation", "sum"),
+    ("GRPOConfig", "clip_eps", 0.0), ("GRPOConfig", "clip_eps_high", -0.1), ("GRPOConfig", "samples_per_prompt", 1),
+    ("PPOConfig", "value_init", "critic"), ("PPOConfig", "gamma", 1.5), ("PPOConfig", "lam", -0.1),
+    ("PPOConfig", "clip_eps", -1.0), ("PPOConfig", "clip_eps_value", 0.0), ("PPOConfig", "vf_coef", -1.0),
+    ("PPOConfig", "kl_target", 0.0), ("PPOConfig", "kl_horizon", 0),
+    ("CMPOConfig", "aggregation", "sum"), ("CMPOConfig", "sigma_decay", 1.0), ("CMPOConfig", "sigma_eps", -1.0),
+    ("CMPOConfig", "clip_eps", 0.0), ("CMPOConfig", "samples_per_prompt", 1),
+])
+def test_each_method_config_rejects_a_bad_value_of_its_own_fields(cls_name, field, bad):
+    cls = {c.__name__: c for c in online_configs()}[cls_name]
+    with pytest.raises(ValueError, match=rf"\b{field}\b"):
+        cls(**{field: bad})
+
+
+def test_value_init_reward_needs_a_reward_model_in_reward():
+    from rlhfkit.train.ppo import PPOConfig
+
+    with pytest.raises(ValueError, match="value_init='reward' needs an rm:PATH"):
+        PPOConfig(value_init="reward", reward="gold")
+    assert PPOConfig(value_init="reward", reward="rm:runs/rm@1.0,gold@0.5").value_init == "reward"
+
+
+def test_a_field_set_after_construction_is_checked_when_training_starts(tmp_path):
+    from rlhfkit.train.grpo import GRPOConfig, train
+
+    cfg = GRPOConfig(**common(samples_per_prompt=2, output_dir=str(tmp_path)))
+    cfg.advantage = "typo"
+    with pytest.raises(ValueError, match="advantage must be one of group, dr_grpo, loo, reinforce_pp"):
+        train(cfg, reward_fn=lambda r: r.scores, task=ToyTask())
+    assert not (tmp_path / "metrics.jsonl").exists()
