@@ -3,7 +3,7 @@
 
     s = online.start(cfg, reward_fn, task)          # 1. accelerator, seeds, task, policy + reference, reward
     ...the method's optimizer, sampler, extra models...
-    loop, state = online.begin(cfg, s, "grpo", opt, sched, evaluate)   # resume, run dir, step-0 eval
+    loop, state = online.begin(cfg, s, "grpo", opt, sched, eval_hook)  # resume, run dir, step-0 eval
     while loop.step < loop.total:
         r = online_rollout.generate_and_score(s, sampler, loop.step, cfg)   # 2. generate and score
         adv = ...the method's own math...                                    # 3. rewards, advantages
@@ -207,7 +207,7 @@ class Loop:
     opt: object
     sched: object
     run: object
-    evaluate: Callable[[], dict]
+    eval_hook: Callable[[], dict]
     budget: Budget
     total: int
     step: int
@@ -215,17 +215,17 @@ class Loop:
     metrics: dict = field(default_factory=dict)
 
 
-def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, evaluate: Callable[[], dict]) -> tuple[Loop, dict]:
+def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, eval_hook: Callable[[], dict]) -> tuple[Loop, dict]:
     """Resume (optimizer, scheduler, RNG, step), open the run directory, and evaluate the starting
-    policy with ``evaluate()`` (the method's eval callable, also run by :func:`end_of_step`) unless
+    policy with ``eval_hook()`` (the method's eval callable, also run by :func:`end_of_step`) unless
     resuming. Returns the loop and the rest of the checkpoint's trainer state (the method's own)."""
     step, state = runtime.restore(s.ckpt, opt, sched, s.acc.process_index)
     run = runtime.open_run(cfg, method, s.acc, s.total)
     run.advance(step)
-    loop = Loop(cfg=cfg, acc=s.acc, tok=s.tok, opt=opt, sched=sched, run=run, evaluate=evaluate,
+    loop = Loop(cfg=cfg, acc=s.acc, tok=s.tok, opt=opt, sched=sched, run=run, eval_hook=eval_hook,
                 budget=Budget(cfg.max_minutes), total=s.total, step=step, result={"run_dir": str(run.path)})
     if step == 0 and cfg.eval_every:
-        loop.result["eval_start"] = evaluate()
+        loop.result["eval_start"] = eval_hook()
         run.log(0, loop.result["eval_start"])
     return loop, state
 
@@ -334,7 +334,7 @@ def end_of_step(loop: Loop, r: Rollout, metrics: dict, seconds: float, models: d
     metrics.update(runtime.perf_metrics(int(r.completion_mask.sum()) * acc.num_processes, seconds, acc))
     metrics["optim/lr"] = loop.sched.get_last_lr()[0]
     if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-        metrics.update(loop.evaluate())
+        metrics.update(loop.eval_hook())
         loop.result["eval_end"] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
     if step % cfg.log_every == 0 or last:
         run.log(step, metrics)

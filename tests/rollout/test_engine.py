@@ -2,7 +2,7 @@
 
 Layout under test (engine module docstring): prompts left-padded, completions right-padded with pad
 after the first EOS, ``completion_mask`` True through that EOS, ``ended`` = an EOS was emitted, and
-per-token log-probs from logits divided by the sampling temperature (tests/models/test_logps.py).
+per-token log-probs from logits divided by the sampling temperature (tested in tests/models/test_logps.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import pytest
 import torch
 
-from rlhfkit.models import load_model
 from rlhfkit.models.batching import completion_mask_from_ids
 from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
 
@@ -23,15 +22,6 @@ PROMPTS = [
      {"role": "user", "content": "Tell me, at some length, what you think about rainy autumn afternoons."}],
     [{"role": "user", "content": "Name a colour."}],
 ]
-
-
-@pytest.fixture(scope="module")
-def peaked():
-    """A 'tiny:0.5' model (init std 0.5): peaked next-token distributions, so a log-prob computed at
-    the wrong temperature or position is off by far more than the 1e-5 tolerance (with the default
-    init the distribution is near-uniform over 49k tokens and such errors hide)."""
-    model, tok = load_model("tiny:0.5", seed=0)
-    return model.eval(), tok
 
 
 class FixedBackend:
