@@ -230,15 +230,15 @@ def train(cfg: RewardConfig, report: Callable[[RewardModel, list[PreferenceRecor
         micros = micro_batches(make_units(local, cfg.group_by_prompt), cfg.micro_batch_size)
         # 5. forward/backward over micro-batches (syncing gradients on the last), clip, step
         with runtime.Timer() as t:
-            sums, grad_norm = offline.optimizer_step(scorer, opt, sched, acc, micros, micro_loss, cfg.batch_size,
-                                                     cfg.grad_clip)
+            parts, grad_norm = offline.optimizer_step(scorer, opt, sched, acc, micros, micro_loss, cfg.batch_size,
+                                                      cfg.grad_clip)
         step += 1
         train_seconds += t.seconds
         pairs_done += cfg.batch_size
         # 6. metrics: sums over micro-batches and processes / global counts
-        sums = sum(sums)  # loss sum, correct, decided, margin sum, tokens: this process's
-        tokens = int(sums[4])
-        sums = acc.reduce(sums[:4], "sum")
+        local_sums = sum(parts)  # this process's loss sum, correct, decided, margin sum, tokens
+        tokens = int(local_sums[4])
+        sums = acc.reduce(local_sums[:4], "sum")
         metrics = {"loss/reward": (sums[0] / cfg.batch_size).item(),
                    "reward/accuracy": (sums[1] / sums[2].clamp(min=1)).item(),
                    "reward/margin": (sums[3] / cfg.batch_size).item(),

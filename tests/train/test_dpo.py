@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import write_jsonl
+from dpo_two_process import config
+from torchrun import run_two_processes
 
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
 from rlhfkit.data.records import DataError
@@ -254,13 +256,7 @@ def test_accumulation_equals_one_big_batch(prefs, tmp_path):
 def test_two_processes_match_one(prefs, tmp_path):
     """Global batch 8 split over 2 processes (torchrun, gloo) gives the 1-process losses, rewards, gradient
     norms and eval metrics: the loss is normalised by the global batch and metrics are gathered."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from dpo_two_process import config
-
-    script = Path(__file__).parent / "dpo_two_process.py"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
-                           str(prefs), str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(Path(__file__).parent / "dpo_two_process.py", prefs, tmp_path / "two", timeout=600)
     assert json.loads((tmp_path / "two" / "processes.json").read_text())["num_processes"] == 2
     train(config(str(prefs), str(tmp_path / "one")))
     keys = ("loss/dpo", "rewards/margin", "rewards/accuracy", "optim/grad_norm", "eval/loss", "eval/rewards/margin")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun import run_two_processes
 
 from rlhfkit.cli.reward import main
 from rlhfkit.data.prompts import load_prompts
@@ -286,26 +287,13 @@ def test_two_processes_match_one(tmp_path):
     """torchrun with 2 processes (each gets 4 of the 8 pairs, in micro-batches of whole prompts: here of
     1, 2 and 3 pairs, a 3-pair prompt exceeding micro_batch_size) gives the losses of one process; the
     script fails unless the trainer's accelerator saw both processes."""
-    import os
-    import signal
-
     rows = toy_prefs(8, per_prompt=3)  # keep 3 pairs of every other prompt, 1 of the rest: uneven rows
     data = write_jsonl(tmp_path / "p.jsonl", [r for i, r in enumerate(rows) if (i // 3) % 2 == 0 or i % 3 == 0])
     one = train(train_cfg(tmp_path / "one", data, max_steps=2, batch_size=8, micro_batch_size=2, lr=1e-2,
                           lr_schedule="constant", warmup_ratio=0.0, eval_fraction=0.0, norm_samples=4))
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script), str(data), str(tmp_path / "two")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"two-process run timed out:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_two_processes(script, data, tmp_path / "two", timeout=300)
     record = json.loads((tmp_path / "two" / "processes.json").read_text())
     assert record["num_processes"] == 2 and record["backend"] == "gloo"
     assert record["losses"] == pytest.approx(losses(Path(one["run_dir"])), abs=1e-5)

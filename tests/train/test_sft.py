@@ -4,16 +4,14 @@ not change the numbers, a resumed run reproduces the uninterrupted one, and a ru
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torchrun import run_two_processes
 
 from rlhfkit.data.chat import tokenize_chat
 from rlhfkit.data.records import DataError
@@ -103,23 +101,9 @@ def test_batch_layout_does_not_change_the_losses(shared_sft_jsonl, tmp_path, ref
 
 
 def test_two_processes_match_one(shared_sft_jsonl, tmp_path, reference_losses):
-    """torchrun starts two processes (``accelerate launch --cpu`` would start one here: DESIGN.md);
-    the script fails unless the trainer's accelerator saw both."""
+    """torchrun starts two processes; the script fails unless the trainer's accelerator saw both."""
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # own session: on a timeout the whole group (torchrun and both workers) is killed, no orphans left
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(TESTS / "sft_two_process.py"), str(shared_sft_jsonl), str(out), "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        pytest.fail(f"two-process run timed out:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
+    run_two_processes(TESTS / "sft_two_process.py", shared_sft_jsonl, out, 3, timeout=240)
     record = json.loads((out / "processes.json").read_text())
     assert record["num_processes"] == 2 and record["backend"] == "gloo"
     assert record["losses"] == pytest.approx(reference_losses, abs=1e-4)
