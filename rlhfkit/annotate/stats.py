@@ -19,8 +19,10 @@ import numpy as np
 from sqlalchemy import case, func, select
 
 from rlhfkit.annotate import agreement as ag
+from rlhfkit.annotate import quality
 from rlhfkit.annotate.models import Annotator, Assignment, Label, Pair
 from rlhfkit.annotate.projects import find_project
+from rlhfkit.annotate.quality import Thresholds
 from rlhfkit.annotate.store import Store
 
 
@@ -113,8 +115,9 @@ def _votes_of(pair_id, name, winner, strength, rationale, unsafe, left, duration
     return out
 
 
-def project_stats(store: Store, project: str) -> dict:
-    """Everything the dashboard and ``rlhfkit annotate stats`` show. NaN means "not enough data"."""
+def project_stats(store: Store, project: str, thresholds: Thresholds = Thresholds(), ci: bool = True) -> dict:
+    """Everything the dashboard and ``rlhfkit annotate stats`` show. NaN means "not enough data".
+    ``ci``: bootstrap intervals of the project's κ and α (see ``quality.py``; 1000 resamples)."""
     data = load_votes(store, project)
     regular = data.regular()
     ratings, _ = data.matrix(regular)
@@ -130,6 +133,7 @@ def project_stats(store: Store, project: str) -> dict:
     per = []
     for j, name in enumerate(data.annotators):
         mine = [v for v in data.votes if v.annotator == name]
+        gold_mine = [v for v in mine if v.pair_id in data.gold]
         tp = ag.throughput(np.array([v.time.replace(tzinfo=timezone.utc).timestamp() for v in mine]))
         durations = [v.duration_ms for v in mine if v.duration_ms is not None]
         weights = shared[j].astype(float)
@@ -137,7 +141,7 @@ def project_stats(store: Store, project: str) -> dict:
         mean_kappa = (float(np.average(kappa[j][valid], weights=weights[valid]))
                       if valid.any() and weights[valid].sum() > 0 else float("nan"))
         per.append({
-            "annotator": name, "labels": len(mine), "skips": data.skips.get(name, 0),
+            "annotator": name, "labels": len({v.pair_id for v in mine}), "skips": data.skips.get(name, 0),
             "unsafe_flags": sum(v.unsafe for v in mine),
             "agreement_with_consensus": float(loo[j]), "consensus_items": int(loo_n[j]),
             "gold_accuracy": float(gold_acc[j]), "gold_items": int(gold_n[j]),
@@ -145,7 +149,12 @@ def project_stats(store: Store, project: str) -> dict:
             "mean_cohen_kappa": mean_kappa,
             "labels_per_hour": tp.labels_per_hour,
             "median_s_per_label": float(np.median(durations)) / 1000.0 if durations else float("nan"),
+            "agreement_ci": quality.wilson_of(float(loo[j]), int(loo_n[j])),
+            "gold_accuracy_ci": quality.wilson_of(float(gold_acc[j]), int(gold_n[j])),
+            "gold_trend": quality.gold_trend([v.time for v in gold_mine],
+                                             [v.winner == data.gold[v.pair_id] for v in gold_mine]),
         })
+        per[-1]["low"] = quality.mark_low(per[-1], thresholds)
     return {
         "project": project,
         "unsafe_pairs": unsafe_pairs(store, project),
@@ -158,6 +167,8 @@ def project_stats(store: Store, project: str) -> dict:
         "ds_priors": {n: float(p) for n, p in zip(ag.CATEGORIES, ds.priors)} if ds is not None else {},
         "annotators": per,
         "cohen_kappa": {"annotators": data.annotators, "kappa": kappa.tolist(), "shared": shared.tolist()},
+        "intervals": quality.agreement_intervals(ratings) if ci else {},
+        "thresholds": {"min_gold": thresholds.min_gold, "min_agree": thresholds.min_agree, "min_n": thresholds.min_n},
     }
 
 
@@ -182,8 +193,9 @@ def format_table(stats: dict) -> str:
     lines = [
         f"project {stats['project']}: {stats['n_votes']} votes on {stats['n_pairs']} pairs "
         f"({stats['n_pairs_multi']} with 2+ votes)",
-        f"  Fleiss kappa                  {f(stats['fleiss_kappa'])}",
-        f"  Krippendorff alpha (ordinal)  {f(stats['krippendorff_alpha_ordinal'])}   a < tie < b",
+        f"  Fleiss kappa                  {f(stats['fleiss_kappa'])}{_ci(stats, 'fleiss_kappa')}",
+        f"  Krippendorff alpha (ordinal)  {f(stats['krippendorff_alpha_ordinal'])}{_ci(stats, 'krippendorff_alpha_ordinal')}"
+        "   a < tie < b",
         f"  Krippendorff alpha (nominal)  {f(stats['krippendorff_alpha_nominal'])}",
         f"  consensus on 2+ vote pairs    a {c['a']}  b {c['b']}  tie {c['tie']}  unresolved {c['unresolved']}",
         "",
@@ -191,7 +203,7 @@ def format_table(stats: dict) -> str:
     header = ("annotator", "labels", "skips", "unsafe", "agree", "gold", "DS acc", "mean k", "labels/h", "s/label")
     rows = [header]
     for a in stats["annotators"]:
-        rows.append((a["annotator"], str(a["labels"]), str(a["skips"]), str(a["unsafe_flags"]),
+        rows.append((a["annotator"] + (" !" if a["low"] else ""), str(a["labels"]), str(a["skips"]), str(a["unsafe_flags"]),
                      f"{f(a['agreement_with_consensus'], 2)} ({a['consensus_items']})",
                      f"{f(a['gold_accuracy'], 2)} ({a['gold_items']})", f(a["ds_accuracy"], 2),
                      f(a["mean_cohen_kappa"], 2), f(a["labels_per_hour"], 0), f(a["median_s_per_label"], 1)))
@@ -201,10 +213,21 @@ def format_table(stats: dict) -> str:
     if stats["unsafe_pairs"]:
         flagged = ", ".join(f"{u['pair_id']} ({u['flags']})" for u in stats["unsafe_pairs"][:20])
         lines += ["", f"flagged unsafe: {flagged}" + (" ..." if len(stats["unsafe_pairs"]) > 20 else "")]
+    t = stats["thresholds"]
     lines += ["", "agree: agreement with the other annotators' plurality (items counted); gold: accuracy on gold "
               "pairs; DS acc: Dawid-Skene estimated accuracy; mean k: mean pairwise Cohen's kappa; "
-              "see docs/annotate.md"]
+              f"! marks gold accuracy below {t['min_gold']:g} or agreement below {t['min_agree']:g} "
+              f"(with {t['min_n']}+ answers); [95% bootstrap interval, n items]; see docs/annotate.md"]
     return "\n".join(lines)
+
+
+def _ci(stats: dict, name: str) -> str:
+    est = stats.get("intervals", {}).get(name)
+    if not est:
+        return ""
+    if est["ci_low"] is None:
+        return f" [too few pairs for an interval] n={est['n']}"
+    return f" [{est['ci_low']:.3f}, {est['ci_high']:.3f}] n={est['n']}"
 
 
 def json_safe(x):
@@ -213,6 +236,8 @@ def json_safe(x):
         return None
     if isinstance(x, dict):
         return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
+    if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
+    if isinstance(x, datetime):
+        return x.isoformat(timespec="seconds") + "Z"
     return x

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from rlhfkit.annotate.export import CONSENSUS, ExportOptions, NothingToExport, build_rankings, build_records
+from rlhfkit.annotate.quality import Thresholds
 from rlhfkit.annotate.stats import json_safe, project_stats
 from rlhfkit.annotate.store import ADMIN_SESSION, Principal, Refused, Store
 from rlhfkit.annotate.values import MAX_ID
@@ -65,15 +66,20 @@ def router(store: Store, auth: Auth) -> APIRouter:
         return render("admin_index.html", projects=projects, csrf=who.csrf_token if who else "")
 
     @r.get("/admin/projects/{project}")
-    def dashboard(project: str, who: Principal | None = Depends(admin)):
-        info, stats = _guard(store.admin.project_info, project), _guard(project_stats, store, project)
+    def dashboard(project: str, who: Principal | None = Depends(admin), min_gold: float = Query(0.8, ge=0, le=1),
+                  min_agree: float = Query(0.6, ge=0, le=1)):
+        """``min_gold`` / ``min_agree``: annotators below these are highlighted (quality.Thresholds)."""
+        thresholds = Thresholds(min_gold=min_gold, min_agree=min_agree)
+        info, stats = _guard(store.admin.project_info, project), _guard(project_stats, store, project, thresholds)
         active = {a["name"]: a["active"] for a in info["annotators"]}
         return render("admin_project.html", info=info, stats=stats, active=active,
                       csrf=who.csrf_token if who else "", fmt=_fmt, consensus_methods=CONSENSUS)
 
     @r.get("/api/admin/projects/{project}/stats")
-    def stats_json(project: str, _: Principal | None = Depends(admin)):
-        return json_safe(_guard(project_stats, store, project))
+    def stats_json(project: str, _: Principal | None = Depends(admin), min_gold: float = Query(0.8, ge=0, le=1),
+                   min_agree: float = Query(0.6, ge=0, le=1)):
+        thresholds = Thresholds(min_gold=min_gold, min_agree=min_agree)
+        return json_safe(_guard(project_stats, store, project, thresholds))
 
     @r.post("/admin/projects/{project}/annotators")
     def add_annotator(request: Request, project: str, who: Principal | None = Depends(admin),

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = command("stats", cmd_stats, "print agreement and annotator-quality statistics")
     c.add_argument("--project", required=True)
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--min-gold", type=float, default=0.8, help="mark annotators whose gold accuracy is below "
+                                                                "this (default %(default)s)")
+    c.add_argument("--min-agree", type=float, default=0.6, help="mark annotators whose agreement with the others "
+                                                                 "is below this (default %(default)s)")
     return p
 
 
@@ -304,9 +308,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    from rlhfkit.annotate.quality import Thresholds
     from rlhfkit.annotate.stats import format_table, json_safe, project_stats
 
-    stats = project_stats(_store(args), args.project)
+    thresholds = Thresholds(min_gold=args.min_gold, min_agree=args.min_agree)
+    stats = project_stats(_store(args), args.project, thresholds)
     print(json.dumps(json_safe(stats), indent=1) if args.json else format_table(stats))
     return 0
 
