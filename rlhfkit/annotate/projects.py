@@ -219,7 +219,7 @@ class ProjectAdmin:
                 .where(Pair.project_id == proj.id, Pair.gold_winner.is_(None)).group_by(Pair.id)).all()
             annotators = s.execute(select(Annotator.name, Annotator.active).where(Annotator.project_id == proj.id)
                                    .order_by(Annotator.name)).all()
-            return {"name": proj.name, "gold_rate": proj.gold_rate, "n_pairs": n_pairs, "n_gold": n_gold,
+            return {"name": proj.name, "gold_rate": proj.gold_rate, "question": proj.question, "n_pairs": n_pairs, "n_gold": n_gold,
                     "n_complete": sum(1 for overlap, n in labelled if n >= overlap),
                     "n_started": sum(1 for _, n in labelled if n > 0),
                     "n_labels": sum(n for _, n in labelled), "n_wanted": sum(o for o, _ in labelled),

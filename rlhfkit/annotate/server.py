@@ -25,6 +25,7 @@ Routes (all HTML is server-rendered with Jinja2 autoescaping; the only scripts a
     GET  /admin/projects/{p}/items[/{id}]             item browser, one item with every vote (+ /api/admin/... JSON)
     GET  /admin/projects/{p}/adjudication             items where votes disagree (+ /api/admin/... JSON)
     POST /admin/projects/{p}/decisions                the lead's answer for an item (form)
+    POST /admin/import                                create a project / import pairs / settings (multipart form)
     GET  /a/{token}, POST /a/{token}                  sign-in link; a cross-site visit confirms with a button first
 """
 
@@ -36,7 +37,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rlhfkit.annotate import views_admin, views_annotator, views_review
+from rlhfkit.annotate import views_admin, views_annotator, views_review, views_setup
 from rlhfkit.annotate.store import Store
 from rlhfkit.annotate.web import (
     HERE,
@@ -100,6 +101,7 @@ def create_app(store: Store, *, secure_cookies: bool = False, warm_up: bool = Tr
     app.include_router(views_annotator.router(store, auth))
     app.include_router(views_admin.router(store, auth))
     app.include_router(views_review.router(store, auth))
+    app.include_router(views_setup.router(store, auth))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.add_middleware(BodyGuard, auth=auth, max_body_bytes=max_body_bytes, max_upload_bytes=max_upload_bytes)
     app.add_middleware(SecurityHeaders)  # added last: the outermost, so every answer gets the headers
