@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import re
+import shlex
 from types import SimpleNamespace
 from urllib.parse import urljoin
 
@@ -413,7 +414,7 @@ def test_docs_commands_exist(capsys):
     commands = re.findall(r"^(?:\$ )?rlhfkit annotate ((?:[^\n\\]|\\\n)+)", docs, re.M)
     assert len(commands) >= 8
     for line in commands:
-        argv = line.replace("\\\n", " ").split("#")[0].split()
+        argv = shlex.split(line.replace("\\\n", " "), comments=True)
         build_parser().parse_args(argv)  # exits (SystemExit) on an unknown command or option
 
 
