@@ -34,15 +34,20 @@ LOGP_BATCH = 8
 """Sequences per forward pass when scoring log-probs (memory, not results, depends on it)."""
 
 
+def parse_policy(spec: str) -> tuple[str, int]:
+    """'MODEL' -> (MODEL, 1); 'bon:N:MODEL' -> (MODEL, N)."""
+    if spec.startswith("bon:"):
+        parts = spec.split(":", 2)
+        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < 1 or not parts[2]:
+            raise ValueError(f"--policy {spec}: best-of-N needs bon:N:MODEL with N >= 1")
+        return parts[2], int(parts[1])
+    return spec, 1
+
+
 def parse_eval_specs(policy: str, judge: str = "gold", proxy: str | None = None) -> tuple[str, int]:
     """Check the policy, judge and proxy specs before any model is loaded (a typo would otherwise
     surface after minutes of sampling); returns (policy model, N of best-of-N, 1 for plain sampling)."""
-    model, n = policy, 1
-    if policy.startswith("bon:"):
-        parts = policy.split(":", 2)
-        if len(parts) != 3 or not parts[1].isdigit() or int(parts[1]) < 1 or not parts[2]:
-            raise ValueError(f"--policy {policy}: best-of-N needs bon:N:MODEL with N >= 1")
-        model, n = parts[2], int(parts[1])
+    model, n = parse_policy(policy)
     if n > 1 and proxy is None:
         raise ValueError("best-of-N needs --proxy to pick the best sample")
     if judge != "gold" and not judge.startswith(("rm:", "lm:")):
@@ -149,5 +154,5 @@ def eval_policy(policy: str, task: Task, *, reference: str = "smollm2-135m-instr
 
 def default_eval_dir(policy: str) -> Path:
     """Where ``rlhfkit eval`` writes eval.json by default: the policy's directory if it is one, else '.'."""
-    model = policy.split(":", 2)[2] if policy.startswith("bon:") and policy.count(":") >= 2 else policy
-    return Path(model) if Path(model).is_dir() else Path(".")
+    model = Path(parse_policy(policy)[0])
+    return model if model.is_dir() else Path(".")
