@@ -52,8 +52,15 @@ def test_create_a_project_and_change_its_settings_from_the_browser(env):
     assert info["question"] == "Which is right?" and info["gold_rate"] == 0
     page = c.get("/admin/projects/web-1").text
     assert 'value="Which is right?"' in page  # the settings form shows the current question
+    r = c.post("/admin/import", data={"csrf_token": csrf, "project": "web-1", "question_field": "1",
+                                      "question": "Which is right?", "ratings": "helpfulness=1-5"})
+    assert r.status_code == 200 and store.admin.project_info("web-1")["ratings_spec"] == "helpfulness=1-5"
+    assert 'value="helpfulness=1-5"' in c.get("/admin/projects/web-1").text
+    r = c.post("/admin/import", data={"csrf_token": csrf, "project": "web-1", "ratings": "helpfulness=5-1"})
+    assert r.status_code == 422 and "MIN &lt; MAX" in r.text
     r = c.post("/admin/import", data={"csrf_token": csrf, "project": "web-1", "question_field": "1"})
     assert r.status_code == 200 and store.admin.project_info("web-1")["question"] is None
+    assert store.admin.project_info("web-1")["rating_aspects"] is None  # an emptied field removes it
     again = {"pairs": ("more.jsonl", jsonl([pair_dict(i) for i in range(5)]), "application/x-ndjson")}
     r = c.post("/admin/import", data={"csrf_token": csrf, "project": "web-1", "skip_existing": "1"}, files=again)
     assert r.status_code == 200 and "imported 2 pairs" in r.text and "skipped 3 already present" in r.text

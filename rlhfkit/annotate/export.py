@@ -167,9 +167,25 @@ def build_records(store: Store, project: str, opts: ExportOptions) -> tuple[list
                     "adjudicated": decision is not None}))
         elif winner is not None:
             records.append(_record(pair, winner, agreeing, "consensus", {
-                "votes": [v.to_dict() for v in votes], "agreement": agreement, "n_votes": len(votes), **method}))
+                "votes": [v.to_dict() for v in votes], "agreement": agreement, "n_votes": len(votes), **method}
+                | _mean_ratings(votes)))
     report.records = len(records)
     return records, report
+
+
+def _mean_ratings(votes: list[Vote]) -> dict:
+    """``{"ratings": {aspect: {"a": mean, "b": mean, "n": votes with a rating}}}``, or {} without any."""
+    sums: dict = {}
+    for v in votes:
+        for name, sides in (v.side_ratings() or {}).items():
+            for side, value in sides.items():
+                if value is not None:
+                    sums.setdefault(name, {}).setdefault(side, []).append(value)
+    if not sums:
+        return {}
+    return {"ratings": {name: {side: round(float(np.mean(sides[side])), 4) if side in sides else None
+                               for side in ("a", "b")} | {"n": max(len(x) for x in sides.values())}
+                        for name, sides in sums.items()}}
 
 
 def item_pair(p: Pair, item: tuple[int, int, int]) -> ComparisonPair:
@@ -198,7 +214,7 @@ def build_rankings(store: Store, project: str, exclude: tuple[str, ...] = ()) ->
         entry = out.setdefault(p.id, {"id": p.key, "prompt": p.prompt, "replies": p.replies, "task": p.task,
                                       "metadata": dict(p.meta), "rankings": []})
         entry["rankings"].append({"annotator": v.annotator, "ranks": v.ranks, "presented_order": v.shown_order,
-                                  "rationale": v.rationale,
+                                  "ratings": v.ratings, "rationale": v.rationale,
                                   "unsafe": v.unsafe, "time": v.to_dict()["time"]})
     for entry in out.values():
         entry["mean_rank"] = np.mean([r["ranks"] for r in entry["rankings"]], axis=0).round(4).tolist()

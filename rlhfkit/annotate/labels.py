@@ -16,8 +16,9 @@ from datetime import datetime
 from sqlalchemy import select, update
 
 from rlhfkit.annotate import assignment as assign
+from rlhfkit.annotate import ratings as rt
 from rlhfkit.annotate.db import Database
-from rlhfkit.annotate.models import Assignment, Label, utcnow
+from rlhfkit.annotate.models import Assignment, Label, Pair, Project, utcnow
 from rlhfkit.annotate.values import Principal, Refused, text_problem
 
 CHOICES = ("left", "right", "tie", "skip", "rank")
@@ -71,8 +72,9 @@ def label_view(label, left: str, order: list[int] | None = None) -> dict:
     else:
         choice = "left" if label.winner == left else "right"
     ranks = None if label.ranks is None or order is None else [label.ranks[reply] for reply in order]
+    ratings = rt.to_screen(getattr(label, "ratings", None), rt.shown_replies(left, order))
     return {"id": label.id, "submission_id": label.submission_id, "assignment_id": label.assignment_id,
-            "kind": "pair" if order is None else "ranking", "choice": choice, "ranks": ranks, "strength": label.strength, "rationale": label.rationale,
+            "kind": "pair" if order is None else "ranking", "choice": choice, "ranks": ranks, "ratings": ratings, "strength": label.strength, "rationale": label.rationale,
             "unsafe": label.unsafe, "duration_ms": label.duration_ms, "created_at": iso(label.created_at),
             "updated_at": iso(label.updated_at)}
 
@@ -137,6 +139,10 @@ def update_label(db: Database, who: Principal, label_id: int, changes: dict) -> 
             label.strength = changes["strength"]
         if "rationale" in changes:
             label.rationale = text(changes["rationale"])
+        if changes.get("ratings") is not None:
+            schema = s.scalar(select(Project.rating_aspects).join(Pair, Pair.project_id == Project.id)
+                              .where(Pair.id == label.pair_id))
+            label.ratings = rt.to_pair_terms(changes["ratings"], schema, rt.shown_replies(left, order))
         if "unsafe" in changes:
             label.unsafe = bool(changes["unsafe"])
         if label.winner == "tie" and label.strength is not None:

@@ -82,6 +82,8 @@ class Project(Base):
     """Instructions shown above every pair (plain text; markdown is shown as written)."""
     question: Mapped[str | None] = mapped_column(Text, nullable=True)
     """The question pinned above every item, e.g. "Which reply is more helpful?"."""
+    rating_aspects: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """Optional ratings asked for every reply: [{"name", "min", "max"}, ...] (see ``ratings.py``)."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     __table_args__ = (
         CheckConstraint("gold_rate >= 0 AND gold_rate <= 1", name="gold_rate_range"),
@@ -193,6 +195,8 @@ class Label(Base):
     """'a', 'b' or 'tie' in pair terms; NULL for a skip or a ranking."""
     ranks: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     """A ranking: the rank of each reply, by reply index (1 best; equal ranks tie; dense 1..m)."""
+    ratings: Mapped[dict | None] = mapped_column(JSON(none_as_null=True), nullable=True)
+    """{aspect: [rating of each reply by reply index, None where left blank]}; NULL when none given."""
     skipped: Mapped[bool] = mapped_column(Boolean, default=False)
     strength: Mapped[int | None] = mapped_column(Integer, nullable=True)
     rationale: Mapped[str | None] = mapped_column(Text, nullable=True)

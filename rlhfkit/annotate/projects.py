@@ -26,6 +26,7 @@ from rlhfkit.annotate.models import (
     WebSession,
     utcnow,
 )
+from rlhfkit.annotate.ratings import parse_schema, schema_spec
 from rlhfkit.annotate.values import ImportReport, Refused, text_problem
 
 PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -77,9 +78,11 @@ class ProjectAdmin:
     def import_pairs(self, project: str, pairs_path: str | Path | None = None, *, overlap: int = 3,
                      gold_rate: float | None = None, gold_path: str | Path | None = None,
                      uncertainty_path: str | Path | None = None, skip_existing: bool = False,
-                     guidelines: str | None = None, question: str | None = None) -> ImportReport:
+                     guidelines: str | None = None, question: str | None = None,
+                     ratings: str | None = None) -> ImportReport:
         """Import pairs and/or gold answers and/or uncertainty scores in one transaction;
-        ``guidelines`` and ``question`` (pinned above every item; "" removes it) are project settings.
+        ``guidelines``, ``question`` (pinned above every item) and ``ratings`` (the aspects rated per
+        reply, "helpfulness=1-5,...", see ``ratings.py``) are project settings; "" removes one.
 
         All files are parsed and checked first; any error (bad line, unknown id, id already in the
         project) raises :class:`DataError` and stores nothing.
@@ -96,6 +99,7 @@ class ProjectAdmin:
                 raise ValueError(f"--{name}: {text_problem(text)}")
         if question is not None and len(question) > 500:
             raise ValueError(f"--question: at most 500 characters, got {len(question)}")
+        schema = None if ratings is None else parse_schema(ratings)
         pairs = read_pairs(pairs_path) if pairs_path is not None else []
         gold = read_gold(gold_path) if gold_path is not None else []
         scores = read_uncertainty(uncertainty_path) if uncertainty_path is not None else []
@@ -116,6 +120,8 @@ class ProjectAdmin:
                 proj.guidelines = guidelines.strip() or None
             if question is not None:
                 proj.question = question.strip() or None
+            if ratings is not None:
+                proj.rating_aspects = schema
             existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
             rows, n_skipped, now = [], 0, utcnow()
             for where, pair, replies in pairs:
@@ -219,7 +225,8 @@ class ProjectAdmin:
                 .where(Pair.project_id == proj.id, Pair.gold_winner.is_(None)).group_by(Pair.id)).all()
             annotators = s.execute(select(Annotator.name, Annotator.active).where(Annotator.project_id == proj.id)
                                    .order_by(Annotator.name)).all()
-            return {"name": proj.name, "gold_rate": proj.gold_rate, "question": proj.question, "n_pairs": n_pairs, "n_gold": n_gold,
+            return {"name": proj.name, "gold_rate": proj.gold_rate, "question": proj.question,
+                    "rating_aspects": proj.rating_aspects, "ratings_spec": schema_spec(proj.rating_aspects), "n_pairs": n_pairs, "n_gold": n_gold,
                     "n_complete": sum(1 for overlap, n in labelled if n >= overlap),
                     "n_started": sum(1 for _, n in labelled if n > 0),
                     "n_labels": sum(n for _, n in labelled), "n_wanted": sum(o for o, _ in labelled),

@@ -44,16 +44,26 @@ class Vote:
     """The whole ranking this implied vote comes from (by reply index), None for a pair vote."""
     shown_order: list[int] | None = None
     """The ranking's reply indices in the order they were shown."""
+    ratings: dict | None = None
+    """{aspect: [rating by reply index]} of the whole answer (ratings.py), None without ratings."""
 
     @property
     def pair_id(self) -> int:
         return self.item[0]
 
+    def side_ratings(self) -> dict | None:
+        """This vote's ratings of its two sides: {aspect: {"a": rating of reply i, "b": of reply j}}."""
+        if not self.ratings:
+            return None
+        _, i, j = self.item
+        return {name: {"a": r[i], "b": r[j]} for name, r in self.ratings.items()}
+
     def to_dict(self) -> dict:
-        return {"annotator": self.annotator, "winner": self.winner, "strength": self.strength,
-                "rationale": self.rationale, "presented_order": "ab" if self.left == "a" else "ba",
-                "unsafe": self.unsafe, "duration_ms": self.duration_ms,
-                "time": self.time.isoformat(timespec="milliseconds") + "Z"}
+        d = {"annotator": self.annotator, "winner": self.winner, "strength": self.strength,
+             "rationale": self.rationale, "presented_order": "ab" if self.left == "a" else "ba",
+             "unsafe": self.unsafe, "duration_ms": self.duration_ms,
+             "time": self.time.isoformat(timespec="milliseconds") + "Z"}
+        return d | ({"ratings": self.side_ratings()} if self.ratings else {})
 
 
 @dataclass
@@ -87,7 +97,8 @@ def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Vot
                                            .order_by(Annotator.id)) if n not in exclude]
         rows = s.execute(
             select(Label.pair_id, Annotator.name, Label.winner, Label.strength, Label.rationale, Label.unsafe,
-                   Assignment.left, Label.duration_ms, Label.created_at, Label.ranks, Assignment.shown_order)
+                   Assignment.left, Label.duration_ms, Label.created_at, Label.ranks, Assignment.shown_order,
+                   Label.ratings)
             .join(Assignment, Assignment.id == Label.assignment_id)
             .join(Annotator, Annotator.id == Label.annotator_id)
             .where(Annotator.project_id == proj.id, Label.skipped.is_(False))
@@ -101,17 +112,19 @@ def load_votes(store: Store, project: str, exclude: tuple[str, ...] = ()) -> Vot
     return Votes(annotators, votes, gold, skips)
 
 
-def _votes_of(pair_id, name, winner, strength, rationale, unsafe, left, duration_ms, time, ranks, order) -> list[Vote]:
+def _votes_of(pair_id, name, winner, strength, rationale, unsafe, left, duration_ms, time, ranks, order,
+              ratings) -> list[Vote]:
     """One vote for a pair label; the K(K-1)/2 implied votes of a ranking (see the module docstring)."""
     if ranks is None:
-        return [Vote((pair_id, 0, 1), name, winner, strength, rationale, unsafe, left, duration_ms, time)]
+        return [Vote((pair_id, 0, 1), name, winner, strength, rationale, unsafe, left, duration_ms, time,
+                     ratings=ratings)]
     out = []
     for i in range(len(ranks)):
         for j in range(i + 1, len(ranks)):
             w = "a" if ranks[i] < ranks[j] else "b" if ranks[i] > ranks[j] else "tie"
             shown_left = "a" if order.index(i) < order.index(j) else "b"
             out.append(Vote((pair_id, i, j), name, w, None, rationale, unsafe, shown_left, duration_ms, time, ranks,
-                            order))
+                            order, ratings))
     return out
 
 

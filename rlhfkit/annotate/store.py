@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from rlhfkit.annotate import assignment as assign
 from rlhfkit.annotate import labels as lab
 from rlhfkit.annotate import queries as q
+from rlhfkit.annotate import ratings as rt
 from rlhfkit.annotate.db import Database, upgrade
 from rlhfkit.annotate.models import (
     AdminToken,
@@ -187,7 +188,7 @@ class Store:
                 last = conn.execute(q.LAST_LABEL, {"aid": who.annotator_id}).first()
                 settings = conn.execute(q.SETTINGS, {"pid": who.project_id}).one()
                 view.update(progress=self._progress(conn, who), guidelines=settings.guidelines,
-                            question=settings.question,
+                            question=settings.question, rating_aspects=settings.rating_aspects,
                             last=None if last is None else lab.label_view(last, last.left, last.shown_order))
         return view
 
@@ -287,9 +288,14 @@ class Store:
             raise Refused(422, "must be empty for a ranking", "strength")
         ranks = lab.to_pair_terms(lab.dense_ranks(x.ranks, len(a.shown_order)), a.shown_order) \
             if ranking and not skip else None
+        if skip and x.ratings:
+            raise Refused(422, "a skip has no ratings", "ratings")
+        ratings = None if x.ratings is None else rt.to_pair_terms(
+            x.ratings, conn.execute(q.RATING_SCHEMA, {"pid": who.project_id}).scalar(),
+            rt.shown_replies(a.left, a.shown_order))
         row = {"submission_id": x.submission_id, "assignment_id": a.id, "annotator_id": a.annotator_id,
                "pair_id": a.pair_id, "winner": None if skip or ranking else lab.winner(x.choice, a.left),
-               "ranks": ranks, "skipped": skip, "strength": x.strength, "rationale": lab.text(x.rationale),
+               "ranks": ranks, "ratings": ratings, "skipped": skip, "strength": x.strength, "rationale": lab.text(x.rationale),
                "unsafe": x.unsafe, "duration_ms": x.duration_ms, "created_at": utcnow(), "updated_at": None}
         row["id"] = conn.execute(q.NEW_LABEL, row).inserted_primary_key[0]
         conn.execute(q.SET_STATUS, {"a_id": a.id, "new_status": "skipped" if skip else "done"})
@@ -310,6 +316,7 @@ class Store:
         same = (label.annotator_id == who.annotator_id and label.assignment_id == x.assignment_id
                 and view["choice"] == x.choice and label.strength == x.strength
                 and (view["ranks"] is None or view["ranks"] == lab.dense_ranks(x.ranks, len(view["ranks"])))
+                and view["ratings"] == rt.given(x.ratings)
                 and label.rationale == lab.text(x.rationale) and label.unsafe == x.unsafe)
         if not same:
             raise Refused(409, "this submission_id was already used for a different answer; "

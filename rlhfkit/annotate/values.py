@@ -67,6 +67,8 @@ class LabelInput:
     """'left', 'right', 'tie' or 'skip' (screen sides); 'rank' (or 'skip') for a ranking item."""
     ranks: list[int] | None = None
     """A ranking: one rank per reply as shown, 1 the best; equal ranks are a tie."""
+    ratings: dict | None = None
+    """{aspect: [rating per reply as shown, or None]} when the project asks for ratings (ratings.py)."""
     strength: int | None = None
     rationale: str | None = None
     unsafe: bool = False

@@ -7,6 +7,7 @@ loads ``/label`` again. Without JavaScript the same form posts to ``POST /label`
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Literal
 
@@ -42,6 +43,7 @@ class LabelBody(BaseModel):
     assignment_id: int = Field(ge=1, le=MAX_ID)
     choice: Literal["left", "right", "tie", "skip", "rank"]
     ranks: list[int] | None = Field(None, max_length=9)
+    ratings: dict[str, list[int | None]] | None = Field(None, max_length=8)
     strength: int | None = Field(None, ge=1, le=3, description="1 slight, 2 clear, 3 strong; left/right only")
     rationale: str | None = Field(None, max_length=5000)
     unsafe: bool = False
@@ -66,6 +68,7 @@ class LabelPatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     choice: Literal["left", "right", "tie"] | None = None
     ranks: list[int] | None = Field(None, max_length=9)
+    ratings: dict[str, list[int | None]] | None = Field(None, max_length=8)
     strength: int | None = Field(None, ge=1, le=3)
     rationale: str | None = Field(None, max_length=5000)
     unsafe: bool | None = None
@@ -162,7 +165,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
                 raise Problem(422, "ranks: give every reply a rank (1 is the best)", "ranks")
             ranks = [int(r) for r in raw]
         fields = {"submission_id": submission_id, "assignment_id": assignment_id, "choice": choice,
-                  "ranks": ranks,
+                  "ranks": ranks, "ratings": _form_ratings(form),
                   "strength": strength if strength and choice in ("left", "right") else None,
                   "rationale": rationale or None, "unsafe": unsafe in ("1", "on", "true"),
                   "duration_ms": duration_ms or None}
@@ -229,6 +232,25 @@ def router(store: Store, auth: Auth) -> APIRouter:
             raise Problem.of(e) from None
 
     return r
+
+
+def _form_ratings(form) -> dict | None:
+    """``rating_<aspect name>_<shown position>`` selects -> {aspect: [rating per position]}; blank ones
+    are None, and no ratings at all is None (the store checks names and ranges)."""
+    cells = {}
+    for key, value in form.items():
+        m = re.fullmatch(r"rating_([a-z][a-z0-9_]{0,39})_([0-8])", key)
+        if m and isinstance(value, str):
+            if value and not value.isdigit():
+                raise Problem(422, f"ratings: {m.group(1)} must be a whole number, got {value[:10]!r}", "ratings")
+            cells[(m.group(1), int(m.group(2)))] = int(value) if value else None
+    if not any(v is not None for v in cells.values()):
+        return None
+    n = 1 + max(pos for _, pos in cells)
+    out = {name: [None] * n for name, _ in cells}
+    for (name, pos), v in cells.items():
+        out[name][pos] = v
+    return out
 
 
 def _submit(store: Store, who, body: LabelBody):

@@ -37,11 +37,13 @@ def router(store: Store, auth: Auth) -> APIRouter:
                     project: str = Form(""), overlap: int = Form(3, ge=1, le=100), gold_rate: str = Form(""),
                     question: str | None = Form(None), guidelines: UploadFile | None = File(None),
                     pairs: UploadFile | None = File(None), skip_existing: str = Form(""),
-                    question_field: str = Form("")):
+                    question_field: str = Form(""), ratings: str | None = Form(None)):
         """``question_field=1`` (the forms send it): the question field was shown, so an empty one
         removes the question; without it (a script) an absent question leaves it unchanged."""
         if question_field == "1" and question is None:
             question = ""
+        if question_field == "1" and ratings is None:
+            ratings = ""
         if who is not None:
             check_csrf(request, who.csrf_token, csrf_token)
         try:
@@ -56,7 +58,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
                 guide = None if guide_path is None else read_guidelines(guide_path)
                 report = store.admin.import_pairs(project.strip(), pairs_path, overlap=overlap, gold_rate=rate,
                                                   skip_existing=skip_existing in ("1", "on", "true"),
-                                                  guidelines=guide, question=question)
+                                                  guidelines=guide, question=question, ratings=ratings)
             except DataError as e:
                 # the temporary directory means nothing to the lead: name their file only
                 raise Problem(422, str(e).replace(f"{workdir}/", ""), "pairs") from None

@@ -41,6 +41,17 @@
     return checked ? Number(checked.value) : null;
   }
 
+  // Ratings (when the project asks for them): {aspect: [rating per reply as shown, or null]}.
+  function ratings() {
+    var selects = form.querySelectorAll("select[data-aspect]"), out = {}, any = false;
+    Array.prototype.forEach.call(selects, function (sel) {
+      var name = sel.dataset.aspect, pos = Number(sel.dataset.pos);
+      if (!out[name]) { out[name] = []; for (var i = 0; i < n; i++) { out[name].push(null); } }
+      if (sel.value) { out[name][pos] = Number(sel.value); any = true; }
+    });
+    return any ? out : null;
+  }
+
   function sleep(ms) { return new Promise(function (resolve) { setTimeout(resolve, ms); }); }
 
   // ---- ranking: tiers of reply positions (0-based, as shown), best first ----------------------
@@ -115,6 +126,7 @@
       assignment_id: Number(form.elements.assignment_id.value),
       choice: choice,
       ranks: ranks,
+      ratings: choice === "skip" ? null : ratings(),
       strength: (choice === "left" || choice === "right") ? strength() : null,
       rationale: form.elements.rationale.value.trim() || null,
       unsafe: form.elements.unsafe.checked,
