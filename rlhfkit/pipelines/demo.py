@@ -56,6 +56,7 @@ class DemoOptions:
     lr: float = 1e-5
     """Learning rate of the RL methods."""
     seed: int = 0
+    """Seeds sampling, labelling, every training run and the evaluation."""
 
     def method_list(self) -> list[str]:
         """The methods, checked: an unknown one is a ``ValueError`` naming it."""

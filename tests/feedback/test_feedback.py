@@ -12,7 +12,8 @@ import torch
 
 from rlhfkit.data.records import ComparisonPair
 from rlhfkit.data.tasks import Task
-from rlhfkit.feedback.judge import LMJudge, judge_pairs, position_stats
+from rlhfkit.feedback.judge import LMJudge, judge_pairs, judge_prefs, position_stats
+from rlhfkit.feedback.labeling import LabelerOptionError, label_pairs, write_labels
 from rlhfkit.feedback.rm import label_with_rm
 from rlhfkit.feedback.simulated import SimulatedAnnotator, gold_winner, pair_gold_scores
 
@@ -143,6 +144,35 @@ def test_unbiased_judge_never_ties():
     records = judge_pairs(pairs, biased_scorer(0.0))
     assert position_stats(records)["position_bias_rate"] == 0.0
     assert winners(pairs, records) == ["a" if float(p.a["content"]) > float(p.b["content"]) else "b" for p in pairs]
+
+
+def test_judge_prefs_per_prompt():
+    """The same swap logic as judge_pairs, as per-prompt preferences for `rlhfkit eval --judge lm:`:
+    prompt 0 a=3 vs b=0 → 1; prompt 1 a=0 vs b=0.5 with bias 1 → tie ½; prompt 2 a=0 vs b=2 → 0;
+    identical (prompt 3) and empty (prompt 4) replies are ties that the scorer is never asked about."""
+    asked = []
+
+    def scorer(items):
+        asked.extend(items)
+        return biased_scorer(1.0)(items)
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(5)]
+    prefs = judge_prefs(scorer, prompts, ["3", "0", "0", "1", " "], ["0", "0.5", "2", "1", "2"])
+    assert prefs == [1.0, 0.5, 0.0, 0.5, 0.5]
+    assert len(asked) == 6  # 3 judged prompts x 2 orders
+
+
+def test_label_pairs_from_python(tmp_path):
+    """`label_pairs` is what `rlhfkit label` and the demo run: records plus the annotator-table row; a bad
+    labeler option is a LabelerOptionError (the command line's usage error, exit 2)."""
+    pairs = [pair(i, "0.9", "0.1", task=None) for i in range(4)]
+    records, row = label_pairs(pairs, "simulated", task=NumberTask(), flip_prob=0.0)
+    assert winners(pairs, records) == ["a"] * 4 and row["agreement"] == 1.0 and row["pairs"] == 4
+    report = write_labels(tmp_path / "p.jsonl", records, row, pairs_file="pairs.jsonl", labeler="simulated")
+    assert json.loads((tmp_path / "p.report.json").read_text()) == report and report["agreement"] == 1.0
+    for kind, options in [("oracle", {}), ("rm", {}), ("simulated", {"flip_prob": 2.0})]:
+        with pytest.raises(LabelerOptionError):
+            label_pairs(pairs, kind, task=NumberTask(), **options)
 
 
 def test_lm_judge_reads_label_logprobs(tiny):
