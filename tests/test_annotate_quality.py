@@ -47,6 +47,31 @@ def test_agreement_intervals_shrink_with_more_pairs_and_cover_the_estimate():
     assert empty["fleiss_kappa"] == {"value": None, "ci_low": None, "ci_high": None, "n": 0}
 
 
+def test_fast_intervals_equal_the_naive_bootstrap():
+    """The vectorised resampling (summed per-item terms) against calling agreement.fleiss_kappa /
+    krippendorff_alpha on every resample: the same resamples (same seed) give the same interval."""
+    from rlhfkit.annotate import agreement as ag
+    from rlhfkit.evaluate.stats import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 3, size=120)
+    ratings = np.where(rng.random((120, 4)) < 0.6, truth[:, None], rng.integers(0, 3, size=(120, 4)))
+    ratings[rng.random((120, 4)) < 0.35] = -1  # missing votes, and some items below two votes
+    counts = ag.category_counts(ratings)
+    rows = np.flatnonzero(counts.sum(axis=1) >= 2)
+    fast = agreement_intervals(ratings, n_boot=300, seed=3)
+    naive = {
+        "fleiss_kappa": bootstrap_ci(np.arange(len(rows), dtype=float),
+                                     lambda x: ag.fleiss_kappa(counts[rows][x.astype(int)]), n_boot=300, seed=3),
+        "krippendorff_alpha_ordinal": bootstrap_ci(np.arange(len(rows), dtype=float),
+                                                   lambda x: ag.krippendorff_alpha(ratings[rows][x.astype(int)]),
+                                                   n_boot=300, seed=3)}
+    for name, est in naive.items():
+        assert fast[name]["n"] == len(rows) < 120
+        assert [fast[name][k] for k in ("value", "ci_low", "ci_high")] == pytest.approx(
+            [est.value, est.ci_low, est.ci_high], abs=1e-9)
+
+
 def test_gold_trend_and_thresholds():
     t0 = datetime(2026, 1, 1)
     times = [t0 + timedelta(minutes=k) for k in range(25)]
