@@ -155,9 +155,10 @@ def _bad(problems: list[str] | None, path: Path, what: str, lenient_suffix: str 
     problems.append(f"{path.name} {what}{lenient_suffix}")
 
 
-def read_jsonl(path: str | Path, problems: list[str] | None = None) -> list[dict]:
-    """The JSON object on each non-blank line of ``path``. A line that is not one is an error, or,
-    with a ``problems`` list, skipped and described there."""
+def read_log(path: str | Path, problems: list[str] | None = None) -> list[dict]:
+    """The JSON object on each non-blank line of a run's log (metrics.jsonl, samples.jsonl). A line
+    that is not one is an error, or, with a ``problems`` list, skipped and described there. (User data
+    files are read by ``rlhfkit.data.io``, whose errors say file:line:field.)"""
     path = Path(path)
     rows = []
     for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -211,7 +212,7 @@ def read_config(run_dir: str | Path) -> dict:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, in order ([] when there is none yet)."""
     p = Path(run_dir) / "metrics.jsonl"
-    return read_jsonl(p) if p.exists() else []
+    return read_log(p) if p.exists() else []
 
 
 def read_eval(run_dir: str | Path) -> dict | None:
@@ -255,9 +256,9 @@ def read_run(run_dir: str | Path, name: str | None = None) -> RunData:
             run.config_text = p.read_text(encoding="utf-8", errors="replace")
             run.config = parse_config(p, run.config_text, run.problems)
         elif fname == "metrics.jsonl":
-            run.metrics = read_jsonl(p, run.problems)
+            run.metrics = read_log(p, run.problems)
         elif fname == "samples.jsonl":
-            run.samples = read_jsonl(p, run.problems)
+            run.samples = read_log(p, run.problems)
         elif fname == "eval.json":
             run.eval = read_json(p, run.problems)
         else:
