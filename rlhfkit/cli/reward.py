@@ -32,7 +32,7 @@ def train_main(argv: list[str]) -> int:
             raise ConfigError("--data is required (preference records, e.g. the output of `rlhfkit label`)")
     except (ConfigError, ValueError) as e:
         p.error(str(e))
-    result = train(cfg, report=lambda rm, records: reward_model_report(rm, records, batch_size=cfg.eval_batch_size))
+    result = train(cfg, report=reward_model_report)
     print(json.dumps(result, indent=2, default=str))
     return 0
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.config import CommonConfig
-from rlhfkit.data.records import DataError, PreferenceRecord
+from rlhfkit.data.records import DataError
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
@@ -169,10 +169,11 @@ def load_reward_model(cfg: RewardConfig, ckpt):
     return model, tok
 
 
-def train(cfg: RewardConfig, report: Callable[[RewardModel, list[PreferenceRecord]], dict] | None = None) -> dict:
-    """Train, normalise and save a reward model. ``report(rm, held-out records)``, given, is written to
-    the run's reward_eval.json at the end (``rlhfkit reward train`` passes
-    ``rlhfkit.evaluate.reward_model.reward_model_report``, a layer this module does not import)."""
+def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
+    """Train, normalise and save a reward model. ``report(rm, held-out records, batch_size=...)``, when
+    given, is written to the run's reward_eval.json at the end: ``rlhfkit reward train`` passes
+    ``rlhfkit.evaluate.reward_model.reward_model_report`` (the evaluation layer, which this one does not
+    import)."""
     if cfg.data is None:
         raise DataError("reward training needs data: --data PREFS (e.g. the output of `rlhfkit label`)")
 
@@ -267,7 +268,7 @@ def train(cfg: RewardConfig, report: Callable[[RewardModel, list[PreferenceRecor
 
     # 9. the evaluation report on the held-out pairs: reward_eval.json
     if report is not None and eval_records and step == steps.total and acc.is_main_process:
-        evaluation = report(rm, [r for _, r in eval_records])
+        evaluation = report(rm, [r for _, r in eval_records], batch_size=cfg.eval_batch_size)
         run.write_json(REPORT_FILE, evaluation)
         result["eval"] = {k: evaluation[k] for k in ("accuracy", "ece", "length_spearman", "label_gold_agreement",
                                                      "gold_accuracy") if k in evaluation}
