@@ -46,7 +46,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_result  # noqa: E402
 
-METHODS = ("cmpo", "ppo", "grpo", "rloo")
+METHODS = {  # method -> (its trainer module, its config class); RLOO is a preset of the GRPO loop
+    "cmpo": ("rlhfkit.train.cmpo", "CMPOConfig"),
+    "ppo": ("rlhfkit.train.ppo", "PPOConfig"),
+    "grpo": ("rlhfkit.train.grpo", "GRPOConfig"),
+    "rloo": ("rlhfkit.train.grpo", "RLOOConfig"),
+}
 
 
 class ToyTask:
@@ -85,28 +90,23 @@ def make_config(method: str, args, task_name: str, seed: int, out: Path):
     if args.lr is not None:
         shared["lr"] = args.lr
     k, p = args.samples_per_prompt, args.prompts_per_step
-    if method == "cmpo":
-        from rlhfkit.train.cmpo import CMPOConfig as cls
-    elif method == "grpo":
-        from rlhfkit.train.grpo import GRPOConfig as cls
-    elif method == "rloo":
-        from rlhfkit.train.grpo import RLOOConfig as cls
-    else:
-        from rlhfkit.train.ppo import PPOConfig
-
-        cfg = PPOConfig(**shared, samples_per_prompt=1, prompts_per_step=p * k)
-        if args.equal_updates:
-            cfg.epochs_per_step, cfg.mini_batch_size = 1, None
-        elif cfg.mini_batch_size and (p * k) % cfg.mini_batch_size:
-            cfg.mini_batch_size = None  # the default 4 must divide the rollout batch; else one mini-batch
-        return cfg
-    return cls(**shared, samples_per_prompt=k, prompts_per_step=p)
+    cls = getattr(trainer_module(method), METHODS[method][1])
+    if method != "ppo":
+        return cls(**shared, samples_per_prompt=k, prompts_per_step=p)
+    # PPO: one completion for each of p x k prompts (its critic is the baseline), the same sample budget
+    cfg = cls(**shared, samples_per_prompt=1, prompts_per_step=p * k)
+    if args.equal_updates:
+        cfg.epochs_per_step, cfg.mini_batch_size = 1, None
+    elif cfg.mini_batch_size and (p * k) % cfg.mini_batch_size:
+        cfg.mini_batch_size = None  # the default 4 must divide the rollout batch; else one mini-batch
+    return cfg
 
 
-def train_fn(method: str):
+def trainer_module(method: str):
+    """The method's trainer module (imported on demand: each run is one method)."""
     import importlib
 
-    return importlib.import_module(f"rlhfkit.train.{method}").train
+    return importlib.import_module(METHODS[method][0])
 
 
 def cached_row(out: Path, settings: dict) -> dict | None:
@@ -124,7 +124,7 @@ def run_one(method: str, args, task_name: str, task, seed: int, out: Path, setti
         shutil.rmtree(out)  # a stale or unfinished run: start it again
     cfg = make_config(method, args, task_name, seed, out)
     t0 = time.perf_counter()
-    res = train_fn(method)(cfg, task=task)
+    res = trainer_module(method).train(cfg, task=task)
     end, start = res["eval_end"], res["eval_start"]
     row = {"task": task_name, "method": method, "seed": seed, "gold": end["eval/gold"],
            "gold_start": start["eval/gold"], "kl": end["eval/kl"], "win_rate": end["eval/win_rate_start"],

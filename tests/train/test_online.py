@@ -258,3 +258,17 @@ def test_a_field_set_after_construction_is_checked_when_training_starts(tmp_path
     with pytest.raises(ValueError, match="advantage must be one of group, dr_grpo, loo, reinforce_pp"):
         train(cfg, reward_fn=lambda r: r.scores, task=ToyTask())
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("name,cls_path", [("grpo", "rlhfkit.train.grpo:GRPOConfig"), ("rloo", "rlhfkit.train.grpo:RLOOConfig"),
+                                           ("ppo", "rlhfkit.train.ppo:PPOConfig"), ("cmpo", "rlhfkit.train.cmpo:CMPOConfig")])
+def test_example_configs_load_and_validate(name, cls_path):
+    import importlib
+    from pathlib import Path
+
+    from rlhfkit.config import load_config
+
+    module, cls = cls_path.split(":")
+    path = Path(__file__).resolve().parents[2] / "examples" / f"{name}.yaml"
+    cfg = load_config(getattr(importlib.import_module(module), cls), str(path))
+    assert cfg.task and cfg.total_steps == 40
