@@ -282,3 +282,35 @@ def test_adjudication_in_a_real_browser(tmp_path):
     with store.db.read() as s:
         d = s.scalars(select(Decision)).one()
     assert (d.winner, d.decided_by, d.note, d.i, d.j) == ("b", "Dana", "b answers the question", 0, 1)
+
+
+def test_markdown_replies_render_inert(tmp_path):
+    """With the project's markdown option on, hostile markdown becomes bold text and a code block in
+    a real browser, and nothing runs, loads or links."""
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    text = "**bold** " + XSS + "\n\n```\n<script>alert('in code')</script>\n```"
+    write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0, a={"role": "assistant", "content": text})])
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0, markdown=True)
+    token = store.admin.add_annotator("web", "alice")
+    dialogs, requests = [], []
+    with Server(db) as server, sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page()
+            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+            page.on("request", lambda r: requests.append(r.url))
+            page.set_default_timeout(15_000)
+            page.goto(f"{server.url}/a/{token}")
+            page.wait_for_selector("#label-form")
+            side = "left" if "bold" in page.inner_text("#side-left .completion") else "right"
+            box = f"#side-{side} .completion"
+            assert page.inner_text(f"{box} strong") == "bold"
+            assert page.inner_text(f"{box} pre code") == "<script>alert('in code')</script>"
+            assert page.locator(f"{box} a, {box} img, {box} script, {box} svg").count() == 0
+            page.wait_for_timeout(300)
+            assert dialogs == [] and all(u.startswith(server.url) for u in requests)
+        finally:
+            browser.close()

@@ -50,7 +50,7 @@ def test_migrations_match_models(db_url):
 
     store = new_store(db_url)
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.db) == "0003"
+    assert current_revision(store.db) == "0004"
     with store.db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         checks = {c["name"] for c in inspect(conn).get_check_constraints("labels")}
@@ -384,7 +384,7 @@ def test_a_database_from_revision_0001_upgrades_with_its_labels(db_url, tmp_path
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)"))
     assert current_revision(store.db) == "0001"
     store.migrate()
-    assert current_revision(store.db) == "0003"
+    assert current_revision(store.db) == "0004"
     records, _ = build_records(store, "old", ExportOptions())
     assert len(records) == 1 and records[0]["chosen"]["content"] == "A0" and records[0]["strength"] == 2
     with store.db.read() as s:

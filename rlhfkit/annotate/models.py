@@ -37,6 +37,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,6 +83,8 @@ class Project(Base):
     """Instructions shown above every pair (plain text; markdown is shown as written)."""
     question: Mapped[str | None] = mapped_column(Text, nullable=True)
     """The question pinned above every item, e.g. "Which reply is more helpful?"."""
+    render_markdown: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Show prompts and replies as inert markdown (``markdown.py``) instead of plain text."""
     rating_aspects: Mapped[list | None] = mapped_column(JSON(none_as_null=True), nullable=True)
     """Optional ratings asked for every reply: [{"name", "min", "max"}, ...] (see ``ratings.py``)."""
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -79,10 +79,11 @@ class ProjectAdmin:
                      gold_rate: float | None = None, gold_path: str | Path | None = None,
                      uncertainty_path: str | Path | None = None, skip_existing: bool = False,
                      guidelines: str | None = None, question: str | None = None,
-                     ratings: str | None = None) -> ImportReport:
+                     ratings: str | None = None, markdown: bool | None = None) -> ImportReport:
         """Import pairs and/or gold answers and/or uncertainty scores in one transaction;
         ``guidelines``, ``question`` (pinned above every item) and ``ratings`` (the aspects rated per
-        reply, "helpfulness=1-5,...", see ``ratings.py``) are project settings; "" removes one.
+        reply, "helpfulness=1-5,...", see ``ratings.py``) are project settings; "" removes one;
+        ``markdown`` shows model text as inert markdown (None leaves the setting as it is).
 
         All files are parsed and checked first; any error (bad line, unknown id, id already in the
         project) raises :class:`DataError` and stores nothing.
@@ -122,6 +123,8 @@ class ProjectAdmin:
                 proj.question = question.strip() or None
             if ratings is not None:
                 proj.rating_aspects = schema
+            if markdown is not None:
+                proj.render_markdown = markdown
             existing = dict(s.execute(select(Pair.key, Pair.id).where(Pair.project_id == proj.id)).all())
             rows, n_skipped, now = [], 0, utcnow()
             for where, pair, replies in pairs:
@@ -226,7 +229,7 @@ class ProjectAdmin:
             annotators = s.execute(select(Annotator.name, Annotator.active).where(Annotator.project_id == proj.id)
                                    .order_by(Annotator.name)).all()
             return {"name": proj.name, "gold_rate": proj.gold_rate, "question": proj.question,
-                    "rating_aspects": proj.rating_aspects, "ratings_spec": schema_spec(proj.rating_aspects), "n_pairs": n_pairs, "n_gold": n_gold,
+                    "rating_aspects": proj.rating_aspects, "markdown": proj.render_markdown, "ratings_spec": schema_spec(proj.rating_aspects), "n_pairs": n_pairs, "n_gold": n_gold,
                     "n_complete": sum(1 for overlap, n in labelled if n >= overlap),
                     "n_started": sum(1 for _, n in labelled if n > 0),
                     "n_labels": sum(n for _, n in labelled), "n_wanted": sum(o for o, _ in labelled),

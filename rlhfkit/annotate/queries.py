@@ -26,7 +26,7 @@ BY_SUBMISSION = select(L, A.c.left, A.c.shown_order).join(A, A.c.id == L.c.assig
 ASSIGNMENT = (select(A.c.id, A.c.annotator_id, A.c.pair_id, A.c.left, A.c.status, A.c.shown_order)
               .where(A.c.id == bindparam("a_id")))
 NEW_LABEL = insert(L)
-SETTINGS = select(J.c.guidelines, J.c.question, J.c.rating_aspects).where(J.c.id == bindparam("pid"))
+SETTINGS = select(J.c.guidelines, J.c.question, J.c.rating_aspects, J.c.render_markdown).where(J.c.id == bindparam("pid"))
 RATING_SCHEMA = select(J.c.rating_aspects).where(J.c.id == bindparam("pid"))
 LAST_LABEL = (select(L, A.c.left, A.c.shown_order).join(A, A.c.id == L.c.assignment_id).where(L.c.annotator_id == bindparam("aid"))
               .order_by(L.c.id.desc()).limit(1))

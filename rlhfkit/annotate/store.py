@@ -189,6 +189,7 @@ class Store:
                 settings = conn.execute(q.SETTINGS, {"pid": who.project_id}).one()
                 view.update(progress=self._progress(conn, who), guidelines=settings.guidelines,
                             question=settings.question, rating_aspects=settings.rating_aspects,
+                            markdown=settings.render_markdown,
                             last=None if last is None else lab.label_view(last, last.left, last.shown_order))
         return view
 

@@ -37,7 +37,7 @@ def router(store: Store, auth: Auth) -> APIRouter:
                     project: str = Form(""), overlap: int = Form(3, ge=1, le=100), gold_rate: str = Form(""),
                     question: str | None = Form(None), guidelines: UploadFile | None = File(None),
                     pairs: UploadFile | None = File(None), skip_existing: str = Form(""),
-                    question_field: str = Form(""), ratings: str | None = Form(None)):
+                    question_field: str = Form(""), ratings: str | None = Form(None), markdown: str = Form("")):
         """``question_field=1`` (the forms send it): the question field was shown, so an empty one
         removes the question; without it (a script) an absent question leaves it unchanged."""
         if question_field == "1" and question is None:
@@ -58,7 +58,8 @@ def router(store: Store, auth: Auth) -> APIRouter:
                 guide = None if guide_path is None else read_guidelines(guide_path)
                 report = store.admin.import_pairs(project.strip(), pairs_path, overlap=overlap, gold_rate=rate,
                                                   skip_existing=skip_existing in ("1", "on", "true"),
-                                                  guidelines=guide, question=question, ratings=ratings)
+                                                  guidelines=guide, question=question, ratings=ratings,
+                                                  markdown={"on": True, "off": False}.get(markdown))
             except DataError as e:
                 # the temporary directory means nothing to the lead: name their file only
                 raise Problem(422, str(e).replace(f"{workdir}/", ""), "pairs") from None

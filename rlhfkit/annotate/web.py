@@ -32,6 +32,7 @@ from fastapi import HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from jinja2 import Environment, FileSystemLoader
 
+from rlhfkit.annotate import markdown
 from rlhfkit.annotate.store import Principal, Refused, Store
 
 HERE = Path(__file__).parent
@@ -56,6 +57,7 @@ access_log = logging.getLogger("rlhfkit.annotate.access")
 # auto_reload off: templates ship with the package, so no stat() of the file on every render.
 templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, trim_blocks=True,
                         lstrip_blocks=True, auto_reload=False)
+templates.filters["md"] = markdown.render  # inert markdown for model text (markdown.py)
 
 
 class Problem(HTTPException):

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guidelines", help="a text file of instructions shown above every pair (plain text)")
     c.add_argument("--ratings", metavar="SPEC", help='aspects annotators rate for every reply, e.g. '
                                                      '"helpfulness=1-5,harmlessness=1-5,honesty=1-5" ("" removes them)')
+    c.add_argument("--markdown", choices=["on", "off"], help="show prompts and replies as inert markdown (bold, "
+                                                             "lists, code blocks; never links or images) or as "
+                                                             "plain text (the default)")
     c.add_argument("--question", help='the question pinned above every item, e.g. "Which reply is more helpful?" '
                                       '("" removes it)')
 
@@ -201,7 +204,7 @@ def cmd_serve(args) -> int:
 
 def cmd_import(args) -> int:
     if (args.pairs, args.gold, args.uncertainty, args.gold_rate, args.guidelines, args.question,
-            args.ratings) == (None,) * 7:
+            args.ratings, args.markdown) == (None,) * 8:
         raise ValueError("nothing to import: give pairs.jsonl and/or --gold FILE, --uncertainty FILE, "
                          "--guidelines FILE (or only --gold-rate R to change the project's gold rate)")
     from rlhfkit.annotate.imports import read_guidelines
@@ -210,7 +213,8 @@ def cmd_import(args) -> int:
     r = _store(args).admin.import_pairs(args.project, args.pairs, overlap=args.overlap, gold_rate=args.gold_rate,
                                   gold_path=args.gold, uncertainty_path=args.uncertainty,
                                   skip_existing=args.skip_existing, guidelines=guidelines,
-                                  question=args.question, ratings=args.ratings)
+                                  question=args.question, ratings=args.ratings,
+                                  markdown=None if args.markdown is None else args.markdown == "on")
     what = "created project" if r.created_project else "project"
     print(f"{what} {r.project}: imported {r.n_pairs} pairs" + (f" (overlap {args.overlap})" if r.n_pairs else "")
           + (f", skipped {r.n_existing_skipped} already present" if r.n_existing_skipped else "")
@@ -219,7 +223,8 @@ def cmd_import(args) -> int:
           + (f"; uncertainty scores for {r.n_scored} pairs" if r.n_scored else "")
           + ("; guidelines set" if guidelines is not None else "")
           + ("; question set" if args.question else "; question removed" if args.question == "" else "")
-          + ("; ratings set" if args.ratings else "; ratings removed" if args.ratings == "" else ""))
+          + ("; ratings set" if args.ratings else "; ratings removed" if args.ratings == "" else "")
+          + (f"; markdown {args.markdown}" if args.markdown else ""))
     if r.gold_rate > 0 and r.n_gold == 0:
         print("note: the gold rate has no effect until gold pairs exist (metadata.gold_winner or --gold FILE)")
     return 0

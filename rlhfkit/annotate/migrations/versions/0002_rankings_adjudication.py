@@ -32,7 +32,10 @@ def upgrade() -> None:
         batch.add_column(sa.Column("replies", sa.JSON(), nullable=True))
     with op.batch_alter_table("assignments") as batch:
         batch.add_column(sa.Column("shown_order", sa.JSON(), nullable=True))
-    # SQLite cannot alter a CHECK constraint: batch mode copies the table (rows included).
+    # SQLite cannot alter a CHECK constraint: batch mode copies the table (rows included). Safe for
+    # labels only because no table refers to it; copying a parent table (projects, pairs) would
+    # cascade-delete its children (foreign keys are on). The other tables here only gain columns,
+    # which batch mode does in place.
     with op.batch_alter_table("labels") as batch:
         batch.add_column(sa.Column("ranks", sa.JSON(), nullable=True))
         batch.drop_constraint(op.f("ck_labels_winner_or_skip"), type_="check")
