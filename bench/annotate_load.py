@@ -1,6 +1,7 @@
 """Load test for the annotation server: simulated annotators against a real server on loopback.
 
     python bench/annotate_load.py [--seconds 20] [--annotators 50] [--think-ms 1000] [--db URL]
+                                  [--rankings 0.0]
 
 Each simulated annotator signs in with their secret link at a random moment within the first think
 time, then loops until the time is up:
@@ -8,7 +9,9 @@ load ``GET /label`` (timed as "page"), wait a think time drawn uniformly from
 [0.5, 1.5] x ``--think-ms``, post the answer to ``POST /api/labels`` (timed as "submit"; a
 transport error is retried with the same submission id, like the page's script does). A human
 takes 10-60 s per comparison, so the default 1 s think time is a 10-60x harsher load than 50 real
-people; ``--think-ms 0`` measures saturation instead.
+people; ``--think-ms 0`` measures saturation instead. ``--rankings F`` makes a fraction F of the
+items rankings of 4 replies (answered with random ranks); the default 0 is the original pairs-only
+method, whose figures docs/annotate.md quotes.
 
 After the run the server is stopped and the database is read directly: ``lost`` counts submissions
 the server acknowledged with a 2xx that are not stored. ``errors`` counts non-2xx answers and
@@ -45,6 +48,8 @@ sys.path.insert(0, str(REPO))
 from rlhfkit.annotate.store import Store  # noqa: E402
 
 FORM_VALUE = re.compile(r'name="(csrf_token|assignment_id)" value="([^"]*)"')
+RANKING_FORM = re.compile(r'data-kind="ranking" data-n="(\d)"')
+K_RANKING = 4
 
 
 def parse_args(argv=None):
@@ -56,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--overlap", type=int, default=3)
     p.add_argument("--pairs", type=int, default=None, help="pairs to import (default: enough for the run)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    p.add_argument("--rankings", type=float, default=0.0,
+                   help=f"fraction of items that are rankings of {K_RANKING} replies (default %(default)s: pairs only)")
     return p.parse_args(argv)
 
 
@@ -75,16 +82,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def setup(db: str, n_annotators: int, n_pairs: int, overlap: int, workdir: Path) -> list[str]:
+def setup(db: str, n_annotators: int, n_pairs: int, overlap: int, workdir: Path, rankings: float = 0.0) -> list[str]:
     store = Store(db)
     store.migrate()
     store.admin.ensure_admin_token()
+    rng = random.Random(0)
     with open(workdir / "pairs.jsonl", "w") as f:
         for i in range(n_pairs):
-            f.write(json.dumps({
-                "id": f"bench-{i}", "prompt": [{"role": "user", "content": f"Prompt {i}: " + "lorem ipsum " * 30}],
-                "a": {"role": "assistant", "content": f"Reply A to {i}. " + "dolor sit amet " * 60},
-                "b": {"role": "assistant", "content": f"Reply B to {i}. " + "consectetur " * 60}}) + "\n")
+            item = {"id": f"bench-{i}", "prompt": [{"role": "user", "content": f"Prompt {i}: " + "lorem ipsum " * 30}]}
+            if rng.random() < rankings:
+                item["replies"] = [{"role": "assistant", "content": f"Reply {k} to {i}. " + "dolor sit amet " * 60}
+                                   for k in range(K_RANKING)]
+            else:
+                item["a"] = {"role": "assistant", "content": f"Reply A to {i}. " + "dolor sit amet " * 60}
+                item["b"] = {"role": "assistant", "content": f"Reply B to {i}. " + "consectetur " * 60}
+            f.write(json.dumps(item) + "\n")
     store.admin.import_pairs("bench", workdir / "pairs.jsonl", overlap=overlap, gold_rate=0.0)
     tokens = [store.admin.add_annotator("bench", f"sim{i:03d}") for i in range(n_annotators)]
     store.db.dispose()
@@ -173,9 +185,13 @@ async def annotator(url: str, token: str, seed: int, deadline: float, think_s: f
                 out["exhausted"] += status == 200
                 return
             await asyncio.sleep(think_s * rng.uniform(0.5, 1.5))
+            answer = {"choice": rng.choice(["left", "right", "tie", "left", "right"])}
+            ranking = RANKING_FORM.search(page.decode())
+            if ranking:  # a ranking item: random ranks, ties allowed
+                answer = {"choice": "rank", "ranks": [rng.randint(1, int(ranking.group(1)))
+                                                      for _ in range(int(ranking.group(1)))]}
             body = json.dumps({"submission_id": f"b{seed:03d}-{k:06d}", "assignment_id": int(form["assignment_id"]),
-                               "choice": rng.choice(["left", "right", "tie", "left", "right"]),
-                               "duration_ms": rng.randint(2000, 40000)}).encode()
+                               **answer, "duration_ms": rng.randint(2000, 40000)}).encode()
             k += 1
             for attempt in range(5):  # like the page's script: retry with the same submission_id
                 t0 = time.perf_counter()
@@ -209,6 +225,8 @@ async def run_load(url: str, tokens: list[str], seconds: float, think_s: float) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 0.0 <= args.rankings <= 1.0:
+        raise SystemExit(f"--rankings must be a fraction in [0, 1], got {args.rankings}")
     think_s = args.think_ms / 1000.0
     # Enough pairs that nobody runs dry: the most labels one annotator can give, times annotators.
     per_annotator = args.seconds / max(think_s * 0.5, 0.002)
@@ -217,7 +235,7 @@ def main(argv=None) -> int:
         workdir = Path(tmp)
         db = args.db or f"sqlite:///{workdir / 'bench.db'}"
         t0 = time.perf_counter()
-        tokens = setup(db, args.annotators, n_pairs, args.overlap, workdir)
+        tokens = setup(db, args.annotators, n_pairs, args.overlap, workdir, args.rankings)
         print(f"setup: {n_pairs} pairs, {args.annotators} annotators in {time.perf_counter() - t0:.1f} s "
               f"({db.split('://')[0]})", flush=True)
         port = free_port()
@@ -264,7 +282,8 @@ def main(argv=None) -> int:
         "labels": len(out["acked"]), "requests": n_requests, "retries": out["retries"],
         "server_cpu_ms_per_request": cpu / max(n_requests, 1) * 1000, "server_cpu_util": cpu / wall,
         "client_cpu_util": client_cpu / wall,
-        "annotators": args.annotators, "think_ms": args.think_ms, "seconds": wall, "load_avg_1m": os.getloadavg()[0],
+        "annotators": args.annotators, "think_ms": args.think_ms, "rankings": args.rankings, "seconds": wall,
+        "load_avg_1m": os.getloadavg()[0],
     }
     print(f"{res['labels']} labels in {wall:.1f} s by {args.annotators} annotators (think {args.think_ms:g} ms); "
           f"{n_requests} requests; transport retries {out['retries']}; ran out of pairs: {out['exhausted']}")
