@@ -50,7 +50,7 @@ def test_migrations_match_models(db_url):
 
     store = new_store(db_url)
     store.migrate()  # a second upgrade is a no-op
-    assert current_revision(store.db) == "0004"
+    assert current_revision(store.db) == "0005"
     with store.db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
         checks = {c["name"] for c in inspect(conn).get_check_constraints("labels")}
@@ -384,7 +384,7 @@ def test_a_database_from_revision_0001_upgrades_with_its_labels(db_url, tmp_path
                 conn.execute(text(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), 100)"))
     assert current_revision(store.db) == "0001"
     store.migrate()
-    assert current_revision(store.db) == "0004"
+    assert current_revision(store.db) == "0005"
     records, _ = build_records(store, "old", ExportOptions())
     assert len(records) == 1 and records[0]["chosen"]["content"] == "A0" and records[0]["strength"] == 2
     with store.db.read() as s:
@@ -394,3 +394,35 @@ def test_a_database_from_revision_0001_upgrades_with_its_labels(db_url, tmp_path
     item = store.next_item(cy)
     label, created = store.submit(cy, LabelInput("sub-new-0001", item.assignment_id, "tie"))
     assert created and label["choice"] == "tie"
+
+
+def test_upgrade_repairs_lone_surrogates_stored_before_import_refused_them(db_url, tmp_path):
+    """Fault 1 of issue 17 in a database written before the fix: the page, the API and the export
+    work again after the upgrade, with U+FFFD where the lone surrogates were."""
+    from sqlalchemy import text
+
+    from rlhfkit.annotate.db import upgrade
+    from rlhfkit.annotate.store import Store
+
+    store = Store(db_url)
+    upgrade(store.db, "0004")
+    bad = {"role": "assistant", "content": "broken \ud800 text"}
+    with store.db.engine.begin() as conn:
+        conn.execute(text("INSERT INTO projects (name, gold_rate, lease_minutes, created_at) VALUES ('old', 0, 60, :t)"),
+                     {"t": utcnow()})
+        conn.execute(text("INSERT INTO pairs (project_id, key, prompt, a, b, meta, overlap, n_active, queue_rank, "
+                          "created_at) SELECT id, 'p\\ud800', :prompt, :a, :b, :meta, 1, 0, 1, :t FROM projects"),
+                     {"prompt": json.dumps([{"role": "user", "content": "q"}]), "a": json.dumps(bad),
+                      "b": json.dumps({"role": "assistant", "content": "fine"}),
+                      "meta": json.dumps({"note\udc00": ["x\udfff"]}), "t": utcnow()})
+    store.migrate()
+    with store.db.read() as s:
+        pair = s.scalars(select(Pair)).one()
+    assert pair.a["content"] == "broken \ufffd text" and pair.meta == {"note\ufffd": ["x\ufffd"]}
+    assert pair.key == "p\\ud800"  # SQL text, not a JSON escape: an ordinary backslash, left alone
+    who_ = who(store, store.admin.add_annotator("old", "ann"))
+    item = store.next_item(who_)
+    assert "broken \ufffd text" in (item.left, item.right)
+    store.submit(who_, LabelInput("sub-after-repair", item.assignment_id, "left"))
+    records, _ = build_records(store, "old", ExportOptions())
+    json.dumps(records, ensure_ascii=False).encode("utf-8")  # would raise on a lone surrogate
