@@ -450,3 +450,31 @@ def test_score_writes_the_uncertainty_file_import_reads(tmp_path, capsys):
     not_rm.mkdir()
     code, _, err = cli(capsys, "score", "--rm", str(not_rm), "--pairs", str(pairs), "--out", str(tmp_path / "o.jsonl"))
     assert code == 1 and err.startswith("error: ") and str(not_rm) in err
+
+
+def test_annotator_link_and_status_routes_refusals(env):
+    store = env.store
+    anon, c = env.client(), env.client()
+    csrf = admin_sign_in(c)
+    form = {"name": "alice", "csrf_token": csrf}
+    assert anon.post("/admin/projects/demo/annotator-link", data={"name": "alice"}).status_code == 401
+    assert c.post("/admin/projects/demo/annotator-link", data={"name": "alice"}).status_code == 403
+    assert c.post("/admin/projects/demo/annotator-link", data={**form, "name": "zed"}).status_code == 404
+    assert c.post("/admin/projects/nope/annotator-link", data=form).status_code == 404
+    r = c.post("/admin/projects/demo/annotator-link", data=form)
+    assert r.status_code == 201 and "The old link no longer works" in r.text
+    new = re.search(r'<code id="link" class="secret">http://testserver/a/([^<]+)</code>', r.text).group(1)
+    assert store.login_annotator(env.tokens["alice"]) is None and store.login_annotator(new) is not None
+    assert c.post("/admin/projects/demo/annotator-status", data={**form, "active": "x"}).status_code == 422
+    assert c.post("/admin/projects/demo/annotator-status", data={**form, "active": "0"},
+                  follow_redirects=False).status_code == 303
+    r = c.post("/admin/projects/demo/annotator-link", data=form)
+    assert r.status_code == 409 and "reactivate" in r.text
+    r = c.post("/admin/projects/demo/annotator-status", data={**form, "active": "1"})
+    assert r.status_code == 201 and "reactivated" in r.text and "old link stays void" in r.text
+    newer = re.search(r'<code id="link" class="secret">http://testserver/a/([^<]+)</code>', r.text).group(1)
+    assert store.login_annotator(new) is None and store.login_annotator(newer) is not None
+    r = c.get("/admin/projects/demo/export.jsonl?rankings=true")
+    assert r.status_code == 422 and "no rankings to export" in r.text
+    assert c.get("/admin/projects/demo/export.jsonl?min_votes=0").status_code == 422
+    assert c.get(f"/admin/projects/demo/export.jsonl?min_votes={HUGE}").status_code == 422

@@ -133,5 +133,6 @@ def test_careless_annotator_is_highlighted_everywhere(tmp_path, capsys):
     assert main(["stats", "--project", "demo", "--db", db]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^bob !\s", out, re.M) and re.search(r"Fleiss kappa\s+\S+ \[.+\] n=4", out)
+    assert re.search(r"^bob !.* 0\.00 \(6\) \[0\.00, 0\.39\]", out, re.M)  # gold accuracy, n, Wilson interval
     assert main(["stats", "--project", "demo", "--db", db, "--min-gold", "2"]) == 1
     assert "min_gold must be in [0, 1]" in capsys.readouterr().err

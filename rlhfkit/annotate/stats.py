@@ -215,10 +215,15 @@ def format_table(stats: dict) -> str:
     ]
     header = ("annotator", "labels", "skips", "unsafe", "agree", "gold", "DS acc", "mean k", "labels/h", "s/label")
     rows = [header]
+    def interval(ci, n):
+        return f" [{f(ci[0], 2)}, {f(ci[1], 2)}]" if n else ""
+
     for a in stats["annotators"]:
         rows.append((a["annotator"] + (" !" if a["low"] else ""), str(a["labels"]), str(a["skips"]), str(a["unsafe_flags"]),
-                     f"{f(a['agreement_with_consensus'], 2)} ({a['consensus_items']})",
-                     f"{f(a['gold_accuracy'], 2)} ({a['gold_items']})", f(a["ds_accuracy"], 2),
+                     f"{f(a['agreement_with_consensus'], 2)} ({a['consensus_items']})"
+                     + interval(a["agreement_ci"], a["consensus_items"]),
+                     f"{f(a['gold_accuracy'], 2)} ({a['gold_items']})" + interval(a["gold_accuracy_ci"], a["gold_items"]),
+                     f(a["ds_accuracy"], 2),
                      f(a["mean_cohen_kappa"], 2), f(a["labels_per_hour"], 0), f(a["median_s_per_label"], 1)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for r in rows:
