@@ -174,3 +174,16 @@ def test_gold_due_hits_the_rate_for_every_phase():
                 n_gold += 1
             assert abs(n_gold - 0.1 * (n + 1)) <= 1
     assert not gold_due(10, 0, 0.0, 0.9)
+
+
+def test_kendall_w_by_hand():
+    """m = 2 rankings of n = 3: [1, 2, 3] and [1, 2.5, 2.5] (the last two tied). R = [2, 4.5, 5.5],
+    mean m (n + 1) / 2 = 4, S = 4 + 0.25 + 2.25 = 6.5; ties: one group of 2, T = 8 - 2 = 6;
+    W = 12 * 6.5 / (4 * 24 - 2 * 6) = 78 / 84."""
+    assert ag.fractional_ranks(np.array([1, 2, 2])).tolist() == [1.0, 2.5, 2.5]
+    assert ag.fractional_ranks(np.array([[2, 1, 2, 3]])).tolist() == [[2.5, 1.0, 2.5, 4.0]]
+    assert ag.kendall_w(ag.fractional_ranks(np.array([[1, 2, 3], [1, 2, 2]]))) == pytest.approx(78 / 84)
+    assert ag.kendall_w(np.array([[1, 2, 3], [3, 2, 1]])) == 0.0
+    assert ag.kendall_w(np.array([[1, 2, 3, 4]] * 3)) == pytest.approx(1.0)
+    assert np.isnan(ag.kendall_w(np.array([[1, 2, 3]])))  # one ranking: nothing to agree with
+    assert np.isnan(ag.kendall_w(np.full((2, 2), 1.5)))  # every ranking ties everything

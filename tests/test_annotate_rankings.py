@@ -130,6 +130,8 @@ def test_implied_pairs_in_agreement_and_export(db_url, tmp_path):
     stats = project_stats(store, "demo")
     assert (stats["n_pairs"], stats["n_votes"], stats["n_pairs_multi"]) == (3, 6, 3)
     assert stats["consensus"] == {"a": 2, "tie": 0, "b": 0, "unresolved": 1}
+    # Kendall's W of [1, 2, 3] and [1, 3, 2]: R = [2, 5, 5], S = 4 + 1 + 1 = 6, W = 12 * 6 / (4 * 24) = 0.75
+    assert stats["kendall_w"] == {"mean": pytest.approx(0.75), "n": 1}
 
     records, report = build_records(store, "demo", ExportOptions())
     assert report.unresolved == 1 and len(records) == 2

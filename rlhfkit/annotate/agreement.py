@@ -269,3 +269,38 @@ def throughput(times_s: np.ndarray, idle_gap_s: float = 600.0) -> Throughput:
     active = float(np.minimum(np.diff(times), idle_gap_s).sum())
     rate = (len(times) - 1) / active * 3600.0 if active > 0 else float("nan")
     return Throughput(len(times), active, rate)
+
+
+def fractional_ranks(dense: np.ndarray) -> np.ndarray:
+    """Dense ranks (1 best, equal = tie, no gaps) -> fractional ranks: tied objects share the mean of
+    the positions they occupy, e.g. [1, 2, 2] -> [1, 2.5, 2.5]. Works on the last axis."""
+    dense = np.asarray(dense)
+    out = np.empty(dense.shape, dtype=float)
+    for idx in np.ndindex(dense.shape[:-1]):
+        row, start = dense[idx], 0
+        for level in np.unique(row):
+            tied = row == level
+            k = int(tied.sum())
+            out[idx][tied] = start + (k + 1) / 2.0
+            start += k
+    return out
+
+
+def kendall_w(ranks: np.ndarray) -> float:
+    """Kendall's coefficient of concordance W of m rankings of the same n objects, with the
+    correction for ties (M. G. Kendall & B. Babington Smith 1939, Ann. Math. Stat. 10:275):
+
+        R_i = sum_j r_ij,  S = sum_i (R_i - m (n + 1) / 2)^2,  T_j = sum over tie groups of (t^3 - t)
+        W   = 12 S / (m^2 (n^3 - n) - m sum_j T_j)
+
+    ``ranks`` is (m, n) fractional ranks (``fractional_ranks``). 1: every ranking the same; 0: no
+    agreement. NaN with fewer than two rankings or when every ranking ties everything.
+    """
+    r = np.asarray(ranks, dtype=float)
+    m, n = r.shape
+    if m < 2 or n < 2:
+        return float("nan")
+    s = float(((r.sum(axis=0) - m * (n + 1) / 2.0) ** 2).sum())
+    ties = sum(float((c**3 - c).sum()) for c in (np.unique(row, return_counts=True)[1] for row in r))
+    denom = m * m * (n**3 - n) - m * ties
+    return float("nan") if denom <= 0 else 12.0 * s / denom

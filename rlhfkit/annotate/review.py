@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from rlhfkit.annotate import agreement as ag
 from rlhfkit.annotate.models import Decision, Pair, utcnow
 from rlhfkit.annotate.projects import find_project
 from rlhfkit.annotate.stats import Vote, load_votes
@@ -109,7 +111,9 @@ def item(store: Store, project: str, pair_id: int) -> dict:
                 "decision": None if decision is None else {"winner": decision.winner, "by": decision.decided_by,
                                                            "note": decision.note, "time": decision.created_at}})
     base = (p.id, 0, 1)
-    return {**_summary(data, p), "prompt": p.prompt, "replies": [m["content"] for m in replies],
+    rankings = [v.ranks for v in data.votes.get(base, []) if v.ranks is not None]
+    w = ag.kendall_w(ag.fractional_ranks(np.array(rankings))) if len(rankings) >= 2 else None
+    return {**_summary(data, p), "kendall_w": None if w is None or np.isnan(w) else w, "prompt": p.prompt, "replies": [m["content"] for m in replies],
             "metadata": p.meta, "comparisons": comparisons,
             "votes_detail": [{"annotator": v.annotator, "winner": None if v.ranks else v.winner, "ranks": v.ranks,
                               "strength": v.strength, "rationale": v.rationale, "unsafe": v.unsafe,

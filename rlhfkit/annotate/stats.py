@@ -181,8 +181,21 @@ def project_stats(store: Store, project: str, thresholds: Thresholds = Threshold
         "annotators": per,
         "cohen_kappa": {"annotators": data.annotators, "kappa": kappa.tolist(), "shared": shared.tolist()},
         "intervals": quality.agreement_intervals(ratings) if ci else {},
+        "kendall_w": ranking_concordance(regular),
         "thresholds": {"min_gold": thresholds.min_gold, "min_agree": thresholds.min_agree, "min_n": thresholds.min_n},
     }
+
+
+def ranking_concordance(votes: list[Vote]) -> dict:
+    """Kendall's W per ranking item with two or more rankings, averaged: ``{"mean", "n"}`` (n items;
+    mean NaN without any). Complements the implied-pair figures with a whole-ranking one."""
+    by_item: dict[int, list[list[int]]] = {}
+    for v in votes:
+        if v.ranks is not None and v.item[1:] == (0, 1):  # one implied vote per ranking carries it
+            by_item.setdefault(v.pair_id, []).append(v.ranks)
+    ws = [ag.kendall_w(ag.fractional_ranks(np.array(r))) for r in by_item.values() if len(r) >= 2]
+    ws = [w for w in ws if not np.isnan(w)]
+    return {"mean": float(np.mean(ws)) if ws else float("nan"), "n": len(ws)}
 
 
 def unsafe_pairs(store: Store, project: str, limit: int = 200) -> list[dict]:
