@@ -26,6 +26,7 @@ from rlhfkit.data.io import load_pairs, save_pairs
 from rlhfkit.data.tasks import get_task
 from rlhfkit.evaluate.policy import eval_policy
 from rlhfkit.evaluate.report import write_report
+from rlhfkit.evaluate.reward_model import reward_model_report
 from rlhfkit.evaluate.winrate import format_table
 from rlhfkit.feedback.labeling import annotator_table, label_pairs, write_labels
 from rlhfkit.rollout.engine import SamplingConfig
@@ -244,7 +245,7 @@ def run_phases(args: DemoOptions, size: DemoSize, methods: list[str], root: Path
         cfg = RewardConfig(model=args.model, data=str(prefs), output_dir=str(root / "rm"), epochs=size.rm_epochs,
                            batch_size=2 * size.pair_k * (size.pair_k - 1), micro_batch_size=24, lr=RM_LR,
                            freeze_backbone=True, seed=args.seed, eval_fraction=0.2, keep_checkpoints=1)
-        r = train_rm(cfg)
+        r = train_rm(cfg, report=reward_model_report)  # held-out accuracy and the gold ceiling: reward_eval.json
         ev = r.get("eval") or {}
         return {"checkpoint": r["checkpoint"], "accuracy": ev.get("accuracy"), "ceiling": ev.get("label_gold_agreement")}
 
