@@ -314,3 +314,34 @@ def test_markdown_replies_render_inert(tmp_path):
             assert dialogs == [] and all(u.startswith(server.url) for u in requests)
         finally:
             browser.close()
+
+
+def test_a_link_followed_from_another_site_asks_first(tmp_path):
+    """Login CSRF (issue 17): a link followed from another site (here a page with an opaque origin)
+    shows the "Continue" page instead of signing in; the person's click then signs in, in a real
+    browser (the SameSite=Strict form cookie set on the cross-site visit comes back with the click)."""
+    from playwright.sync_api import sync_playwright
+
+    db = f"sqlite:///{tmp_path / 'browser.db'}"
+    store = new_store(db)
+    write_jsonl(tmp_path / "pairs.jsonl", [pair_dict(0)])
+    store.admin.import_pairs("web", tmp_path / "pairs.jsonl", overlap=1, gold_rate=0.0)
+    token = store.admin.add_annotator("web", "alice")
+    with Server(db) as server, sync_playwright() as pw:
+        browser = _browser(pw)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(15_000)
+            page.set_content(f'<a id="mail-link" href="{server.url}/a/{token}">your link</a>')  # "webmail"
+            with page.expect_navigation():
+                page.click("#mail-link")
+            assert page.url == f"{server.url}/a/{token}" and page.is_visible("#continue")
+            names = {c["name"] for c in page.context.cookies(f"{server.url}/a/{token}")}
+            assert names == {"rlhfkit_login_csrf"}  # the form's cookie; no session yet
+            with page.expect_navigation():
+                page.click("#continue")
+            assert page.url == f"{server.url}/label"
+            page.wait_for_selector("#label-form")
+            assert "alice" in page.inner_text(".who")
+        finally:
+            browser.close()
