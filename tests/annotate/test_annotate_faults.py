@@ -409,7 +409,7 @@ def test_docs_commands_exist(capsys):
 
     from rlhfkit.cli.annotate import build_parser
 
-    docs = (Path(__file__).resolve().parents[1] / "docs" / "annotate.md").read_text()
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "annotate.md").read_text()
     assert "rlhfkit reward --data" not in docs and "rlhfkit reward train --data" in docs
     commands = re.findall(r"^(?:\$ )?rlhfkit annotate ((?:[^\n\\]|\\\n)+)", docs, re.M)
     assert len(commands) >= 8

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PG_ENV = "RLHFKIT_TEST_PG"
 # The installed console script, as users run it (``rlhfkit annotate ...``): proves the entry point.
 CLI = [str(Path(sys.executable).with_name("rlhfkit")), "annotate"]
