@@ -43,7 +43,7 @@ def main() -> None:
 
     import importlib
 
-    from rlhfkit.evaluate.cli import eval_main
+    from rlhfkit.cli.evaluate import eval_main
 
     path, overrides = DEFAULTS[args.method]
     module_name, cls_name = path.split(":")
