@@ -1,0 +1,179 @@
+"""The CPU engine (rlhfkit.rollout.fast.FastBackend) against transformers' ``generate`` (HFBackend).
+
+At full precision (``quantize=False``) the engine runs transformers' Llama op for op, so greedy output
+and seeded samples equal ``generate``'s exactly. Quantized (int8), its own log-probs stay within a
+documented gap of the policy's (``completion_logps``); ``sync_weights`` makes it sample from new weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rlhfkit.data.chat import tokenize_prompt
+from rlhfkit.models.batching import CompletionBatch, completion_mask_from_ids, left_pad
+from rlhfkit.models.logps import completion_logps
+from rlhfkit.rollout.engine import HFBackend, SamplingConfig
+from rlhfkit.rollout.fast import FastBackend
+
+PROMPTS = [
+    [{"role": "user", "content": "Hi."}],
+    [{"role": "user", "content": "Tell me, at some length, what you think about rainy autumn afternoons."}],
+    [{"role": "user", "content": "Name a colour."}],
+]
+GROUP = 2  # each prompt twice in a row, as a GRPO group arrives
+
+
+class Tok:
+    """The two ids the engines read, with a chosen EOS (the tiny model rarely emits the real one)."""
+
+    def __init__(self, pad: int, eos: int):
+        self.pad_token_id, self.eos_token_id = pad, eos
+
+
+def encode(tok, prompts=PROMPTS, group=GROUP):
+    seqs = [tokenize_prompt(tok, p, 512) for p in prompts for _ in range(group)]
+    return left_pad(seqs, tok.pad_token_id)
+
+
+def gap(model, ids, mask, out, sampler_logps, eos):
+    """Mean |sampler log-prob - policy log-prob| over real completion tokens."""
+    cm, _ = completion_mask_from_ids(out, eos)
+    batch = CompletionBatch(prompt_ids=ids, prompt_mask=mask, completion_ids=out.masked_fill(~cm, 0), completion_mask=cm)
+    return (completion_logps(model, batch) - sampler_logps).abs()[cm].mean().item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Llama with init std 0.1: the default 0.02 greedily repeats one token in every row, which
+    would make equality with ``generate`` an empty check. Read-only."""
+    from rlhfkit.models import load_model
+
+    model, tok = load_model("tiny:0.1", seed=0)
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def eos_mid_batch(tiny):
+    """A prompt batch and an EOS id that row 0's greedy completion emits after its first token and the last
+    row's never does: one row ends mid-batch, another runs to the cap."""
+    model, tok = tiny
+    ids, mask = encode(tok)
+    free = HFBackend(model, Tok(tok.pad_token_id, -1)).generate(ids, mask, SamplingConfig(0.0, max_new_tokens=12))
+    candidates = [int(x) for x in free[0, 1:] if int(x) not in free[-1].tolist()]
+    assert candidates, f"no token of row 0 missing from the last row: {free.tolist()}"
+    return ids, mask, candidates[0]
+
+
+def test_full_precision_greedy_equals_generate(tiny, eos_mid_batch):
+    model, _ = tiny
+    ids, mask, eos = eos_mid_batch
+    tok = Tok(0, eos)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    ref = HFBackend(model, tok).generate(ids, mask, sampling)
+    out = FastBackend(model, tok, quantize=False).generate(ids, mask, sampling)
+    assert torch.equal(out, ref)
+    ended = (out == eos).any(1)
+    assert ended[0] and not ended.all(), "the test needs one row to end mid-batch and one to run on"
+    first = int((out[0] == eos).nonzero()[0])
+    assert (out[0, first + 1:] == 0).all(), "after its EOS a row holds pad"
+
+
+def test_full_precision_seeded_samples_equal_generate(tiny, eos_mid_batch):
+    """Same warpers (temperature, top-k, top-p) in the same order, same RNG draws: the same samples."""
+    model, _ = tiny
+    ids, mask, eos = eos_mid_batch
+    tok = Tok(0, eos)
+    sampling = SamplingConfig(temperature=0.8, top_k=20, top_p=0.9, max_new_tokens=10)
+    hf, fast = HFBackend(model, tok), FastBackend(model, tok, quantize=False)
+    for seed in (0, 1):
+        assert torch.equal(fast.generate(ids, mask, sampling, seed), hf.generate(ids, mask, sampling, seed))
+
+
+def test_shared_prefill_equals_one_prefill_per_row(tiny):
+    model, tok = tiny
+    ids, mask = encode(tok, group=3)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=8)
+    shared = FastBackend(model, tok, quantize=False)
+    out = shared.generate(ids, mask, sampling)
+    assert shared.last_stats["distinct_prompts"] == len(PROMPTS)
+    assert torch.equal(out, FastBackend(model, tok, quantize=False, share_prefill=False).generate(ids, mask, sampling))
+
+
+def test_full_precision_sampler_logps_are_the_policys(tiny):
+    model, tok = tiny
+    ids, mask = encode(tok)
+    fast = FastBackend(model, tok, quantize=False)
+    out = fast.generate(ids, mask, SamplingConfig(temperature=0.7, max_new_tokens=10), generator_seed=0)
+    assert fast.last_logps.shape == out.shape
+    cm, _ = completion_mask_from_ids(out, tok.eos_token_id)
+    batch = CompletionBatch(prompt_ids=ids, prompt_mask=mask, completion_ids=out, completion_mask=cm)
+    torch.testing.assert_close(fast.last_logps, completion_logps(model, batch, temperature=0.7), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_quantized_seeds_reproduce(tiny):
+    model, tok = tiny
+    ids, mask = encode(tok)
+    fast = FastBackend(model, tok)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    a, b, c = (fast.generate(ids, mask, sampling, s) for s in (5, 5, 6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a[0], a[1]), "the copies of a prompt must get different samples"
+
+
+def test_quantized_logp_gap_on_tiny(tiny):
+    """Bound 0.05 nats: the random tiny model's activations have no outlier channels, so int8 is close."""
+    model, tok = tiny
+    ids, mask = encode(tok)
+    fast = FastBackend(model, tok)
+    out = fast.generate(ids, mask, SamplingConfig(temperature=1.0, max_new_tokens=16), generator_seed=0)
+    assert 0 < gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.05
+
+
+def test_sync_weights_samples_from_the_new_weights():
+    """After a weight change, the int8 decode matches the new policy's log-probs only once synced.
+    (The prefill reads the policy's fp32 tensors directly, so only the int8 copies can be stale.)"""
+    from rlhfkit.models import load_model
+
+    model, tok = load_model("tiny:0.1", seed=1)
+    ids, mask = encode(tok)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    fast = FastBackend(model, tok)
+    fast.generate(ids, mask, sampling, 0)
+    with torch.no_grad():  # a large update: every weight moves
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    stale = fast.generate(ids, mask, sampling, 0)
+    stale_gap = gap(model, ids, mask, stale, fast.last_logps, tok.eos_token_id)
+    fast.sync_weights(model)
+    synced = fast.generate(ids, mask, sampling, 0)
+    synced_gap = gap(model, ids, mask, synced, fast.last_logps, tok.eos_token_id)
+    assert synced_gap < 0.05 < 0.5 < stale_gap, (synced_gap, stale_gap)
+    assert fast.sync_s > 0 and fast.last_stats["quantize_s"] > 0
+
+
+def test_unsupported_model_raises(tiny):
+    model, tok = tiny
+    other = copy.deepcopy(model)
+    other.config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="use HFBackend"):
+        FastBackend(other, tok)
+
+
+@pytest.mark.slow
+def test_quantized_logp_gap_on_the_bundled_model():
+    """Bound 0.35 nats mean |log mu - log pi| per token (bench figure: ~0.24 at temperature 1, 8 prompts):
+    7-bit per-tensor activations after SmoothQuant (docs/generation.md, "Accuracy")."""
+    from rlhfkit.data.tasks import get_task
+    from rlhfkit.models import load_model
+
+    model, tok = load_model("smollm2-135m-instruct")
+    prompts = get_task("sentiment").prompts("train")[:8]
+    ids, mask = encode(tok, prompts, group=1)
+    fast = FastBackend(model, tok)
+    out = fast.generate(ids, mask, SamplingConfig(temperature=1.0, max_new_tokens=32), generator_seed=0)
+    assert gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.35
