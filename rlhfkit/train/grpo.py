@@ -15,22 +15,29 @@ REINFORCE++    per-token returns, whitened over the batch      in the reward    
 
 Sources: GRPO — Shao et al. 2024 (DeepSeekMath) §4.1; Dr. GRPO — Liu et al. 2025 ("Understanding
 R1-Zero-Like Training"); RLOO — Ahmadian et al. 2024 ("Back to Basics"); REINFORCE++ — Hu 2025.
+
+Independently of the advantage, ``loss`` picks the policy loss from ``rlhfkit.losses.policy.POLICY_LOSSES``
+(PPO-clip, GSPO's sequence-level ratio, CISPO's clipped IS weight), and DAPO's dynamic sampling
+(``dynamic_sampling``: train.dynamic_sampling) and overlong reward shaping (``overlong_buffer``) act
+on the generate-and-score phase.
 ``rlhfkit rloo`` is this loop with RLOO's defaults (:class:`RLOOConfig`, a preset, not a copy).
 The machinery (start, generate-and-score, optimize, log/eval/checkpoint) is shared: online.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from rlhfkit.losses.advantages import group_advantages, leave_one_out_advantages, reinforce_pp_advantages
+from rlhfkit.losses.dapo import overlong_penalty
 from rlhfkit.losses.kl import kl_per_token, kl_shaped_rewards
-from rlhfkit.losses.ppo import ppo_policy_loss
+from rlhfkit.losses.policy import POLICY_LOSSES
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, masked_mean, masked_sum
 from rlhfkit.rollout.engine import Rollout
-from rlhfkit.train import online, online_rollout, runtime
+from rlhfkit.train import dynamic_sampling, online, online_rollout, runtime
 
 
 @dataclass
@@ -44,10 +51,29 @@ class GRPOConfig(online.OnlineConfig):
     """How per-token losses reduce: 'seq_mean' (GRPO paper), 'token_mean' (DAPO), 'dr_grpo' (sum / max_new_tokens)."""
     kl_in_reward: bool = False
     """Put -beta x KL into the reward (RLOO, REINFORCE++) instead of a k3 loss term (GRPO)."""
+    loss: str = "ppo_clip"
+    """Policy loss (rlhfkit.losses.policy.POLICY_LOSSES): 'ppo_clip' (PPO's token-level clipped
+    surrogate), 'gspo' (GSPO, Zheng et al. 2025: the length-normalised sequence ratio, clipped per
+    sequence; the paper's clip range is clip_eps 3e-4 / clip_eps_high 4e-4), 'cispo' (CISPO,
+    MiniMax-M1 2025: REINFORCE on every token weighted by the clipped, detached IS ratio; the paper
+    has no lower bound, clip_eps 1.0). All three agree while the ratio is 1 (epochs_per_step 1)."""
     clip_eps: float = 0.2
-    """PPO ratio clip (lower, and upper unless clip_eps_high is set), > 0."""
+    """Lower ratio clip 1 - clip_eps (and upper unless clip_eps_high is set), > 0. For 'gspo' it
+    bounds the sequence ratio, for 'cispo' the IS weight (>= 1: no lower bound)."""
     clip_eps_high: float | None = None
-    """Upper ratio clip ('clip-higher', DAPO), > 0; None = clip_eps."""
+    """Upper ratio clip 1 + clip_eps_high ('clip-higher', DAPO), > 0; None = clip_eps."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling (Yu et al. 2025, §3.2): drop groups whose K scores are all equal (no
+    group advantage) and refill the batch from further prompts (train/dynamic_sampling.py). Needs K >= 2."""
+    dynamic_sampling_rounds: int = 3
+    """Most refill rounds per step (each generates prompts_per_step more groups), >= 0; when they run
+    out the batch is topped up with dropped groups (logged as sampling/filler_frac)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment (§3.4, eq. 13): the score ramps down linearly over the last
+    this-many tokens before max_new_tokens (DAPO: 4096 of 20480, i.e. ~20%); 0 = off."""
+    overlong_penalty: float = 1.0
+    """The penalty at max_new_tokens (the ramp's depth; DAPO: 1.0), >= 0. Added to the score the
+    advantage sees, after the EOS trick (a truncated completion gets both)."""
     beta: float = 0.04
     """KL coefficient (GRPO paper: 0.04)."""
     kl_estimator: str = "k3"
@@ -59,6 +85,14 @@ class GRPOConfig(online.OnlineConfig):
         super().validate()
         online.variant(ADVANTAGES, self.advantage, "advantage")
         online.variant(dict.fromkeys(AGGREGATIONS), self.aggregation, "aggregation")
+        online.variant(POLICY_LOSSES, self.loss, "loss")
+        online.require(self, "dynamic_sampling_rounds", self.dynamic_sampling_rounds >= 0, ">= 0")
+        online.require(self, "overlong_buffer", 0 <= self.overlong_buffer <= self.max_new_tokens,
+                       f"in [0, max_new_tokens={self.max_new_tokens}]")
+        online.require(self, "overlong_penalty", self.overlong_penalty >= 0, ">= 0")
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError(f"dynamic_sampling needs samples_per_prompt >= 2 (it drops groups whose scores are "
+                             f"all equal), got {self.samples_per_prompt}")
         online.require(self, "clip_eps", self.clip_eps > 0, "> 0")
         online.require(self, "clip_eps_high", self.clip_eps_high is None or self.clip_eps_high > 0, "> 0 or None")
         if self.advantage != "reinforce_pp" and self.samples_per_prompt < 2:
@@ -137,13 +171,42 @@ def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
     return estimator(r.scores.float(), kl, r.completion_mask, cfg)
 
 
+def generate(s: online.Start, sampler, step: int, cfg: GRPOConfig, with_logps: bool, refill) -> tuple[Rollout, dict]:
+    """Phase 2: K completions per prompt, scored (online_rollout.generate_and_score), then DAPO's
+    overlong shaping; with dynamic sampling, refill rounds from the ``refill`` prompt stream until
+    every group's scores differ (dynamic_sampling.fill). Returns the batch and the phase's metrics."""
+    def scored(round_: int) -> Rollout:
+        if round_ == 0:
+            r = online_rollout.generate_and_score(s, sampler, step, cfg, with_logps=with_logps)
+        else:  # a refill round: the refill stream's prompts, with a seed no real step uses
+            at = dynamic_sampling.refill_index(step, round_, cfg.dynamic_sampling_rounds)
+            r = online_rollout.generate_and_score(dataclasses.replace(s, stream=refill), sampler,
+                                                  dynamic_sampling.REFILL_OFFSET + at, cfg, with_logps=with_logps)
+        if cfg.overlong_buffer:  # DAPO eq. 13: ramp to -overlong_penalty at max_new_tokens
+            penalty = overlong_penalty(r.completion_mask.sum(1), cfg.max_new_tokens, cfg.overlong_buffer,
+                                       cfg.overlong_penalty)
+            r.scores = r.scores + penalty.to(r.scores.device, r.scores.dtype)
+            r.extras["overlong_penalty"] = penalty.cpu()
+        return r
+
+    if cfg.dynamic_sampling:
+        r, metrics = dynamic_sampling.fill(scored, s.local_prompts, cfg.samples_per_prompt,
+                                           cfg.dynamic_sampling_rounds, s.tok.pad_token_id)
+    else:
+        r, metrics = scored(0), {}
+    if cfg.overlong_buffer:
+        metrics["reward/overlong_penalty"] = r.extras["overlong_penalty"].mean().item()
+    return r, metrics
+
+
 def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tuple[torch.Tensor, dict]:
-    """Clipped surrogate (+ beta x KL loss term unless the KL is in the reward) on one micro-batch."""
+    """The policy loss named by ``cfg.loss`` (+ beta x KL loss term unless the KL is in the reward) on
+    one micro-batch."""
+    loss_fn = online.variant(POLICY_LOSSES, cfg.loss, "loss")
     logps, entropy = cfg.logps(policy, mb, with_entropy=True)
     mask = mb.completion_mask
     old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
-    loss, metrics = ppo_policy_loss(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high,
-                                    aggregation=cfg.aggregation, max_tokens=cfg.max_new_tokens)
+    loss, metrics = loss_fn(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.aggregation, cfg.max_new_tokens)
     if mb.logps is None:
         metrics[online.TRAINING_LOGPS] = logps.detach()
     if cfg.beta > 0 and not cfg.kl_in_reward:
@@ -169,17 +232,19 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None) -> dict:
     sampler = online_rollout.make_sampler(cfg, acc.unwrap_model(policy), s.tok, str(s.ckpt or cfg.model))
     loop, _ = online.begin(cfg, s, method, opt, sched, eval_hook=lambda: s.held_out(sampler))
     from_training = cfg.logps_from_training_pass(s.local_prompts * cfg.samples_per_prompt)
+    refill = online_rollout.PromptStream(s.stream.prompts, dynamic_sampling.refill_seed(cfg.seed))
 
     while loop.step < loop.total:
         with runtime.Timer() as t:
-            # 2. generate K completions for each of this process's prompts; score them
-            r = online_rollout.generate_and_score(s, sampler, loop.step, cfg, with_logps=not from_training)
+            # 2. generate K completions for each of this process's prompts; score them (DAPO: shape, filter, refill)
+            r, sampling_metrics = generate(s, sampler, loop.step, cfg, not from_training, refill)
             # 3. advantages, per group of K (a group never spans processes: no gather needed)
             adv = compute_advantages(r, cfg)
-            # 4. optimize the clipped surrogate; the sampler gets the new weights
+            # 4. optimize the policy loss named by cfg.loss; the sampler gets the new weights
             policy.train()
             metrics = online.optimize([policy], opt, r, adv, lambda mb, a: policy_loss(policy, mb, a, cfg),
                                       cfg, acc, loop.step)
+            metrics.update(sampling_metrics)
             sched.step()
             sampler.backend.sync_weights(acc.unwrap_model(policy))
         # 5. log, eval, samples, checkpoint (the policy alone)
