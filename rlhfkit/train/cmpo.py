@@ -169,12 +169,12 @@ def eval_policy_not_prior(cfg: CMPOConfig, policy, prior, sampler: Sampler, held
     return out
 
 
-def train(cfg: CMPOConfig, reward_fn=None, task=None) -> dict:
+def train(cfg: CMPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     """Run CMPO. Python API extras as in grpo.train: ``reward_fn(rollout) -> Tensor (B,)`` replaces the
     configured reward, ``task`` replaces the built-in task named by ``cfg.task``."""
     k = cfg.samples_per_prompt
     # 1. runtime, task, policy + frozen reference, reward (online.start); the prior, the optimizer, σ̂
-    s = online.start(cfg, reward_fn, task)
+    s = online.start(cfg, reward_fn, task, prompts)
     acc = s.acc
     prior = load_prior(s.policy, s.ckpt, cfg.seed).to(acc.device)
     opt = runtime.adamw(s.policy.parameters(), acc, cfg.lr, cfg.adam_eps)

@@ -218,13 +218,13 @@ def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tupl
     return loss, metrics
 
 
-def train(cfg: GRPOConfig, reward_fn=None, task=None) -> dict:
+def train(cfg: GRPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     """Run the loop (GRPO, or RLOO given an RLOOConfig). Python API extras: ``reward_fn(rollout) ->
     Tensor (B,)`` replaces the configured reward, ``task`` (an object with ``prompts(split)`` and
     ``gold(prompts, completions)``) replaces the built-in task named by ``cfg.task``."""
     method = "rloo" if isinstance(cfg, RLOOConfig) else "grpo"
     # 1. runtime, task, policy + frozen reference, reward; optimizer and LR schedule over the policy
-    s = online.start(cfg, reward_fn, task)
+    s = online.start(cfg, reward_fn, task, prompts)
     acc = s.acc
     opt = runtime.adamw(s.policy.parameters(), acc, cfg.lr, cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, s.total)

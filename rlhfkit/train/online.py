@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import CommonConfig, check_choice
+from rlhfkit.data.prompt_data import PromptRow, load_prompt_rows, split_held_out
 from rlhfkit.data.tasks import get_task
 from rlhfkit.losses.kl import KL_ESTIMATORS
 from rlhfkit.models import load_model
@@ -39,6 +40,13 @@ from rlhfkit.train.online_eval import HeldOutEval
 from rlhfkit.train.online_rollout import ROLLOUT_BACKENDS, PromptStream, rollout_metrics, sample_rows
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
+DEFAULT_TASK = "sentiment"
+"""The task of a run given neither ``task`` nor ``prompts``."""
+DEFAULT_EVAL_FRACTION = 0.1
+"""``eval_fraction`` when ``prompts`` is given without ``eval_prompts_data``."""
+SPLIT_SEED = 0
+"""Hash seed of the held-out split of ``prompts`` (rlhfkit.data.prompt_data.split_held_out): fixed, not
+the run's seed, so runs with different seeds evaluate on the same prompts."""
 """Decay after warmup (``runtime.make_scheduler``'s names)."""
 
 
@@ -46,11 +54,26 @@ LR_SCHEDULES = ("linear", "cosine", "constant")
 class OnlineConfig(CommonConfig):
     """Fields shared by the online RL methods."""
 
-    task: str = "sentiment"
-    """Built-in task giving the prompts and the hidden gold reward (`rlhfkit tasks` lists them)."""
+    task: str | None = None
+    """Built-in task (`rlhfkit tasks` lists them): its prompts and its hidden gold reward. None:
+    'sentiment' when ``prompts`` is None; with ``prompts``, a task only adds its gold reward ('gold'
+    in ``reward``, ``eval/gold``), and None means no gold at all."""
+    prompts: str | None = None
+    """Your own prompt dataset (a .jsonl/.json/.parquet file, a save_to_disk folder or a hub id): a
+    ``prompt`` string or message list, or ``messages``, per row; every other column goes to the reward
+    with its prompt (docs/rewards.md). None = the task's prompts."""
+    eval_prompts_data: str | None = None
+    """Held-out prompts for the eval hook from a second dataset (same forms as ``prompts``); needs
+    ``prompts``. None = a held-out fraction of ``prompts`` (``eval_fraction``), or the task's held-out split."""
+    eval_fraction: float | None = None
+    """Fraction of the distinct prompts of ``prompts`` held out for the eval hook (split by prompt with
+    a fixed hash seed, so the same file always splits the same way), in [0, 1). None = 0.1 when
+    ``prompts`` is given without ``eval_prompts_data``. 0 = no held-out set (no eval)."""
     reward: str = "gold"
-    """What the policy is optimised for: 'gold' (the task's programmatic reward), 'rm:PATH' (a
-    trained reward model), or a weighted comma list, e.g. 'rm:runs/rm@1.0,gold@0.5'."""
+    """What the policy is optimised for, a weighted comma list of: 'gold' (the task's programmatic
+    reward), 'rm:PATH' (a trained reward model), 'fn:MODULE:NAME' or 'fn:FILE.py:NAME' (a TRL-style
+    reward function), 'verify:math', 'verify:exact' (against the 'answer' column), 'verify:regex=PATTERN',
+    'judge:MODEL' (an LM judge); e.g. 'rm:runs/rm@1.0,gold@0.5' (docs/rewards.md)."""
     total_steps: int = 40
     """Optimizer phases (generate -> optimize) to run; max_steps overrides it."""
     prompts_per_step: int = 8
@@ -94,7 +117,7 @@ class OnlineConfig(CommonConfig):
     eval_every: int = 10
     """Evaluate on held-out prompts every this many steps (and at step 0 and the end); 0 = never."""
     eval_prompts: int = 32
-    """Held-out prompts used by the eval hook (fixed set, fixed seed)."""
+    """Held-out prompts used by the eval hook (the first this many of the held-out set, fixed seed)."""
     sample_every: int = 10
     """Write a table of sample completions to samples.jsonl every this many steps (0 = never)."""
     max_minutes: float | None = None
@@ -112,6 +135,14 @@ class OnlineConfig(CommonConfig):
         check_choice(self, "lr_schedule", LR_SCHEDULES)
         check_choice(self, "rollout_backend", ROLLOUT_BACKENDS)
         rewards.parse_reward_spec(self.reward)
+        if self.prompts is None:
+            for name in ("eval_prompts_data", "eval_fraction"):
+                require(self, name, getattr(self, name) is None, "None without `prompts` (a task has its held-out split)")
+        require(self, "eval_fraction", self.eval_fraction is None or self.eval_prompts_data is None,
+                "None when eval_prompts_data is given (one held-out set)")
+        require(self, "eval_fraction", self.eval_fraction is None or 0 <= self.eval_fraction < 1, "in [0, 1) or None")
+        for name in ("prompts", "eval_prompts_data", "task"):
+            require(self, name, getattr(self, name) is None or str(getattr(self, name)).strip() != "", "non-empty or None")
         for name in ("total_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "max_prompt_length",
                      "epochs_per_step", "micro_batch_size", "eval_prompts"):
             require(self, name, getattr(self, name) >= 1, ">= 1")
@@ -166,6 +197,7 @@ class Start:
     acc: object
     ckpt: object
     task: object
+    """The task (its gold reward), or None when the prompts come from data without a task."""
     policy: object
     ref: object
     tok: object
@@ -176,25 +208,53 @@ class Start:
     held_out: HeldOutEval
 
 
-def start(cfg: OnlineConfig, reward_fn=None, task=None) -> Start:
-    """Accelerator and per-process seed (N details #12), the checkpoint to resume from, the task, the
-    policy (from the checkpoint when resuming) and a frozen reference copy of the *starting* model
-    on the device, the reward source (``reward_fn(rollout)`` overrides it), step count, this process's
-    share of the prompts, the prompt stream and the held-out eval hook."""
+def task_rows(task, split: str) -> list[PromptRow]:
+    """A task's prompts as rows without columns (a task's prompts are conversational)."""
+    name = getattr(task, "name", type(task).__name__)
+    return [PromptRow(messages=p, prompt=p, where=f"task {name} {split} prompt {i}") for i, p in enumerate(task.prompts(split))]
+
+
+def prompt_sets(cfg: OnlineConfig, task=None, prompts=None) -> tuple[object, list[PromptRow], list[PromptRow]]:
+    """(task or None, train rows, held-out rows). ``task``/``prompts`` (Python API) take the place of
+    ``cfg.task``/``cfg.prompts``; ``prompts`` may be a path, a ``datasets.Dataset`` or a list of dicts."""
+    source = prompts if prompts is not None else cfg.prompts
+    if task is None and (cfg.task is not None or source is None):
+        task = get_task(cfg.task or DEFAULT_TASK)
+    if source is None:
+        return task, task_rows(task, "train"), task_rows(task, "heldout")[:cfg.eval_prompts]
+    rows = load_prompt_rows(source)
+    if cfg.eval_prompts_data is not None:
+        held = load_prompt_rows(cfg.eval_prompts_data)
+    else:
+        fraction = DEFAULT_EVAL_FRACTION if cfg.eval_fraction is None else cfg.eval_fraction
+        rows, held = split_held_out(rows, fraction, SPLIT_SEED)
+    return task, rows, held[:cfg.eval_prompts]
+
+
+def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
+    """Accelerator and per-process seed (N details #12), the checkpoint to resume from, the prompts
+    (``prompts`` or ``cfg.prompts``, else the task's) and the held-out prompts, the reward source
+    (``reward_fn`` replaces ``cfg.reward``: a ``reward_fn(rollout)`` or TRL-style function(s)), checked
+    against the prompt rows' columns before any model loads, the policy (from the checkpoint when
+    resuming) and a frozen reference copy of the *starting* model on the device, step count, this
+    process's share of the prompts, the prompt stream and the held-out eval hook."""
     cfg.validate()  # again: a field may have been set after construction
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    task = task or get_task(cfg.task)
+    task, train_rows, held_rows = prompt_sets(cfg, task, prompts)
+    # bad data and a missing column fail here, before the models load and the run directory opens
+    reward = rewards.make_reward(cfg.reward, reward_fn, task, acc.device)
+    reward.check(train_rows + held_rows)
     policy, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    reward.tokenizer = tok  # an rm: sharing the policy's vocabulary scores the sampled ids as they are
     # The reference is always loaded: the KL penalty needs it when beta > 0, the eval hook reports KL.
     ref, _ = load_model(cfg.model, seed=cfg.seed)
     ref.eval().requires_grad_(False).to(acc.device)
-    reward = rewards.RewardSource(cfg.reward, task, acc.device, tok) if reward_fn is None else rewards.CustomReward(reward_fn)
     return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
                  local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
-                 stream=PromptStream(task.prompts("train"), cfg.seed),
-                 held_out=HeldOutEval(ref, reward, task, task.prompts("heldout")[:cfg.eval_prompts], cfg))
+                 stream=PromptStream(train_rows, cfg.seed),
+                 held_out=HeldOutEval(ref, reward, task, held_rows, cfg))
 
 
 @dataclass
@@ -260,6 +320,11 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: Onl
     exactly only when the micro-batches hold equal token counts (``rlhfkit.ops.aggregate_loss``).
     Returns the metrics: micro-batch metrics weighted like the loss within an update, then averaged
     over the updates, plus ``optim/grad_norm`` (before clipping, when clipping is on).
+
+    Unscored rows (``r.extras['scored']`` False: no reward component scored them) are left out of every
+    loss: a mini-batch's mean runs over its scored rows only. A mini-batch without any still runs one
+    zero-weighted micro-batch, so every process makes the same backward calls (DDP) and the same
+    optimizer step (the mini-batch then changes the weights only through AdamW's decay and momentum).
     """
     n = r.completion_ids.shape[0]
     mini = cfg.mini_batch_size or n
@@ -267,6 +332,12 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: Onl
     device = r.completion_ids.device
     params = [p for m in models for p in m.parameters()]
     fresh = torch.zeros(r.completion_ids.shape, device=device) if r.logps is None else None
+    scored = r.extras.get("scored")
+    scored = torch.ones(n, dtype=torch.bool) if scored is None else scored.cpu().bool()
+    if fresh is not None and not bool(scored.all()):  # unscored rows get no training pass: their log-probs now
+        with torch.no_grad():
+            left_out = (~scored).nonzero().flatten()
+            fresh[left_out.to(device)] = cfg.logps(models[0], r.select(left_out.to(device))).float()
     gen = torch.Generator().manual_seed(shuffle_seed(cfg.seed, step))
     totals: dict[str, float] = {}
     updates = 0
@@ -274,11 +345,13 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: Onl
         order = torch.randperm(n, generator=gen)
         for first in range(0, n, mini):
             rows = order[first:first + mini]
+            kept = rows[scored[rows]]
+            rows, zero = (kept, False) if len(kept) else (rows[:1], True)
             micros = rows.split(cfg.micro_batch_size)
             update: dict[str, float] = {}
             for j, micro in enumerate(micros):
                 micro = micro.to(device)
-                weight = len(micro) / len(rows)
+                weight = 0.0 if zero else len(micro) / len(rows)
                 with contextlib.ExitStack() as stack:
                     if j < len(micros) - 1:  # DDP: all-reduce the gradients once, on the last micro-batch
                         for m in models:

@@ -9,6 +9,7 @@ import torch
 
 from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Sampler
+from rlhfkit.train.online_rollout import component_metrics
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
     from rlhfkit.train.online import OnlineConfig
@@ -28,6 +29,11 @@ class HeldOutEval:
     call's per-prompt gold rewards (the starting policy's, in a run that does not resume) are the
     baseline of every later call's ``eval/win_rate_start``: the fraction of prompts whose reply scores
     a higher gold reward than the first eval's reply to the same prompt, ties counted half.
+
+    Without a task (your own prompts), there is no gold: ``eval/reward`` (the configured reward, mean
+    over the scored replies), ``eval/reward/<name>/mean`` and ``/none_frac`` per component, and the
+    win rate is on the configured reward (an unscored reply counts as a tie).
+    With no held-out prompts (``eval_fraction`` 0) the hook reports nothing.
     """
 
     def __init__(self, ref_model, reward: rewards.RewardSource, task, prompts: list, cfg: OnlineConfig):
@@ -36,15 +42,28 @@ class HeldOutEval:
 
     @torch.no_grad()
     def __call__(self, sampler: Sampler) -> dict:
-        r = sampler.sample(self.prompts, seed=EVAL_SEED)
-        gold = rewards.task_gold(self.task, r).float()
-        proxy = gold if self.reward.uses_gold_only else self.reward(r)
-        out = {"eval/gold": gold.mean().item(), "eval/proxy": proxy.mean().item(),
-               "eval/length": r.completion_mask.sum(1).float().mean().item()}
+        if not self.prompts:
+            return {}
+        r = sampler.sample([row.messages for row in self.prompts], seed=EVAL_SEED)
+        r.extras["rows"] = list(self.prompts)
+        out = {"eval/length": r.completion_mask.sum(1).float().mean().item()}
+        if self.task is not None:
+            gold = rewards.task_gold(self.task, r).float()
+            proxy = gold if self.reward.uses_gold_only else self.reward(r)
+            out["eval/gold"] = gold.mean().item()
+            out["eval/proxy"] = nanmean(proxy)
+            if not self.reward.uses_gold_only:
+                out.update(component_metrics(self.reward.last_parts, "eval/reward"))
+        else:
+            proxy = self.reward(r)
+            gold = proxy  # the configured reward is the yardstick of the win rate
+            out["eval/reward"] = nanmean(proxy)
+            out.update(component_metrics(self.reward.last_parts, "eval/reward"))
         if self.start_gold is None:
             self.start_gold = gold
         else:
-            wins = (gold > self.start_gold).float() + 0.5 * (gold == self.start_gold).float()
+            now, then = gold.nan_to_num(0.0), self.start_gold.nan_to_num(0.0)
+            wins = (now > then).float() + 0.5 * (now == then).float()
             out["eval/win_rate_start"] = wins.mean().item()
         if self.ref_model is not None:
             ref = self.cfg.logps(self.ref_model, r)
@@ -52,3 +71,9 @@ class HeldOutEval:
             out["eval/kl"] = kl
             out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))
         return out
+
+
+def nanmean(x: torch.Tensor) -> float:
+    """Mean over the non-NaN entries (the scored replies); 0 when there are none."""
+    ok = ~x.isnan()
+    return x[ok].mean().item() if bool(ok.any()) else 0.0

@@ -23,13 +23,15 @@ from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
     from rlhfkit.train.online import OnlineConfig, Start
 
+PART = "reward_part/"
+"""``r.extras`` key prefix of each reward component's (B,) scores (NaN = None)."""
 ROLLOUT_BACKENDS = ("hf", "vllm")
 """Generation backends (``OnlineConfig.rollout_backend``): transformers' generate, or vLLM."""
 
 
 class PromptStream:
-    """Endless shuffled passes over the task's train prompts; deterministic in (seed, position) so
-    a resumed run sees the same prompts as an uninterrupted one."""
+    """Endless shuffled passes over the train prompt rows (``PromptRow``: the prompt and its columns);
+    deterministic in (seed, position) so a resumed run sees the same prompts as an uninterrupted one."""
 
     def __init__(self, prompts: list, seed: int):
         if not prompts:
@@ -70,8 +72,9 @@ def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
 
 
 def local_prompts(s: Start, step: int, cfg: OnlineConfig) -> list:
-    """This process's slice of the step's ``prompts_per_step`` prompts (every process draws the same
-    global batch from the stream, then takes its own contiguous share)."""
+    """This process's slice of the step's ``prompts_per_step`` prompt rows (every process draws the
+    same global batch from the stream, then takes its own contiguous share). A row carries its columns,
+    so the reward's columns stay aligned with this process's prompts by construction."""
     prompts = s.stream.batch(step, cfg.prompts_per_step)
     i = s.acc.process_index
     return prompts[i * s.local_prompts:(i + 1) * s.local_prompts]
@@ -85,34 +88,64 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     Groups are consecutive: rows [g*K, (g+1)*K) share a prompt (what group advantages expect; a group
     never spans two processes, so per-group baselines need no gather). ``with_logps=False`` leaves
     ``r.logps`` None for a trainer that takes them from its own first (and only) training forward pass.
-    ``r.extras``: ``raw_scores`` (before the EOS trick) and ``gold`` (the task's reward, for logging).
+    ``r.extras``: ``rows`` (each completion's PromptRow, the reward's columns), ``raw_scores`` (before
+    the EOS trick; NaN where unscored), ``reward_part/<name>`` (each reward component's (B,) scores, NaN = None),
+    ``scored`` ((B,) bool: some component scored it) and ``gold`` (the task's reward, when there is a task).
+
+    Unscored samples (every component returned None) are excluded, not counted as 0: their score is
+    set to the mean of the scored samples of their group (0 if none), so they neither move their
+    group's mean baseline nor get an advantage of their own (r_i = mean gives A_i = 0 under GRPO, Dr.
+    GRPO and RLOO), and ``online.optimize`` leaves them out of the loss. With n < K scored samples the
+    baseline is their mean; GRPO's std and RLOO's K/(K-1) factor still count K (docs/rewards.md).
+    With K = 1 (PPO) the group is the sample itself: it is simply left out of the loss.
     """
     k = cfg.samples_per_prompt
-    repeated = [p for p in local_prompts(s, step, cfg) for _ in range(k)]
-    r = sampler.sample(repeated, seed=sampling_seed(cfg.seed, step, s.acc.process_index), with_logps=with_logps)
+    rows = [row for row in local_prompts(s, step, cfg) for _ in range(k)]
+    r = sampler.sample([row.messages for row in rows], seed=sampling_seed(cfg.seed, step, s.acc.process_index),
+                       with_logps=with_logps)
+    r.extras["rows"] = rows
     if s.ref is not None:
         r.ref_logps = cfg.logps(s.ref, r)
-    raw = s.reward(r)
+    raw, parts = s.reward.score(r)
     r.extras["raw_scores"] = raw.clone()
-    r.extras["gold"] = raw.clone() if s.reward.uses_gold_only else rewards.task_gold(s.task, r)
+    for name, part in parts.items():  # one flat (B,) entry each: Rollout.select slices them with the rows
+        r.extras[PART + name] = part
+    scored = ~raw.isnan()
+    r.extras["scored"] = scored
+    if s.task is not None:
+        r.extras["gold"] = raw.clone() if s.reward.uses_gold_only else rewards.task_gold(s.task, r)
     if cfg.missing_eos_penalty is not None:  # N details #7: a completion without EOS scores the penalty
-        raw = torch.where(r.ended.cpu(), raw, torch.full_like(raw, cfg.missing_eos_penalty))
-    r.scores = raw.to(r.completion_ids.device)
+        raw = torch.where(r.ended.cpu() | ~scored, raw, torch.full_like(raw, cfg.missing_eos_penalty))
+    r.scores = fill_unscored(raw, scored, k).to(r.completion_ids.device)
     return r
+
+
+def fill_unscored(scores: torch.Tensor, scored: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) ``scores`` with each unscored entry replaced by the mean of the scored entries of its group
+    (consecutive groups of ``k``), 0 where a group has none. E.g. k=3, [1, nan, 4] -> [1, 2.5, 4]."""
+    grouped = torch.where(scored, scores, torch.zeros_like(scores)).view(-1, k)
+    counts = scored.view(-1, k).sum(1, keepdim=True)
+    means = grouped.sum(1, keepdim=True) / counts.clamp(min=1)
+    return torch.where(scored.view(-1, k), grouped, means.expand_as(grouped)).reshape(-1)
 
 
 def rollout_metrics(r: Rollout) -> dict:
     """reward/, kl/ and rollout/ metrics of one batch (padding excluded everywhere)."""
     mask = r.completion_mask
     lengths = mask.sum(1).float()
+    raw = r.extras["raw_scores"]
+    scored = raw[~raw.isnan()]
     m = {
-        "reward/mean": r.extras["raw_scores"].mean().item(),
-        "reward/std": r.extras["raw_scores"].std().item() if len(r.completions) > 1 else 0.0,
+        "reward/mean": scored.mean().item() if len(scored) else 0.0,
+        "reward/std": scored.std().item() if len(scored) > 1 else 0.0,
         "reward/score_mean": r.scores.float().mean().item(),
-        "reward/gold": r.extras["gold"].mean().item(),
+        "reward/unscored_frac": 1.0 - len(scored) / max(len(raw), 1),
         "rollout/length": lengths.mean().item(),
         "rollout/truncated_frac": (~r.ended).float().mean().item(),
     }
+    if "gold" in r.extras:
+        m["reward/gold"] = r.extras["gold"].mean().item()
+    m.update(component_metrics({k[len(PART):]: v for k, v in r.extras.items() if k.startswith(PART)}, "reward"))
     if r.ref_logps is not None:
         seq_kl = ((r.logps - r.ref_logps) * mask).sum(1)
         m["kl/seq"] = seq_kl.mean().item()
@@ -120,7 +153,23 @@ def rollout_metrics(r: Rollout) -> dict:
     return m
 
 
+def component_metrics(parts: dict, prefix: str) -> dict:
+    """``<prefix>/<name>/mean`` (over the samples the component scored; 0 when none) and
+    ``<prefix>/<name>/none_frac`` (the fraction it returned None for) of each reward component."""
+    m = {}
+    for name, s in parts.items():
+        ok = ~s.isnan()
+        m[f"{prefix}/{name}/mean"] = s[ok].mean().item() if bool(ok.any()) else 0.0
+        m[f"{prefix}/{name}/none_frac"] = 1.0 - ok.float().mean().item()
+    return m
+
+
 def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
-    """The first ``n`` completions of the batch as rows of ``samples.jsonl``."""
-    return [{"prompt": p[-1]["content"], "completion": c, "reward": float(s), "gold": float(g)}
-            for p, c, s, g in list(zip(r.prompts, r.completions, r.extras["raw_scores"], r.extras["gold"]))[:n]]
+    """The first ``n`` completions of the batch as rows of ``samples.jsonl`` (reward None = unscored)."""
+    out = []
+    for i, (p, c, s) in enumerate(list(zip(r.prompts, r.completions, r.extras["raw_scores"].tolist()))[:n]):
+        row = {"prompt": p[-1]["content"], "completion": c, "reward": None if s != s else s}
+        if "gold" in r.extras:
+            row["gold"] = float(r.extras["gold"][i])
+        out.append(row)
+    return out

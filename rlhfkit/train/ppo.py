@@ -109,10 +109,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return (1 - masked_var(returns - values, mask, unbiased=False) / var_r).item()
 
 
-def train(cfg: PPOConfig, reward_fn=None, task=None) -> dict:
+def train(cfg: PPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     """Run PPO. Python API extras as in grpo.train: ``reward_fn(rollout)`` and ``task`` overrides."""
     # 1. runtime, task, policy + frozen reference, reward, critic; one optimizer over policy + critic
-    s = online.start(cfg, reward_fn, task)
+    s = online.start(cfg, reward_fn, task, prompts)
     acc = s.acc
     critic = load_value_model(critic_source(cfg, s.ckpt), cfg.model, cfg.seed)
     opt = runtime.adamw(list(s.policy.parameters()) + list(critic.parameters()), acc, cfg.lr, cfg.adam_eps)

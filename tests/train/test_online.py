@@ -118,7 +118,7 @@ def test_held_out_eval_reports_the_win_rate_against_its_first_eval():
     from types import SimpleNamespace
 
     from rlhfkit.models import load_model
-    from rlhfkit.train import online_rollout
+    from rlhfkit.train import online, online_rollout
     from rlhfkit.train.grpo import GRPOConfig
     from rlhfkit.train.online_eval import HeldOutEval
 
@@ -126,7 +126,8 @@ def test_held_out_eval_reports_the_win_rate_against_its_first_eval():
     cfg = GRPOConfig(**common(samples_per_prompt=2))
     golds = iter([[0.5, 0.2, 0.9, 0.1], [0.6, 0.2, 0.3, 0.1], [0.0] * 4])
     task = SimpleNamespace(gold=lambda prompts, completions: next(golds))
-    held_out = HeldOutEval(None, SimpleNamespace(uses_gold_only=True), task, ToyTask().prompts("heldout")[:4], cfg)
+    rows = online.task_rows(ToyTask(), "heldout")[:4]
+    held_out = HeldOutEval(None, SimpleNamespace(uses_gold_only=True), task, rows, cfg)
     sampler = online_rollout.make_sampler(cfg, model, tok, "tiny")
     first = held_out(sampler)
     assert "eval/win_rate_start" not in first and first["eval/gold"] == pytest.approx(0.425)
