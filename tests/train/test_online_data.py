@@ -222,3 +222,36 @@ def test_prompt_fields_are_validated(kw, match):
 
     with pytest.raises(ValueError, match=match):
         GRPOConfig(**common(**kw))
+
+
+def test_each_process_takes_its_slice_of_the_step_rows_with_their_columns():
+    """Two processes, 4 prompts per step: every process draws the same global batch from the stream
+    and keeps its contiguous half; each row carries its own columns, so they cannot drift apart."""
+    from types import SimpleNamespace
+
+    from rlhfkit.data.prompt_data import load_prompt_rows
+    from rlhfkit.train.online_rollout import PromptStream, local_prompts
+
+    stream = PromptStream(load_prompt_rows(PROMPTS), seed=3)
+    cfg = SimpleNamespace(prompts_per_step=4)
+    batch = stream.batch(5, 4)
+    halves = [local_prompts(SimpleNamespace(stream=stream, local_prompts=2, acc=SimpleNamespace(process_index=i)), 5, cfg)
+              for i in (0, 1)]
+    assert halves[0] + halves[1] == batch
+    assert all(row.prompt == f"Count to {row.columns['target']}." for half in halves for row in half)
+
+
+def test_the_cli_trains_on_a_prompts_file_with_a_verifier_and_a_reward_file(tmp_path):
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "math.jsonl", [{"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)} for i in range(10)])
+    (tmp_path / "my_rewards.py").write_text("def brief(prompts, completions, **kw):\n"
+                                            "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    cmd = [sys.executable, "-m", "rlhfkit.cli", "grpo", "--model", "tiny:0.5", "--prompts", "math.jsonl", "--eval-fraction",
+           "0.2", "--reward", "verify:math,fn:my_rewards.py:brief@0.5", "--total-steps", "1", "--prompts-per-step", "2",
+           "--samples-per-prompt", "2", "--max-new-tokens", "4", "--output-dir", "run"]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    last = metrics(tmp_path / "run")[-1]
+    assert {"reward/verify_math/mean", "reward/brief/mean", "eval/reward/verify_math/mean", "eval/reward"} <= set(last)
