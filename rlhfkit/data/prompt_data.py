@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlhfkit.data.io import read_rows
+from rlhfkit.data.io import RowWhere, read_rows
 from rlhfkit.data.records import DataError, Where, check_messages
 
 RESERVED = ("prompts", "completions", "completion_ids")
@@ -38,7 +38,7 @@ class PromptRow:
     columns: dict = field(default_factory=dict)
     """Every other column of the row, by name."""
     where: str = ""
-    """Where the row came from (``file:line`` or ``file: row N``), for error messages."""
+    """Where the row came from (``file:line``, or ``file: row N`` for tables and Python lists, 0-based), for errors."""
 
     @property
     def conversational(self) -> bool:
@@ -74,7 +74,7 @@ def prompt_row(row: Any, where: Where) -> PromptRow:
         if reserved in row:
             raise where.error(f"'{reserved}' is the name rlhfkit passes to reward functions itself; rename the column",
                               reserved)
-    place = f"{where.path}:{where.line}" if where.path is not None else f"row {where.line}"
+    place = f"{where.path}: row {where.line}" if isinstance(where, RowWhere) else f"{where.path}:{where.line}"
     return PromptRow(messages=messages, prompt=value, columns=row, where=place)
 
 
@@ -86,7 +86,7 @@ def load_prompt_rows(source, split: str | None = None) -> list[PromptRow]:
         name, rows = str(source), read_rows(source, split)
     else:
         name = "prompts"
-        rows = ((Where(name, i), row) for i, row in enumerate(_iter(source)))
+        rows = ((RowWhere(name, i), row) for i, row in enumerate(_iter(source)))  # 0-based, as dataset[i]
     out = [prompt_row(row, where) for where, row in rows]
     if not out:
         raise DataError("no prompts (the dataset is empty)", path=name)

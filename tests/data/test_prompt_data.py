@@ -76,3 +76,13 @@ def test_check_columns_names_the_row_and_the_column(tmp_path):
     with pytest.raises(DataError, match=r"p.jsonl:2: field 'answer': reward 'verify:math' needs the 'answer' column; "
                                         r"this row has 'category'"):
         check_columns(load_prompt_rows(path), ["answer"], "reward 'verify:math'")
+
+
+def test_a_datasets_dataset_is_read_row_by_row_and_a_bad_row_is_named_by_index():
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"prompt": "a", "answer": "1"}, {"prompt": "", "answer": "2"}])
+    with pytest.raises(DataError, match=r"prompts: row 1: field 'prompt': empty prompt"):
+        load_prompt_rows(ds)
+    rows = load_prompt_rows(ds.select([0]))
+    assert rows[0].prompt == "a" and rows[0].columns == {"answer": "1"} and rows[0].where == "prompts: row 0"

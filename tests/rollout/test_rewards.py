@@ -135,7 +135,7 @@ def test_a_function_that_raises_is_named_with_the_row_that_fails():
 
     rows = load_prompt_rows([{"prompt": "a", "answer": "1", "id": "ok"}, {"prompt": "b", "answer": "x", "id": "bad"}])
     with pytest.raises(RuntimeError, match=r"reward function 'picky' raised ValueError: invalid literal .* on prompt 1 "
-                                           r"of the batch, the row at prompts:1 \(id 'bad'\)"):
+                                           r"of the batch, the row at prompts: row 1 \(id 'bad'\)"):
         FunctionReward(picky)(rollout(rows, ["c", "d"]))
 
 
@@ -158,7 +158,7 @@ def test_verifiers_score_and_a_missing_answer_column_is_named_at_start_up():
     total, parts = source.score(rollout(rows, ["so \\boxed{4}", "five"]))
     assert parts["verify_math"].tolist() == [1.0, 0.0] and parts["verify_regex"].tolist() == [0.0, 1.0]
     assert total.tolist() == [1.0, 0.5]
-    with pytest.raises(DataError, match=r"prompts:1: field 'answer': reward 'verify:math' needs the 'answer' column"):
+    with pytest.raises(DataError, match=r"prompts: row 1: field 'answer': reward 'verify:math' needs the 'answer' column"):
         source.check(load_prompt_rows([{"prompt": "a", "answer": "1"}, {"prompt": "b"}]))
 
 
