@@ -51,8 +51,8 @@ LOSSES = (*DPO_LOSSES, "kto")
 # packing (the config's word, shared with SFT) -> the log-prob layout of rlhfkit.models.logps
 PACKINGS = {"padding_free": "shared", "padded": "padded"}
 # Loss parameters and the one loss each applies to: setting one for another loss is an error, never ignored.
-LOSS_PARAMS = {"label_smoothing": "robust", "gamma_beta_ratio": "simpo", "strength_margin": "sigmoid",
-               "desirable_weight": "kto", "undesirable_weight": "kto"}
+LOSS_PARAMS = {"label_smoothing": "robust", "gamma_beta_ratio": "simpo", "simpo_gamma": "simpo",
+               "strength_margin": "sigmoid", "desirable_weight": "kto", "undesirable_weight": "kto"}
 # ties='half' averages the loss over both orientations: meaningful where the loss is the likelihood of
 # a preference probability (target 1/2) or IPO's regression (target h = 0). hinge only penalises
 # margins beyond 1/beta (flat inside), orpo adds SFT on the chosen side, kto has no pairs.
@@ -84,6 +84,10 @@ class DPOConfig(CommonConfig):
     """loss=robust only: probability ε in [0, 0.5) that a label is flipped (cDPO)."""
     gamma_beta_ratio: float = 0.5
     """loss=simpo only: target margin γ/β (paper 0.3-0.8)."""
+    simpo_gamma: float | None = None
+    """loss=simpo only: TRL's spelling (CPOConfig.simpo_gamma), the target margin γ itself rather than
+    γ/β; when set, the loss uses gamma_beta_ratio = simpo_gamma / beta, so a TRL config means the same
+    here (TRL simpo_gamma 0.5 with beta 2.0 = gamma_beta_ratio 0.25). Set one of the two, not both. None = unset."""
     desirable_weight: float = 1.0
     """loss=kto only: λ_D, weight of desirable examples (paper: λ_D n_D / (λ_U n_U) in [1, 4/3])."""
     undesirable_weight: float = 1.0
@@ -154,7 +158,15 @@ class DPOConfig(CommonConfig):
         offline.check_positive(self, "beta", "desirable_weight", "undesirable_weight")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r}")
-        offline.check_at_least(self, 0, "gamma_beta_ratio", "strength_margin", "kl_prompts")
+        offline.check_at_least(self, 0, "gamma_beta_ratio", "simpo_gamma", "strength_margin", "kl_prompts")
+        ratio_default = next(f.default for f in dataclasses.fields(self) if f.name == "gamma_beta_ratio")
+        if self.simpo_gamma is not None and self.gamma_beta_ratio != ratio_default:
+            raise ValueError(f"set simpo_gamma (TRL's margin γ) or gamma_beta_ratio (γ/β), not both; got "
+                             f"simpo_gamma={self.simpo_gamma!r} and gamma_beta_ratio={self.gamma_beta_ratio!r}")
+
+    def simpo_gamma_beta_ratio(self) -> float:
+        """SimPO's γ/β: ``simpo_gamma / beta`` when TRL's spelling is set, else ``gamma_beta_ratio``."""
+        return self.gamma_beta_ratio if self.simpo_gamma is None else self.simpo_gamma / self.beta
         offline.check_at_least(self, 1, "max_prompt_length", "max_completion_length", "inference_micro_batch_size",
                                "kl_max_new_tokens")
 
@@ -189,7 +201,7 @@ def example_losses(cfg: DPOConfig, logps: torch.Tensor, ref: torch.Tensor | None
         desirable = torch.tensor([e.desirable for e in examples], device=dev)
         return kto_loss(logps[:, 0], ref[:, 0], desirable, z0, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
     fn = DPO_LOSSES[cfg.loss]
-    params = {"robust": {"label_smoothing": cfg.label_smoothing}, "simpo": {"gamma_beta_ratio": cfg.gamma_beta_ratio}
+    params = {"robust": {"label_smoothing": cfg.label_smoothing}, "simpo": {"gamma_beta_ratio": cfg.simpo_gamma_beta_ratio()}
               }.get(cfg.loss, {})
     tie = torch.tensor([e.tie for e in examples], device=dev)
     margin = None

@@ -358,3 +358,22 @@ def test_kto_kl_estimate():
     assert z.item() == 0.0 and not z.requires_grad and z.dim() == 0
     z = kto_kl_estimate(torch.tensor([-1.0, -1.0], requires_grad=True), torch.tensor([-1.5, -1.3]))
     assert z.item() == pytest.approx(0.4) and not z.requires_grad
+
+
+def test_trl_simpo_gamma_is_the_margin_and_converts_to_gamma_over_beta():
+    """TRL's CPOConfig.simpo_gamma is γ itself; rlhfkit's gamma_beta_ratio is γ/β. With β = 2,
+    simpo_gamma 0.5 -> γ/β = 0.25, the hand example above: loss -log σ(0.5) = 0.474077, the same as
+    gamma_beta_ratio=0.25. Setting both, or simpo_gamma for another loss, is an error."""
+    from rlhfkit.train.dpo import DPOConfig
+
+    trl = DPOConfig(data="x.jsonl", loss="simpo", beta=2.0, simpo_gamma=0.5)
+    ours = DPOConfig(data="x.jsonl", loss="simpo", beta=2.0, gamma_beta_ratio=0.25)
+    assert trl.simpo_gamma_beta_ratio() == ours.simpo_gamma_beta_ratio() == 0.25
+    loss, _ = simpo_loss(pair(rejected=-4.0, ref_chosen=None), beta=2.0, gamma_beta_ratio=trl.simpo_gamma_beta_ratio())
+    assert loss.item() == pytest.approx(NEG_LOG_SIG_HALF, abs=1e-6)
+    with pytest.raises(ValueError, match="set simpo_gamma .* or gamma_beta_ratio .*, not both"):
+        DPOConfig(data="x.jsonl", loss="simpo", beta=2.0, simpo_gamma=0.5, gamma_beta_ratio=0.25)
+    with pytest.raises(ValueError, match="simpo_gamma applies to loss=simpo only"):
+        DPOConfig(data="x.jsonl", loss="sigmoid", simpo_gamma=0.5)
+    with pytest.raises(ValueError, match="simpo_gamma must be >= 0"):
+        DPOConfig(data="x.jsonl", loss="simpo", simpo_gamma=-1.0)
