@@ -12,6 +12,10 @@ Preference formats (``to_preference``), tried in this order by ``format="auto"``
   every message but the last.
 - ``hh``: Anthropic HH; no ``prompt``, ``chosen``/``rejected`` transcripts
   ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` sharing all but the final turn.
+- ``trl_implicit_standard``: TRL's standard implicit prompt; no ``prompt``, ``chosen``/``rejected``
+  plain strings whose longest common prefix is the prompt (TRL's ``maybe_extract_prompt``); the
+  prompt becomes the user turn and the two remainders the replies (whitespace at the seam stripped).
+  A string starting with ``Human:`` (after blank lines) is read as ``hh`` instead.
 
 Conversation formats (``to_conversation``): ``native`` (``{"messages": [...]}``), ``sharegpt``
 (``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}``) and ``prompt_completion``
@@ -146,6 +150,43 @@ def _trl_implicit(row: dict, where: Where) -> PreferenceRecord:
                             metadata=_metadata(row, {"chosen", "rejected"}, where))
 
 
+def split_implicit_prompt(chosen: str, rejected: str, where: Where = NOWHERE) -> tuple[str, str, str]:
+    """TRL's standard implicit prompt: ``chosen``/``rejected`` plain strings whose longest common
+    prefix is the prompt (what TRL's ``maybe_extract_prompt`` does). When the two part right after a
+    space, the space goes with the completions (``"Sky: blue"``/``"Sky: red"`` -> ``"Sky:"``,
+    ``" blue"``, ``" red"``), so the prompt does not end in a dangling space. Returns
+    (prompt, chosen, rejected) as given: the caller strips them for chat messages."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n == min(len(chosen), len(rejected)):
+        which = "'chosen' and 'rejected' are identical" if chosen == rejected else \
+            "one of 'chosen' and 'rejected' is a prefix of the other"
+        raise where.error(f"{which}: an implicit prompt needs two different completions after their shared prefix",
+                          "rejected")
+    if n and chosen[n - 1] == " ":
+        n -= 1
+    if not chosen[:n].strip():
+        raise where.error("'chosen' and 'rejected' share no prefix, so there is no prompt (TRL's implicit-prompt "
+                          "format: both strings start with the same prompt); give a 'prompt' field", "chosen")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _trl_implicit_standard(row: dict, where: Where) -> PreferenceRecord:
+    if not isinstance(row["rejected"], str):
+        raise where.error(f"expected a string like 'chosen', got {type(row['rejected']).__name__}", "rejected")
+    prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"], where)
+    for key, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise where.error("empty completion after the shared prompt", key)
+    return PreferenceRecord.from_dict({
+        "prompt": [{"role": "user", "content": prompt.strip()}], "chosen": chosen.strip(), "rejected": rejected.strip(),
+        "metadata": _metadata(row, {"chosen", "rejected"}, where),
+    }, where)
+
+
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 _HH_ROLE = {"Human": "user", "Assistant": "assistant"}
 
@@ -201,7 +242,10 @@ PREFERENCE_FORMATS: dict[str, Format] = {f.name: f for f in [
            lambda r: "prompt" not in r and _is_list(r["chosen"]), _trl_implicit),
     Format("hh", ("chosen", "rejected"),
            "no 'prompt'; 'chosen'/'rejected': '\\n\\nHuman: ...\\n\\nAssistant: ...' transcripts",
-           lambda r: "prompt" not in r and _is_str(r["chosen"]), _hh),
+           lambda r: "prompt" not in r and _is_str(r["chosen"]) and r["chosen"].lstrip().startswith("Human:"), _hh),
+    Format("trl_implicit_standard", ("chosen", "rejected"),
+           "no 'prompt'; 'chosen'/'rejected': plain strings that start with the same prompt",
+           lambda r: "prompt" not in r and _is_str(r["chosen"]), _trl_implicit_standard),
 ]}
 
 

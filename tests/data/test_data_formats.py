@@ -67,6 +67,11 @@ PREFERENCE_EXAMPLES = {
         PreferenceRecord(prompt=[U("How do I boil an egg?"), A("Simmer it for nine minutes."), U("Thanks.")],
                          chosen=A("You're welcome!"), rejected=A("Whatever."), metadata={"split_tag": "helpful-base"}),
     ),
+    # TRL's documented standard implicit-prompt row: the shared prefix "The sky is" is the prompt.
+    "trl_implicit_standard": (
+        {"chosen": "The sky is blue.", "rejected": "The sky is green.", "source_id": 5},
+        PreferenceRecord(prompt=[U("The sky is")], chosen=A("blue."), rejected=A("green."), metadata={"source_id": 5}),
+    ),
 }
 
 CONVERSATION_EXAMPLES = {
@@ -184,8 +189,25 @@ def test_empty_assistant_turn():
 def test_hh_transcript_without_assistant_turn():
     row = {"chosen": "\n\nHuman: hello there", "rejected": "\n\nHuman: hello there\n\nAssistant: hi"}
     assert "prefs.jsonl:7: field 'chosen': not an Anthropic HH transcript: no '\\n\\nAssistant:' turn" in err(row)
-    row = {"chosen": "just some text", "rejected": "more text"}
-    assert "field 'chosen': not an Anthropic HH transcript: expected it to start with" in err(row)
+    row = {"chosen": "Human: hi", "rejected": "Human: hi\n\nAssistant: hello"}  # HH without the leading blank lines
+    assert "field 'chosen': not an Anthropic HH transcript: no '\\n\\nAssistant:' turn" in err(row)
+
+
+def test_trl_implicit_prompt_strings_split_at_their_common_prefix():
+    """The prefix up to the first differing character is the prompt; a space right before the split
+    goes with the replies, and the seam's whitespace is stripped. Rows that used to fail as 'not an
+    Anthropic HH transcript' are read; rows with no shared prompt fail saying so."""
+    row = {"chosen": "Question: what is 2 + 2?\nAnswer: 4", "rejected": "Question: what is 2 + 2?\nAnswer: five"}
+    rec = to_preference(row)
+    assert rec.prompt == [U("Question: what is 2 + 2?\nAnswer:")]
+    assert (rec.chosen, rec.rejected) == (A("4"), A("five"))
+    assert "'chosen' and 'rejected' share no prefix, so there is no prompt" in err(
+        {"chosen": "just some text", "rejected": "more text"})
+    assert "field 'rejected': 'chosen' and 'rejected' are identical" in err({"chosen": "Hi there", "rejected": "Hi there"})
+    assert "field 'rejected': one of 'chosen' and 'rejected' is a prefix of the other" in err(
+        {"chosen": "Hi there", "rejected": "Hi there, friend"})
+    assert "prefs.jsonl:7: field 'rejected': expected a string like 'chosen', got int" in err(
+        {"chosen": "Hi there", "rejected": 3})
 
 
 def test_hh_transcripts_with_different_prompts():
@@ -201,7 +223,7 @@ def test_ultrafeedback_prompt_mismatch():
 def test_unknown_format():
     msg = err({"text": "hello", "label": 1})
     assert msg == ("prefs.jsonl:7: row fits no known preference format (tried: native, trl_conversational, "
-                   "trl_standard, ultrafeedback, trl_implicit, hh); keys seen: text (str), label (int)")
+                   "trl_standard, ultrafeedback, trl_implicit, hh, trl_implicit_standard); keys seen: text (str), label (int)")
     assert "row fits no known preference format" in err({"prompt": 3, "chosen": "a", "rejected": "b"})
     assert "row fits no known conversation format (tried: native, sharegpt, prompt_completion); keys seen: text" in err(
         {"text": "x"}, to_conversation)
