@@ -286,7 +286,8 @@ def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, eval_hook: Calla
                 budget=Budget(cfg.max_minutes), total=s.total, step=step, result={"run_dir": str(run.path)})
     if step == 0 and cfg.eval_every:
         loop.result["eval_start"] = eval_hook()
-        run.log(0, loop.result["eval_start"])
+        if loop.result["eval_start"]:  # empty without held-out prompts (eval_fraction 0)
+            run.log(0, loop.result["eval_start"])
     return loop, state
 
 
