@@ -13,9 +13,11 @@ samples a model: ``rlhfkit.evaluate.gold.measure``).
 from __future__ import annotations
 
 import functools
+import random
 import re
 import zlib
 
+from rlhfkit.data import verify
 from rlhfkit.data.prompts import load_prompts
 
 _WORD = re.compile(r"[A-Za-z0-9']+")
@@ -253,7 +255,99 @@ class ConstraintsTask(Task):
         return out
 
 
-TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), ConciseTask(), ConstraintsTask())}
+# --- arith ----------------------------------------------------------------------------------------
+
+_NAMES = ("Ana", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jamal", "Kai", "Lena")
+_ITEMS = ("apples", "books", "marbles", "stickers", "pencils", "coins", "cards", "shells", "stamps", "cookies")
+
+
+def _arith_problem(rng: random.Random, hi: int) -> tuple[str, str, int]:
+    """One problem with operands up to ``hi``: (kind, question, exact integer answer)."""
+    kind = rng.choice(("add", "sub", "mul", "word_add", "word_sub", "word_mul"))
+    a, b = rng.randint(2, hi), rng.randint(2, hi)
+    if kind in ("sub", "word_sub") and b > a:
+        a, b = b, a
+    if kind in ("mul", "word_mul"):
+        b = rng.randint(2, 9)  # one small factor: multiplication is harder than + and - at the same size
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    question = {
+        "add": f"What is {a} + {b}?",
+        "sub": f"What is {a} - {b}?",
+        "mul": f"What is {a} x {b}?",
+        "word_add": f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+        "word_sub": f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?",
+        "word_mul": f"{name} has {b} bags with {a} {item} in each bag. How many {item} does {name} have in all?",
+    }[kind]
+    answer = a + b if kind in ("add", "word_add") else a - b if kind in ("sub", "word_sub") else a * b
+    return kind, question, answer
+
+
+class ArithTask(Task):
+    """Verifiable arithmetic: generated sums, differences, products and one-step word problems with exact
+    integer answers; gold = ``rlhfkit.data.verify.verify_math`` of the reply against the answer (1 or 0).
+
+    Deterministic: problem i of a split comes from ``random.Random(f"arith/{seed}/{i}")`` (string
+    seeds hash the same in every process, unlike ``hash()``), and a problem belongs to the held-out
+    split when the crc32 of its question is divisible by 5, so the splits are disjoint by construction
+    (no question text is in both) and stay so whatever the sizes. Each row carries its ``answer``
+    column (what ``verify:math`` reads); ``gold`` finds the answer from the question text, so the task's
+    own prompts need nothing else. ``max_operand`` sets the difficulty: the bundled model's starting
+    accuracy at the chosen value is in docs/tasks.md.
+    """
+
+    name = "arith"
+    description = ("arithmetic and one-step word problems (+, -, x; operands up to {hi}); gold = verify:math "
+                   "of the final answer against the exact answer (1 or 0)")
+    max_operand = 20
+    train_size = 2000
+    heldout_size = 200
+    seed = 0
+    instruction = "Reply with the final answer in the form: The answer is N."
+
+    def __init__(self):
+        self.description = self.description.format(hi=self.max_operand)
+
+    @functools.cached_property
+    def _splits(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {"train": [], "heldout": []}
+        seen: set[str] = set()
+        i = 0
+        while len(out["train"]) < self.train_size or len(out["heldout"]) < self.heldout_size:
+            kind, question, answer = _arith_problem(random.Random(f"arith/{self.seed}/{i}"), self.max_operand)
+            i += 1
+            if question in seen:
+                continue
+            seen.add(question)
+            split = "heldout" if zlib.crc32(question.encode()) % 5 == 0 else "train"
+            rows = out[split]
+            if len(rows) < (self.train_size if split == "train" else self.heldout_size):
+                rows.append({"id": f"arith/{split}-{len(rows)}", "category": kind, "question": question,
+                             "answer": str(answer), "messages": [{"role": "user",
+                                                                   "content": f"{question} {self.instruction}"}]})
+        return out
+
+    @functools.cached_property
+    def _answers(self) -> dict[str, str]:
+        return {r["messages"][0]["content"]: r["answer"] for rows in self._splits.values() for r in rows}
+
+    def prompt_rows(self, split: str = "train") -> list[dict]:
+        """``{"id", "category", "messages", "answer"}`` per problem (``question``: the bare question)."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        return [dict(r) for r in self._splits[split]]
+
+    def answer(self, prompt: str) -> str:
+        """The exact answer of one of this task's prompts (the last user message's text)."""
+        if prompt not in self._answers:
+            raise ValueError(f"not an arith prompt: {prompt[:120]!r}; the arith gold scores this task's own prompts "
+                             "(for your own problems use --prompts FILE with an 'answer' column and --reward verify:math)")
+        return self._answers[prompt]
+
+    def _gold_one(self, prompt: str, completion: str) -> float:
+        return verify.verify_math(completion, self.answer(prompt))
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (SentimentTask(), ConciseTask(), ConstraintsTask(), ArithTask())}
 
 
 def get_task(name: str) -> Task:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,10 +17,10 @@ def user(text: str) -> list[dict]:
 
 
 def test_at_least_three_tasks_and_unknown_name_lists_them():
-    assert {"sentiment", "concise", "constraints"} <= set(TASKS)
+    assert {"sentiment", "concise", "constraints", "arith"} <= set(TASKS)
     for name, task in TASKS.items():
         assert task.name == name and task.description
-    with pytest.raises(ValueError, match="unknown task 'nope'; built-in tasks: sentiment, concise, constraints"):
+    with pytest.raises(ValueError, match="unknown task 'nope'; built-in tasks: sentiment, concise, constraints, arith"):
         get_task("nope")
 
 
@@ -125,3 +126,57 @@ def test_tasks_command_measures():
     assert out.returncode == 0, out.stderr
     (row,) = json.loads(out.stdout)
     assert row["task"] == "concise" and row["n"] == 4 and 0 <= row["gold_mean"] <= 1 and row["model"] == "tiny"
+
+
+# --- arith: generated problems with exact answers, gold = verify:math -----------------------------------
+
+def test_arith_splits_are_deterministic_disjoint_and_carry_their_answers():
+    from rlhfkit.data.tasks import ArithTask
+
+    task, again = get_task("arith"), ArithTask()
+    train, heldout = task.prompt_rows("train"), task.prompt_rows("heldout")
+    assert len(train) == task.train_size and len(heldout) == task.heldout_size
+    assert train == again.prompt_rows("train") and heldout == again.prompt_rows("heldout")  # a fresh build agrees
+    questions = lambda rows: {r["question"] for r in rows}  # noqa: E731
+    assert not questions(train) & questions(heldout)
+    for r in train[:50] + heldout[:50]:
+        a, op, b = re.search(r"(\d+) ([-+x]) (\d+)", r["question"]).groups() if r["category"] in ("add", "sub", "mul") \
+            else (None, None, None)
+        if a is not None:
+            assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op]
+        assert r["messages"] == user(f"{r['question']} {task.instruction}")
+        assert int(r["answer"]) >= 0
+
+
+def test_arith_word_problems_by_hand():
+    """One problem per kind at max_operand 20: the question's numbers give the answer worked here."""
+    import random
+
+    from rlhfkit.data.tasks import _arith_problem
+
+    seen = {}
+    for i in range(200):
+        kind, q, answer = _arith_problem(random.Random(i), 20)
+        seen.setdefault(kind, (q, answer))
+    assert set(seen) == {"add", "sub", "mul", "word_add", "word_sub", "word_mul"}
+    for kind, (q, answer) in seen.items():
+        a, b = (int(x) for x in re.findall(r"\d+", q)[:2])
+        expected = {"add": a + b, "sub": a - b, "mul": a * b, "word_add": a + b, "word_sub": a - b,
+                    "word_mul": a * b}[kind]
+        assert answer == expected, (kind, q)
+
+
+def test_arith_gold_is_the_math_verifier_against_the_rows_answer():
+    """A problem whose answer is N: 'The answer is N.' and a boxed N score 1; a wrong number, a right
+    number followed by another number, and no number score 0."""
+    task = get_task("arith")
+    row = task.prompt_rows("heldout")[0]
+    n = int(row["answer"])
+    replies = [f"The answer is {n}.", f"So \\boxed{{{n}}}", f"The answer is {n + 1}.", f"{n} and then {n + 3}",
+               "I do not know."]
+    assert task.gold([row["messages"]] * 5, replies) == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_arith_gold_refuses_a_prompt_it_did_not_generate():
+    with pytest.raises(ValueError, match="not an arith prompt: 'What is 2 \\+ 2\\?'"):
+        get_task("arith").gold([user("What is 2 + 2?")], ["4"])
