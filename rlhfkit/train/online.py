@@ -135,9 +135,6 @@ class OnlineConfig(CommonConfig):
         check_choice(self, "lr_schedule", LR_SCHEDULES)
         check_choice(self, "rollout_backend", ROLLOUT_BACKENDS)
         rewards.parse_reward_spec(self.reward)
-        if self.prompts is None:
-            for name in ("eval_prompts_data", "eval_fraction"):
-                require(self, name, getattr(self, name) is None, "None without `prompts` (a task has its held-out split)")
         require(self, "eval_fraction", self.eval_fraction is None or self.eval_prompts_data is None,
                 "None when eval_prompts_data is given (one held-out set)")
         require(self, "eval_fraction", self.eval_fraction is None or 0 <= self.eval_fraction < 1, "in [0, 1) or None")
@@ -218,6 +215,9 @@ def prompt_sets(cfg: OnlineConfig, task=None, prompts=None) -> tuple[object, lis
     """(task or None, train rows, held-out rows). ``task``/``prompts`` (Python API) take the place of
     ``cfg.task``/``cfg.prompts``; ``prompts`` may be a path, a ``datasets.Dataset`` or a list of dicts."""
     source = prompts if prompts is not None else cfg.prompts
+    if source is None:  # checked here, not in validate(): the Python API's prompts= may supply them
+        for name in ("eval_prompts_data", "eval_fraction"):
+            require(cfg, name, getattr(cfg, name) is None, "None without `prompts` (a task has its held-out split)")
     if task is None and (cfg.task is not None or source is None):
         task = get_task(cfg.task or DEFAULT_TASK)
     if source is None:

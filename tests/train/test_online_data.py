@@ -214,16 +214,25 @@ def test_a_reward_function_that_raises_mid_run_names_itself_and_the_row_and_keep
     assert (tmp_path / "run" / "config.json").exists() or (tmp_path / "run" / "config.yaml").exists()
 
 
-@pytest.mark.parametrize("kw,match", [(dict(eval_fraction=0.2), "eval_fraction must be None without `prompts`"),
-                                      (dict(prompts="p.jsonl", eval_fraction=1.0), r"eval_fraction must be in \[0, 1\)"),
+@pytest.mark.parametrize("kw,match", [(dict(prompts="p.jsonl", eval_fraction=1.0), r"eval_fraction must be in \[0, 1\)"),
                                       (dict(prompts="p.jsonl", eval_prompts_data="e.jsonl", eval_fraction=0.1),
                                        "eval_fraction must be None when eval_prompts_data is given"),
-                                      (dict(eval_prompts_data="e.jsonl"), "eval_prompts_data must be None without")])
+                                      (dict(prompts=" "), "prompts must be non-empty or None")])
 def test_prompt_fields_are_validated(kw, match):
     from rlhfkit.train.grpo import GRPOConfig
 
     with pytest.raises(ValueError, match=match):
         GRPOConfig(**common(**kw))
+
+
+@pytest.mark.parametrize("kw,match", [(dict(eval_fraction=0.2), "eval_fraction must be None without `prompts`"),
+                                      (dict(eval_prompts_data="e.jsonl"), "eval_prompts_data must be None without")])
+def test_held_out_fields_without_any_prompts_are_an_error_at_start(kw, match):
+    from rlhfkit.train import online
+    from rlhfkit.train.grpo import GRPOConfig
+
+    with pytest.raises(ValueError, match=match):
+        online.prompt_sets(GRPOConfig(**common(**kw)), task=ToyTask())
 
 
 def test_each_process_takes_its_slice_of_the_step_rows_with_their_columns():
@@ -257,3 +266,15 @@ def test_the_cli_trains_on_a_prompts_file_with_a_verifier_and_a_reward_file(tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     last = metrics(tmp_path / "run")[-1]
     assert {"reward/verify_math/mean", "reward/brief/mean", "eval/reward/verify_math/mean", "eval/reward"} <= set(last)
+
+
+def test_eval_fraction_zero_trains_on_every_prompt_and_evaluates_nothing(tmp_path):
+    from rlhfkit.train.grpo import GRPOConfig, train
+
+    def brief(completions, **kwargs):
+        return [1.0 / (1 + len(c)) for c in completions]
+
+    cfg = GRPOConfig(**common(total_steps=1, eval_every=1, eval_fraction=0.0, output_dir=str(tmp_path / "run")))
+    result = train(cfg, reward_fn=brief, prompts=PROMPTS[:2])
+    assert result["eval_start"] == {} and result["eval_end"] == {}
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
