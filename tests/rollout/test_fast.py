@@ -177,3 +177,11 @@ def test_quantized_logp_gap_on_the_bundled_model():
     fast = FastBackend(model, tok)
     out = fast.generate(ids, mask, SamplingConfig(temperature=1.0, max_new_tokens=32), generator_seed=0)
     assert gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.35
+
+
+def test_free_cpu_threads_is_within_the_allowed_cores():
+    import os
+
+    from rlhfkit.rollout.fast import free_cpu_threads
+
+    assert 1 <= free_cpu_threads(0.05) <= len(os.sched_getaffinity(0))
