@@ -206,8 +206,14 @@ class Start:
 
 
 def task_rows(task, split: str) -> list[PromptRow]:
-    """A task's prompts as rows without columns (a task's prompts are conversational)."""
+    """A task's prompts as rows (conversational). A task with ``prompt_rows(split)`` (the built-in ones)
+    gives its rows' other fields as columns (``id``, ``category``; ``answer`` for arith, which
+    ``verify:math`` reads); another object (Python API) gives ``prompts(split)`` without columns."""
     name = getattr(task, "name", type(task).__name__)
+    if hasattr(task, "prompt_rows"):
+        rows = [dict(r) for r in task.prompt_rows(split)]
+        return [PromptRow(messages=r["messages"], prompt=r.pop("messages"), columns=r, where=f"task {name} {split} prompt {i}")
+                for i, r in enumerate(rows)]
     return [PromptRow(messages=p, prompt=p, where=f"task {name} {split} prompt {i}") for i, p in enumerate(task.prompts(split))]
 
 

@@ -278,3 +278,17 @@ def test_eval_fraction_zero_trains_on_every_prompt_and_evaluates_nothing(tmp_pat
     result = train(cfg, reward_fn=brief, prompts=PROMPTS[:2])
     assert result["eval_start"] == {} and result["eval_end"] == {}
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1]
+
+
+def test_a_built_in_task_gives_its_rows_columns_so_verify_math_reads_arith_answers():
+    from rlhfkit.data.tasks import get_task
+    from rlhfkit.rollout.rewards import make_reward
+    from rlhfkit.train import online
+    from rlhfkit.train.grpo import GRPOConfig
+
+    task, train_rows, held = online.prompt_sets(GRPOConfig(**common(task="arith")))
+    assert [r.messages for r in train_rows] == get_task("arith").prompts("train")       # the same prompts as before
+    assert all("answer" in r.columns for r in train_rows + held)
+    make_reward("verify:math", None, task, torch.device("cpu")).check(train_rows + held)
+    sentiment = online.task_rows(get_task("sentiment"), "train")
+    assert {"id", "category"} <= set(sentiment[0].columns)
