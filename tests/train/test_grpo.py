@@ -184,3 +184,25 @@ def test_dynamic_sampling_and_overlong_shaping_run_and_log(tmp_path, token_set):
         assert -0.5 <= row["reward/overlong_penalty"] <= 0.0
         assert row["reward/score_mean"] == pytest.approx(row["reward/mean"] + row["reward/overlong_penalty"], abs=1e-5)
     assert any(row["sampling/dropped_frac"] > 0 for row in rows), rows
+
+
+def test_dynamic_sampling_resume_refills_as_the_uninterrupted_run(tmp_path, token_set):
+    """Refill prompts and seeds are functions of (seed, step, round): stop after 1 step, resume to 2,
+    and step 2 drops, refills and scores exactly as in 2 steps straight."""
+    from toy_rl import ToyTask, frac_in_set
+
+    def run(out, steps, resume=None):
+        cfg = grpo.GRPOConfig(model="tiny:0.5", task="toy", total_steps=2, max_steps=steps, prompts_per_step=2,
+                              samples_per_prompt=4, max_new_tokens=6, temperature=1.0, missing_eos_penalty=None,
+                              eval_every=0, progress=False, lr=1e-2, beta=0.0, lr_schedule="constant",
+                              dynamic_sampling=True, dynamic_sampling_rounds=2, output_dir=str(out), resume=resume)
+        grpo.train(cfg, reward_fn=lambda r: (frac_in_set(token_set, r) > 0.5).float(), task=ToyTask())
+
+    run(tmp_path / "straight", 2)
+    run(tmp_path / "split", 1)
+    run(tmp_path / "split", 2, resume="auto")
+    rows = lambda d: [json.loads(x) for x in open(d / "metrics.jsonl")]  # noqa: E731
+    straight, split = rows(tmp_path / "straight"), rows(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2]
+    for key in ("reward/mean", "sampling/dropped_frac", "sampling/rounds", "sampling/reward_all", "loss/policy"):
+        assert straight[1][key] == pytest.approx(split[1][key], abs=1e-5), key
