@@ -65,8 +65,8 @@ LONG_PROMPTS = ("error", "skip")
 class DPOConfig(CommonConfig):
     data: str | None = None
     """Training preferences (required): a JSONL/JSON/Parquet file, a save_to_disk folder or a hub id, in
-    any format rlhfkit.data.formats reads (native PreferenceRecord, TRL, HH, UltraFeedback). For
-    loss=kto also unpaired rows {prompt, completion, label: true|false} (label may sit in metadata)."""
+    any format rlhfkit.data.formats reads (native PreferenceRecord, TRL, HH, UltraFeedback), e.g. the
+    output of `rlhfkit label` or of `rlhfkit annotate export`. For loss=kto also unpaired rows {prompt, completion, label: true|false} (label may sit in metadata)."""
     data_format: str = "auto"
     """Preference format name of rlhfkit.data.formats.PREFERENCE_FORMATS, or 'auto' (detected per row)."""
     eval_data: str | None = None

@@ -56,7 +56,7 @@ REPORT_FILE = "reward_eval.json"
 class RewardConfig(CommonConfig):
     data: str | None = None
     """Preference records (any format `load_preferences` reads: rlhfkit, TRL, HH, UltraFeedback), e.g. the
-    output of `rlhfkit label`. Required."""
+    output of `rlhfkit label` or of `rlhfkit annotate export`. Required."""
     eval_data: str | None = None
     """Held-out preference records; None: hold out eval_fraction of the prompts of `data`."""
     eval_fraction: float = 0.2
