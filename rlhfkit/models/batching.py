@@ -77,6 +77,15 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return ids, mask
 
 
+def pad_columns(x: torch.Tensor, width: int, fill, left: bool = False) -> torch.Tensor:
+    """(B, T) -> (B, width): ``fill`` added on the left (a prompt tensor) or on the right (a
+    completion-aligned tensor), so batches of different widths can be stacked."""
+    if width < x.shape[1]:
+        raise ValueError(f"pad_columns: width {width} is narrower than the tensor's {x.shape[1]} columns")
+    extra = width - x.shape[1]
+    return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=fill)
+
+
 def pad_completions(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
                     pad_id: int) -> CompletionBatch:
     """Ragged token lists to a :class:`CompletionBatch` (prompts left-padded, completions right-padded)."""

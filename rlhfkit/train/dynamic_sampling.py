@@ -26,9 +26,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rlhfkit.losses.dapo import informative_groups
+from rlhfkit.models.batching import pad_columns
 from rlhfkit.rollout.engine import Rollout
 
 REFILL_OFFSET = 1_000_000
@@ -97,9 +97,7 @@ def cat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
             return [x for v in values for x in v]
         if values[0].dim() == 1:
             return torch.cat(values)
-        width = P if left else C
-        return torch.cat([F.pad(v, (width - v.shape[1], 0) if left else (0, width - v.shape[1]), value=fill)
-                          for v in values])
+        return torch.cat([pad_columns(v, P if left else C, fill, left) for v in values])
 
     fields = {}
     for name in Rollout.__dataclass_fields__:

@@ -27,6 +27,7 @@ from rlhfkit.data.formats import to_conversation
 from rlhfkit.data.io import read_rows
 from rlhfkit.data.records import DataError
 from rlhfkit.models import load_model
+from rlhfkit.models.batching import right_pad
 from rlhfkit.train import offline, runtime
 
 PACKINGS = ("padding_free", "padded")
@@ -101,16 +102,11 @@ def collate(examples: list[TokenizedChat], packing: str, pad_id: int) -> dict:
         cu = torch.tensor([0] + [len(e.input_ids) for e in examples], dtype=torch.int32).cumsum(0, dtype=torch.int32)
         return {"input_ids": ids, "position_ids": pos, "attention_mask": None, "next_is_target": nxt, "cu_seq_lens": cu}
     examples = sorted(examples, key=lambda e: len(e.input_ids))
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    att = torch.zeros((len(examples), width), dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    for r, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[r, :n], att[r, :n], mask[r, :n] = torch.tensor(e.input_ids), 1, torch.tensor(e.loss_mask)
+    ids, att = right_pad([e.input_ids for e in examples], pad_id)
+    mask = right_pad([e.loss_mask for e in examples], 0)[0].bool()
     nxt = torch.zeros_like(mask)
     nxt[:, :-1] = mask[:, 1:]
-    return {"input_ids": ids, "position_ids": None, "attention_mask": att, "next_is_target": nxt}
+    return {"input_ids": ids, "position_ids": None, "attention_mask": att.long(), "next_is_target": nxt}
 
 
 def summed_nll(model, batch: dict, device) -> tuple[torch.Tensor, int]:
