@@ -163,12 +163,12 @@ class DPOConfig(CommonConfig):
         if self.simpo_gamma is not None and self.gamma_beta_ratio != ratio_default:
             raise ValueError(f"set simpo_gamma (TRL's margin γ) or gamma_beta_ratio (γ/β), not both; got "
                              f"simpo_gamma={self.simpo_gamma!r} and gamma_beta_ratio={self.gamma_beta_ratio!r}")
+        offline.check_at_least(self, 1, "max_prompt_length", "max_completion_length", "inference_micro_batch_size",
+                               "kl_max_new_tokens")
 
     def simpo_gamma_beta_ratio(self) -> float:
         """SimPO's γ/β: ``simpo_gamma / beta`` when TRL's spelling is set, else ``gamma_beta_ratio``."""
         return self.gamma_beta_ratio if self.simpo_gamma is None else self.simpo_gamma / self.beta
-        offline.check_at_least(self, 1, "max_prompt_length", "max_completion_length", "inference_micro_batch_size",
-                               "kl_max_new_tokens")
 
 
 # --- log-probs and losses ---------------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
     policy, tok = tiny
     path = rm.save(tmp_path / "rm")
     source = RewardSource(f"rm:{path}", task=None, device=torch.device("cpu"), tokenizer=tok)
-    loaded = source.parts[0][2]
+    loaded = source.parts[0][2].rm  # the ModelReward component holds the RewardModel
     assert source.shares_vocab(loaded)
     r = Sampler(policy, tok, SamplingConfig(temperature=1.0, max_new_tokens=5)).sample(PROMPTS, seed=0, with_logps=False)
     assert not r.ended.any()  # a random tiny model does not hit EOS in 5 tokens
