@@ -9,6 +9,7 @@ import torch
 
 from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Sampler
+from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.train.online_rollout import component_metrics
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
@@ -48,7 +49,7 @@ class HeldOutEval:
         r.extras["rows"] = list(self.prompts)
         out = {"eval/length": r.completion_mask.sum(1).float().mean().item()}
         if self.task is not None:
-            gold = rewards.task_gold(self.task, r).float()
+            gold = task_gold(self.task, r).float()
             proxy = gold if self.reward.uses_gold_only else self.reward(r)
             out["eval/gold"] = gold.mean().item()
             out["eval/proxy"] = nanmean(proxy)

@@ -16,8 +16,8 @@ from rlhfkit.config import check_choice
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.models.loading import resolve
 from rlhfkit.ops import masked_mean
-from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Rollout, Sampler
+from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported only when one is built
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
@@ -113,7 +113,7 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     scored = ~raw.isnan()
     r.extras["scored"] = scored
     if s.task is not None:
-        r.extras["gold"] = raw.clone() if s.reward.uses_gold_only else rewards.task_gold(s.task, r)
+        r.extras["gold"] = raw.clone() if s.reward.uses_gold_only else task_gold(s.task, r)
     if cfg.missing_eos_penalty is not None:  # N details #7: a completion without EOS scores the penalty
         raw = torch.where(r.ended.cpu() | ~scored, raw, torch.full_like(raw, cfg.missing_eos_penalty))
     r.scores = fill_unscored(raw, scored, k).to(r.completion_ids.device)

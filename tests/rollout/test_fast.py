@@ -179,9 +179,18 @@ def test_quantized_logp_gap_on_the_bundled_model():
     assert gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.35
 
 
-def test_free_cpu_threads_is_within_the_allowed_cores():
-    import os
+@pytest.mark.parametrize("idle_delta, expected", [(100, 2), (0, 1), (200, 4)])
+def test_free_cpu_threads_counts_idle_cores(monkeypatch, idle_delta, expected):
+    """4 allowed cores; between the two /proc/stat reads 200 jiffies pass, ``idle_delta`` of them
+    idle (idle + iowait): half idle -> 2 threads, none -> 1 (never 0), all -> 4."""
+    import io
 
-    from rlhfkit.rollout.fast import free_cpu_threads
+    import rlhfkit.rollout.fast as fast
 
-    assert 1 <= free_cpu_threads(0.05) <= len(os.sched_getaffinity(0))
+    reads = iter(["cpu 100 0 100 1000 0 0 0 0\n",
+                  f"cpu {100 + (200 - idle_delta)} 0 100 {1000 + idle_delta} 0 0 0 0\n"])
+    monkeypatch.setattr(fast, "open", lambda path: io.StringIO(next(reads)), raising=False)
+    monkeypatch.setattr(fast.time, "sleep", lambda s: None)
+    monkeypatch.setattr(fast.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(fast.os, "cpu_count", lambda: 4)
+    assert fast.free_cpu_threads() == expected
