@@ -20,6 +20,8 @@ the sampler did.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from rlhfkit.ops import masked_mean
@@ -52,19 +54,34 @@ def masked_truncated_is_weights(per_token_logps: torch.Tensor, sampler_per_token
     changes what the mask already removes, and padding values, even ``inf``, never leak). Metrics, all
     over real tokens:
 
-    ``sampler/logp_diff_mean``      mean of ``logp_train - logp_sampler`` (bias: ~0 for an unbiased sampler)
-    ``sampler/logp_diff_abs_mean``  mean of its absolute value (the gap the engine's tests bound)
-    ``sampler/is_weight_mean``      mean of the truncated weights (~1; below 1 when truncation engages)
-    ``sampler/clipped_frac``        fraction of tokens whose ratio exceeded ``cap``
+    ``rollout/logp_diff_mean``       mean of ``|logp_train - logp_sampler|`` (the gap the engine's tests bound)
+    ``rollout/logp_diff_signed_mean`` mean of ``logp_train - logp_sampler`` (bias: ~0 for an unbiased sampler)
+    ``rollout/is_weight_mean``       mean of the truncated weights (~1; below 1 when truncation engages)
+    ``rollout/is_clipped_frac``      fraction of tokens whose ratio exceeded ``cap``
     """
     mask = completion_mask.bool()
     log_ratio = torch.where(mask, (per_token_logps - sampler_per_token_logps).detach(),
                             torch.zeros((), dtype=per_token_logps.dtype, device=per_token_logps.device))
     weights = truncated_is_weights(log_ratio, torch.zeros_like(log_ratio), cap)
     metrics = {
-        "sampler/logp_diff_mean": masked_mean(log_ratio, mask),
-        "sampler/logp_diff_abs_mean": masked_mean(log_ratio.abs(), mask),
-        "sampler/is_weight_mean": masked_mean(weights, mask),
-        "sampler/clipped_frac": masked_mean((log_ratio > torch.log(torch.tensor(float(cap)))).float(), mask),
+        "rollout/logp_diff_mean": masked_mean(log_ratio.abs(), mask),
+        "rollout/logp_diff_signed_mean": masked_mean(log_ratio, mask),
+        "rollout/is_weight_mean": masked_mean(weights, mask),
+        "rollout/is_clipped_frac": masked_mean((log_ratio > math.log(cap)).float(), mask),
     }
     return weights, metrics
+
+
+def apply_is_weights(per_token_loss: torch.Tensor, is_weights: torch.Tensor | None) -> torch.Tensor:
+    """``per_token_loss * is_weights`` (both (B, T)), or the loss unchanged when ``is_weights`` is None.
+
+    The one place every policy-gradient loss (rlhfkit.losses.ppo, rlhfkit.losses.policy; PPO, GRPO,
+    RLOO, DAPO, GSPO, CISPO, CMPO's PPO term) applies the sampler correction, before its reduction.
+    ``None`` (the sampler is the policy: the HF backend) returns the very same tensor, so the loss is
+    bit-for-bit what it was without the correction.
+    """
+    if is_weights is None:
+        return per_token_loss
+    if is_weights.shape != per_token_loss.shape:
+        raise ValueError(f"is_weights has shape {tuple(is_weights.shape)}, the per-token loss {tuple(per_token_loss.shape)}")
+    return per_token_loss * is_weights.detach().to(per_token_loss.dtype)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.losses.importance import apply_is_weights
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.ops import aggregate_loss, masked_mean
@@ -51,6 +52,7 @@ def gspo_policy_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "seq_mean",
     max_tokens: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071, eq. 5): the
     clipped surrogate on the *sequence* importance ratio, as a loss to minimise.
@@ -74,6 +76,8 @@ def gspo_policy_loss(
         clip_eps, clip_eps_high: the sequence ratio's clip range [1 - clip_eps, 1 + clip_eps_high]
             (default clip_eps_high = clip_eps). The paper uses 3e-4 and 4e-4: s_i is a geometric mean
             of token ratios, so it stays far closer to 1 than any one token's ratio.
+        is_weights: (B, T) truncated importance weights of an inexact sampler (rlhfkit.losses.importance),
+            multiplying each token's term (the ratio s_i is against π_old, the weight corrects π_old vs μ).
     Metrics (0-dim, detached): ``loss/policy``; ``policy/clipfrac`` (fraction of real tokens in a
     sequence whose clipped term is active: the paper's "fraction of clipped tokens");
     ``policy/approx_kl`` (k3, token mean); ``policy/ratio_mean`` (mean of s_i over sequences).
@@ -91,7 +95,7 @@ def gspo_policy_loss(
     adv = torch.where(mask, advantages.to(per_token_logps.dtype), zero)
     unclipped = -adv * s
     clipped = -adv * torch.clamp(s, 1.0 - clip_eps, 1.0 + clip_eps_high)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
+    loss = aggregate_loss(apply_is_weights(torch.maximum(unclipped, clipped), is_weights), mask, aggregation, max_tokens)
     with torch.no_grad():
         metrics = {
             "loss/policy": loss,
@@ -111,6 +115,7 @@ def cispo_policy_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """CISPO (MiniMax 2025, "MiniMax-M1", arXiv 2506.13585, eqs. 4-5): REINFORCE on every token,
     weighted by the clipped importance-sampling weight under a stop-gradient, as a loss to minimise.
@@ -124,7 +129,8 @@ def cispo_policy_loss(
     tunes only the upper one.
 
     Args: as :func:`rlhfkit.losses.ppo.ppo_policy_loss`; ``clip_eps``/``clip_eps_high`` bound the IS
-    weight to [1 - clip_eps, 1 + clip_eps_high] (default clip_eps_high = clip_eps).
+    weight to [1 - clip_eps, 1 + clip_eps_high] (default clip_eps_high = clip_eps); ``is_weights`` (B, T)
+    the sampler correction (rlhfkit.losses.importance), a second factor next to the clipped π_θ/π_old weight.
     Note: the loss *value* is a surrogate (it contains log π_θ): only its gradient means something;
     do not compare it with ppo_clip's value.
     Metrics (0-dim, detached): ``loss/policy``; ``policy/clipfrac`` (fraction of real tokens whose
@@ -139,7 +145,7 @@ def cispo_policy_loss(
     ratio = torch.exp(log_ratio)
     weight = torch.clamp(ratio, max(1.0 - clip_eps, 0.0), 1.0 + clip_eps_high)  # sg(r̂): built from detached values
     adv = torch.where(mask, advantages.to(per_token_logps.dtype), zero)
-    per_token = -weight * adv * torch.where(mask, per_token_logps, zero)
+    per_token = apply_is_weights(-weight * adv * torch.where(mask, per_token_logps, zero), is_weights)
     loss = aggregate_loss(per_token, mask, aggregation, max_tokens)
     with torch.no_grad():
         metrics = {
@@ -153,4 +159,5 @@ def cispo_policy_loss(
 
 POLICY_LOSSES = {"ppo_clip": ppo_policy_loss, "gspo": gspo_policy_loss, "cispo": cispo_policy_loss}
 """``GRPOConfig.loss`` -> its function; every entry takes ``(per_token_logps, old_per_token_logps,
-advantages, mask, clip_eps, clip_eps_high, aggregation, max_tokens)`` and returns ``(loss, metrics)``."""
+advantages, mask, clip_eps, clip_eps_high, aggregation, max_tokens, is_weights=None)`` and returns
+``(loss, metrics)``; ``is_weights`` is the truncated importance correction of an inexact sampler."""

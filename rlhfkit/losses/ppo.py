@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhfkit.losses.importance import apply_is_weights
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.ops import aggregate_loss, masked_mean
 
@@ -17,6 +18,7 @@ def ppo_policy_loss(
     clip_eps_high: float | None = None,
     aggregation: str = "token_mean",
     max_tokens: int | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
@@ -31,6 +33,8 @@ def ppo_policy_loss(
         old_per_token_logps: (B, T) log π_θold at sampling time (no grad).
         advantages: (B, T) per token; broadcast sequence-level advantages ``A[:, None].expand(B, T)``.
         mask: (B, T) bool, True = completion token.
+        is_weights: (B, T) truncated importance weights ``min(π_old / μ, C)`` of a sampler μ that is not
+            exactly the policy (rlhfkit.losses.importance), multiplying each token's term; None = 1.
     Sign: A > 0 raises the taken token's logp until ρ passes 1 + clip_eps_high, after which that
     token's gradient is exactly 0 (A < 0: lowers it until ρ < 1 - clip_eps).
     Metrics (0-dim detached): ``loss/policy``; ``policy/clipfrac`` (fraction of valid tokens whose
@@ -48,7 +52,7 @@ def ppo_policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
-    per_token = torch.maximum(unclipped, clipped)
+    per_token = apply_is_weights(torch.maximum(unclipped, clipped), is_weights)
     loss = aggregate_loss(per_token, mask, aggregation, max_tokens)
     with torch.no_grad():
         approx_kl = kl_per_token(old_per_token_logps.detach(), per_token_logps.detach(), "k3")
