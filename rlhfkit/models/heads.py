@@ -1,6 +1,7 @@
-"""Scalar heads on a causal LM body. The reward model: a causal LM body with a one-output head, read at the
-last token (the EOS). The value model (PPO's critic): a one-output head at every position
-(:func:`load_value_model`, :func:`completion_values`).
+"""Scalar heads on a causal LM body. The reward model: a causal LM body with a one-output head on a
+*read-out* of its hidden states (``rlhfkit.models.readout``: which layers, pooled how over the reply).
+The value model (PPO's critic): a one-output head at every position (:func:`load_value_model`,
+:func:`completion_values`).
 
 Layout of every scored batch (shapes: B sequences, P prompt tokens, C completion tokens)::
 
@@ -12,6 +13,12 @@ score rollouts without re-tokenising. ``transformers``' sequence-classification 
 rightmost non-pad token, which here is the completion's last token — its EOS (N implementation
 details #1); that needs pad != EOS, which ``load_model`` guarantees (#2). Position ids are
 ``cumsum(attention_mask) - 1`` so left padding does not shift positions.
+
+Read-out (``config.rlhfkit_reward_readout``, saved with the checkpoint next to the normalisation):
+``pooling`` "last" (the reply's EOS) or "mean" (over the reply's tokens) of ``layers`` ("last", or
+"A-B" hidden states averaged). A checkpoint without the setting reads last/last, what every RM before
+it was trained with. The same ``read_features`` serves the padded layout (``score``, ``score_ids``) and
+the packed one (:class:`PackedScorer`, training), so their scores are equal (tests check this).
 
 Normalisation (N implementation details #4): ``score`` returns ``(raw - mean) / std`` with the
 constants stored in the saved config as ``rlhfkit_reward_norm`` and fitted after training so that the
@@ -40,6 +47,15 @@ from rlhfkit.models.loading import (
     resolve,
     tiny_config,
 )
+from rlhfkit.models.readout import (
+    READOUT_KEY,
+    ReadOut,
+    generation_header,
+    infer_prompt_width,
+    read_features,
+    readout_of,
+    resolve_readout,
+)
 
 NORM_KEY = "rlhfkit_reward_norm"
 
@@ -65,11 +81,17 @@ def reward_head(model) -> nn.Linear:
     return head
 
 
-def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) head output at each row's last real token, before normalisation."""
+def raw_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B,) head output on each row's read-out, before normalisation; rows are [left-padded prompt
+    (``prompt_width`` columns) ; reply ; right pad]."""
     att = attention_mask.long()
-    out = model(input_ids=input_ids, attention_mask=att, position_ids=position_ids(att), use_cache=False)
-    return out.logits[:, 0].float()
+    B, T = att.shape
+    end = (T - 1 - att.flip(1).argmax(1))[:, None]  # (B, 1) last real token: the reply's EOS
+    start = torch.full_like(end, prompt_width)
+    if bool((end < start).any()):
+        raise ValueError(f"a row has no reply tokens after its {prompt_width} prompt columns")
+    feats = read_features(model, input_ids, att, position_ids(att), start, end)  # (B, 1, d)
+    return reward_head(model)(feats)[:, 0, 0].float()
 
 
 class RewardModel:
@@ -81,18 +103,23 @@ class RewardModel:
         if norm is not None:
             self.set_normalization(*norm)
         self._warned_unnormalized = False
+        self._header: list[int] | None = None
 
     # --- construction -------------------------------------------------------------------------------
 
     @classmethod
-    def init_from(cls, model_name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> RewardModel:
-        """A new reward model: the body of ``model_name`` (any name ``load_model`` takes) and a freshly
-        initialised head (N details #3). Not normalised until :meth:`fit_normalization`."""
+    def init_from(cls, model_name: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, pooling: str = "last",
+                  layers: str = "last") -> RewardModel:
+        """A new reward model: the body of ``model_name`` (any name ``load_model`` takes), a freshly
+        initialised head (N details #3) and the read-out ``pooling``/``layers`` (:class:`ReadOut`). Not
+        normalised until :meth:`fit_normalization`."""
         model, tok = load_model(model_name, kind="reward", seed=seed, dtype=dtype)
         init_head(reward_head(model), seed)
         if hasattr(model.config, NORM_KEY):
             delattr(model.config, NORM_KEY)  # a stale normalisation from a previous reward model
-        return cls(model, tok)
+        rm = cls(model, tok)
+        rm.set_readout(pooling, layers)
+        return rm
 
     @classmethod
     def load(cls, path_or_name: str, *, dtype: torch.dtype = torch.float32) -> RewardModel:
@@ -137,6 +164,19 @@ class RewardModel:
         self.tok.save_pretrained(path)
         return path
 
+    # --- read-out -----------------------------------------------------------------------------------
+
+    @property
+    def readout(self) -> ReadOut:
+        return readout_of(self.model)
+
+    def set_readout(self, pooling: str, layers: str) -> ReadOut:
+        """Set (and store in the config) which hidden states the head reads; ``layers`` is resolved
+        ("middle" -> "A-B"). A trained head belongs to its read-out: set this before training."""
+        r = resolve_readout(pooling, layers, self.model.config.num_hidden_layers)
+        setattr(self.model.config, READOUT_KEY, {"pooling": r.pooling, "layers": r.layers})
+        return r
+
     # --- normalisation ------------------------------------------------------------------------------
 
     @property
@@ -179,10 +219,20 @@ class RewardModel:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
-                  ) -> torch.Tensor:
-        """(B,) scores of [left-padded prompt ; completion ending with EOS ; right pad] rows."""
-        raw = raw_scores(self.model, input_ids.to(self.device), attention_mask.to(self.device))
+    def score_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True,
+                  prompt_width: int | None = None) -> torch.Tensor:
+        """(B,) scores of [left-padded prompt (``prompt_width`` columns) ; completion ending with EOS ;
+        right pad] rows. Without ``prompt_width`` the replies start after the chat template's
+        generation prompt (:func:`infer_prompt_width`); only the "mean" pooling needs it."""
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        if prompt_width is None:
+            if self.readout.pooling == "last":
+                prompt_width = 0
+            else:
+                if self._header is None:
+                    self._header = generation_header(self.tok)
+                prompt_width = infer_prompt_width(self._header, input_ids, attention_mask)
+        raw = raw_scores(self.model, input_ids, attention_mask, prompt_width)
         return self._normalize(raw) if normalized else raw
 
     def tokenize(self, prompt: list[dict], completion: str) -> tuple[list[int], list[int]]:
@@ -207,14 +257,15 @@ class RewardModel:
             idx = order[s:s + batch_size]
             b = pad_completions([encoded[i][0] for i in idx], [encoded[i][1] for i in idx], self.tok.pad_token_id)
             ids, mask = b.input_ids, b.attention_mask
-            out[idx] = self.score_ids(ids, mask, normalized=False).cpu()
+            out[idx] = self.score_ids(ids, mask, normalized=False, prompt_width=b.prompt_ids.shape[1]).cpu()
         self.model.train(was_training)
         return self._normalize(out) if normalized else out
 
 
 class PackedScorer(nn.Module):
     """(R, N) raw rewards of the replies of a :func:`rlhfkit.models.batching.pack_groups` batch (entries where
-    ``reply_mask`` is False hold garbage).
+    ``reply_mask`` is False hold garbage), read out as the model's :class:`ReadOut` says; ``reply_start``
+    (R, N), the first column of each reply, is needed by the "mean" pooling.
 
     A module (not a function) so that ``accelerate.prepare`` can wrap it: DDP's gradient sync hooks
     fire on the wrapper's forward, which calls the body and the head of the reward model directly.
@@ -225,11 +276,16 @@ class PackedScorer(nn.Module):
         self.model = model
         self.head = reward_head(model)
 
-    def forward(self, input_ids, attention_mask, position_ids, read_at) -> torch.Tensor:
-        body = self.model.base_model
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state  # (R, T, d)
-        picked = hidden.gather(1, read_at[..., None].expand(-1, -1, hidden.shape[-1]))  # (R, N, d)
+    def features(self, input_ids, attention_mask, position_ids, read_at, reply_start=None) -> torch.Tensor:
+        """(R, N, d) the read-out each reply's head sees."""
+        if reply_start is None:
+            if readout_of(self.model).pooling != "last":
+                raise ValueError("the 'mean' read-out needs reply_start (reward_data.collate provides it)")
+            reply_start = read_at
+        return read_features(self.model, input_ids, attention_mask, position_ids, reply_start, read_at)
+
+    def forward(self, input_ids, attention_mask, position_ids, read_at, reply_start=None) -> torch.Tensor:
+        picked = self.features(input_ids, attention_mask, position_ids, read_at, reply_start)  # (R, N, d)
         return self.head(picked).squeeze(-1).float()  # (R, N)
 
 

@@ -127,7 +127,8 @@ class RewardConfig(CommonConfig):
 
 def pair_loss(scorer, batch: dict) -> tuple[torch.Tensor, dict]:
     """Bradley–Terry loss of one micro-batch (mean over its pairs) and its metrics."""
-    r = scorer(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["read_at"])  # (R, N)
+    r = scorer(batch["input_ids"], batch["attention_mask"], batch["position_ids"], batch["read_at"],
+               batch["reply_start"])  # (R, N)
     chosen = r[batch["pair_row"], batch["pair_chosen"]]  # (m,)
     rejected = r[batch["pair_row"], batch["pair_rejected"]]  # (m,)
     margin = batch["margin"] if bool(batch["margin"].any()) else None

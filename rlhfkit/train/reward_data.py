@@ -143,9 +143,14 @@ def micro_batches(units: list[Unit], micro_batch_size: int) -> list[list[Unit]]:
 
 
 def collate(units: list[Unit], pad_id: int, device) -> dict:
-    """``pack_groups``'s rows plus, per pair, its row, the columns of its chosen and rejected reply,
-    its tie flag and margin (all (m,) for m pairs)."""
+    """``pack_groups``'s rows, ``reply_start`` (R, N: each reply's first column, for the "mean"
+    read-out; its last is ``read_at``) and, per pair, its row, the columns of its chosen and rejected
+    reply, its tie flag and margin (all (m,) for m pairs)."""
     b = pack_groups([u.prompt_ids for u in units], [u.replies for u in units], pad_id)
+    lengths = torch.zeros_like(b["read_at"])
+    for r, u in enumerate(units):
+        lengths[r, :len(u.replies)] = torch.tensor([len(x) for x in u.replies])
+    b["reply_start"] = (b["read_at"] - lengths + 1).clamp(min=0)
     rows = [r for r, u in enumerate(units) for _ in u.pairs]
     b["pair_row"] = torch.tensor(rows, dtype=torch.long)
     b["pair_chosen"] = torch.tensor([c for u in units for c, _ in u.pairs], dtype=torch.long)

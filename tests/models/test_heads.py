@@ -1,5 +1,6 @@
 """The reward model (rlhfkit.models.heads): head init, scoring layout (EOS read, padding ignored),
-scoring a rollout's ids, the shared-prompt packed rows vs separate scoring, normalisation, save/load."""
+scoring a rollout's ids, the shared-prompt packed rows vs separate scoring (for every read-out),
+normalisation, save/load (with the read-out; an old checkpoint reads last/last)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from rlhfkit.models.batching import pack_groups, pad_completions
 from rlhfkit.models.heads import PackedScorer, RewardModel, init_head
+from rlhfkit.models.readout import READOUT_KEY, ReadOut, resolve_readout
 
 PROMPTS = [[{"role": "user", "content": "Hello there, how are you?"}], [{"role": "user", "content": "Name a fruit."}],
            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"}]]
@@ -102,24 +104,107 @@ def test_reward_source_scores_the_sampled_ids(rm, tiny, tmp_path):
     assert torch.allclose(RewardSource(f"rm:{path}", None, torch.device("cpu"))(r), by_text, atol=1e-5)
 
 
+READOUTS = [("last", "last"), ("mean", "last"), ("mean", "1-2"), ("last", "0-1")]
+
+
+@pytest.mark.parametrize("readout", READOUTS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_rows_equal_separate_scoring(rm, attn):
+def test_packed_rows_equal_separate_scoring(rm, attn, readout):
     """The training layout [prompt ; reply 1 ; ... ; reply n] with its 4D mask gives the same rewards
-    as scoring every [prompt ; reply] separately (the naive equivalent); rows hold 3, 2 and 1 replies."""
+    as scoring every [prompt ; reply] separately (the naive equivalent) for each read-out; rows hold 3, 2
+    and 1 replies. ``reply_start`` is each reply's first column (as reward_data.collate computes it)."""
+    from rlhfkit.train.reward_data import Unit, collate
+
     rm.model.set_attn_implementation(attn)
+    rm.set_readout(*readout)
     try:
         groups = [CHOSEN[:1] + REJECTED, [CHOSEN[1], REJECTED[0]], [CHOSEN[2]]]
         prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2]]
         b = pack_groups([rm.tokenize(p, "x")[0] for p in prompts],
                         [[rm.tokenize(p, c)[1] for c in g] for p, g in zip(prompts, groups)], rm.tok.pad_token_id)
         assert b["reply_mask"].tolist() == [[True] * 4, [True, True, False, False], [True, False, False, False]]
+        units = [Unit(rm.tokenize(p, "x")[0], [rm.tokenize(p, c)[1] for c in g], [], [], [])
+                 for p, g in zip(prompts, groups)]
+        start = collate(units, rm.tok.pad_token_id, "cpu")["reply_start"]
+        assert start[0, 0].item() == len(units[0].prompt_ids) and start[0, 1].item() == b["read_at"][0, 0].item() + 1
         with torch.no_grad():
-            got = PackedScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"])
+            got = PackedScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"], start)
         for r, (p, g) in enumerate(zip(prompts, groups)):
             want = rm.score([p] * len(g), g, normalized=False)
             assert torch.allclose(got[r, :len(g)], want, atol=1e-5), (r, got[r], want)
     finally:
         rm.model.set_attn_implementation("sdpa")
+        rm.set_readout("last", "last")
+
+
+def test_readouts_differ_and_mean_pooling_needs_reply_start(rm):
+    """The read-outs are different features (a test of their equality across layouts could otherwise
+    pass with one of them ignored); PackedScorer refuses "mean" without the replies' starts."""
+    scores = {}
+    try:
+        for readout in READOUTS:
+            rm.set_readout(*readout)
+            scores[readout] = rm.score(PROMPTS, CHOSEN, normalized=False)
+        for a in READOUTS:
+            for b in READOUTS:
+                assert a == b or not torch.allclose(scores[a], scores[b], atol=1e-4), (a, b)
+        rm.set_readout("mean", "last")
+        b = pack_groups([rm.tokenize(PROMPTS[0], "x")[0]], [[rm.tokenize(PROMPTS[0], CHOSEN[0])[1]]], rm.tok.pad_token_id)
+        with pytest.raises(ValueError, match="needs reply_start"):
+            PackedScorer(rm.model)(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"])
+    finally:
+        rm.set_readout("last", "last")
+
+
+def test_mean_readout_scores_a_rollout_by_ids_as_by_text(tiny, tmp_path):
+    """A mean-pooled RM scores a rollout's ids (prompt columns inferred from the chat template's
+    generation prompt, as RewardSource calls score_ids without them) as it scores the text."""
+    from rlhfkit.rollout.engine import Sampler, SamplingConfig
+    from rlhfkit.rollout.rewards import RewardSource
+
+    policy, tok = tiny
+    path = RewardModel.init_from("tiny", seed=3, pooling="mean", layers="1-2").save(tmp_path / "rm")
+    source = RewardSource(f"rm:{path}", task=None, device=torch.device("cpu"), tokenizer=tok)
+    loaded = source.parts[0][2].rm
+    assert loaded.readout == ReadOut("mean", "1-2")
+    r = Sampler(policy, tok, SamplingConfig(temperature=1.0, max_new_tokens=5)).sample(PROMPTS, seed=0, with_logps=False)
+    by_text = loaded.score(r.prompts, r.completions, normalized=False)
+    assert torch.allclose(source(r), by_text, atol=1e-4)
+    width = r.prompt_ids.shape[1]
+    assert torch.allclose(loaded.score_ids(r.input_ids, r.attention_mask, normalized=False),
+                          loaded.score_ids(r.input_ids, r.attention_mask, normalized=False, prompt_width=width))
+    # a wrong width (one prompt column read as reply) changes the score: the width is used
+    assert not torch.allclose(loaded.score_ids(r.input_ids, r.attention_mask, normalized=False, prompt_width=width - 1),
+                              loaded.score_ids(r.input_ids, r.attention_mask, normalized=False, prompt_width=width))
+
+
+def test_resolve_readout_checks_its_options():
+    assert resolve_readout("mean", "middle", 30) == ReadOut("mean", "8-24")
+    assert resolve_readout("last", "12", 30) == ReadOut("last", "12-12")
+    assert resolve_readout("mean", "middle", 2) == ReadOut("mean", "1-1")
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        resolve_readout("max", "last", 30)
+    with pytest.raises(ValueError, match="needs 0 <= A <= B <= 30"):
+        resolve_readout("mean", "8-31", 30)
+    with pytest.raises(ValueError, match="layers must be 'last', 'middle'"):
+        resolve_readout("mean", "eight", 30)
+
+
+def test_readout_is_saved_and_an_old_checkpoint_reads_last_token(tmp_path):
+    rm = RewardModel.init_from("tiny", seed=4, pooling="mean", layers="middle")
+    rm.save(tmp_path / "rm")
+    back = RewardModel.load(str(tmp_path / "rm"))
+    assert back.readout == ReadOut("mean", "1-1")
+    assert torch.allclose(back.score(PROMPTS, CHOSEN, normalized=False), rm.score(PROMPTS, CHOSEN, normalized=False))
+    cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    del cfg[READOUT_KEY]  # as written before the read-out setting existed
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(cfg))
+    old = RewardModel.load(str(tmp_path / "rm"))
+    assert old.readout == ReadOut("last", "last")
+    ids = [sum(old.tokenize(PROMPTS[0], CHOSEN[0]), [])]
+    with torch.no_grad():  # today's read-out: transformers' own head at the last token
+        want = old.model(input_ids=torch.tensor(ids)).logits[0, 0]
+    assert old.score(PROMPTS[:1], CHOSEN[:1], normalized=False)[0].item() == pytest.approx(want.item(), abs=1e-5)
 
 
 def test_normalisation_gives_mean_0_std_1(rm):
