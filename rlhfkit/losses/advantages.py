@@ -60,8 +60,26 @@ def gae(
     return advantages, returns
 
 
+def _valid_groups(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None, size_rule: str):
+    """(G, K) scores with invalid entries set to 0, (G, K) bool valid mask, (G, 1) valid counts."""
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if group_size < 2:
+        raise ValueError(f"{size_rule}, got {group_size}")
+    n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
+    if valid is None:
+        valid = torch.ones_like(scores, dtype=torch.bool)
+    elif valid.dtype != torch.bool or valid.shape != scores.shape:
+        raise TypeError(f"valid must be a bool tensor of the scores' shape {tuple(scores.shape)}, "
+                        f"got {valid.dtype} {tuple(valid.shape)}")
+    v = valid.view(n_groups, group_size)
+    grouped = torch.where(v, scores.view(n_groups, group_size), _zero(scores))  # NaN in an invalid entry stays out
+    return grouped, v, v.sum(dim=1, keepdim=True)
+
+
 def group_advantages(
-    scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+    scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GRPO group-relative advantages (Shao et al. 2024, DeepSeekMath §4.1.2, outcome supervision).
 
@@ -69,37 +87,40 @@ def group_advantages(
     ``scale=True``: ``(r_i - mean(r)) / (std(r) + eps)``, std with Bessel's correction (as TRL's
     ``torch.std``); ``scale=False``: ``r_i - mean(r)`` (Dr. GRPO, Liu et al. 2025, drops the std that
     up-weights too-easy/too-hard prompts). A group with equal scores gets advantage 0.
-    Returns (B,). ``group_size`` must be >= 2 and divide B (``exact_div``).
+
+    ``valid`` (B,) bool, ``True`` = the sample has a score (default: all). The mean and std run over
+    the n valid samples of each group only (std with n - 1); an invalid sample gets advantage 0 and its
+    score (any value, NaN included) is never read. A group with n < 2 valid samples has no baseline:
+    all its advantages are 0. Returns (B,). ``group_size`` must be >= 2 and divide B (``exact_div``).
     """
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 (a group of 1 has no baseline), got {group_size}")
-    n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
-    grouped = scores.view(n_groups, group_size)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    grouped, v, n = _valid_groups(scores, group_size, valid,
+                                 "group_size must be >= 2 (a group of 1 has no baseline)")
+    mean = grouped.sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = torch.where(v, grouped - mean, _zero(scores))
+    adv = centred
     if scale:
-        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
+        std = (centred.square().sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)).sqrt()
+        adv = centred / (std + eps)
+    return torch.where(n >= 2, adv, _zero(scores)).reshape(-1)
 
 
-def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """RLOO advantages (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
     for Learning from Human Feedback in LLMs"; the estimator is Kool et al. 2019's).
 
     ``A_i = r_i - 1/(K-1) sum_{j != i} r_j`` within each consecutive group of ``K = group_size``
     completions of one prompt (equivalently ``K/(K-1) (r_i - mean(r))``). Returns (B,).
+
+    ``valid`` (B,) bool, ``True`` = the sample has a score (default: all). The baseline averages the
+    other *valid* samples of the group, so with n valid ``A_i = n/(n-1) (r_i - mean of the valid)``;
+    an invalid sample gets advantage 0 (its score is never read), and a group with n < 2 valid samples
+    gets 0 throughout (no other sample to form a baseline).
     """
-    if scores.dim() != 1:
-        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
-    if group_size < 2:
-        raise ValueError(
-            f"leave-one-out needs group_size >= 2 (the baseline averages the other K-1), got {group_size}"
-        )
-    n_groups = exact_div(scores.shape[0], group_size, "number of scores by group_size")
-    grouped = scores.view(n_groups, group_size)
-    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
-    return (grouped - others_mean).reshape(-1)
+    grouped, v, n = _valid_groups(scores, group_size, valid,
+                                 "leave-one-out needs group_size >= 2 (the baseline averages the other K-1)")
+    others_mean = (grouped.sum(dim=1, keepdim=True) - grouped) / (n - 1).clamp(min=1)
+    adv = torch.where(v & (n >= 2), grouped - others_mean, _zero(scores))
+    return adv.reshape(-1)
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:

@@ -125,7 +125,8 @@ class RLOOConfig(GRPOConfig):
 
 
 # ALGO LOGIC: the advantage variants. Each takes the (B,) scores, the (B, C) per-token KL when it goes
-# into the reward (else None), the (B, C) completion mask and the config; returns (B, C) advantages.
+# into the reward (else None), the (B, C) completion mask, the config and the (B,) bool ``valid`` mask
+# (False = unscored: left out of its group's baseline, advantage 0; None = all); returns (B, C) advantages.
 
 
 def penalised(scores: torch.Tensor, kl: torch.Tensor | None, mask: torch.Tensor, beta: float) -> torch.Tensor:
@@ -138,23 +139,27 @@ def per_token(adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return adv[:, None].expand(mask.shape) * mask
 
 
-def grpo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+def grpo_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tensor:
     # A_i = (r_i - mean_g) / (std_g + eps)   (DeepSeekMath §4.1.2, outcome supervision)
-    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=True), mask)
+    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=True,
+                                      valid=valid), mask)
 
 
-def dr_grpo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+def dr_grpo_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tensor:
     # A_i = r_i - mean_g: no std division, which up-weights too-easy and too-hard prompts (Dr. GRPO §3.1)
-    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=False), mask)
+    return per_token(group_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt, scale=False,
+                                      valid=valid), mask)
 
 
-def rloo_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
-    # A_i = r_i - 1/(K-1) sum_{j != i} r_j   (Ahmadian et al. 2024; Kool et al. 2019)
-    return per_token(leave_one_out_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt), mask)
+def rloo_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tensor:
+    # A_i = r_i - 1/(n-1) sum_{j != i, valid} r_j   (Ahmadian et al. 2024; Kool et al. 2019)
+    return per_token(leave_one_out_advantages(penalised(scores, kl, mask, cfg.beta), cfg.samples_per_prompt,
+                                              valid=valid), mask)
 
 
-def reinforce_pp_token_advantages(scores, kl, mask, cfg: GRPOConfig) -> torch.Tensor:
+def reinforce_pp_token_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tensor:
     # per-token rewards (-beta KL_t, the score at the last token), returns-to-go, whitened over the batch
+    # (no group baseline: an unscored row keeps its placeholder score and is left out of the loss by optimize)
     beta, kl = (cfg.beta, kl) if kl is not None else (0.0, torch.zeros(mask.shape, device=mask.device))
     return reinforce_pp_advantages(kl_shaped_rewards(scores, kl, mask, beta), mask)
 
@@ -165,10 +170,13 @@ ADVANTAGES = {"group": grpo_advantages, "dr_grpo": dr_grpo_advantages, "loo": rl
 
 
 def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
-    """Per-token advantages (B, C) of the variant named by ``cfg.advantage``."""
+    """Per-token advantages (B, C) of the variant named by ``cfg.advantage``; unscored samples
+    (``r.extras['scored']`` False) are left out of their group's baseline and get advantage 0."""
     estimator = online.variant(ADVANTAGES, cfg.advantage, "advantage")
     kl = kl_per_token(r.logps, r.ref_logps, cfg.kl_estimator) if cfg.kl_in_reward and cfg.beta > 0 else None
-    return estimator(r.scores.float(), kl, r.completion_mask, cfg)
+    valid = r.extras.get("scored")
+    valid = None if valid is None else valid.bool().to(r.scores.device)
+    return estimator(r.scores.float(), kl, r.completion_mask, cfg, valid)
 
 
 def generate(s: online.Start, sampler, step: int, cfg: GRPOConfig, with_logps: bool, refill) -> tuple[Rollout, dict]:

@@ -19,6 +19,7 @@ from rlhfkit.ops import masked_mean
 from rlhfkit.rollout.engine import Rollout, Sampler
 from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported only when one is built
+from rlhfkit.train.sharding import full_parameters
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
     from rlhfkit.train.online import OnlineConfig, Start
@@ -62,7 +63,8 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
 
 
 def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
-    """The sampler over the (unwrapped) policy with the configured backend ('hf' or 'vllm')."""
+    """The sampler over the (unwrapped) policy with the configured backend ('hf' or 'vllm'). Under FSDP
+    or ZeRO-3 that module holds shards: its callers sample inside ``sharding.full_parameters``."""
     check_choice(cfg, "rollout_backend", ROLLOUT_BACKENDS)
     backend = None  # 'hf': the Sampler's default HFBackend, generating with ``policy`` itself
     if cfg.rollout_backend == "vllm":
@@ -92,17 +94,18 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     the EOS trick; NaN where unscored), ``reward_part/<name>`` (each reward component's (B,) scores, NaN = None),
     ``scored`` ((B,) bool: some component scored it) and ``gold`` (the task's reward, when there is a task).
 
-    Unscored samples (every component returned None) are excluded, not counted as 0: their score is
-    set to the mean of the scored samples of their group (0 if none), so they neither move their
-    group's mean baseline nor get an advantage of their own (r_i = mean gives A_i = 0 under GRPO, Dr.
-    GRPO and RLOO), and ``online.optimize`` leaves them out of the loss. With n < K scored samples the
-    baseline is their mean; GRPO's std and RLOO's K/(K-1) factor still count K (docs/rewards.md).
+    Unscored samples (every component returned None) are excluded, not counted as 0: ``scored`` is
+    the ``valid`` mask GRPO, Dr. GRPO and RLOO pass to their estimators (train/grpo.py: baseline, std
+    and n/(n-1) over the scored samples of the group only, advantage 0 for the unscored one, 0 for a
+    group with fewer than 2 scored), and ``online.optimize`` leaves them out of the loss. ``r.scores``
+    still holds a finite placeholder there (:func:`fill_unscored`) for the readers that take no mask.
     With K = 1 (PPO) the group is the sample itself: it is simply left out of the loss.
     """
     k = cfg.samples_per_prompt
     rows = [row for row in local_prompts(s, step, cfg) for _ in range(k)]
-    r = sampler.sample([row.messages for row in rows], seed=sampling_seed(cfg.seed, step, s.acc.process_index),
-                       with_logps=with_logps)
+    with full_parameters(s.acc, sampler.model):  # FSDP / ZeRO-3: generate from the gathered weights, not a shard
+        r = sampler.sample([row.messages for row in rows], seed=sampling_seed(cfg.seed, step, s.acc.process_index),
+                           with_logps=with_logps)
     r.extras["rows"] = rows
     if s.ref is not None:
         r.ref_logps = cfg.logps(s.ref, r)
@@ -122,7 +125,12 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
 
 def fill_unscored(scores: torch.Tensor, scored: torch.Tensor, k: int) -> torch.Tensor:
     """(B,) ``scores`` with each unscored entry replaced by the mean of the scored entries of its group
-    (consecutive groups of ``k``), 0 where a group has none. E.g. k=3, [1, nan, 4] -> [1, 2.5, 4]."""
+    (consecutive groups of ``k``), 0 where a group has none. E.g. k=3, [1, nan, 4] -> [1, 2.5, 4].
+
+    A placeholder, not the exclusion itself (that is the ``scored`` mask): the masked estimators never
+    read it, and for the readers without a mask it is the neutral value — CMPO's leave-one-out gives
+    the sample 0, DAPO's filter (``informative_groups``) sees a group as flat exactly when its scored
+    samples are equal or fewer than 2, and PPO's K = 1 batch gets 0."""
     grouped = torch.where(scored, scores, torch.zeros_like(scores)).view(-1, k)
     counts = scored.view(-1, k).sum(1, keepdim=True)
     means = grouped.sum(1, keepdim=True) / counts.clamp(min=1)
