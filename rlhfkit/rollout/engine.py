@@ -10,7 +10,10 @@ completion tokens)::
 takes and must be credited); a completion with no EOS within ``max_new_tokens`` is *truncated*.
 Log-probs come from :func:`rlhfkit.models.logps.completion_logps` with logits divided by the sampling
 temperature, identically at sampling and training time (N implementation details #5).
-A backend (transformers' ``generate`` here, vLLM in vllm_backend.py) only produces token ids.
+A backend (transformers' ``generate`` here, the int8 CPU engine in fast.py, vLLM in vllm_backend.py)
+produces token ids; one that is not exactly the policy (fast, vLLM) also reports its own log-probs of
+the sampled tokens in ``backend.last_logps``, which :meth:`Sampler.sample` keeps as
+``rollout.extras['sampler_logps']`` for the importance-sampling correction (rlhfkit.losses.importance).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class Rollout(CompletionBatch):
     rewards: torch.Tensor | None = None
     """(B, C) per-token rewards after KL shaping."""
     extras: dict = field(default_factory=dict)
+    """Per-row extras, sliced with the rows by :meth:`select`; ``sampler_logps`` (B, C) the sampler's own
+    log-probs of the sampled tokens (0 where ``completion_mask`` is False), present when the backend is
+    not exactly the policy."""
 
     def select(self, idx) -> Rollout:
         """The sub-batch at ``idx`` (a mini-batch): row indices (list or tensor) or a (B,) bool mask.
@@ -135,7 +141,23 @@ class Sampler:
         texts = self.tok.batch_decode([row[m] for row, m in zip(completion_ids, mask)], skip_special_tokens=True)
         r = Rollout(prompts=prompts, completions=texts, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
                     completion_ids=completion_ids, completion_mask=mask, ended=ended)
+        sampler_logps = getattr(self.backend, "last_logps", None)  # None: HFBackend, the policy itself
+        if sampler_logps is not None:
+            r.extras["sampler_logps"] = aligned_sampler_logps(sampler_logps, mask)
         if with_logps:
             r.logps = completion_logps(self.model, r, layout=self.layout, temperature=self.sampling.temperature or 1.0,
                                        max_row_tokens=SHARED_ROW_TOKENS)
         return r
+
+
+def aligned_sampler_logps(sampler_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
+    """A backend's (B, C') log-probs as (B, C) float32 on the mask's device, 0 where the mask is False.
+
+    C' may be narrower than C (no column produced: the Sampler's one EOS column) but never wider, and the
+    rows must match: anything else means the log-probs belong to another batch (a backend bug)."""
+    b, c = completion_mask.shape
+    if sampler_logps.dim() != 2 or sampler_logps.shape[0] != b or sampler_logps.shape[1] > c:
+        raise ValueError(f"the backend's last_logps has shape {tuple(sampler_logps.shape)}; the completions are {(b, c)}")
+    out = torch.zeros(b, c, device=completion_mask.device)
+    out[:, :sampler_logps.shape[1]] = sampler_logps.float().to(completion_mask.device)
+    return out.masked_fill(~completion_mask, 0.0)
