@@ -1,6 +1,6 @@
 """The components a ``reward`` spec is made of (:mod:`rlhfkit.rollout.rewards` parses the spec and sums
-them): ``gold``, ``rm:PATH``, ``fn:`` functions with TRL's signature, ``verify:`` verifiers and the
-pointwise ``judge:``. Each has ``needs()`` (the dataset columns it reads) and ``__call__(rollout)``
+them): ``gold``, ``rm:PATH``, ``fn:`` functions with TRL's signature, ``verify:`` verifiers, the
+pointwise ``judge:MODEL`` and the pairwise ``judge:MODEL:pairwise`` (against the reference policy's reply). Each has ``needs()`` (the dataset columns it reads) and ``__call__(rollout)``
 returning (B,) float32 scores on the CPU, NaN where it gave no score.
 """
 
@@ -20,7 +20,8 @@ import torch
 from rlhfkit.data import verify
 from rlhfkit.models.heads import RewardModel
 from rlhfkit.models.loading import load_model
-from rlhfkit.rollout.engine import Rollout
+from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
+from rlhfkit.rollout.judge_core import LMJudge, answer_logodds, conversation_text, single_token_ids
 
 
 def task_gold(task, r: Rollout) -> torch.Tensor:
@@ -196,52 +197,125 @@ JUDGE_QUESTION = """Here is a conversation and a reply to it.
 
 Is the reply helpful, correct and does it follow the user's instructions? Answer Yes or No."""
 JUDGE_ANSWER_PREFIX = "Answer:"
+JUDGE_MODES = ("pointwise", "pairwise")
+"""``judge:MODEL`` (= ``judge:MODEL:pointwise``) or ``judge:MODEL:pairwise``."""
+
+
+def judge_mode(arg: str) -> tuple[str, str]:
+    """``'MODEL'`` -> (MODEL, 'pointwise'); ``'MODEL:pairwise'`` -> (MODEL, 'pairwise'). ValueError on
+    an unknown ``:MODE`` suffix (a word after the last colon) or a missing model."""
+    model, colon, mode = arg.rpartition(":")
+    if not colon or not mode.isidentifier():  # no suffix (a colon inside a path stays part of the model)
+        model, mode = arg, "pointwise"
+    if mode not in JUDGE_MODES:
+        raise ValueError(f"reward: 'judge:{arg}': unknown judge mode '{mode}'; use judge:MODEL (pointwise) or "
+                         "judge:MODEL:pairwise")
+    if not model:
+        raise ValueError(f"reward: 'judge:{arg}': no judge model; use judge:MODEL or judge:MODEL:pairwise")
+    return model, mode
+
+
+def load_judge(model_name: str, device):
+    """The judge model (a chat model: ValueError naming it otherwise), frozen, on ``device``."""
+    model, tok = load_model(model_name)
+    if getattr(tok, "chat_template", None) is None:
+        raise ValueError(f"reward: judge model '{model_name}' has no chat template; use a chat/instruct model")
+    return model.eval().requires_grad_(False).to(device), tok
 
 
 class PointwiseJudge:
     """``judge:MODEL``: p(Yes) / (p(Yes) + p(No)) of the judge's next token after a yes/no question
-    about the reply, in [0, 1]. Read from log-probs, not parsed from generated text (as
-    rlhfkit.feedback.judge reads its pairwise verdicts; that module sits on a higher layer)."""
+    about the reply, in [0, 1], read from log-probs (``judge_core.answer_logodds``), not parsed text."""
 
     def __init__(self, model_name: str, device, batch_size: int = 8):
         self.name = "judge"
-        self.model, self.tok = load_model(model_name)
-        if getattr(self.tok, "chat_template", None) is None:
-            raise ValueError(f"reward: judge model '{model_name}' has no chat template; use a chat/instruct model")
-        self.model.eval().requires_grad_(False).to(device)
+        self.model, self.tok = load_judge(model_name, device)
         self.batch_size = batch_size
         self.yes, self.no = self._ids("Yes"), self._ids("No")
 
     def _ids(self, word: str) -> list[int]:
-        ids = {enc[0] for text in (word, " " + word)
-               if len(enc := self.tok(text, add_special_tokens=False)["input_ids"]) == 1}
+        ids = single_token_ids(self.tok, word)
         if not ids:
             raise ValueError(f"reward: the judge's tokenizer has no single token for {word!r}")
-        return sorted(ids)
+        return ids
 
     def needs(self) -> set[str]:
         return set()
 
     def render(self, prompt: list[dict], reply: str) -> str:
-        conversation = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
-        messages = [{"role": "user", "content": JUDGE_QUESTION.format(conversation=conversation, reply=reply)}]
+        question = JUDGE_QUESTION.format(conversation=conversation_text(prompt), reply=reply)
+        messages = [{"role": "user", "content": question}]
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + JUDGE_ANSWER_PREFIX
 
-    @torch.no_grad()
     def __call__(self, r: Rollout) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        out = []
-        for s in range(0, len(r.completions), self.batch_size):
-            texts = [self.render(p, c) for p, c in zip(r.prompts[s:s + self.batch_size],
-                                                        r.completions[s:s + self.batch_size])]
-            enc = self.tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)  # left padding
-            att = enc["attention_mask"].to(device)
-            pos = (att.cumsum(1) - 1).clamp(min=0)
-            logp = self.model(input_ids=enc["input_ids"].to(device), attention_mask=att, position_ids=pos,
-                              use_cache=False).logits[:, -1].float().log_softmax(-1)  # (b, V)
-            yes, no = logp[:, self.yes].logsumexp(-1), logp[:, self.no].logsumexp(-1)
-            out.append(torch.sigmoid(yes - no).cpu())  # p(yes) / (p(yes) + p(no))
-        return torch.cat(out) if out else torch.zeros(0)
+        texts = [self.render(p, c) for p, c in zip(r.prompts, r.completions)]
+        logodds = answer_logodds(self.model, self.tok, texts, self.yes, self.no, self.batch_size)
+        return torch.sigmoid(logodds)  # p(yes) / (p(yes) + p(no))
+
+
+def pairwise_scores(judge, prompts: list[list[dict]], replies: list[str], references: list[str]) -> torch.Tensor:
+    """(B,) P(reply preferred over the reference reply), averaged over both orders to cancel the judge's
+    position bias: ``judge`` (an ``LMJudge``: items -> log-odds of the reply shown first) is asked with the
+    reply first (s1) and with the reference first (s2); the score is ½[σ(s1) + σ(-s2)]. Swapping the two
+    replies gives 1 - score exactly; a reply equal to the reference scores 0.5."""
+    n = len(replies)
+    items = [(p, a, b) for p, a, b in zip(prompts, replies, references)]
+    items += [(p, b, a) for p, a, b in zip(prompts, replies, references)]
+    s = judge(items).float().cpu()
+    if s.shape != (2 * n,):
+        raise ValueError(f"the judge returned shape {tuple(s.shape)} for {2 * n} questions")
+    return 0.5 * (torch.sigmoid(s[:n]) + torch.sigmoid(-s[n:]))
+
+
+class ReferenceReplies:
+    """The reference policy's greedy reply to each prompt, cached by prompt: the reference is frozen, so
+    a prompt seen again (the next epoch, the K copies of a group) costs no generation."""
+
+    def __init__(self, model, tok, max_new_tokens: int, max_prompt_length: int = 512, batch_size: int = 16):
+        self.sampler = Sampler(model, tok, SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
+                               max_prompt_length=max_prompt_length)
+        self.batch_size = batch_size
+        self.cache: dict[str, str] = {}
+
+    @staticmethod
+    def key(prompt: list[dict]) -> str:
+        return "\x1e".join(f"{m['role']}\x1f{m['content']}" for m in prompt)
+
+    def __call__(self, prompts: list[list[dict]]) -> list[str]:
+        todo = list({self.key(p): p for p in prompts if self.key(p) not in self.cache}.items())
+        for s in range(0, len(todo), self.batch_size):
+            chunk = todo[s:s + self.batch_size]
+            out = self.sampler.sample([p for _, p in chunk], seed=0, with_logps=False)
+            self.cache.update(zip([k for k, _ in chunk], out.completions))
+        return [self.cache[self.key(p)] for p in prompts]
+
+
+class PairwiseJudge:
+    """``judge:MODEL:pairwise``: P(the judge prefers the policy's reply over the reference policy's reply
+    to the same prompt), both orders averaged (:func:`pairwise_scores`), in [0, 1]. The reference replies
+    come from :meth:`attach_reference` (a ``prompts -> replies`` callable, e.g. :class:`ReferenceReplies`
+    over the run's frozen reference model); the trainer or ``rlhfkit eval`` attaches it."""
+
+    name = "judge_pairwise"
+
+    def __init__(self, model_name: str, device, batch_size: int = 8, judge=None):
+        # judge: an items -> log-odds callable in place of the model (tests)
+        self.model_name = model_name
+        self.judge = judge if judge is not None else LMJudge(*load_judge(model_name, device), batch_size=batch_size)
+        self.reference = None
+
+    def needs(self) -> set[str]:
+        return set()
+
+    def attach_reference(self, replies) -> None:
+        self.reference = replies
+
+    def __call__(self, r: Rollout) -> torch.Tensor:
+        if self.reference is None:
+            raise RuntimeError(f"reward judge:{self.model_name}:pairwise needs the reference policy's replies and none "
+                               "is attached (RewardSource.attach_reference)")
+        references = self.reference(r.prompts)
+        return pairwise_scores(self.judge, r.prompts, r.completions, references)
 
 
 class GoldReward:

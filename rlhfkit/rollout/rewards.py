@@ -7,7 +7,9 @@ The ``reward`` config string is a weighted comma list of components (:func:`pars
   signature ``fn(prompts, completions, **columns) -> list[float | None]`` (:class:`~rlhfkit.rollout.reward_components.FunctionReward`);
 - ``verify:math`` / ``verify:exact`` (against the ``answer`` column), ``verify:regex=PATTERN``
   (``rlhfkit.data.verify``);
-- ``judge:MODEL`` — an LM judge's pointwise score (:class:`~rlhfkit.rollout.reward_components.PointwiseJudge`).
+- ``judge:MODEL`` — an LM judge's pointwise score (:class:`~rlhfkit.rollout.reward_components.PointwiseJudge`);
+  ``judge:MODEL:pairwise`` — P(the judge prefers the policy's reply over the reference policy's), both
+  orders (:class:`~rlhfkit.rollout.reward_components.PairwiseJudge`; :meth:`RewardSource.attach_reference`).
 
 A component may return None for a sample (no score). A sample's reward is the weighted sum over the
 components that scored it (TRL's rule: NaN-sum); a sample no component scored is *unscored*, NaN in
@@ -30,14 +32,18 @@ from rlhfkit.rollout.reward_components import (
     FunctionReward,
     GoldReward,
     ModelReward,
+    PairwiseJudge,
     PointwiseJudge,
+    ReferenceReplies,
     VerifierReward,
+    judge_mode,
     load_function,
 )
 
 KINDS = ("gold", "rm:", "fn:", "verify:", "judge:")
 VERIFIERS = ("math", "exact", "regex=PATTERN")
-HELP = "use gold, rm:PATH, fn:MODULE:NAME, fn:FILE.py:NAME, verify:math|exact|regex=PATTERN, judge:MODEL, or a comma list with @weights"
+HELP = ("use gold, rm:PATH, fn:MODULE:NAME, fn:FILE.py:NAME, verify:math|exact|regex=PATTERN, judge:MODEL, "
+        "judge:MODEL:pairwise, or a comma list with @weights")
 
 
 def _split_items(spec: str) -> list[str]:
@@ -71,7 +77,7 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float, str | None]]:
     """``'rm:runs/rm@1.0,gold@0.5'`` -> ``[("rm", 1.0, "runs/rm"), ("gold", 0.5, None)]``: (kind, weight,
     argument) per comma-separated item, weight 1 when no ``@w`` is given. Kinds: gold (no argument),
     rm (path), fn ('MODULE:NAME' or 'FILE.py:NAME'), verify ('math', 'exact' or 'regex=PATTERN'), judge
-    (model). A regex may hold commas; one ending in ``@NUMBER`` needs an explicit weight. Raises
+    ('MODEL' or 'MODEL:pairwise'; an unknown ':MODE' is an error). A regex may hold commas; one ending in ``@NUMBER`` needs an explicit weight. Raises
     ValueError naming the ``reward`` field for an unknown source, a bad weight or regex, an empty spec.
     Nothing is loaded or imported."""
     parts = []
@@ -81,6 +87,8 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float, str | None]]:
         if name == "gold":
             parts.append(("gold", w, None))
         elif kind in ("rm", "judge") and arg:
+            if kind == "judge":
+                judge_mode(arg)  # raises on an unknown mode
             parts.append((kind, w, arg))
         elif kind == "fn":
             target, _, func = arg.rpartition(":")
@@ -126,7 +134,8 @@ class RewardSource:
             return FunctionReward(load_function(arg, f"fn:{arg}"), spec=f"fn:{arg}")
         if kind == "verify":
             return VerifierReward(arg)
-        return PointwiseJudge(arg, device)
+        model, mode = judge_mode(arg)
+        return PairwiseJudge(model, device) if mode == "pairwise" else PointwiseJudge(model, device)
 
     def _names(self) -> list[str]:
         """Each component's metric name (``reward/<name>/mean``), made unique with _2, _3, ..."""
@@ -143,6 +152,23 @@ class RewardSource:
     @property
     def uses_gold_only(self) -> bool:
         return all(kind == "gold" for kind, _, _ in self.parts)
+
+    @property
+    def needs_reference(self) -> bool:
+        """True when a component (``judge:MODEL:pairwise``) compares against the reference policy's replies."""
+        return any(isinstance(c, PairwiseJudge) for _, _, c in self.parts)
+
+    def attach_reference(self, replies) -> None:
+        """Give the pairwise judges the reference policy's replies: a ``prompts -> replies`` callable, or
+        ``(model, tokenizer, max_new_tokens)`` for the greedy, per-prompt cached :class:`ReferenceReplies`
+        of a frozen reference model (the online loop's ``Start.ref``). A no-op without such a component."""
+        if not self.needs_reference:
+            return
+        if isinstance(replies, tuple):
+            replies = ReferenceReplies(*replies)
+        for _, _, c in self.parts:
+            if isinstance(c, PairwiseJudge):
+                c.attach_reference(replies)
 
     def check(self, rows: list) -> None:
         """Start-up check that every prompt row has the columns the components need (``verify:math``
