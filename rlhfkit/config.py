@@ -57,6 +57,20 @@ class CommonConfig:
     """Extra trackers: 'none', 'tensorboard', 'wandb', or a comma-separated list."""
     progress: bool = True
     """Show a progress bar with ETA on the console."""
+    lora_r: int = 0
+    """LoRA rank (peft): train low-rank adapters on the frozen model instead of every weight; the reference
+    model is then the same weights with the adapter disabled (no second copy). 0 = full fine-tuning.
+    Typical 8-64 (docs/lora.md)."""
+    lora_alpha: float = 16
+    """LoRA scaling numerator: the adapter's update is scaled by lora_alpha / lora_r (> 0; peft's default 8,
+    16 as in the QLoRA recipes)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input, in [0, 1). 0 keeps sampling-time and training log-probs identical
+    (N implementation details #6)."""
+    lora_targets: str = "all-linear"
+    """Modules that get an adapter: 'all-linear' (every nn.Linear except the output head and any scalar
+    head) or a comma list of module-name suffixes, e.g. 'q_proj,v_proj'; a name that matches no Linear
+    module is an error listing the ones found."""
 
     def __post_init__(self) -> None:
         # Checked at construction, so a bad value from Python fails as early as one from the CLI.
@@ -73,6 +87,14 @@ class CommonConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or unset), got {value}")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not all(t.strip() for t in self.lora_targets.split(",")):
+            raise ValueError(f"lora_targets must be 'all-linear' or a comma list of module names, got {self.lora_targets!r}")
 
 
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")

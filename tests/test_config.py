@@ -34,7 +34,8 @@ def test_yaml_keys_mirror_the_dataclass(tmp_path):
         "eval_data": "e.jsonl", "eval_fraction": 0.1, "max_length": 128, "epochs": 2.5, "batch_size": 32,
         "micro_batch_size": 8, "lr": 3e-4, "weight_decay": 0.01, "adam_eps": 1e-6, "warmup_ratio": 0.1,
         "lr_schedule": "linear", "grad_clip": 0.5, "packing": "padded", "eval_every": 10, "stop_at_step": 4,
-        "keep_checkpoints": 2, "save_optimizer": False,
+        "keep_checkpoints": 2, "save_optimizer": False, "lora_r": 8, "lora_alpha": 32.0, "lora_dropout": 0.05,
+        "lora_targets": "q_proj,v_proj",
     }
     assert set(changed) == {f.name for f in dataclasses.fields(SFTConfig)}, "update this test for new fields"
     cfg = load_config(SFTConfig, write_yaml(tmp_path / "c.yaml", changed))
