@@ -13,9 +13,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="policy: 'smollm2-135m-instruct', 'tiny', a checkpoint/HF directory or a hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", help="built-in task whose prompts to use (see `rlhfkit tasks`)")
-    src.add_argument("--prompts", metavar="FILE", help="prompt file (.jsonl/.json/.parquet): rows with 'prompt' or "
-                     "'messages', optional 'id' and 'category'")
-    p.add_argument("--split", default="train", choices=["train", "heldout"], help="task prompt split")
+    src.add_argument("--prompts", metavar="PATH_OR_HUB_ID", help="your prompts, read as the trainers' --prompts "
+                     "(.jsonl/.json/.parquet, a save_to_disk folder or a hub id): rows with 'prompt' (text or "
+                     "messages) or 'messages', optional 'id' and 'category' (docs/rewards.md)")
+    p.add_argument("--split", default=None, choices=["train", "heldout", "all"],
+                   help="a task's prompt split (default train); with --prompts: all rows (default), or the train / "
+                   "heldout side of the trainers' held-out split by prompt (--eval-fraction)")
+    p.add_argument("--eval-fraction", type=float, default=None,
+                   help="with --prompts and --split train|heldout: the held-out fraction, split as `rlhfkit grpo "
+                   "--prompts PATH --eval-fraction F` splits it (default: the trainers' 0.1)")
     p.add_argument("--num-prompts", type=int, default=None, help="a seeded subset of this many prompts (default all)")
     p.add_argument("--k", type=int, default=4, help="completions per prompt (>= 2)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
@@ -35,17 +41,22 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"rlhfkit sample: --k must be at least 2 to make pairs, got {args.k}")
     if args.temperature <= 0:
         raise SystemExit("rlhfkit sample: --temperature must be > 0: greedy decoding gives K identical completions")
+    if args.eval_fraction is not None and not (args.prompts and args.split in ("train", "heldout")):
+        raise SystemExit("rlhfkit sample: --eval-fraction splits a --prompts dataset; give --split train or heldout")
     # torch and transformers load only once the options are known to be valid
     from rlhfkit.data.io import save_pairs
     from rlhfkit.data.records import DataError
     from rlhfkit.rollout.engine import SamplingConfig
     from rlhfkit.rollout.sample import sample_pairs, select_prompts
+    from rlhfkit.train.online import DEFAULT_EVAL_FRACTION, SPLIT_SEED  # the trainers' held-out split
 
+    fraction = DEFAULT_EVAL_FRACTION if args.eval_fraction is None else args.eval_fraction
     try:
-        rows = select_prompts(args.task, args.prompts, args.split, args.num_prompts, args.seed)
+        rows = select_prompts(args.task, args.prompts, args.split, args.num_prompts, args.seed, fraction, SPLIT_SEED)
         sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                   max_new_tokens=args.max_new_tokens)
-        pairs, summary = sample_pairs(args.model, rows, task=args.task, split=args.split, k=args.k, sampling=sampling,
+        pairs, summary = sample_pairs(args.model, rows, task=args.task, split=args.split or ("train" if args.task else None), k=args.k,
+                                      sampling=sampling,
                                       max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
                                       seed=args.seed)
     except (DataError, ValueError) as e:

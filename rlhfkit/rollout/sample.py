@@ -11,14 +11,15 @@ dataset can always be traced back to the policy that produced it. The command li
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlhfkit.data.io import read_rows
-from rlhfkit.data.records import ComparisonPair, DataError, check_messages
+from rlhfkit.data.prompt_data import load_prompt_rows, split_held_out
+from rlhfkit.data.records import ComparisonPair
 from rlhfkit.data.tasks import get_task
 from rlhfkit.models.loading import load_model, resolve
 from rlhfkit.rollout.engine import Sampler, SamplingConfig
@@ -30,27 +31,41 @@ BATCH_SEED_STRIDE = 1_000_003
 so the batches of two different seeds never share a generator seed."""
 
 
-def load_prompt_file(path: str) -> list[dict]:
-    """Prompts from a file: rows with ``prompt`` (a string or a chat ending with a user turn) or
-    ``messages``; optional ``id`` and ``category``. Returns ``{"id", "category", "messages"}`` dicts."""
-    out = []
-    for where, row in read_rows(path):
-        key = "messages" if "messages" in row else "prompt"
-        if key not in row:
-            raise where.error("missing field; a prompt row needs 'prompt' (text or chat messages) or 'messages'",
-                              "prompt")
-        value = row[key]
-        if isinstance(value, str):
-            if not value.strip():
-                raise where.error("empty prompt", key)
-            value = [{"role": "user", "content": value}]
-        messages = check_messages(value, where, key, must_end_with="user")
-        pid = row.get("id")
-        out.append({"id": str(pid) if pid is not None else f"{Path(path).stem}:{where.line}",
-                    "category": row.get("category"), "messages": messages})
-    if not out:
-        raise DataError("no prompts in the file", path=path)
-    return out
+def prompt_file_rows(source, split: str | None = None, eval_fraction: float = 0.1, split_seed: int = 0) -> list:
+    """A user's prompt dataset read exactly as the trainers read ``--prompts``
+    (:func:`rlhfkit.data.prompt_data.load_prompt_rows`: a file, a ``save_to_disk`` folder or a hub id;
+    ``prompt`` text, a message-list ``prompt`` or ``messages``; the other columns kept).
+
+    ``split`` None or 'all': every row; 'train' / 'heldout': the two sides of the trainers' held-out
+    split by prompt (:func:`~rlhfkit.data.prompt_data.split_held_out` with ``eval_fraction`` and the
+    trainers' ``split_seed``), so ``--split heldout --eval-fraction F`` gives the prompts a run with
+    ``--prompts`` and ``eval_fraction F`` held out. Returns PromptRows; DataError on a bad row."""
+    rows = load_prompt_rows(source)
+    if split in (None, "all"):
+        return rows
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be all, train or heldout, got {split!r}")
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1) to split the prompts, got {eval_fraction}")
+    train, held = split_held_out(rows, eval_fraction, split_seed)
+    if split == "heldout" and not held:
+        raise ValueError(f"--eval-fraction {eval_fraction} holds out no prompt of {source}")
+    return train if split == "train" else held
+
+
+def sample_row(row, source) -> dict:
+    """A PromptRow as ``sample_pairs`` takes it: ``{"id", "category", "messages"}``; the id is the row's
+    ``id`` column, else ``<file stem>:<line>`` (JSONL, 1-based) or ``<stem>:<row>`` (tables, 0-based)."""
+    pid = row.columns.get("id")
+    if pid is None:
+        place = re.search(r"(\d+)$", row.where)
+        pid = f"{Path(str(source)).stem}:{place.group(1) if place else row.where}"
+    return {"id": str(pid), "category": row.columns.get("category"), "messages": row.messages}
+
+
+def load_prompt_file(path, split: str | None = None, eval_fraction: float = 0.1, split_seed: int = 0) -> list[dict]:
+    """:func:`prompt_file_rows` as ``{"id", "category", "messages"}`` dicts (:func:`sample_row`)."""
+    return [sample_row(r, path) for r in prompt_file_rows(path, split, eval_fraction, split_seed)]
 
 
 def make_pairs(row: dict, completions: list[str], info: list[dict], meta: dict, task: str | None
@@ -87,13 +102,20 @@ def pick(rows: list[dict], n: int | None, seed: int) -> list[dict]:
     return [rows[i] for i in keep]
 
 
-def select_prompts(task: str | None = None, prompts: str | None = None, split: str = "train",
-                   num_prompts: int | None = None, seed: int = 0) -> list[dict]:
-    """The prompt rows to sample: a built-in ``task``'s ``split`` or a ``prompts`` file (exactly one),
-    reduced to a seeded subset of ``num_prompts``."""
+def select_prompts(task: str | None = None, prompts: str | None = None, split: str | None = None,
+                   num_prompts: int | None = None, seed: int = 0, eval_fraction: float = 0.1,
+                   split_seed: int = 0) -> list[dict]:
+    """The prompt rows to sample: a built-in ``task``'s ``split`` (default train) or a ``prompts``
+    dataset (exactly one; ``split`` default all, else :func:`prompt_file_rows`), reduced to a seeded
+    subset of ``num_prompts``."""
     if (task is None) == (prompts is None):
         raise ValueError("give exactly one of task and prompts")
-    rows = load_prompt_file(prompts) if prompts else get_task(task).prompt_rows(split)
+    if prompts:
+        rows = load_prompt_file(prompts, split, eval_fraction, split_seed)
+    elif split == "all":
+        raise ValueError("--split all is for --prompts; a task has train and heldout splits")
+    else:
+        rows = get_task(task).prompt_rows(split or "train")
     return pick(rows, num_prompts, seed)
 
 
@@ -103,7 +125,8 @@ def sample_pairs(model_name: str, rows: list[dict], *, task: str | None = None, 
     """Sample ``k`` completions of each prompt row from ``model_name`` and pair them (``make_pairs``).
 
     Returns the pairs and a summary (prompts, completions, pairs, skipped duplicates, EOS rate,
-    tokens/s). ``task`` and ``split`` are recorded in each pair; progress is printed per batch.
+    tokens/s). ``task`` and ``split`` (a task's split, or a prompt dataset's: None = all rows) are
+    recorded in each pair; progress is printed per batch.
     """
     sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=48)
     if k < 2:
@@ -115,7 +138,7 @@ def sample_pairs(model_name: str, rows: list[dict], *, task: str | None = None, 
     sampler = Sampler(model, tok, sampling, max_prompt_length=max_prompt_length)
     checkpoint = model_name if model_name in BUNDLED else str(Path(resolve(model_name)))
     meta = {"model": model_name, "checkpoint": checkpoint, "seed": seed, "task": task,
-            "split": split if task else None, "k": k,
+            "split": split, "k": k,
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                          "max_new_tokens": sampling.max_new_tokens}}
 

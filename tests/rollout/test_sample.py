@@ -83,7 +83,7 @@ def test_prompt_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("line, message", [
-    ({"text": "hi"}, "prompts.jsonl:2: field 'prompt': missing field"),
+    ({"text": "hi"}, "prompts.jsonl:2: no 'prompt' (a string or a message list) or 'messages' field; the row has 'text'"),
     ({"prompt": "  "}, "prompts.jsonl:2: field 'prompt': empty prompt"),
     ({"messages": [{"role": "assistant", "content": "hi"}]},
      "prompts.jsonl:2: field 'messages[0].role': wrong role order: expected 'user'"),
