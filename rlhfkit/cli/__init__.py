@@ -32,6 +32,7 @@ TOOLS = {
     "eval": ("rlhfkit.cli.evaluate", "eval_main", "win rate of a policy over a reference, with CIs"),
     "compare": ("rlhfkit.cli.evaluate", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
     "report": ("rlhfkit.cli.evaluate", "report_main", "self-contained HTML report of runs"),
+    "export": ("rlhfkit.cli.export", "main", "merge a LoRA checkpoint into a plain Hugging Face model"),
     "info": ("rlhfkit.cli", "info", "versions, device, threads and the bundled model's cache state"),
 }
 
@@ -64,11 +65,12 @@ def run_trainer(name: str, argv: list[str]) -> int:
         parser.error(str(e))
     from rlhfkit.data.records import DataError
     from rlhfkit.models.loading import ModelNotFoundError
+    from rlhfkit.models.lora import LoraError
     from rlhfkit.train.runtime import UnsafeCheckpointError
 
     try:
         result = module.train(cfg)
-    except (DataError, ModelNotFoundError, UnsafeCheckpointError) as e:
+    except (DataError, ModelNotFoundError, UnsafeCheckpointError, LoraError) as e:
         # the user's input, not rlhfkit, is at fault and the message says where: no traceback
         print(f"rlhfkit {name}: error: {e}", file=sys.stderr)
         return 1

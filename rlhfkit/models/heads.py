@@ -47,6 +47,15 @@ from rlhfkit.models.loading import (
     resolve,
     tiny_config,
 )
+from rlhfkit.models.lora import (
+    apply_lora,
+    is_adapter_dir,
+    is_lora,
+    load_adapter,
+    read_base,
+    record_base,
+    settings_of,
+)
 from rlhfkit.models.readout import (
     READOUT_KEY,
     ReadOut,
@@ -292,18 +301,24 @@ class PackedScorer(nn.Module):
 # --- the value model (critic) ----------------------------------------------------------------------
 
 
-def load_value_model(source: str | None, base_model: str, seed: int = 0):
+def load_value_model(source: str | None, base_model: str, seed: int = 0, lora=None):
     """A token-level value model: ``AutoModelForTokenClassification`` with one output, (B, T) -> (B, T, 1).
 
     ``source``: a directory holding a saved critic (a checkpoint's ``value/``) or a reward model (body
     and head are kept; the token head's ``score.bias``, absent from a sequence head, starts at 0).
     None: a new head on ``base_model``'s body (any name ``load_model`` takes; a tiny model is built
     from ``seed``), weights and bias at zero, so the first values are 0 (N implementation details #3).
-    Dropout is off (N details #6).
+    Dropout is off (N details #6). ``lora``: a config with ``lora_r > 0`` wraps the critic in a LoRA adapter
+    with its head trained in full (models/lora.py); a saved LoRA critic (``source`` an adapter folder) is
+    rebuilt on the start it was trained from, then its adapter loaded.
     """
     # transformers' auto classes are heavy to import: loaded on first use, as in RewardModel.load
     from transformers import AutoModelForTokenClassification
 
+    adapter = source if is_adapter_dir(source) else None
+    if adapter is not None:
+        start = read_base(adapter)
+        source, seed = (None if start["model"] == base_model else start["model"]), start["seed"]
     if source is not None:
         with quiet_transformers(True):  # from a reward model: score.bias (token head only) is reported MISSING
             critic = AutoModelForTokenClassification.from_pretrained(source, num_labels=1)
@@ -323,6 +338,12 @@ def load_value_model(source: str | None, base_model: str, seed: int = 0):
         if getattr(critic.score, "bias", None) is not None:
             torch.nn.init.zeros_(critic.score.bias)
     disable_dropout(critic)
+    if adapter is not None:
+        critic = load_adapter(critic, adapter)
+    elif lora is not None and settings_of(lora)["r"] > 0:
+        critic = apply_lora(critic, lora, head_names=("score",), seed=seed)
+    if is_lora(critic):
+        record_base(critic, source or base_model, seed, "value")
     return critic
 
 

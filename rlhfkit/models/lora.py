@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,11 @@ BASE_FILE = "rlhfkit_lora_base.json"
 """Written next to a saved adapter: ``{"model": base name, "seed": int, "kind": 'causal-lm'|'reward'|'value'}``."""
 
 
-class LoraTargetError(ValueError):
+class LoraError(ValueError):
+    """A LoRA setting that does not fit the model or checkpoint; the message names the option to change."""
+
+
+class LoraTargetError(LoraError):
     """``lora_targets`` names a module the model does not have; the message lists the Linear modules found."""
 
 
@@ -99,7 +104,9 @@ def apply_lora(model: nn.Module, cfg_or_settings, *, head_names=(), seed: int | 
     if seed is None:
         seed = int(cfg_or_settings.get("seed", 0) if isinstance(cfg_or_settings, dict)
                    else getattr(cfg_or_settings, "seed", 0))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 asks transformers 5 the deprecated is_gradient_checkpointing: not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     return wrapped
@@ -206,18 +213,18 @@ def load_policy(cfg, ckpt=None, *, kind: str = "causal-lm"):
     if ckpt is not None and is_adapter_dir(ckpt):
         saved = json.loads((Path(ckpt) / ADAPTER_CONFIG).read_text()).get("r")
         if r == 0:
-            raise ValueError(f"resume: {ckpt} is a LoRA checkpoint (r={saved}); resume it with --lora-r {saved}")
+            raise LoraError(f"resume: {ckpt} is a LoRA checkpoint (r={saved}); resume it with --lora-r {saved}")
         if saved != r:
-            raise ValueError(f"resume: {ckpt} holds a rank-{saved} adapter but lora_r is {r}; use --lora-r {saved}")
+            raise LoraError(f"resume: {ckpt} holds a rank-{saved} adapter but lora_r is {r}; use --lora-r {saved}")
         base = read_base(ckpt)
         if base["model"] != cfg.model:
-            raise ValueError(f"resume: {ckpt} is an adapter on model {base['model']!r}, but model is {cfg.model!r}; "
+            raise LoraError(f"resume: {ckpt} is an adapter on model {base['model']!r}, but model is {cfg.model!r}; "
                              f"pass --model {base['model']}")
         model, tok = load_model(cfg.model, seed=base["seed"], kind=kind)
         model = load_adapter(model, ckpt)
     elif ckpt is not None:
         if r > 0:
-            raise ValueError(f"resume: {ckpt} holds full weights, not a LoRA adapter, but lora_r is {r}; resume "
+            raise LoraError(f"resume: {ckpt} holds full weights, not a LoRA adapter, but lora_r is {r}; resume "
                              "it with --lora-r 0 (or start a new LoRA run without --resume)")
         return load_model(str(ckpt), seed=cfg.seed, kind=kind)
     else:

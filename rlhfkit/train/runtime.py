@@ -20,6 +20,7 @@ import torch
 
 from rlhfkit.config import to_dict
 from rlhfkit.models.loading import quiet_transformers
+from rlhfkit.models.lora import is_lora, save_adapter
 from rlhfkit.tracking import RunDir, default_run_dir
 
 
@@ -129,7 +130,8 @@ class UnsafeCheckpointError(ValueError):
 
 def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimizer, scheduler, state: dict) -> Path:
     """``checkpoints/step-N/``: the policy in Hugging Face format at the top level (loadable by plain
-    ``transformers`` and vLLM), other models (value, reward) in sub-folders, trainer state beside."""
+    ``transformers`` and vLLM), other models (value, reward) in sub-folders, trainer state beside. A LoRA
+    model is saved as its adapter (peft, safetensors; ``rlhfkit export --merge`` makes it a plain model)."""
     path = run.path / "checkpoints" / f"step-{step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -137,7 +139,10 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
         for name, model in models.items():
             target = path if name == "policy" else path / name
             with quiet_transformers(False):  # no "Writing model shards" bar
-                acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
+                if is_lora(model):  # the adapter and trained heads (safetensors) + its base's name; docs/lora.md
+                    save_adapter(acc.unwrap_model(model), target)
+                else:
+                    acc.unwrap_model(model).save_pretrained(target, safe_serialization=True)
             tokenizer.save_pretrained(target)
         optim = {"optimizer": optimizer.state_dict()} if getattr(run, "save_optimizer", True) else {}
         torch.save(_plain({"step": step, **optim, "scheduler": scheduler.state_dict() if scheduler else None,
