@@ -29,6 +29,7 @@ import torch
 from rlhfkit.config import CommonConfig, check_choice
 from rlhfkit.data.prompt_data import PromptRow, load_prompt_rows, split_held_out
 from rlhfkit.data.tasks import get_task
+from rlhfkit.losses.importance import IS_CAP, masked_truncated_is_weights
 from rlhfkit.losses.kl import KL_ESTIMATORS
 from rlhfkit.models import load_model
 from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
@@ -37,7 +38,14 @@ from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Rollout, SamplingConfig
 from rlhfkit.train import runtime
 from rlhfkit.train.online_eval import HeldOutEval
-from rlhfkit.train.online_rollout import ROLLOUT_BACKENDS, PromptStream, rollout_metrics, sample_rows
+from rlhfkit.train.online_rollout import (
+    IMPORTANCE_SAMPLING,
+    ROLLOUT_BACKENDS,
+    PromptStream,
+    check_backend_available,
+    rollout_metrics,
+    sample_rows,
+)
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
 DEFAULT_TASK = "sentiment"
@@ -124,16 +132,33 @@ class OnlineConfig(CommonConfig):
     """Wall-clock budget: stop (evaluating and checkpointing) after the step that passes it; the LR
     schedule still follows total_steps. None = no budget."""
     rollout_backend: str = "hf"
-    """Generation backend: 'hf' (transformers generate, any device) or 'vllm' (CUDA, `pip install
-    rlhfkit[vllm]`; weights are pushed to vLLM after every update)."""
+    """Generation backend (docs/generation.md): 'hf' (transformers generate on the policy itself, any
+    device: the default, exact), 'fast' (rlhfkit's int8 CPU engine, Llama models on a CPU; re-quantized
+    from the policy after every update), 'auto' ('fast' on a CPU for a Llama model, else 'hf'), or 'vllm'
+    (CUDA, `pip install rlhfkit[vllm]`; weights are pushed to vLLM after every update). 'fast' and 'vllm'
+    are not exactly the policy: see ``importance_sampling``."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take when colocated with training, in (0, 1]."""
+    weight_sync_timeout_s: float = 300.0
+    """vLLM: seconds a weight sync into the engine may take before the run stops with an error naming the
+    step (a stuck worker otherwise hangs the run). > 0."""
+    importance_sampling: str = "auto"
+    """Truncated importance sampling (TIS, rlhfkit.losses.importance) of a sampler that is not exactly the
+    policy: each token's policy-gradient term times ``min(π_old/μ, is_cap)``, μ the sampler's own
+    log-prob. 'auto': on when the backend reports its log-probs ('fast', 'vllm'; 'hf' samples from the
+    policy itself, so nothing changes), 'on' (an error with 'hf'), 'off' (the gap is still logged)."""
+    is_cap: float = 2.0
+    """TIS truncation C (Yao et al. 2025 use 2; typical 1.5-5); 0 disables the correction. >= 0."""
 
     def validate(self) -> None:
         super().validate()
         check_choice(self, "kl_estimator", KL_ESTIMATORS)
         check_choice(self, "lr_schedule", LR_SCHEDULES)
         check_choice(self, "rollout_backend", ROLLOUT_BACKENDS)
+        check_choice(self, "importance_sampling", IMPORTANCE_SAMPLING)
+        require(self, "importance_sampling", not (self.importance_sampling == "on" and self.rollout_backend == "hf"),
+                "'auto' or 'off' with rollout_backend 'hf' (it samples from the policy itself: no sampler log-probs)")
+        check_backend_available(self.rollout_backend)
         rewards.parse_reward_spec(self.reward)
         require(self, "eval_fraction", self.eval_fraction is None or self.eval_prompts_data is None,
                 "None when eval_prompts_data is given (one held-out set)")
@@ -149,6 +174,8 @@ class OnlineConfig(CommonConfig):
             require(self, name, getattr(self, name) > 0, "> 0")
         require(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
         require(self, "vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]")
+        require(self, "weight_sync_timeout_s", self.weight_sync_timeout_s > 0, "> 0")
+        require(self, "is_cap", self.is_cap >= 0, ">= 0 (0 = no correction)")
         require(self, "mini_batch_size", self.mini_batch_size is None or self.mini_batch_size >= 1, ">= 1 or None")
         require(self, "max_minutes", self.max_minutes is None or self.max_minutes >= 0, ">= 0 or None")
         require(self, "missing_eos_penalty", self.missing_eos_penalty is None or math.isfinite(self.missing_eos_penalty),
@@ -378,7 +405,30 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: Onl
             updates += 1
     if fresh is not None:  # the sampling-time log-probs, taken from the training pass (for the KL metrics)
         r.logps = fresh
-    return {k: v / updates for k, v in totals.items()}
+    return {**{k: v / updates for k, v in totals.items()}, **sampler_gap_metrics(cfg, r)}
+
+
+def is_weights(cfg: OnlineConfig, mb: Rollout, old_per_token_logps: torch.Tensor) -> torch.Tensor | None:
+    """The micro-batch's truncated importance weights ``min(exp(log π_old - log μ), is_cap)`` (B, C) for the
+    policy-gradient loss, from the trainer's old log-probs (``mb.logps``, or the training pass's own when
+    the rollout was sampled without them) and the sampler's ``mb.extras['sampler_logps']``; None when the
+    correction is off or the sampler is the policy (no sampler log-probs: the loss is then unchanged)."""
+    sampler = mb.extras.get("sampler_logps")
+    if sampler is None or cfg.importance_sampling == "off" or cfg.is_cap == 0:
+        return None
+    return masked_truncated_is_weights(old_per_token_logps, sampler, mb.completion_mask, cfg.is_cap)[0]
+
+
+def sampler_gap_metrics(cfg: OnlineConfig, r: Rollout) -> dict:
+    """``rollout/logp_diff_mean`` (mean |log π_old - log μ| over real tokens), and when the correction is on
+    ``rollout/is_weight_mean`` and ``rollout/is_clipped_frac``, over the whole rollout batch; {} for a
+    sampler without its own log-probs (hf)."""
+    sampler = r.extras.get("sampler_logps")
+    if sampler is None or r.logps is None:
+        return {}
+    _, m = masked_truncated_is_weights(r.logps, sampler, r.completion_mask, cfg.is_cap or IS_CAP)
+    corrected = cfg.importance_sampling != "off" and cfg.is_cap > 0
+    return {k: float(v) for k, v in m.items() if corrected or k == "rollout/logp_diff_mean"}
 
 
 # --- 5. end of step: log, eval, samples, checkpoint ---------------------------------------------------

@@ -1,12 +1,13 @@
 """Phase 2 of every online method: this step's prompts -> K sampled completions each -> scores.
 
-The prompt stream, the sampler (HF or vLLM backend), the per-step sampling seed, the EOS trick and
+The prompt stream, the sampler (HF, fast or vLLM backend), the per-step sampling seed, the EOS trick and
 the batch's reward/KL/length metrics. Used by grpo.py, ppo.py and cmpo.py through
 :func:`generate_and_score`; the loop around it is in online.py.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.models.loading import resolve
 from rlhfkit.ops import masked_mean
 from rlhfkit.rollout.engine import Rollout, Sampler
+from rlhfkit.rollout.fast import SUPPORTED_MODEL_TYPES, FastBackend
 from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported only when one is built
 from rlhfkit.train.sharding import full_parameters
@@ -26,8 +28,11 @@ if TYPE_CHECKING:  # annotations only: online.py imports this module
 
 PART = "reward_part/"
 """``r.extras`` key prefix of each reward component's (B,) scores (NaN = None)."""
-ROLLOUT_BACKENDS = ("hf", "vllm")
-"""Generation backends (``OnlineConfig.rollout_backend``): transformers' generate, or vLLM."""
+ROLLOUT_BACKENDS = ("hf", "fast", "auto", "vllm")
+"""Generation backends (``OnlineConfig.rollout_backend``): transformers' generate, rlhfkit's int8 CPU
+engine (rlhfkit.rollout.fast), 'auto' (fast on a CPU for a Llama model, else hf), or vLLM."""
+IMPORTANCE_SAMPLING = ("auto", "on", "off")
+"""``OnlineConfig.importance_sampling``: the truncated IS correction of an inexact sampler."""
 
 
 class PromptStream:
@@ -62,13 +67,43 @@ def sampling_seed(seed: int, step: int, rank: int) -> int:
     return seed * 100_003 + step * 101 + rank
 
 
+def check_backend_available(name: str) -> None:
+    """Raise before any model loads when backend ``name`` cannot run here: 'vllm' needs CUDA and the
+    ``vllm`` package (checked with ``importlib.util.find_spec``, which does not import it)."""
+    if name != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError("rollout_backend 'vllm' needs vLLM: `pip install 'rlhfkit[vllm]'` (on a CUDA machine); "
+                         "or use rollout_backend 'hf'")
+    if not torch.cuda.is_available():
+        raise ValueError("rollout_backend 'vllm' needs a CUDA GPU and none is visible here; use 'hf' (or 'fast' on a CPU)")
+
+
+def resolve_backend(cfg: OnlineConfig, policy) -> str:
+    """``cfg.rollout_backend`` with 'auto' resolved: 'fast' when the policy is a Llama model on a CPU (the
+    engine's measured win is there: docs/generation.md), else 'hf'."""
+    if cfg.rollout_backend != "auto":
+        return cfg.rollout_backend
+    on_cpu = next(policy.parameters()).device.type == "cpu"
+    return "fast" if on_cpu and policy.config.model_type in SUPPORTED_MODEL_TYPES else "hf"
+
+
 def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
-    """The sampler over the (unwrapped) policy with the configured backend ('hf' or 'vllm'). Under FSDP
-    or ZeRO-3 that module holds shards: its callers sample inside ``sharding.full_parameters``."""
+    """The sampler over the (unwrapped) policy with the configured backend ('hf', 'fast', 'auto' or 'vllm').
+    Under FSDP or ZeRO-3 that module holds shards: its callers sample inside ``sharding.full_parameters``.
+    The trainer calls ``sampler.backend.sync_weights(policy)`` after each optimizer step: a no-op for 'hf',
+    a re-quantization for 'fast', a copy into the engine for 'vllm'."""
     check_choice(cfg, "rollout_backend", ROLLOUT_BACKENDS)
+    name = resolve_backend(cfg, policy)
+    if name == "hf" and cfg.importance_sampling == "on":
+        raise ValueError(f"importance_sampling 'on' needs a sampler with its own log-probs, but rollout_backend "
+                         f"{cfg.rollout_backend!r} resolved to 'hf' here (the policy itself); use 'auto' or 'off'")
     backend = None  # 'hf': the Sampler's default HFBackend, generating with ``policy`` itself
-    if cfg.rollout_backend == "vllm":
-        backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    if name == "fast":
+        backend = FastBackend(policy, tok)
+    elif name == "vllm":
+        backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                              sync_timeout_s=cfg.weight_sync_timeout_s)
     return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length,
                    layout=cfg.layout())
 
@@ -103,6 +138,8 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     """
     k = cfg.samples_per_prompt
     rows = [row for row in local_prompts(s, step, cfg) for _ in range(k)]
+    if isinstance(sampler.backend, VLLMBackend):
+        sampler.backend.step = step  # named by a weight sync that fails after this step's update
     with full_parameters(s.acc, sampler.model):  # FSDP / ZeRO-3: generate from the gathered weights, not a shard
         r = sampler.sample([row.messages for row in rows], seed=sampling_seed(cfg.seed, step, s.acc.process_index),
                            with_logps=with_logps)
