@@ -46,25 +46,45 @@ def resolve_readout(pooling: str, layers: str, num_layers: int) -> ReadOut:
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     spec = str(layers).strip()
+    check_layers_spec(spec)
     if spec == "last":
         return ReadOut(pooling, "last")
     if spec == "middle":  # blocks 8-24 of SmolLM2-135M's 30 (docs/reward.md)
         lo, hi = math.ceil(num_layers / 4), max(math.ceil(num_layers / 4), (4 * num_layers) // 5)
     else:
-        parts = spec.split("-")
-        if len(parts) not in (1, 2) or not all(x.isdigit() for x in parts):
-            raise ValueError(f"layers must be 'last', 'middle', 'N' or 'A-B' (hidden-state indices), got {layers!r}")
-        lo, hi = int(parts[0]), int(parts[-1])
+        lo, hi = int(spec.split("-")[0]), int(spec.split("-")[-1])
     if not 0 <= lo <= hi <= num_layers:
         raise ValueError(f"layers {layers!r}: needs 0 <= A <= B <= {num_layers} (this model has {num_layers} blocks; "
                          "0 is the embeddings)")
     return ReadOut(pooling, f"{lo}-{hi}")
 
 
+def check_layers_spec(layers: str) -> None:
+    """The form of a ``layers`` option ('last', 'middle', 'N', 'A-B' with A <= B), before a model is at
+    hand to check the range; a bad one is a ``ValueError`` naming the option."""
+    parts = str(layers).strip().split("-")
+    if layers in ("last", "middle"):
+        return
+    if len(parts) not in (1, 2) or not all(x.isdigit() for x in parts) or int(parts[0]) > int(parts[-1]):
+        raise ValueError(f"layers must be 'last', 'middle', 'N' or 'A-B' with A <= B (hidden-state indices), got {layers!r}")
+
+
 def readout_of(model) -> ReadOut:
     """The model's read-out: its config's ``rlhfkit_reward_readout``, or last/last (checkpoints from before)."""
     d = getattr(model.config, READOUT_KEY, None)
     return ReadOut(d["pooling"], d["layers"]) if d else ReadOut()
+
+
+def unread_parameters(model) -> list:
+    """Parameters the read-out never reaches: the blocks above its highest layer and the final norm
+    (when it stops below the top). Frozen in training: they get no gradient, and DDP refuses
+    parameters that take no part in the loss."""
+    layers = readout_of(model).layer_indices(model.config.num_hidden_layers)
+    body = model.base_model
+    if layers is None or max(layers) == model.config.num_hidden_layers:
+        return []
+    out = [p for block in body.layers[max(layers):] for p in block.parameters()]
+    return out + list(body.norm.parameters())
 
 
 def pool_weights(start: torch.Tensor, end: torch.Tensor, T: int, pooling: str) -> torch.Tensor:

@@ -19,6 +19,12 @@ With ``group_by_prompt`` the epoch order keeps a prompt's pairs together so that
 Rows are cut into micro-batches by length (the optimizer step sums over the whole global batch, so
 which pairs share a micro-batch does not change it) to keep padding small.
 
+Read-out and probe (docs/reward.md, issue 18): a new RM reads ``pooling``/``layers`` (default: the mean
+over the reply's tokens of the middle layers), stored in its checkpoint. With ``probe`` the head is
+first fitted as a regularised Bradley–Terry probe on the starting body's features
+(``rlhfkit.train.reward_probe``): with ``freeze_backbone`` that is the whole training (no SGD steps);
+otherwise fine-tuning starts from it (LP-FT).
+
 After training, the head is normalised on the starting policy's completions (N details #4): by
 default the training pairs' completions, which is what the policy that produced them samples.
 """
@@ -36,6 +42,7 @@ from rlhfkit.data.records import DataError
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
+from rlhfkit.models.readout import POOLINGS, check_layers_spec, unread_parameters
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.reward_data import (
     EncodedPair,
@@ -47,6 +54,7 @@ from rlhfkit.train.reward_data import (
     read_preferences,
     split_by_prompt,
 )
+from rlhfkit.train.reward_probe import fit_head
 
 TIES = ("half", "drop")
 REPORT_FILE = "reward_eval.json"
@@ -81,9 +89,24 @@ class RewardConfig(CommonConfig):
     """AdamW peak learning rate (1e-5..5e-5 for full fine-tuning of a 0.1-1B model; ~1e-3 for the tiny test
     model or with freeze_backbone)."""
     freeze_backbone: bool = False
-    """Train only the reward head: a linear probe of the frozen model's last-token features. For small
-    preference sets (a few hundred pairs), where fine-tuning the whole model fits the training pairs and
-    not the task (docs/reward.md); use lr ~1e-3 and several epochs. Also much cheaper per step."""
+    """Train only the reward head: a linear probe of the frozen model's read-out. For small preference
+    sets (a few hundred pairs), where fine-tuning the whole model fits the training pairs and not the
+    task (docs/reward.md). With `probe` (the default) the head is fitted in closed form, no epochs;
+    with probe=False it is trained by AdamW (lr ~1e-3, several epochs)."""
+    pooling: str = "mean"
+    """Read-out pooling of a new RM: 'mean' over the reply's tokens (EOS included) or 'last' (the reply's
+    EOS, what RMs before issue 18 read). Frozen SmolLM2-135M, 48 prompts x 6 pairs: mean-pooled middle
+    layers ~0.65 accuracy vs gold against ~0.55 for last/last (docs/reward.md). A resumed checkpoint keeps its own."""
+    layers: str = "middle"
+    """Hidden states the head reads, averaged: 'last' (the final, normed layer), 'A-B' (transformers'
+    hidden_states[A..B], 0 = the embeddings), 'N', or 'middle' = blocks ceil(L/4)..floor(4L/5) (8-24 of 30)."""
+    probe: bool = True
+    """Fit the head as an L2-regularised Bradley–Terry probe on the starting body's features (one
+    no-grad pass over the training pairs; λ by prompt-grouped cross-validation) before any gradient step.
+    With freeze_backbone that is the whole training; otherwise fine-tuning starts from it (LP-FT,
+    Kumar et al. 2022). Ignored when resuming. False: a random head (N details #3), as before."""
+    probe_folds: int = 5
+    """Prompt-grouped cross-validation folds for the probe's λ (grid reward_probe.L2_GRID, 1e-3..1e2)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     adam_eps: float = 1e-8
@@ -120,6 +143,13 @@ class RewardConfig(CommonConfig):
             raise ValueError(f"ties must be 'half' or 'drop', got {self.ties!r}")
         offline.check_at_least(self, 0, "margin_scale")
         offline.check_at_least(self, 1, "max_length", "norm_samples", "eval_batch_size")
+        offline.check_at_least(self, 2, "probe_folds")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_layers_spec(self.layers)
+        if self.probe and self.freeze_backbone and self.margin_scale > 0:
+            raise ValueError("margin_scale > 0 needs gradient training: the probe (probe=True with freeze_backbone) "
+                             "fits plain Bradley–Terry; set probe=False or margin_scale=0")
 
 
 # --- loss and held-out accuracy -----------------------------------------------------------------------
@@ -157,11 +187,12 @@ def eval_pairs(scorer, data: list[EncodedPair], cfg: RewardConfig, pad_id: int, 
 
 
 def load_reward_model(cfg: RewardConfig, ckpt):
-    """(model, tokenizer): the checkpoint's when resuming, else the starting model with a fresh head."""
+    """(model, tokenizer): the checkpoint's when resuming (with its read-out), else the starting model
+    with a fresh head and the configured read-out."""
     from transformers import AutoModelForSequenceClassification
 
     if not ckpt:
-        rm = RewardModel.init_from(cfg.model, seed=cfg.seed)
+        rm = RewardModel.init_from(cfg.model, seed=cfg.seed, pooling=cfg.pooling, layers=cfg.layers)
         return rm.model, rm.tok
     model = AutoModelForSequenceClassification.from_pretrained(ckpt)
     tok = load_tokenizer(str(ckpt))
@@ -184,6 +215,8 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     model, tok = load_reward_model(cfg, ckpt)
     model.config.use_cache = False
+    for p in unread_parameters(model):  # above the read-out's layers: no gradient reaches them
+        p.requires_grad_(False)
     if cfg.freeze_backbone:
         head = reward_head(model)
         for p in model.parameters():
@@ -204,16 +237,34 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
         warnings.warn(f"{cut + eval_cut} replies were longer than max_length={cfg.max_length} with their prompt and "
                       "were cut (the reward is then read before their EOS); raise max_length to keep them whole",
                       stacklevel=2)
-    steps = offline.plan(len(data), cfg, acc.num_processes, "training pairs", micro_batch_size=None)
+    probe_only = cfg.probe and cfg.freeze_backbone and not ckpt  # the probe is the whole fit: no SGD steps
+    # (a probe-only run still plans the schedule, for the optimizer state its checkpoint carries)
+    steps = offline.plan(max(len(data), cfg.batch_size) if probe_only else len(data), cfg, acc.num_processes,
+                         "training pairs", micro_batch_size=None)
     groups = [p.prompt_key for p in data] if cfg.group_by_prompt else None
 
-    # 3. optimizer and schedule (on the head alone with freeze_backbone), resumed state, run directory
+    # 3. the head: a probe on the starting body's features (every process fits the same one), then the
+    # optimizer and schedule (on the head alone with freeze_backbone), resumed state, run directory
     scorer = PackedScorer(model)
+    probe_metrics = {}
+    if cfg.probe and not ckpt:
+        probe_metrics = fit_head(scorer.to(acc.device), data, tok.pad_token_id, cfg.eval_batch_size, acc.device,
+                                 cfg.probe_folds, cfg.seed)
     scorer, opt, sched, step = offline.start_optimizer(scorer, cfg, acc, steps, ckpt,
                                                        params=[p for p in scorer.parameters() if p.requires_grad])
-    run = runtime.open_run(cfg, "reward", acc, steps.total)
+    run = runtime.open_run(cfg, "reward", acc, 0 if probe_only else steps.total)
     run.advance(step)
-    result: dict = {"run_dir": str(run.path), "train_pairs": len(data), "eval_pairs": len(eval_set)}
+    result: dict = {"run_dir": str(run.path), "train_pairs": len(data), "eval_pairs": len(eval_set),
+                    "readout": dict(getattr(model.config, "rlhfkit_reward_readout", None) or {})}
+    if probe_metrics:
+        result["probe"] = {k.removeprefix("probe/"): v for k, v in probe_metrics.items() if k != "probe/cv"}
+    if probe_only:  # the fit is the run: one metrics row, at step 0
+        metrics = {k: v for k, v in probe_metrics.items() if k != "probe/cv" and v is not None}
+        if eval_set:
+            metrics.update(eval_pairs(scorer, eval_set, cfg, tok.pad_token_id, acc))
+            result["eval_accuracy"] = metrics["eval/accuracy"]
+        run.log(0, metrics)
+        result["loss"] = metrics["loss/reward"]
     train_seconds, pairs_done = 0.0, 0
 
     # ALGO LOGIC: one micro-batch's summed Bradley–Terry loss, and the sums its metrics need
@@ -225,7 +276,7 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
                              m["reward/margin"].item() * batch["num_pairs"], batch["num_tokens"]], device=acc.device)
         return loss * batch["num_pairs"], sums
 
-    while step < steps.last:
+    while not probe_only and step < steps.last:
         gbatch = [data[j] for j in steps.global_batch(step, len(data), cfg.seed, groups)]
         local = steps.local(gbatch, acc.process_index)
         # 4. rows (a prompt with its distinct replies) cut into micro-batches of similar length
@@ -261,17 +312,18 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
 
     # 8. normalise on the starting policy's completions (every process computes the same constants)
     rm = RewardModel(acc.unwrap_model(scorer).model, tok)
-    if step == steps.total:
+    finished = probe_only or step == steps.total
+    if finished:
         prompts, completions = normalisation_set(cfg.norm_data, train_records, cfg.norm_samples, cfg.seed)
         mean, std = rm.fit_normalization(prompts, completions, batch_size=cfg.eval_batch_size)
         result["norm"] = {"mean": mean, "std": std, "n": len(completions)}
     result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, {"policy": rm.model}, tok, opt, sched, {}))
 
     # 9. the evaluation report on the held-out pairs: reward_eval.json
-    if report is not None and eval_records and step == steps.total and acc.is_main_process:
+    if report is not None and eval_records and finished and acc.is_main_process:
         evaluation = report(rm, [r for _, r in eval_records], batch_size=cfg.eval_batch_size)
         run.write_json(REPORT_FILE, evaluation)
         result["eval"] = {k: evaluation[k] for k in ("accuracy", "ece", "length_spearman", "label_gold_agreement",
-                                                     "gold_accuracy") if k in evaluation}
+                                                     "gold_accuracy", "best_of_k") if k in evaluation}
     run.close()
     return result
