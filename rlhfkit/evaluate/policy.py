@@ -6,16 +6,22 @@ best-of-N sampling from SPEC's model, picked by the proxy reward — the classic
 beat at equal KL. Judges: ``gold`` (the task's hidden reward), ``rm:PATH`` (a reward model) or
 ``lm:MODEL``; an LM judge lives in ``feedback/`` (a sibling package), so the caller passes it in as
 ``lm_judge`` (``rlhfkit/cli/evaluate.py`` builds one from ``feedback.judge``).
+
+The prompts are a task's held-out split, or the user's prompt rows (``prompt_rows``, read by
+``rlhfkit.data.prompt_data`` as the trainers read them); ``reward`` is a trainer's reward spec (fn:,
+verify:, judge:, rm:, gold) scored on both sides with the rows' columns (:func:`reward_block`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from rlhfkit.data.chat import tokenize_completion, tokenize_prompt
+from rlhfkit.data.prompt_data import PromptRow
 from rlhfkit.data.tasks import Task
 from rlhfkit.evaluate.overopt import bon_kl
 from rlhfkit.evaluate.winrate import evaluate_pairs
@@ -23,7 +29,10 @@ from rlhfkit.models.batching import pad_completions
 from rlhfkit.models.heads import RewardModel
 from rlhfkit.models.loading import load_model
 from rlhfkit.models.logps import completion_logps
-from rlhfkit.rollout.engine import Sampler, SamplingConfig
+from rlhfkit.rollout.engine import Rollout, Sampler, SamplingConfig
+from rlhfkit.rollout.reward_components import ReferenceReplies
+from rlhfkit.rollout.rewards import RewardSource, parse_reward_spec
+from rlhfkit.rollout.sample import prompt_file_rows
 
 # (prompts, completions) -> (B,) scores
 Scorer = Callable[[list[list[dict]], list[str]], torch.Tensor]
@@ -44,13 +53,20 @@ def parse_policy(spec: str) -> tuple[str, int]:
     return spec, 1
 
 
-def parse_eval_specs(policy: str, judge: str = "gold", proxy: str | None = None) -> tuple[str, int]:
-    """Check the policy, judge and proxy specs before any model is loaded (a typo would otherwise
-    surface after minutes of sampling); returns (policy model, N of best-of-N, 1 for plain sampling)."""
+def parse_eval_specs(policy: str, judge: str | None = "gold", proxy: str | None = None,
+                     reward: str | None = None) -> tuple[str, int]:
+    """Check the policy, judge, proxy and reward specs before any model is loaded (a typo would otherwise
+    surface after minutes of sampling); returns (policy model, N of best-of-N, 1 for plain sampling).
+    ``judge`` None: no judge (the win rate comes from gold, else the proxy or reward)."""
     model, n = parse_policy(policy)
-    if n > 1 and proxy is None:
-        raise ValueError("best-of-N needs --proxy to pick the best sample")
-    if judge != "gold" and not judge.startswith(("rm:", "lm:")):
+    if proxy is not None and reward is not None:
+        raise ValueError("give --proxy or --reward, not both (the reward is reported, and picks best-of-N, "
+                         "in the proxy's place)")
+    if reward is not None:
+        parse_reward_spec(reward)
+    if n > 1 and proxy is None and reward is None:
+        raise ValueError("best-of-N needs --proxy (or --reward) to pick the best sample")
+    if judge is not None and judge != "gold" and not judge.startswith(("rm:", "lm:")):
         raise ValueError(f"--judge {judge}: use gold, rm:PATH or lm:MODEL")
     if proxy is not None and proxy != "gold" and not proxy.startswith("rm:"):
         raise ValueError(f"--proxy {proxy}: use gold or rm:PATH")
@@ -104,21 +120,90 @@ def make_scorer(spec: str, task: Task) -> Scorer:
     raise ValueError(f"unknown scorer '{spec}'; use gold or rm:PATH")
 
 
-def eval_policy(policy: str, task: Task, *, reference: str = "smollm2-135m-instruct", judge: str = "gold",
-                proxy: str | None = None, num_prompts: int = 64, max_new_tokens: int = 48, temperature: float = 0.7,
-                seed: int = 0, lm_judge: PrefsFn | None = None) -> dict:
-    """Win rate (and gold, proxy, KL, length) of ``policy`` over ``reference`` on ``num_prompts`` of
-    ``task``'s held-out prompts; the ``evaluate_pairs`` record that ``eval.json`` holds.
+def eval_prompt_rows(source, split: str = "all", eval_fraction: float = 0.1, split_seed: int = 0,
+                     num_prompts: int | None = None) -> list[PromptRow]:
+    """The user's prompts to evaluate on, read as the trainers read ``--prompts``: every row (``split``
+    'all'), or the held-out side of the trainers' split ('heldout': the prompts a run with this
+    ``eval_fraction`` never trained on) or its train side; the first ``num_prompts`` of them."""
+    return prompt_file_rows(source, split, eval_fraction, split_seed)[:num_prompts]
 
-    ``policy``: a model, or ``bon:N:MODEL`` (best of N samples by ``proxy``). ``judge``: gold,
-    rm:PATH or lm:MODEL (then ``lm_judge`` gives the preferences). ``proxy``: gold or rm:PATH.
+
+def task_prompt_rows(task: Task, split: str = "heldout") -> list[PromptRow]:
+    """A task's prompts as PromptRows (its other fields, e.g. arith's ``answer``, as columns), as the
+    trainers give them to the reward."""
+    if not hasattr(task, "prompt_rows"):
+        return [PromptRow(messages=p, prompt=p, where=f"task {task.name} {split} prompt {i}")
+                for i, p in enumerate(task.prompts(split))]
+    rows = [dict(r) for r in task.prompt_rows(split)]
+    return [PromptRow(messages=r["messages"], prompt=r.pop("messages"), columns=r,
+                      where=f"task {task.name} {split} prompt {i}") for i, r in enumerate(rows)]
+
+
+def lazy_reference_replies(reference: str, max_new_tokens: int):
+    """``prompts -> replies``: the reference model's greedy replies (cached per prompt) for the pairwise
+    judge (``judge:MODEL:pairwise``); the model loads on the first call."""
+    held: list = []
+
+    def replies(prompts):
+        if not held:
+            model, tok = load_model(reference)
+            held.append(ReferenceReplies(model.eval(), tok, max_new_tokens))
+        return held[0](prompts)
+    return replies
+
+
+def reward_scores(source: RewardSource, rows: list[PromptRow], completions: list[str]):
+    """(total (B,), {component: (B,)}) of the reward on one reply per row, NaN = unscored."""
+    r = Rollout(prompt_ids=None, prompt_mask=None, completion_ids=None, completion_mask=None,
+                prompts=[row.messages for row in rows], completions=list(completions), extras={"rows": rows})
+    return source.score(r)
+
+
+def reward_block(spec: str, policy: tuple, reference: tuple) -> dict:
+    """``eval.json``'s ``reward`` entry: per side, the reward's mean over the replies it scored, the
+    fraction unscored, and each component's mean and none fraction (as the trainers log them)."""
+    def side(total, parts):
+        ok = ~total.isnan()
+        comps = {name: {"mean": float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else None,
+                        "none_frac": float(v.isnan().float().mean())} for name, v in parts.items()}
+        return {"mean": float(total[ok].mean()) if bool(ok.any()) else None,
+                "unscored_frac": float((~ok).float().mean()), "components": comps}
+    return {"spec": spec, "policy": side(*policy), "reference": side(*reference)}
+
+
+def eval_policy(policy: str, task: Task | None, *, reference: str = "smollm2-135m-instruct",
+                judge: str | None = "gold", proxy: str | None = None, num_prompts: int = 64,
+                max_new_tokens: int = 48, temperature: float = 0.7, seed: int = 0,
+                lm_judge: PrefsFn | None = None, prompt_rows: list[PromptRow] | None = None,
+                reward: str | None = None, meta: dict | None = None) -> dict:
+    """Win rate (and gold, proxy, KL, length) of ``policy`` over ``reference`` on ``num_prompts`` of
+    ``task``'s held-out prompts, or on ``prompt_rows``; the ``evaluate_pairs`` record that ``eval.json`` holds.
+
+    ``policy``: a model, or ``bon:N:MODEL`` (best of N samples by ``proxy`` or ``reward``). ``judge``:
+    gold (needs a task), rm:PATH or lm:MODEL (then ``lm_judge`` gives the preferences), or None.
+    ``proxy``: gold or rm:PATH. ``reward``: a trainer's reward spec, scored on both sides with the
+    rows' columns; it fills the proxy block when every reply is scored, and ``reward`` (:func:`reward_block`)
+    always. ``task`` may be None with ``prompt_rows`` (no gold). ``meta``: extra entries for ``meta``.
     """
-    pol_name, n = parse_eval_specs(policy, judge, proxy)
-    if judge.startswith("lm:") and lm_judge is None:
+    pol_name, n = parse_eval_specs(policy, judge, proxy, reward)
+    if judge is not None and judge.startswith("lm:") and lm_judge is None:
         raise ValueError(f"--judge {judge}: pass lm_judge, the preferences function of the LM judge")
-    prompts = task.prompts("heldout")[:num_prompts]
+    if task is None and (judge == "gold" or proxy == "gold"):
+        raise ValueError("gold needs a task (--task); with your own prompts judge with rm:PATH or lm:MODEL, or "
+                         "report a --reward")
+    rows = prompt_rows[:num_prompts] if prompt_rows is not None else task_prompt_rows(task)[:num_prompts]
+    prompts = [r.messages for r in rows]
+    source = None
+    if reward is not None:  # built (functions imported, columns checked, judges loaded) before any sampling
+        source = RewardSource(reward, task, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        source.check(rows)
+        source.attach_reference(lazy_reference_replies(reference, max_new_tokens))
     sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
-    proxy_fn = make_scorer(proxy, task) if proxy else None
+    if source is not None:
+        def proxy_fn(p, c):  # best-of-N picks by the total; an unscored sample is never picked over a scored one
+            return torch.nan_to_num(reward_scores(source, rows, c)[0], nan=-math.inf)
+    else:
+        proxy_fn = make_scorer(proxy, task) if proxy else None
     pol_c, pol_model, tok = sample_policy(pol_name, n, prompts, sampling, proxy_fn, seed)
     logp_temperature = temperature or 1.0  # greedy (0): log-probs at T=1, as the Sampler's
     # best-of-N: the picked samples do not come from the model that scores them, so a Monte-Carlo KL
@@ -129,24 +214,32 @@ def eval_policy(policy: str, task: Task, *, reference: str = "smollm2-135m-instr
     ref_logps_on_pol = sequence_logps(ref_model, ref_tok, prompts, pol_c, logp_temperature) if n == 1 else None
     del ref_model
 
-    gold_p, gold_r = task.gold(prompts, pol_c), task.gold(prompts, ref_c)
+    gold_p, gold_r = (task.gold(prompts, pol_c), task.gold(prompts, ref_c)) if task is not None else (None, None)
+    proxy_p = proxy_r = block = None
+    if source is not None:
+        pol_scores, ref_scores = reward_scores(source, rows, pol_c), reward_scores(source, rows, ref_c)
+        block = reward_block(reward, pol_scores, ref_scores)
+        if not bool(pol_scores[0].isnan().any() or ref_scores[0].isnan().any()):  # paired CIs need every reply scored
+            proxy_p, proxy_r = pol_scores[0].tolist(), ref_scores[0].tolist()
+    elif proxy_fn is not None:
+        proxy_p, proxy_r = proxy_fn(prompts, pol_c).tolist(), proxy_fn(prompts, ref_c).tolist()
     prefs = None
-    if judge.startswith("lm:"):
+    if judge is not None and judge.startswith("lm:"):
         prefs = lm_judge(prompts, pol_c, ref_c)
-    elif judge.startswith("rm:"):
+    elif judge is not None and judge.startswith("rm:"):
         judge_fn = make_scorer(judge, task)
         sp, sr = judge_fn(prompts, pol_c), judge_fn(prompts, ref_c)
         prefs = [1.0 if a > b else 0.0 if a < b else 0.5 for a, b in zip(sp.tolist(), sr.tolist())]
     result = evaluate_pairs(
-        pol_c, ref_c, gold_policy=gold_p, gold_reference=gold_r,
-        proxy_policy=proxy_fn(prompts, pol_c).tolist() if proxy_fn else None,
-        proxy_reference=proxy_fn(prompts, ref_c).tolist() if proxy_fn else None,
+        pol_c, ref_c, gold_policy=gold_p, gold_reference=gold_r, proxy_policy=proxy_p, proxy_reference=proxy_r,
         prefs=prefs, logps_policy=pol_logps, logps_reference_on_policy=ref_logps_on_pol,
-        meta={"policy": policy, "reference": reference, "task": task.name, "judge": judge,
-              "proxy": proxy, "temperature": temperature, "max_new_tokens": max_new_tokens,
-              "seed": seed, "best_of_n": n},
+        meta={"policy": policy, "reference": reference, "task": task.name if task is not None else None,
+              "judge": judge, "proxy": proxy, "temperature": temperature, "max_new_tokens": max_new_tokens,
+              "seed": seed, "best_of_n": n, **({"reward": reward} if reward is not None else {}), **(meta or {})},
         seed=seed,
     )
+    if block is not None:
+        result["reward"] = block
     if n > 1:
         result["kl"] = best_of_n_kl(n, same_model=pol_name == reference)
     return result
