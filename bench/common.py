@@ -103,3 +103,60 @@ def run_worker(script: str, name: str, out: Path, *args, env: dict | None = None
     if m.returncode != 0:
         fail(m, name)
     return read_worker_result(out), m
+
+
+# --- distance to the hardware limit (issue 19 item 3): model FLOPs per second / measured matmul peak ----
+
+
+def matmul_peak_flops(threads: int | None = None, n: int = 1024, reps: int = 5) -> float:
+    """This machine's measured fp32 matrix-product rate in FLOP/s: the best of ``reps`` timed (n, n) @ (n, n)
+    products (2 n^3 FLOPs each) after one warm-up, on ``threads`` torch threads (None: the current count,
+    i.e. what OMP_NUM_THREADS gives the workers). ~0.1-0.3 s. Best-of, so a loaded machine reads low
+    but not wildly: the figure the benches' ``frac_of_peak`` divides by."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        a = torch.randn(n, n)
+        a @ a  # warm-up: thread pool start, page faults
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return 2 * n**3 / best
+
+
+def count_params(model_dir: str | Path) -> int:
+    """Parameters of the model at ``model_dir`` (tied embedding / lm head counted once), built on the meta
+    device: no weights read, no memory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_flops(params: int, tokens: float, kind: str) -> float:
+    """The standard estimate of a dense transformer's FLOPs for ``tokens`` tokens (Kaplan et al. 2020,
+    arXiv:2001.08361, sec. 2.1; attention-score FLOPs left out, small at these lengths): 'train'
+    (forward + backward) ``6 N T``, 'forward' and 'generate' (one forward pass per token) ``2 N T``."""
+    per_token = {"train": 6, "forward": 2, "generate": 2}[kind]
+    return per_token * params * tokens
+
+
+def frac_of_peak(flops_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs per second achieved / the measured matmul peak (the MFU idea on a CPU): what is left to
+    win once a speedup over TRL is read against the hardware."""
+    return flops_per_s / peak_flops
+
+
+def chat_tokens(tok, messages: list[dict], generation_prompt: bool = False) -> int:
+    """Tokens of ``messages`` rendered with the tokenizer's chat template (what the trainers see)."""
+    return len(tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                       add_generation_prompt=generation_prompt)["input_ids"])

@@ -28,7 +28,8 @@ too: on a shared machine it is the steadier figure, and ``cpu_speedup`` is its r
 
 The last line is machine-readable:
 
-    RESULT speedup=<rlhfkit pairs/s / trl pairs/s> mem_ratio=<rlhfkit peak RSS / trl peak RSS> ...
+    RESULT speedup=<rlhfkit pairs/s / trl pairs/s> mem_ratio=<rlhfkit peak RSS / trl peak RSS> ... frac_of_peak=<model
+    FLOP/s / measured fp32 matmul FLOP/s>
 """
 
 from __future__ import annotations
@@ -43,7 +44,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import (  # noqa: E402
+    chat_tokens,
+    count_params,
+    frac_of_peak,
+    matmul_peak_flops,
+    model_flops,
+    print_result,
+    run_worker,
+    self_peak_rss_mb,
+    write_worker_result,
+)
 
 TOPICS = ["tides", "volcanoes", "bread yeast", "solar panels", "honeybees", "glaciers", "vaccines", "compilers",
           "rainbows", "coral reefs", "batteries", "jazz harmony", "chess openings", "photosynthesis", "bridges",
@@ -189,10 +200,22 @@ def main() -> None:
                   flush=True)
     if len(results) == 2:
         ours, trl = results["rlhfkit"], results["trl"]
-        print_result(speedup=ours["pairs_s"] / trl["pairs_s"], mem_ratio=ours["peak_rss_mb"] / trl["peak_rss_mb"],
-                     rlhfkit_pairs_s=ours["pairs_s"], trl_pairs_s=trl["pairs_s"],
-                     rlhfkit_peak_mb=ours["peak_rss_mb"], trl_peak_mb=trl["peak_rss_mb"],
-                     cpu_speedup=trl["cpu_s"] / ours["cpu_s"], pairs=n)
+        # frac_of_peak: per pair, policy forward + backward (6 N T) and the reference forward (2 N T) over
+        # both sides' chat-templated tokens, per second / the measured fp32 matmul rate
+        from rlhfkit.models.loading import bundled_model_dir, load_tokenizer
+
+        tok = load_tokenizer("smollm2-135m-instruct")
+        rows = make_pairs(args.pairs)[:n]
+        tokens = sum(chat_tokens(tok, r["prompt"] + r["chosen"]) + chat_tokens(tok, r["prompt"] + r["rejected"])
+                     for r in rows) / n
+        peak, n_params = matmul_peak_flops(args.threads), count_params(bundled_model_dir())
+        pair_flops = model_flops(n_params, tokens, "train") + model_flops(n_params, tokens, "forward")
+        print_result(speedup=ours["pairs_s"] / trl["pairs_s"],
+                     mem_ratio=ours["peak_rss_mb"] / trl["peak_rss_mb"], rlhfkit_pairs_s=ours["pairs_s"],
+                     trl_pairs_s=trl["pairs_s"], rlhfkit_peak_mb=ours["peak_rss_mb"],
+                     trl_peak_mb=trl["peak_rss_mb"], cpu_speedup=trl["cpu_s"] / ours["cpu_s"], pairs=n,
+                     frac_of_peak=frac_of_peak(ours["pairs_s"] * pair_flops, peak),
+                     trl_frac_of_peak=frac_of_peak(trl["pairs_s"] * pair_flops, peak), peak_gflop_s=peak / 1e9)
 
 
 if __name__ == "__main__":

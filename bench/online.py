@@ -41,7 +41,8 @@ compare rates from one invocation only.
 
 The last line is machine-readable:
 
-    RESULT speedup=<rlhfkit completions/s / TRL's> mem_ratio=<rlhfkit peak RSS / TRL's> ...
+    RESULT speedup=<rlhfkit completions/s / TRL's> mem_ratio=<rlhfkit peak RSS / TRL's> ... frac_of_peak=<rlhfkit's
+    model FLOP/s / measured fp32 matmul FLOP/s>
 """
 
 from __future__ import annotations
@@ -54,7 +55,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import (  # noqa: E402
+    chat_tokens,
+    count_params,
+    frac_of_peak,
+    matmul_peak_flops,
+    model_flops,
+    print_result,
+    run_worker,
+    self_peak_rss_mb,
+    write_worker_result,
+)
 
 TASK = "sentiment"
 PROMPTS_PER_STEP = 2
@@ -249,12 +260,25 @@ def main() -> None:
     ours, theirs = results["rlhfkit"], results["trl"]
     print(f"TRL {theirs['version']}: optimizer {theirs['optim']}, loss_type {theirs['loss_type']}; "
           f"load average now {os.getloadavg()[0]:.1f}")
+    # frac_of_peak (rlhfkit's run): per completion, sampling (2 N T), the reference pass (2 N T) and the
+    # policy's forward + backward (6 N T) over T = its prompt's chat-templated tokens + the mean completion
+    # length, per second / the measured fp32 matmul rate
+    from rlhfkit.models.loading import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    prompts = stream_prompts(args.steps, PROMPTS_PER_STEP)
+    tokens = (sum(chat_tokens(tok, p, generation_prompt=True) for p in prompts) / len(prompts)
+              + sum(ours["length"]) / len(ours["length"]))
+    peak, n_params = matmul_peak_flops(), count_params(bundled_model_dir())
+    completion_flops = sum(model_flops(n_params, tokens, kind) for kind in ("generate", "forward", "train"))
     print_result(speedup=ours["completions_s"] / theirs["completions_s"],
                  mem_ratio=ours["peak_rss_mb"] / theirs["peak_rss_mb"],
                  rlhfkit_completions_s=ours["completions_s"], trl_completions_s=theirs["completions_s"],
                  ppo_step_s=results["ppo"]["mean_step_s"] if "ppo" in results else float("nan"),
-                 cpu_speedup=ours["completions_cpu_s"] / theirs["completions_cpu_s"], rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=theirs["peak_rss_mb"], steps=args.steps,
-                 warmup=args.warmup)
+                 cpu_speedup=ours["completions_cpu_s"] / theirs["completions_cpu_s"],
+                 rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=theirs["peak_rss_mb"], steps=args.steps,
+                 warmup=args.warmup, frac_of_peak=frac_of_peak(ours["completions_s"] * completion_flops, peak),
+                 peak_gflop_s=peak / 1e9)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ TRL is configured for parity, not with its defaults: ``gradient_checkpointing=Fa
 True; rlhfkit does not checkpoint), ``bf16=False`` (default True; this benchmark is fp32), constant
 LR without warmup, no checkpoint saving. Its pad token is set to ``<|endoftext|>`` as rlhfkit does
 (the GGUF's pad is EOS). The last line is
-``RESULT speedup=... mem_ratio=... rlhfkit_pairs_s=... trl_pairs_s=...``.
+``RESULT speedup=... mem_ratio=... rlhfkit_pairs_s=... trl_pairs_s=... frac_of_peak=...`` (model FLOPs per second / the
+measured fp32 matmul rate, bench/common.py).
 """
 
 from __future__ import annotations
@@ -36,7 +37,17 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import (  # noqa: E402
+    chat_tokens,
+    count_params,
+    frac_of_peak,
+    matmul_peak_flops,
+    model_flops,
+    print_result,
+    run_worker,
+    self_peak_rss_mb,
+    write_worker_result,
+)
 
 LR = 1e-5
 _SENTENCES = [
@@ -188,9 +199,17 @@ def main() -> None:
                   f"{m.wall_s:6.1f} s  losses {[round(x, 3) for x in r['losses']]}", flush=True)
     ours, trl_ = results["rlhfkit"], results["trl"]
     print(f"TRL {trl_.get('version')} optimizer: {trl_.get('optim')}")
-    print_result(speedup=ours["pairs_s"] / trl_["pairs_s"], mem_ratio=ours["peak_rss_mb"] / trl_["peak_rss_mb"],
-                 rlhfkit_pairs_s=ours["pairs_s"], trl_pairs_s=trl_["pairs_s"], rlhfkit_rss_mb=ours["peak_rss_mb"],
-                 trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps, batch_size=args.batch_size, k=args.k)
+    # frac_of_peak: forward + backward (6 N T) over both replies' chat-templated tokens per pair, per second
+    tokens = sum(chat_tokens(tok, r["prompt"] + [r["chosen"]]) + chat_tokens(tok, r["prompt"] + [r["rejected"]])
+                 for r in rows) / len(rows)
+    peak, n_params = matmul_peak_flops(), count_params(bundled_model_dir())
+    pair_flops = model_flops(n_params, tokens, "train")
+    print_result(speedup=ours["pairs_s"] / trl_["pairs_s"],
+                 mem_ratio=ours["peak_rss_mb"] / trl_["peak_rss_mb"], rlhfkit_pairs_s=ours["pairs_s"],
+                 trl_pairs_s=trl_["pairs_s"], rlhfkit_rss_mb=ours["peak_rss_mb"],
+                 trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps, batch_size=args.batch_size, k=args.k,
+                 frac_of_peak=frac_of_peak(ours["pairs_s"] * pair_flops, peak),
+                 trl_frac_of_peak=frac_of_peak(trl_["pairs_s"] * pair_flops, peak), peak_gflop_s=peak / 1e9)
 
 
 if __name__ == "__main__":

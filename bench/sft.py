@@ -27,7 +27,8 @@ the same ratio by a clock that load disturbs much less. Peak RSS is the whole pr
 accounting of the finished child); the figure at the last step leaves out rlhfkit's final
 checkpoint save (TRL is told not to save).
 
-The last line is ``RESULT speedup=... mem_ratio=... rlhfkit_tok_s=... trl_tok_s=... speedup_cpu=...``.
+The last line is ``RESULT speedup=... mem_ratio=... rlhfkit_tok_s=... trl_tok_s=... speedup_cpu=... frac_of_peak=...``
+(``frac_of_peak``: model FLOPs per second / the measured fp32 matmul rate, bench/common.py).
 """
 
 from __future__ import annotations
@@ -41,7 +42,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_result, run_worker, self_peak_rss_mb, write_worker_result  # noqa: E402
+from common import (  # noqa: E402
+    count_params,
+    frac_of_peak,
+    matmul_peak_flops,
+    model_flops,
+    print_result,
+    run_worker,
+    self_peak_rss_mb,
+    write_worker_result,
+)
 
 LR = 1e-5
 _SUBJECTS = ["the old lighthouse", "a small garden", "the city library", "a mountain village", "the river delta",
@@ -238,11 +248,16 @@ def main() -> None:
     ours, trl_ = results["rlhfkit"], results["trl"]
     print(f"TRL {trl_.get('version')} optimizer: {trl_.get('optim')}; load average at the end: "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    # frac_of_peak: training FLOPs (6 x params x real tokens) per second / the measured fp32 matmul rate
+    peak, n_params = matmul_peak_flops(args.threads), count_params(bundled_model_dir())
+    frac = {k: frac_of_peak(model_flops(n_params, r["tok_s"], "train"), peak) for k, r in results.items()}
     # speedup_cpu: the same ratio by CPU time, which other processes' load disturbs much less
     print_result(speedup=ours["tok_s"] / trl_["tok_s"], mem_ratio=ours["peak_rss_mb"] / trl_["peak_rss_mb"],
-                 rlhfkit_tok_s=ours["tok_s"], trl_tok_s=trl_["tok_s"], speedup_cpu=ours["tok_cpu_s"] / trl_["tok_cpu_s"],
-                 rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps,
-                 batch_size=args.batch_size, threads=args.threads or "default")
+                 rlhfkit_tok_s=ours["tok_s"], trl_tok_s=trl_["tok_s"],
+                 speedup_cpu=ours["tok_cpu_s"] / trl_["tok_cpu_s"], rlhfkit_rss_mb=ours["peak_rss_mb"],
+                 trl_rss_mb=trl_["peak_rss_mb"], steps=args.steps, batch_size=args.batch_size,
+                 threads=args.threads or "default", frac_of_peak=frac["rlhfkit"], trl_frac_of_peak=frac["trl"],
+                 peak_gflop_s=peak / 1e9)
 
 
 if __name__ == "__main__":
