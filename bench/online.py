@@ -131,7 +131,8 @@ def worker_rlhfkit(args) -> None:
                           max_steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, samples_per_prompt=K,
                           max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE, top_p=1.0, lr=LR, beta=BETA,
                           epochs_per_step=1, mini_batch_size=None, micro_batch_size=PROMPTS_PER_STEP * K,
-                          eval_every=0, sample_every=0, mixed_precision="no", progress=False)
+                          eval_every=0, sample_every=0, mixed_precision="no", progress=False,
+                          rollout_backend=args.rollout_backend)
     grpo.train(cfg)
     rows = _rows(run_dir)
     write_worker_result(args.out, framework="rlhfkit", step_s=[r["perf/step_s"] for r in rows], cpu_s=cpu,
@@ -228,6 +229,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the rates (one-off costs)")
     p.add_argument("--no-ppo", action="store_true", help="skip the rlhfkit PPO step-time run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per framework before it is killed")
+    p.add_argument("--rollout-backend", choices=("hf", "fast"), default="hf",
+                   help="rlhfkit GRPO's generation backend: 'fast' = the int8 CPU engine with the IS correction "
+                        "(docs/generation.md); decides whether 'fast' should become the CPU default")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -249,7 +253,8 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for name in ["rlhfkit", "trl"] + ([] if args.no_ppo else ["ppo"]):
             out = Path(tmp) / f"{name}.json"
-            r, m = run_worker(__file__, name, out, "--steps", args.steps, env=env, timeout=args.timeout)
+            r, m = run_worker(__file__, name, out, "--steps", args.steps, "--rollout-backend", args.rollout_backend,
+                              env=env, timeout=args.timeout)
             r.update(timed(r, args.warmup), peak_rss_mb=m.peak_rss_mb)
             results[name] = r
             print(f"{name:>8}: {r['completions_s']:6.3f} completions/s ({r['completions_cpu_s']:6.3f} per CPU-s)  "
@@ -278,7 +283,7 @@ def main() -> None:
                  cpu_speedup=ours["completions_cpu_s"] / theirs["completions_cpu_s"],
                  rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=theirs["peak_rss_mb"], steps=args.steps,
                  warmup=args.warmup, frac_of_peak=frac_of_peak(ours["completions_s"] * completion_flops, peak),
-                 peak_gflop_s=peak / 1e9)
+                 peak_gflop_s=peak / 1e9, rollout_backend=args.rollout_backend)
 
 
 if __name__ == "__main__":
