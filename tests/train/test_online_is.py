@@ -157,3 +157,19 @@ def test_auto_backend_is_fast_for_a_llama_on_a_cpu():
     model, _ = load_model("tiny:0.5", seed=0)
     assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto"), model) == "fast"
     assert online_rollout.resolve_backend(grpo.GRPOConfig(), model) == "hf"  # the default stays hf
+
+
+def test_cmpo_and_dapo_refill_run_with_the_fast_backend(tmp_path):
+    """CMPO samples from its prior through the engine (and evaluates the policy through the same engine,
+    syncing it back and forth); DAPO's refill joins rollouts of different widths, sampler log-probs
+    included (padded with 0 beyond each mask)."""
+    from rlhfkit.train import cmpo
+
+    cfg = cmpo.CMPOConfig(**common(rollout_backend="fast", total_steps=1, eval_every=1, eval_prompts=2,
+                                   output_dir=str(tmp_path / "cmpo")))
+    cmpo.train(cfg, reward_fn=length_reward, task=ToyTask())
+    assert "rollout/is_weight_mean" in metrics_rows(tmp_path / "cmpo")[-1]
+    cfg = grpo.GRPOConfig(**common(rollout_backend="fast", total_steps=1, dynamic_sampling=True,
+                                   dynamic_sampling_rounds=2, output_dir=str(tmp_path / "dapo")))
+    grpo.train(cfg, reward_fn=lambda r: (r.completion_ids[:, 0] % 2).float(), task=ToyTask())
+    assert "rollout/logp_diff_mean" in metrics_rows(tmp_path / "dapo")[-1]
