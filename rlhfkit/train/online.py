@@ -33,10 +33,11 @@ from rlhfkit.losses.importance import IS_CAP, masked_truncated_is_weights
 from rlhfkit.losses.kl import KL_ESTIMATORS
 from rlhfkit.models import load_model
 from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
+from rlhfkit.models.lora import is_lora, load_policy
 from rlhfkit.ops import exact_div
 from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Rollout, SamplingConfig
-from rlhfkit.train import runtime
+from rlhfkit.train import runtime, sharding
 from rlhfkit.train.online_eval import HeldOutEval
 from rlhfkit.train.online_rollout import (
     IMPORTANCE_SAMPLING,
@@ -224,6 +225,8 @@ class Start:
     """The task (its gold reward), or None when the prompts come from data without a task."""
     policy: object
     ref: object
+    """The reference: a frozen copy of the starting model, or with LoRA the policy itself (run it through
+    ``lora.reference_model(ref)``, which disables the adapter)."""
     tok: object
     reward: object
     total: int
@@ -273,17 +276,25 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
     process's share of the prompts, the prompt stream and the held-out eval hook."""
     cfg.validate()  # again: a field may have been set after construction
     acc = runtime.make_accelerator(cfg.mixed_precision)
+    sharding.check_process_split(cfg, acc.num_processes)  # before any model loads
     runtime.seed_everything(cfg.seed + acc.process_index)
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     task, train_rows, held_rows = prompt_sets(cfg, task, prompts)
     # bad data and a missing column fail here, before the models load and the run directory opens
     reward = rewards.make_reward(cfg.reward, reward_fn, task, acc.device)
     reward.check(train_rows + held_rows)
-    policy, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    if cfg.lora_r and cfg.rollout_backend != "hf":  # 'fast' and vLLM copy plain weights: an adapter's do not fit
+        raise ValueError(f"lora_r > 0 needs rollout_backend 'hf', got {cfg.rollout_backend!r} (the fast and vLLM "
+                         "backends read plain weights and do not apply a LoRA adapter yet)")
+    policy, tok = load_policy(cfg, ckpt)  # LoRA-wrapped when lora_r > 0 (models/lora.py)
     reward.tokenizer = tok  # an rm: sharing the policy's vocabulary scores the sampled ids as they are
-    # The reference is always loaded: the KL penalty needs it when beta > 0, the eval hook reports KL.
-    ref, _ = load_model(cfg.model, seed=cfg.seed)
-    ref.eval().requires_grad_(False).to(acc.device)
+    # The reference is always there: the KL penalty needs it when beta > 0, the eval hook reports KL. With
+    # LoRA it is the policy itself, run with its adapter off (lora.reference_model): no second copy.
+    if is_lora(policy):
+        ref = policy
+    else:
+        ref, _ = load_model(cfg.model, seed=cfg.seed)
+        ref.eval().requires_grad_(False).to(acc.device)
     return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
                  local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
                  stream=PromptStream(train_rows, cfg.seed),

@@ -7,10 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlhfkit.models.lora import reference_model
 from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Sampler
 from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.train.online_rollout import component_metrics
+from rlhfkit.train.sharding import full_parameters
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
     from rlhfkit.train.online import OnlineConfig
@@ -37,6 +39,10 @@ class HeldOutEval:
     With no held-out prompts (``eval_fraction`` 0) the hook reports nothing.
     """
 
+    acc = None
+    """The accelerator that prepared the policy, or None: only FSDP1 needs it (to find the root wrapper
+    of the sampler's unwrapped model); plain, DDP, FSDP2 and ZeRO-3 are read from the model itself."""
+
     def __init__(self, ref_model, reward: rewards.RewardSource, task, prompts: list, cfg: OnlineConfig):
         self.ref_model, self.reward, self.task, self.prompts, self.cfg = ref_model, reward, task, prompts, cfg
         self.start_gold: torch.Tensor | None = None
@@ -45,7 +51,8 @@ class HeldOutEval:
     def __call__(self, sampler: Sampler) -> dict:
         if not self.prompts:
             return {}
-        r = sampler.sample([row.messages for row in self.prompts], seed=EVAL_SEED)
+        with full_parameters(self.acc, sampler.model):  # FSDP / ZeRO-3: gathered weights (train/sharding.py)
+            r = sampler.sample([row.messages for row in self.prompts], seed=EVAL_SEED)
         r.extras["rows"] = list(self.prompts)
         out = {"eval/length": r.completion_mask.sum(1).float().mean().item()}
         if self.task is not None:
@@ -67,7 +74,8 @@ class HeldOutEval:
             wins = (now > then).float() + 0.5 * (now == then).float()
             out["eval/win_rate_start"] = wins.mean().item()
         if self.ref_model is not None:
-            ref = self.cfg.logps(self.ref_model, r)
+            with reference_model(self.ref_model) as ref_model:  # LoRA: the policy with its adapter off
+                ref = self.cfg.logps(ref_model, r)
             kl = ((r.logps - ref) * r.completion_mask).sum(1).mean().item()
             out["eval/kl"] = kl
             out["eval/sqrt_kl"] = math.sqrt(max(kl, 0.0))

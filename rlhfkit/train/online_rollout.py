@@ -16,6 +16,7 @@ import torch
 from rlhfkit.config import check_choice
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.models.loading import resolve
+from rlhfkit.models.lora import reference_model
 from rlhfkit.ops import masked_mean
 from rlhfkit.rollout.engine import Rollout, Sampler
 from rlhfkit.rollout.fast import SUPPORTED_MODEL_TYPES, FastBackend
@@ -145,7 +146,8 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
                            with_logps=with_logps)
     r.extras["rows"] = rows
     if s.ref is not None:
-        r.ref_logps = cfg.logps(s.ref, r)
+        with full_parameters(s.acc, s.ref), reference_model(s.ref) as ref:  # LoRA: the policy, adapter off
+            r.ref_logps = cfg.logps(ref, r)
     raw, parts = s.reward.score(r)
     r.extras["raw_scores"] = raw.clone()
     for name, part in parts.items():  # one flat (B,) entry each: Rollout.select slices them with the rows
