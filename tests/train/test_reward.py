@@ -130,9 +130,11 @@ def train_cfg(tmp_path, data, **kw) -> RewardConfig:
 
 
 def test_freeze_backbone_trains_only_the_head(tmp_path):
+    """Without the probe (probe=False) a frozen-backbone RM takes 3 AdamW steps on its head alone."""
     data = write_jsonl(tmp_path / "p.jsonl", toy_prefs(8))
-    out = train(train_cfg(tmp_path, data, freeze_backbone=True, max_steps=3, eval_fraction=0.0, lr=1e-2,
+    out = train(train_cfg(tmp_path, data, freeze_backbone=True, probe=False, max_steps=3, eval_fraction=0.0, lr=1e-2,
                           batch_size=8, norm_samples=8))
+    assert out["steps"] == 3
     start, trained = RewardModel.init_from("tiny", seed=0).model, RewardModel.load(out["checkpoint"]).model
     for (name, a), b in zip(start.named_parameters(), trained.parameters()):
         moved = not torch.equal(a, b)
