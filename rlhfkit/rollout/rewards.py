@@ -222,6 +222,7 @@ class CustomReward:
     """Adapter so a Python ``reward_fn(rollout) -> (B,)`` plugs in where a RewardSource goes."""
 
     uses_gold_only = False
+    needs_reference = False
     names: list[str] = []
     last_parts: dict = {}
 
@@ -230,6 +231,9 @@ class CustomReward:
 
     def check(self, rows: list) -> None:
         pass
+
+    def attach_reference(self, replies) -> None:
+        """No pairwise judge here: nothing to attach (so a trainer may call it on any reward)."""
 
     def score(self, r: Rollout) -> tuple[torch.Tensor, dict]:
         return self(r), {}

@@ -103,3 +103,17 @@ def test_pairwise_reward_source_with_the_tiny_model(tiny):
     assert total.shape == (2,) and bool(((total > 0) & (total < 1)).all())
     assert total[1].item() == pytest.approx(0.5, abs=1e-6)
     assert not RewardSource("judge:tiny", None, CPU).needs_reference
+
+
+def test_attach_reference_is_a_no_op_without_a_pairwise_judge():
+    """A trainer may attach its reference to any reward: a spec without judge:...:pairwise and a
+    reward_fn(rollout) ignore it (nothing is built, nothing is called)."""
+    from rlhfkit.rollout.rewards import CustomReward
+
+    called = []
+    source = RewardSource("verify:regex=^a", None, CPU)
+    source.attach_reference(lambda prompts: called.append(prompts))
+    custom = CustomReward(lambda r: [1.0])
+    custom.attach_reference(lambda prompts: called.append(prompts))
+    assert not source.needs_reference and not custom.needs_reference
+    assert source(SimpleNamespace(prompts=[P1], completions=["abc"], extras={})).tolist() == [1.0] and not called
