@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from rlhfkit.config import ConfigError, add_config_arguments, config_from_args
-from rlhfkit.evaluate.reward_model import reward_model_report
+from rlhfkit.evaluate.reward_model import format_summary, reward_model_report
 from rlhfkit.models.heads import RewardModel
 from rlhfkit.train.reward import REPORT_FILE, RewardConfig, train
 from rlhfkit.train.reward_data import read_preferences
@@ -39,7 +39,9 @@ def train_main(argv: list[str]) -> int:
 
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="rlhfkit reward eval", description="Evaluate a reward model on preference records: "
-                                "accuracy (overall, per task and category), calibration (ECE), length correlation.")
+                                "accuracy vs the labels and, where replies have a gold reward, vs gold, the label "
+                                "ceiling and the best-of-K gain, each with a 95% CI over prompts; also accuracy per "
+                                "task and category, calibration (ECE), length correlation.")
     p.add_argument("--rm", required=True, help="reward model directory (e.g. runs/X/checkpoints/step-N)")
     p.add_argument("--data", required=True, help="preference records to evaluate on")
     p.add_argument("--output-dir", help=f"where {REPORT_FILE} goes (default: the RM's run directory)")
@@ -55,6 +57,7 @@ def eval_main(argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "calibration"}, indent=2))
+    print(format_summary(report))
     print(f"[rlhfkit] wrote {out_dir / REPORT_FILE}")
     return 0
 

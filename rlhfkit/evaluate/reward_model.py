@@ -189,3 +189,22 @@ def gold_report(records: list[PreferenceRecord], diff: np.ndarray, raw_c: np.nda
                             if n in out and too_uncertain(out[n])]
     out["notes"] = notes
     return out
+
+
+def format_summary(report: dict) -> str:
+    """The report's RLHF-relevant lines: accuracy vs labels and vs gold with CIs, the ceiling, best-of-K
+    and what is too uncertain."""
+    def ci(c: dict | None, fmt: str = ".3f") -> str:
+        if not c or c.get("value") is None:
+            return "n/a"
+        return f"{c['value']:{fmt}} [{c['ci_low']:{fmt}}, {c['ci_high']:{fmt}}]"
+
+    lines = [f"accuracy vs labels: {ci(report.get('accuracy_ci'))} on {report.get('decided')} pairs"]
+    if "gold_accuracy_ci" in report:
+        lines.append(f"accuracy vs gold:   {ci(report['gold_accuracy_ci'])} (ceiling, labels vs gold: "
+                     f"{ci(report.get('label_gold_agreement_ci'))})")
+    bok = report.get("best_of_k")
+    if bok:
+        lines.append(f"best-of-{bok['k']} gold gain: {ci(bok['gain'], '+.3f')} (oracle {ci(bok['oracle_gain'], '+.3f')}) "
+                     f"on {bok['prompts']} prompts")
+    return "\n".join(lines + [f"note: {n}" for n in report.get("notes", [])])
