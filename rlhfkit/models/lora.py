@@ -104,12 +104,18 @@ def apply_lora(model: nn.Module, cfg_or_settings, *, head_names=(), seed: int | 
     if seed is None:
         seed = int(cfg_or_settings.get("seed", 0) if isinstance(cfg_or_settings, dict)
                    else getattr(cfg_or_settings, "seed", 0))
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        # peft 0.21 asks transformers 5 the deprecated is_gradient_checkpointing: not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with torch.random.fork_rng(devices=[]), _quiet_peft():
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     return wrapped
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft 0.21 asks transformers 5 the deprecated ``is_gradient_checkpointing`` (a FutureWarning per wrap)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def _unwrap(model):
@@ -192,7 +198,8 @@ def load_adapter(model, path, *, trainable: bool = True):
     if not (p / ADAPTER_WEIGHTS).exists():
         raise ValueError(f"{p}: no {ADAPTER_WEIGHTS}; rlhfkit loads adapters from safetensors only "
                          "(a pickled adapter_model.bin is not read)")
-    return PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, str(p), is_trainable=trainable)
 
 
 def load_adapter_weights(model, path) -> None:

@@ -27,6 +27,7 @@ from rlhfkit.losses.cmpo import RunningScale, cmpo_regulariser, cmpo_weight_metr
 from rlhfkit.losses.kl import kl_per_token
 from rlhfkit.losses.ppo import ppo_policy_loss
 from rlhfkit.models import load_model
+from rlhfkit.models.lora import is_adapter_dir, load_adapter_weights
 from rlhfkit.ops import AGGREGATIONS, aggregate_loss, masked_mean, masked_sum
 from rlhfkit.rollout.engine import HFBackend, Rollout, Sampler
 from rlhfkit.train import online, online_rollout, runtime
@@ -150,6 +151,9 @@ def load_prior(policy, ckpt, seed: int):
     (it moves only by :class:`PriorTrackingOptimizer`'s EMA)."""
     if ckpt is None:
         prior = copy.deepcopy(policy)
+    elif is_adapter_dir(ckpt / "prior"):  # LoRA: the prior is the same base with its own adapter
+        prior = copy.deepcopy(policy)
+        load_adapter_weights(prior, ckpt / "prior")
     elif (ckpt / "prior").exists():
         prior, _ = load_model(str(ckpt / "prior"), seed=seed)
     else:

@@ -43,6 +43,7 @@ from rlhfkit.models import load_model, load_tokenizer
 from rlhfkit.models.batching import pad_completions
 from rlhfkit.models.loading import TINY, resolve
 from rlhfkit.models.logps import completion_logps
+from rlhfkit.models.lora import is_adapter_dir, is_lora, load_policy, reference_model
 from rlhfkit.ops import masked_sum
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.dpo_data import Example, load_examples
@@ -270,9 +271,11 @@ def reference_key(name: str, seed: int, examples: list[Example], acc) -> str:
     return h.hexdigest()
 
 
-def reference_logps(cfg: DPOConfig, examples: list[Example], run_path: Path, tok, acc) -> tuple[torch.Tensor, str]:
+def reference_logps(cfg: DPOConfig, examples: list[Example], run_path: Path, tok, acc, policy=None
+                    ) -> tuple[torch.Tensor, str]:
     """(N, 2) reference log-probs of ``examples``: read from ``run_path/ref_logps.pt`` when its key
-    matches, else computed once with the reference model, which is deleted before returning."""
+    matches, else computed once with the reference model, which is deleted before returning. ``policy``:
+    a LoRA policy whose adapter-disabled self is the reference (the same weights as ``cfg.model``)."""
     name = cfg.reference_model or cfg.model
     key = reference_key(name, cfg.seed, examples, acc)
     cache = run_path / "ref_logps.pt"
@@ -280,12 +283,12 @@ def reference_logps(cfg: DPOConfig, examples: list[Example], run_path: Path, tok
         saved = torch.load(cache, map_location="cpu", weights_only=True)
         if saved.get("key") == key:
             return saved["logps"], "cached"
-    ref, ref_tok = load_reference(name, cfg.seed)
+    ref, ref_tok = (policy, tok) if policy is not None else load_reference(name, cfg.seed)
     if ref_tok.get_vocab() != tok.get_vocab():
         raise ValueError(f"reference_model {name!r} has a different tokenizer from the policy {cfg.model!r}; "
                          "DPO compares log-probs of the same token ids, so both must share one vocabulary")
-    ref = ref.to(acc.device)
-    logps, _ = logps_table(ref, examples, cfg, tok.pad_token_id, acc)
+    with reference_model(ref.to(acc.device)) as ref_model:  # LoRA: the policy with its adapter off
+        logps, _ = logps_table(ref_model, examples, cfg, tok.pad_token_id, acc)
     del ref  # the reference never coexists with the policy's weights, gradients and optimizer state
     gc.collect()
     acc.wait_for_everyone()
@@ -324,8 +327,10 @@ def kl_to_reference(model, prompts: list[list[int]], cfg: DPOConfig, tok, acc, s
     batch = pad_completions(prompts, completions, tok.pad_token_id)
     logp = completion_logps(policy, batch, layout="shared")
     mask = batch.completion_mask.to(logp.device)
-    ref, _ = load_reference(cfg.reference_model or cfg.model, cfg.seed)
-    ref_logp = completion_logps(ref.to(acc.device), batch, layout="shared")
+    lora = is_lora(policy) and not cfg.reference_model
+    ref = policy if lora else load_reference(cfg.reference_model or cfg.model, cfg.seed)[0].to(acc.device)
+    with reference_model(ref) as ref_model:  # LoRA: the policy itself with its adapter off, no second copy
+        ref_logp = completion_logps(ref_model, batch, layout="shared")
     del ref
     gc.collect()
     kl = masked_sum(logp - ref_logp, mask, dim=1)  # (B,)
@@ -347,7 +352,7 @@ def train(cfg: DPOConfig) -> dict:
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    tok = load_tokenizer(str(ckpt) if ckpt else cfg.model)
+    tok = load_tokenizer(str(ckpt) if ckpt and not is_adapter_dir(ckpt) else cfg.model)
 
     # 2. data: tokenize, split off eval, fix the step count
     data, counts = load_examples(cfg.data, tok, cfg)
@@ -359,17 +364,20 @@ def train(cfg: DPOConfig) -> dict:
     run = runtime.open_run(cfg, "dpo", acc, steps.total)
     result = {"run_dir": str(run.path), **counts, "train_examples": len(data), "eval_examples": len(eval_set)}
 
-    # 3. reference log-probs: once per dataset, before the policy exists; none for reference-free losses
+    # 3. reference log-probs: once per dataset, before the policy exists; none for reference-free losses.
+    # With LoRA the policy comes first: its adapter-disabled self is the reference (docs/lora.md)
+    model = load_policy(cfg, ckpt)[0].to(acc.device) if cfg.lora_r and not cfg.reference_model else None
     ref = eval_ref = None
     if cfg.loss not in REFERENCE_FREE:
         with runtime.Timer() as t:
-            ref, result["ref_logps"] = reference_logps(cfg, data + eval_set, run.path, tok, acc)
+            ref, result["ref_logps"] = reference_logps(cfg, data + eval_set, run.path, tok, acc, policy=model)
         result["ref_pass_s"] = t.seconds
         ref, eval_ref = ref[:len(data)], ref[len(data):]
     kl_prompts = list({tuple(e.prompt_ids): None for e in eval_set})[:cfg.kl_prompts] if ref is not None else []
 
     # 4. policy, optimizer, schedule, resumed state
-    model, _ = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    if model is None:
+        model, _ = load_policy(cfg, ckpt)
     model.config.use_cache = False
     model, opt, sched, step = offline.start_optimizer(model, cfg, acc, steps, ckpt)
     run.advance(step)

@@ -114,7 +114,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     # 1. runtime, task, policy + frozen reference, reward, critic; one optimizer over policy + critic
     s = online.start(cfg, reward_fn, task, prompts)
     acc = s.acc
-    critic = load_value_model(critic_source(cfg, s.ckpt), cfg.model, cfg.seed)
+    critic = load_value_model(critic_source(cfg, s.ckpt), cfg.model, cfg.seed, lora=cfg)  # LoRA + head when lora_r > 0
     opt = runtime.adamw(list(s.policy.parameters()) + list(critic.parameters()), acc, cfg.lr, cfg.adam_eps)
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, s.total)
     policy, critic, opt = acc.prepare(s.policy, critic, opt)

@@ -26,8 +26,8 @@ from rlhfkit.data.chat import TokenizedChat, tokenize_chat
 from rlhfkit.data.formats import to_conversation
 from rlhfkit.data.io import read_rows
 from rlhfkit.data.records import DataError
-from rlhfkit.models import load_model
 from rlhfkit.models.batching import right_pad
+from rlhfkit.models.lora import load_policy
 from rlhfkit.train import offline, runtime
 
 PACKINGS = ("padding_free", "padded")
@@ -198,7 +198,7 @@ def train(cfg: SFTConfig) -> dict:
     acc = runtime.make_accelerator(cfg.mixed_precision)
     runtime.seed_everything(cfg.seed + acc.process_index)
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
-    model, tok = load_model(str(ckpt) if ckpt else cfg.model, seed=cfg.seed)
+    model, tok = load_policy(cfg, ckpt)  # LoRA-wrapped when lora_r > 0 (docs/lora.md)
     model.config.use_cache = False
     if cfg.packing == "padding_free":
         use_segment_attention(model)
