@@ -46,9 +46,9 @@ def sharding_kind(acc, model: torch.nn.Module) -> str:
 
     if any(isinstance(m, FSDPModule) for m in inner.modules()):
         return "fsdp2"
-    if isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel) for m in inner.modules()):
-        return "fsdp1"
-    if any(getattr(p, FSDP_FLATTENED, False) for p in params):
+    wrapped = isinstance(model, FullyShardedDataParallel) or any(isinstance(m, FullyShardedDataParallel)
+                                                                 for m in inner.modules())
+    if wrapped or any(getattr(p, FSDP_FLATTENED, False) for p in params):
         return "fsdp1"
     return "none"
 

@@ -17,9 +17,9 @@ import sys
 from grpo_two_process import run
 
 STEPS = 3
-SETTINGS = dict(model="tiny", task="sentiment", rollout_backend="hf", prompts_per_step=8, samples_per_prompt=1, max_new_tokens=12,
-                total_steps=STEPS, epochs_per_step=2, mini_batch_size=None, lr=1e-3, lr_schedule="constant",
-                eval_every=0, sample_every=0, progress=False, missing_eos_penalty=None, seed=3)
+SETTINGS = dict(model="tiny", task="sentiment", rollout_backend="hf", prompts_per_step=8, samples_per_prompt=1,
+                max_new_tokens=12, total_steps=STEPS, epochs_per_step=2, mini_batch_size=None, lr=1e-3,
+                lr_schedule="constant", eval_every=0, sample_every=0, progress=False, missing_eos_penalty=None, seed=3)
 
 
 def config(out_dir: str):
