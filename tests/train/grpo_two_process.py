@@ -23,10 +23,11 @@ from pathlib import Path
 
 STEPS = 3
 SETTINGS = dict(model="tiny", task="sentiment", rollout_backend="hf", prompts_per_step=4, samples_per_prompt=4,
-                max_new_tokens=12, total_steps=STEPS, lr=1e-3, lr_schedule="constant", eval_every=0, sample_every=0,
-                progress=False, missing_eos_penalty=None, seed=3)
+                max_new_tokens=12, total_steps=STEPS, lr=1e-3, lr_schedule="constant", eval_every=STEPS, eval_prompts=4,
+                sample_every=0, progress=False, missing_eos_penalty=None, seed=3)
 """A large LR, so that steps 2-3 run on weights the first updates changed (a wrong gradient shows). No EOS
-penalty: the tiny model rarely emits EOS in 12 tokens, and every score -1 would make every advantage 0."""
+penalty: the tiny model rarely emits EOS in 12 tokens, and every score -1 would make every advantage 0.
+The eval hook runs at steps 0 and 3 on 4 held-out prompts (every process samples all of them)."""
 
 
 @contextlib.contextmanager

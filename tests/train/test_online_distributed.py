@@ -39,6 +39,8 @@ def one_and_two(script: str, config, train, tmp: Path) -> tuple[list[dict], list
 
 
 def assert_match(one: list[dict], two: list[dict], keys: tuple[str, ...], steps: int) -> None:
+    """The training steps' rows (step >= 1; the step-0 eval row is compared on its own) agree on ``keys``."""
+    one, two = [r for r in one if r["step"] > 0], [r for r in two if r["step"] > 0]
     assert [row["step"] for row in one] == [row["step"] for row in two] == list(range(1, steps + 1))
     for a, b in zip(one, two):
         for key in keys:
@@ -67,7 +69,14 @@ def test_grpo_two_processes_match_one(grpo_runs):
     on every earlier update having averaged the two processes' gradients."""
     one, two = grpo_runs
     assert_match(one, two, GRPO_KEYS, grpo_two_process.STEPS)
-    assert one[0]["optim/grad_norm"] > 0.1 and one[-1]["loss/kl"] > 1e-4  # the check is not on zeros
+    assert one[1]["optim/grad_norm"] > 0.1 and one[-1]["loss/kl"] > 1e-4  # the check is not on zeros
+    # the eval hook (sampling inside sharding.full_parameters) at the start and the end: the main process's
+    # eval, on the policy both runs trained, sampled with the same seed
+    assert one[0]["step"] == two[0]["step"] == 0
+    for a, b in ((one[0], two[0]), (one[-1], two[-1])):
+        for key in ("eval/gold", "eval/kl", "eval/length"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key)
+    assert abs(one[-1]["eval/kl"]) > 1e-3  # a 4-sample estimate of the KL: its sign is noise, its size is not 0
 
 
 @pytest.mark.slow
