@@ -173,3 +173,29 @@ def test_cmpo_and_dapo_refill_run_with_the_fast_backend(tmp_path):
                                    dynamic_sampling_rounds=2, output_dir=str(tmp_path / "dapo")))
     grpo.train(cfg, reward_fn=lambda r: (r.completion_ids[:, 0] % 2).float(), task=ToyTask())
     assert "rollout/logp_diff_mean" in metrics_rows(tmp_path / "dapo")[-1]
+
+
+@pytest.mark.slow
+def test_grpo_learns_the_toy_reward_with_the_fast_backend(tmp_path):
+    """The toy task of tests/train/test_online.py (reward = fraction of completion tokens in a set S),
+    sampled by the int8 engine with the TIS correction: the reward rises, and falls on the negated
+    reward (a flipped loss or weight sign fails one of the two)."""
+    from toy_rl import frac_in_set, make_token_set
+
+    S = make_token_set()
+
+    def signed(sign):  # one-argument reward_fn(rollout): a second parameter would read as a TRL column
+        return lambda r: sign * frac_in_set(S, r)
+
+    curves = {}
+    for sign in (+1, -1):
+        out = tmp_path / f"run{sign:+d}"
+        cfg = grpo.GRPOConfig(**common(rollout_backend="fast", total_steps=12, prompts_per_step=4, samples_per_prompt=4,
+                                       max_new_tokens=8, lr=5e-2, beta=0.0, aggregation="token_mean",
+                                       output_dir=str(out)))
+        grpo.train(cfg, reward_fn=signed(sign), task=ToyTask())
+        curves[sign] = [sign * row["reward/mean"] for row in metrics_rows(out) if "reward/mean" in row]
+    up, down = curves[+1], curves[-1]
+    start = (up[0] + down[0]) / 2
+    assert sum(up[-3:]) / 3 > start + 0.25, up
+    assert sum(down[-3:]) / 3 < start - 0.05, down
