@@ -109,7 +109,7 @@ def cmpo_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: CMPOConfig) -> tuple[
     mask = mb.completion_mask
     logps, entropy = cfg.logps(policy, mb, with_entropy=True)
     loss, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, aggregation=cfg.aggregation,
-                                    max_tokens=cfg.max_new_tokens, is_weights=online.is_weights(cfg, mb, mb.logps))
+                                    max_tokens=cfg.max_new_tokens, is_weights=online_rollout.is_weights(cfg, mb, mb.logps))
     seq_logps = masked_sum(logps, mask, dim=1)  # (B,)
     lengths = mask.sum(1)[:, None] if cfg.length_normalise else None
     # A micro-batch holds any subset of the groups' samples: pass it as (B, 1) with weights K·w; the

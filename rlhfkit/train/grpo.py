@@ -215,7 +215,7 @@ def policy_loss(policy, mb: Rollout, adv: torch.Tensor, cfg: GRPOConfig) -> tupl
     mask = mb.completion_mask
     old = mb.logps if mb.logps is not None else logps.detach()  # see GRPOConfig.logps_from_training_pass
     loss, metrics = loss_fn(logps, old, adv, mask, cfg.clip_eps, cfg.clip_eps_high, cfg.aggregation, cfg.max_new_tokens,
-                            is_weights=online.is_weights(cfg, mb, old))  # sampler correction (fast, vllm)
+                            is_weights=online_rollout.is_weights(cfg, mb, old))  # sampler correction (fast, vllm)
     if mb.logps is None:
         metrics[online.TRAINING_LOGPS] = logps.detach()
     if cfg.beta > 0 and not cfg.kl_in_reward:

@@ -29,7 +29,6 @@ import torch
 from rlhfkit.config import CommonConfig, check_choice
 from rlhfkit.data.prompt_data import PromptRow, load_prompt_rows, split_held_out
 from rlhfkit.data.tasks import get_task
-from rlhfkit.losses.importance import IS_CAP, masked_truncated_is_weights
 from rlhfkit.losses.kl import KL_ESTIMATORS
 from rlhfkit.models import load_model
 from rlhfkit.models.logps import SHARED_ROW_TOKENS, completion_logps
@@ -46,6 +45,7 @@ from rlhfkit.train.online_rollout import (
     check_backend_available,
     rollout_metrics,
     sample_rows,
+    sampler_gap_metrics,
 )
 
 LR_SCHEDULES = ("linear", "cosine", "constant")
@@ -418,28 +418,6 @@ def optimize(models: list, opt, r: Rollout, adv: torch.Tensor, loss_fn, cfg: Onl
         r.logps = fresh
     return {**{k: v / updates for k, v in totals.items()}, **sampler_gap_metrics(cfg, r)}
 
-
-def is_weights(cfg: OnlineConfig, mb: Rollout, old_per_token_logps: torch.Tensor) -> torch.Tensor | None:
-    """The micro-batch's truncated importance weights ``min(exp(log π_old - log μ), is_cap)`` (B, C) for the
-    policy-gradient loss, from the trainer's old log-probs (``mb.logps``, or the training pass's own when
-    the rollout was sampled without them) and the sampler's ``mb.extras['sampler_logps']``; None when the
-    correction is off or the sampler is the policy (no sampler log-probs: the loss is then unchanged)."""
-    sampler = mb.extras.get("sampler_logps")
-    if sampler is None or cfg.importance_sampling == "off" or cfg.is_cap == 0:
-        return None
-    return masked_truncated_is_weights(old_per_token_logps, sampler, mb.completion_mask, cfg.is_cap)[0]
-
-
-def sampler_gap_metrics(cfg: OnlineConfig, r: Rollout) -> dict:
-    """``rollout/logp_diff_mean`` (mean |log π_old - log μ| over real tokens), and when the correction is on
-    ``rollout/is_weight_mean`` and ``rollout/is_clipped_frac``, over the whole rollout batch; {} for a
-    sampler without its own log-probs (hf)."""
-    sampler = r.extras.get("sampler_logps")
-    if sampler is None or r.logps is None:
-        return {}
-    _, m = masked_truncated_is_weights(r.logps, sampler, r.completion_mask, cfg.is_cap or IS_CAP)
-    corrected = cfg.importance_sampling != "off" and cfg.is_cap > 0
-    return {k: float(v) for k, v in m.items() if corrected or k == "rollout/logp_diff_mean"}
 
 
 # --- 5. end of step: log, eval, samples, checkpoint ---------------------------------------------------

@@ -92,7 +92,7 @@ def actor_critic_loss(policy, critic, mb: Rollout, adv: torch.Tensor, cfg: PPOCo
     """Clipped policy surrogate + vf_coef x clipped value loss on one micro-batch (N details #10)."""
     mask = mb.completion_mask
     logps, entropy = cfg.logps(policy, mb, with_entropy=True)
-    pg, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, is_weights=online.is_weights(cfg, mb, mb.logps))
+    pg, metrics = ppo_policy_loss(logps, mb.logps, adv, mask, cfg.clip_eps, is_weights=online_rollout.is_weights(cfg, mb, mb.logps))
     values = completion_values(critic, mb)
     vf, vmetrics = value_loss(values, mb.values, mb.extras["returns"], mask, cfg.clip_eps_value)
     metrics.update(vmetrics)

@@ -17,7 +17,7 @@ from toy_rl import ToyTask
 
 from rlhfkit.models import load_model
 from rlhfkit.rollout.engine import Sampler
-from rlhfkit.train import grpo, online, online_rollout, ppo
+from rlhfkit.train import grpo, online_rollout, ppo
 
 
 def common(**kw):
@@ -99,12 +99,12 @@ def test_hf_backend_leaves_the_loss_unchanged(hf_batch):
     """HF samples from the policy itself: no sampler log-probs, no weights, the loss of the uncorrected
     code path exactly (value and gradient), and the same as a sampler whose log-probs equal the policy's."""
     cfg, model, r, adv = hf_batch
-    assert "sampler_logps" not in r.extras and online.is_weights(cfg, r, r.logps) is None
+    assert "sampler_logps" not in r.extras and online_rollout.is_weights(cfg, r, r.logps) is None
     base, g_base = loss_and_grad(cfg, model, r, adv)
     exact = r.select(torch.arange(4))
     exact.extras["sampler_logps"] = r.logps.clone()
     same, g_same = loss_and_grad(cfg, model, exact, adv)
-    assert torch.equal(online.is_weights(cfg, exact, exact.logps), torch.ones_like(r.logps))
+    assert torch.equal(online_rollout.is_weights(cfg, exact, exact.logps), torch.ones_like(r.logps))
     torch.testing.assert_close(same, base, rtol=0, atol=0)
     for a, b in zip(g_same, g_base):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
