@@ -84,6 +84,8 @@ def reward_head(model) -> nn.Linear:
     """The one-output linear head of a ``*ForSequenceClassification`` decoder (``score`` in
     transformers' decoder classes)."""
     head = getattr(model, "score", None)
+    if hasattr(head, "modules_to_save"):  # peft's wrapper of a head trained in full next to LoRA: its live copy
+        head = head.modules_to_save[head.active_adapter]
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(model).__name__} has no linear `score` head; rlhfkit reward models are decoder "
                          "LMs loaded with AutoModelForSequenceClassification (num_labels=1)")

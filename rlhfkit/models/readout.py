@@ -75,12 +75,19 @@ def readout_of(model) -> ReadOut:
     return ReadOut(d["pooling"], d["layers"]) if d else ReadOut()
 
 
+def body_of(model):
+    """The decoder body (``LlamaModel`` etc.) of a ``*ForSequenceClassification`` model, also through
+    peft's wrapper (whose ``base_model`` is the LoRA model, not the body)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.base_model
+
+
 def unread_parameters(model) -> list:
     """Parameters the read-out never reaches: the blocks above its highest layer and the final norm
     (when it stops below the top). Frozen in training: they get no gradient, and DDP refuses
     parameters that take no part in the loss."""
     layers = readout_of(model).layer_indices(model.config.num_hidden_layers)
-    body = model.base_model
+    body = body_of(model)
     if layers is None or max(layers) == model.config.num_hidden_layers:
         return []
     out = [p for block in body.layers[max(layers):] for p in block.parameters()]
@@ -101,7 +108,7 @@ def read_features(model, input_ids, attention_mask, position_ids, start, end) ->
     """(B, N, d) read-out features of the replies spanning ``start..end`` (both (B, N)) of each row."""
     readout = readout_of(model)
     layers = readout.layer_indices(model.config.num_hidden_layers)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    out = body_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                            use_cache=False, output_hidden_states=layers is not None)
     if layers is None:
         hidden = out.last_hidden_state  # (B, T, d), after the final norm

@@ -5,7 +5,8 @@ resumes a training phase from its last checkpoint)::
 
     1 sample   comparison pairs from the starting model on a built-in task's train prompts
     2 label    simulated annotator: the task's hidden gold reward + Bradley-Terry noise + 25% flips
-    3 reward   train a reward model on the labels; held-out accuracy
+    3 reward   a reward model on the labels (a probe of the frozen model's mean-pooled middle layers);
+               held-out accuracy vs labels and vs gold with CIs, the label ceiling, best-of-K
     4 train    each method in --methods against the reward model (DPO trains on the labels directly)
     5 eval     each trained policy vs the starting model on held-out prompts, judged by the gold reward
     6 report   runs/demo-<time>/report.html and a summary table
@@ -82,7 +83,6 @@ class DemoSize:
     pair_k: int
     """Samples per prompt: all C(K, 2) pairs of a prompt's samples are labelled."""
     pair_tokens: int
-    rm_epochs: float
     rl_steps: int
     rl_prompts_per_step: int
     rl_tokens: int
@@ -91,15 +91,15 @@ class DemoSize:
 
 
 SIZES = {
-    "full": DemoSize(pair_prompts=48, pair_k=4, pair_tokens=40, rm_epochs=5.0, rl_steps=10, rl_prompts_per_step=8, rl_tokens=40,
+    "full": DemoSize(pair_prompts=48, pair_k=4, pair_tokens=40, rl_steps=10, rl_prompts_per_step=8, rl_tokens=40,
                      eval_prompts=64, eval_tokens=40),
-    "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rm_epochs=1.0, rl_steps=2, rl_prompts_per_step=4, rl_tokens=24,
+    "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rl_steps=2, rl_prompts_per_step=4, rl_tokens=24,
                       eval_prompts=12, eval_tokens=24),
 }
-RM_LR = 2e-3
-"""The reward model is a linear probe (frozen backbone, trained head): ~100 training pairs are far too
-few to fine-tune 135M parameters (held-out accuracy at or below chance, docs/reward.md), while a probe
-of the frozen features generalises from them; a probe needs a large learning rate."""
+RM_SETTINGS = dict(freeze_backbone=True, probe=True, pooling="mean", layers="middle")
+"""The reward model is a probe of the frozen model (features once, an L2 Bradley–Terry fit): a few
+hundred pairs are far too few to fine-tune 135M parameters, and the mean over the reply of the middle
+layers predicts gold far better than the last token of the last layer (0.49-0.55 -> ~0.65, docs/reward.md)."""
 
 
 class Phases:
@@ -173,16 +173,32 @@ def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
             if p.get("ci_low") is not None and p["ci_low"] > 0 and g["ci_low"] <= 0:
                 notes.append(f"{method}: the proxy (reward-model) score rose while gold did not: the policy "
                              "optimised the reward model's errors (overoptimization), not the task.")
-    rm = rm or {}
-    if rm.get("accuracy") is not None:
-        ceiling = rm.get("ceiling")
-        notes.append(f"reward model held-out accuracy: {rm['accuracy']:.3f} against the noisy labels; the gold "
-                     "reward itself agrees with them on "
-                     + (f"{ceiling:.3f} of these pairs (the ceiling)" if ceiling is not None else "~0.75 (25% flips)"))
-        if rm["accuracy"] < 0.6:
-            notes.append("the reward model is at or below chance on unseen prompts: with this few pairs the policy "
-                         "has little signal to learn from (sample more pairs: docs/reward.md)")
+    notes += reward_model_notes(rm or {})
     return "\n".join(lines), notes
+
+
+def reward_model_notes(rm: dict) -> list[str]:
+    """The RM's held-out result: accuracy vs labels and vs gold (95% CIs), the ceiling, best-of-K, and
+    whether the held-out pairs are enough to tell (docs/reward.md)."""
+    if rm.get("accuracy") is None:
+        return []
+    ci = lambda c, f=".3f": "" if not c or c.get("ci_low") is None else f" [{c['ci_low']:{f}}, {c['ci_high']:{f}}]"  # noqa: E731
+    ceiling, gold = rm.get("ceiling"), rm.get("gold_accuracy_ci") or {}
+    notes = [f"reward model held-out accuracy: {rm['accuracy']:.3f}{ci(rm.get('accuracy_ci'))} against the noisy labels"
+             + (f"; vs gold {gold['value']:.3f}{ci(gold)}, against a ceiling of {ceiling:.3f} (the labels' own "
+                "agreement with gold)" if gold.get("value") is not None and ceiling is not None else "")]
+    bok = rm.get("best_of_k") or {}
+    if bok.get("gain"):
+        notes.append(f"reward model best-of-{bok['k']} on held-out prompts: gold {bok['gain']['value']:+.3f}"
+                     f"{ci(bok['gain'], '+.3f')} over the mean of the {bok['k']} (an oracle picking by gold: "
+                     f"{bok['oracle_gain']['value']:+.3f})")
+    if rm.get("too_uncertain"):
+        notes.append(f"the held-out pairs are too few to pin the RM down ({', '.join(rm['too_uncertain'])}: 95% CI "
+                     "wider than ±0.05); docs/reward.md measures this RM on hundreds of pairs")
+    elif gold.get("ci_low") is not None and gold["ci_low"] <= 0.5:
+        notes.append("the reward model is not distinguishable from chance vs gold on unseen prompts: the policy "
+                     "has little signal to learn from (sample more pairs: docs/reward.md)")
+    return notes
 
 
 def run(options: DemoOptions, root: Path, resume: bool = False) -> int:
@@ -242,12 +258,14 @@ def run_phases(args: DemoOptions, size: DemoSize, methods: list[str], root: Path
         return {"agreement": row["agreement"], "pairs": row["pairs"]}
 
     def reward():
-        cfg = RewardConfig(model=args.model, data=str(prefs), output_dir=str(root / "rm"), epochs=size.rm_epochs,
-                           batch_size=2 * size.pair_k * (size.pair_k - 1), micro_batch_size=24, lr=RM_LR,
-                           freeze_backbone=True, seed=args.seed, eval_fraction=0.2, keep_checkpoints=1)
-        r = train_rm(cfg, report=reward_model_report)  # held-out accuracy and the gold ceiling: reward_eval.json
+        cfg = RewardConfig(model=args.model, data=str(prefs), output_dir=str(root / "rm"), **RM_SETTINGS,
+                           batch_size=2 * size.pair_k * (size.pair_k - 1), micro_batch_size=24, seed=args.seed,
+                           eval_fraction=0.2, keep_checkpoints=1)
+        r = train_rm(cfg, report=reward_model_report)  # held-out accuracy, gold, ceiling, best-of-K: reward_eval.json
         ev = r.get("eval") or {}
-        return {"checkpoint": r["checkpoint"], "accuracy": ev.get("accuracy"), "ceiling": ev.get("label_gold_agreement")}
+        return {"checkpoint": r["checkpoint"], "accuracy": ev.get("accuracy"), "ceiling": ev.get("label_gold_agreement"),
+                **{k: ev.get(k) for k in ("accuracy_ci", "gold_accuracy_ci", "best_of_k", "too_uncertain")},
+                "fit_seconds": (r.get("probe") or {}).get("extract_seconds", 0) + (r.get("probe") or {}).get("fit_seconds", 0)}
 
     def eval_phase(method: str, ckpt: str):
         result = eval_policy(ckpt, get_task(args.task), reference=args.model, judge="gold", proxy=f"rm:{rm_path}",

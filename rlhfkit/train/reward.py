@@ -42,6 +42,7 @@ from rlhfkit.data.records import DataError
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
+from rlhfkit.models.lora import LoraError
 from rlhfkit.models.readout import POOLINGS, check_layers_spec, unread_parameters
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.reward_data import (
@@ -191,6 +192,10 @@ def load_reward_model(cfg: RewardConfig, ckpt):
     with a fresh head and the configured read-out."""
     from transformers import AutoModelForSequenceClassification
 
+    if cfg.lora_r:  # before any model loads. To wire: lora.apply_lora(model, cfg, head_names=("score",)) here, once
+        # heads.reward_head / readout.read_features see through peft's wrapper and the final save merges (docs/lora.md)
+        raise LoraError(f"lora_r={cfg.lora_r}: `rlhfkit reward train` does not take LoRA yet; train the reward model "
+                        "with lora_r 0 (or freeze_backbone for a cheap head-only fit)")
     if not ckpt:
         rm = RewardModel.init_from(cfg.model, seed=cfg.seed, pooling=cfg.pooling, layers=cfg.layers)
         return rm.model, rm.tok
@@ -324,6 +329,7 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
         evaluation = report(rm, [r for _, r in eval_records], batch_size=cfg.eval_batch_size)
         run.write_json(REPORT_FILE, evaluation)
         result["eval"] = {k: evaluation[k] for k in ("accuracy", "ece", "length_spearman", "label_gold_agreement",
-                                                     "gold_accuracy", "best_of_k") if k in evaluation}
+                                                     "gold_accuracy", "best_of_k", "accuracy_ci", "gold_accuracy_ci",
+                                                     "label_gold_agreement_ci", "too_uncertain") if k in evaluation}
     run.close()
     return result
