@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rlhfkit.models.heads import load_value_model
 from rlhfkit.models.loading import load_model, load_tokenizer, quiet_transformers
-from rlhfkit.models.lora import ADAPTER_CONFIG, is_adapter_dir, load_adapter, merge, read_base
+from rlhfkit.models.lora import ADAPTER_CONFIG, is_adapter_dir, load_adapter, merge, read_base, restore_config
 
 
 class ExportError(ValueError):
@@ -41,6 +41,7 @@ def merge_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
         model, _ = load_model(base["model"], seed=base["seed"], kind=kind)
         model = load_adapter(model, ckpt, trainable=False)
     merged = merge(model)
+    restore_config(merged, ckpt)  # a reward model's read-out and normalisation
     out.mkdir(parents=True, exist_ok=True)
     with quiet_transformers(False):
         merged.save_pretrained(out, safe_serialization=True)

@@ -28,7 +28,9 @@ ALL_LINEAR = "all-linear"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_FILE = "rlhfkit_lora_base.json"
-"""Written next to a saved adapter: ``{"model": base name, "seed": int, "kind": 'causal-lm'|'reward'|'value'}``."""
+"""Written next to a saved adapter: ``{"model": base name, "seed": int, "kind": 'causal-lm'|'reward'|'value'}``
+and, when there are any, ``"config"``: the model config's ``rlhfkit_*`` entries (a reward model's read-out
+and normalisation), which :func:`restore_config` puts back on resume and export."""
 
 
 class LoraError(ValueError):
@@ -118,6 +120,14 @@ def _quiet_peft():
         yield
 
 
+def apply_lora_as(model, cfg, kind: str = "causal-lm"):
+    """:func:`apply_lora` for a trainer's model of ``kind`` ('causal-lm' or 'reward': its ``score`` head
+    trained in full), recording ``cfg.model`` and ``cfg.seed`` as its base for checkpoints."""
+    wrapped = apply_lora(model, cfg, head_names=("score",) if kind == "reward" else ())
+    record_base(wrapped, cfg.model, cfg.seed, kind)
+    return wrapped
+
+
 def _unwrap(model):
     return getattr(model, "module", model)  # DDP / accelerate wrappers keep the module in .module
 
@@ -173,7 +183,15 @@ def save_adapter(model, path) -> None:
     m.save_pretrained(path, safe_serialization=True)
     base = getattr(m, "rlhfkit_base", None)
     if base is not None:
-        (Path(path) / BASE_FILE).write_text(json.dumps(base) + "\n")
+        # rlhfkit's own config entries (a reward model's read-out and normalisation) are not in peft's files
+        extra = {k: v for k, v in m.config.to_dict().items() if k.startswith("rlhfkit_")}
+        (Path(path) / BASE_FILE).write_text(json.dumps({**base, **({"config": extra} if extra else {})}) + "\n")
+
+
+def restore_config(model, path) -> None:
+    """Put the rlhfkit config entries saved with an adapter (:func:`save_adapter`) back on ``model``."""
+    for key, value in read_base(path).get("config", {}).items():
+        setattr(model.config, key, value)
 
 
 def read_base(path) -> dict:
