@@ -40,9 +40,9 @@ import torch
 from rlhfkit.config import CommonConfig
 from rlhfkit.data.records import DataError
 from rlhfkit.losses.reward import bradley_terry_loss
+from rlhfkit.models import lora
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
-from rlhfkit.models.lora import LoraError
 from rlhfkit.models.readout import POOLINGS, check_layers_spec, unread_parameters
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.reward_data import (
@@ -192,13 +192,13 @@ def load_reward_model(cfg: RewardConfig, ckpt):
     with a fresh head and the configured read-out."""
     from transformers import AutoModelForSequenceClassification
 
-    if cfg.lora_r:  # before any model loads. To wire: lora.apply_lora(model, cfg, head_names=("score",)) here, once
-        # heads.reward_head / readout.read_features see through peft's wrapper and the final save merges (docs/lora.md)
-        raise LoraError(f"lora_r={cfg.lora_r}: `rlhfkit reward train` does not take LoRA yet; train the reward model "
-                        "with lora_r 0 (or freeze_backbone for a cheap head-only fit)")
     if not ckpt:
         rm = RewardModel.init_from(cfg.model, seed=cfg.seed, pooling=cfg.pooling, layers=cfg.layers)
-        return rm.model, rm.tok
+        return (lora.apply_lora_as(rm.model, cfg, "reward") if cfg.lora_r else rm.model), rm.tok  # docs/lora.md
+    if lora.is_adapter_dir(ckpt):  # a LoRA RM's checkpoint: its start rebuilt, then its adapter and read-out
+        rm = RewardModel.init_from(cfg.model, seed=lora.read_base(ckpt)["seed"], pooling=cfg.pooling, layers=cfg.layers)
+        lora.restore_config(rm.model, ckpt)
+        return lora.load_adapter(rm.model, ckpt), rm.tok
     model = AutoModelForSequenceClassification.from_pretrained(ckpt)
     tok = load_tokenizer(str(ckpt))
     model.config.pad_token_id = tok.pad_token_id
