@@ -208,3 +208,37 @@ def test_the_merged_export_of_a_trained_run_loads_with_load_model(tmp_path, sft_
 
     batch = pad_completions([tok.encode("Hi")], [tok.encode(" there") + [tok.eos_token_id]], tok.pad_token_id)
     assert torch.allclose(completion_logps(merged, batch), completion_logps(adapted, batch), atol=1e-5)
+
+
+
+def test_reward_model_with_lora_trains_resumes_and_merges_to_the_same_scores(tmp_path):
+    """A LoRA reward model (head in full): 4 steps straight == 2, stop, resume to 4; its checkpoints are
+    adapters; the merged export is a plain reward model (read-out and normalisation kept) whose scores
+    equal the adapter model's."""
+    from test_reward import toy_prefs
+
+    from rlhfkit.cli.export import merge_checkpoint
+    from rlhfkit.models.heads import RewardModel
+    from rlhfkit.train import reward
+
+    data = write_jsonl(tmp_path / "p.jsonl", toy_prefs(4))
+
+    def run(out, **kw):
+        cfg = reward.RewardConfig(model="tiny", data=str(data), output_dir=str(out), batch_size=4, micro_batch_size=2,
+                                  max_steps=4, lr=1e-2, eval_fraction=0.0, norm_samples=4, progress=False, **LORA, **kw)
+        return cfg, reward.train(cfg)
+
+    cfg, straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop_at_step=2)
+    _, resumed = run(tmp_path / "b", resume="auto")
+    assert [r["loss/reward"] for r in read_metrics(tmp_path / "b")] == pytest.approx(
+        [r["loss/reward"] for r in read_metrics(tmp_path / "a")], abs=1e-5)
+    ckpt = Path(straight["checkpoint"])
+    assert_adapter_checkpoint(ckpt)
+    adapted, tok = reward.load_reward_model(cfg, ckpt)
+    merged = RewardModel.load(str(merge_checkpoint(ckpt, tmp_path / "merged")))
+    assert merged.norm is not None
+    prompts = [[{"role": "user", "content": "Say something."}]] * 2
+    replies = ["good good words", "bad words here"]
+    want = RewardModel(adapted, tok).score(prompts, replies)
+    assert torch.allclose(merged.score(prompts, replies), want, atol=1e-4)
