@@ -272,8 +272,9 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
     (``prompts`` or ``cfg.prompts``, else the task's) and the held-out prompts, the reward source
     (``reward_fn`` replaces ``cfg.reward``: a ``reward_fn(rollout)`` or TRL-style function(s)), checked
     against the prompt rows' columns before any model loads, the policy (from the checkpoint when
-    resuming) and a frozen reference copy of the *starting* model on the device, step count, this
-    process's share of the prompts, the prompt stream and the held-out eval hook."""
+    resuming) and a frozen reference copy of the *starting* model on the device (with LoRA: the policy
+    itself, whose adapter-disabled self is the starting model), step count, this process's share of the
+    prompts, the prompt stream and the held-out eval hook."""
     cfg.validate()  # again: a field may have been set after construction
     acc = runtime.make_accelerator(cfg.mixed_precision)
     sharding.check_process_split(cfg, acc.num_processes)  # before any model loads
