@@ -151,6 +151,9 @@ def resolve(name_or_path: str) -> str:
         return str(bundled_model_dir())
     p = Path(name_or_path).expanduser()
     if p.exists():
+        if p.is_dir() and not (p / "config.json").exists() and (p / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"{p} is a LoRA checkpoint (an adapter, no full weights): merge it into a plain "
+                                     f"model first with `rlhfkit export --merge {p} OUT_DIR` (docs/lora.md)")
         if p.is_dir() and not (p / "config.json").exists():
             raise ModelNotFoundError(f"{p} is a directory but has no config.json; is it a Hugging Face model directory?")
         return str(p)

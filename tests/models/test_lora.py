@@ -162,6 +162,14 @@ def test_resume_mismatches_are_errors_naming_the_option(tmp_path):
         load_policy(lora_cfg(), tmp_path / "full")
 
 
+def test_loading_an_unmerged_adapter_as_a_model_says_to_export_it(tmp_path):
+    from rlhfkit.models import ModelNotFoundError
+
+    save_adapter(load_policy(lora_cfg())[0], tmp_path / "lora")
+    with pytest.raises(ModelNotFoundError, match="rlhfkit export --merge"):
+        load_model(str(tmp_path / "lora"))
+
+
 def test_export_of_a_full_checkpoint_is_an_error_saying_there_is_no_adapter(tmp_path):
     from rlhfkit.cli.export import ExportError, merge_checkpoint
 
