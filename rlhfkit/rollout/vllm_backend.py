@@ -57,7 +57,9 @@ class VLLMBackend:
                           enable_prefix_caching=True)
             try:
                 llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
-            except TypeError:  # a vLLM without logprobs_mode: its V1 log-probs are of the raw logits at T = 1
+            except TypeError as e:  # a vLLM without logprobs_mode: its V1 log-probs are of the raw logits at T = 1
+                if "logprobs_mode" not in str(e):
+                    raise
                 warnings.warn("this vLLM has no logprobs_mode (vLLM >= 0.10.2): sampler log-probs are not kept, so "
                               "no importance-sampling correction is applied", stacklevel=2)
                 llm, self.with_logps = LLM(**kwargs), False

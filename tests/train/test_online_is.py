@@ -199,3 +199,12 @@ def test_grpo_learns_the_toy_reward_with_the_fast_backend(tmp_path):
     start = (up[0] + down[0]) / 2
     assert sum(up[-3:]) / 3 > start + 0.25, up
     assert sum(down[-3:]) / 3 < start - 0.05, down
+
+
+def test_importance_sampling_on_is_an_error_when_auto_resolves_to_hf(monkeypatch):
+    """'auto' is 'hf' for a model the engine does not support: 'on' then has no sampler log-probs."""
+    model, tok = load_model("tiny:0.5", seed=0)
+    monkeypatch.setattr(online_rollout, "SUPPORTED_MODEL_TYPES", ())
+    cfg = grpo.GRPOConfig(rollout_backend="auto", importance_sampling="on")
+    with pytest.raises(ValueError, match="importance_sampling 'on' needs a sampler with its own log-probs"):
+        online_rollout.make_sampler(cfg, model, tok, "unused")
