@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 from typing import Iterator
 
 import torch
+
+from rlhfkit.models.logps import SHARED_ROW_TOKENS
 
 FSDP_FLATTENED = "_fsdp_flattened"
 """Attribute torch's FSDP1 sets on the parameters it flattened (torch.distributed.fsdp._common_utils,
@@ -140,7 +143,8 @@ def check_process_split(cfg, num_processes: int) -> None:
 
     Each process samples ``prompts_per_step / processes`` prompts and all ``samples_per_prompt``
     completions of each (a group never spans two processes), so ``prompts_per_step`` must divide by
-    the process count; the process's rollout batch must then divide by ``mini_batch_size``."""
+    the process count; the process's rollout batch must then divide by ``mini_batch_size``. Warns when
+    the shared-prompt layout could make the processes run different numbers of training forwards."""
     k = cfg.samples_per_prompt
     if cfg.prompts_per_step % num_processes:
         raise ValueError(
@@ -154,3 +158,12 @@ def check_process_split(cfg, num_processes: int) -> None:
             f"mini_batch_size={cfg.mini_batch_size} does not divide the rollout batch per process, prompts_per_step="
             f"{cfg.prompts_per_step} / {num_processes} processes x samples_per_prompt={k} = {local} completions; "
             f"choose a mini_batch_size that divides {local}")
+    # the rows of one training forward pass: a micro-batch, within a mini-batch, within the process's batch
+    rows = min(cfg.micro_batch_size, cfg.mini_batch_size or local, local)
+    if num_processes > 1 and cfg.share_prompts and rows * cfg.max_new_tokens > SHARED_ROW_TOKENS:
+        warnings.warn(
+            f"share_prompts with {num_processes} processes: a micro-batch's completions alone can reach {rows} x "
+            f"max_new_tokens={cfg.max_new_tokens} = {rows * cfg.max_new_tokens} tokens, packed into rows of "
+            f"{SHARED_ROW_TOKENS}: a count that depends on the lengths and can differ between processes, while each "
+            "training forward is a collective under DDP (buffer broadcast) and FSDP, so the run can hang "
+            "(docs/distributed.md). Set share_prompts false, or lower micro_batch_size / max_new_tokens", stacklevel=2)

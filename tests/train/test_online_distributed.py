@@ -24,6 +24,7 @@ from torchrun import run_two_processes
 
 from rlhfkit.tracking import read_metrics
 from rlhfkit.train import grpo, online, ppo, runtime
+from rlhfkit.train.sharding import check_process_split
 
 TESTS = Path(__file__).parent
 
@@ -128,8 +129,20 @@ def test_mini_batch_that_does_not_split_the_process_batch_fails_first(three_proc
         ppo.train(cfg)
 
 
-def test_a_batch_that_splits_passes_the_check():
-    from rlhfkit.train.sharding import check_process_split
-
+def test_a_batch_that_splits_passes_the_check(recwarn):
     check_process_split(grpo.GRPOConfig(prompts_per_step=6, samples_per_prompt=4, mini_batch_size=6), 2)
     check_process_split(ppo.PPOConfig(prompts_per_step=8, samples_per_prompt=1, mini_batch_size=4), 2)
+    check_process_split(grpo.GRPOConfig(max_new_tokens=512, micro_batch_size=4), 2)  # 4 x 512 = 2048: not over (completions only)
+    assert not recwarn.list
+
+
+def test_packed_rows_that_could_differ_between_processes_warn(recwarn):
+    """8 completions of up to 512 tokens pack into 1 to 3 rows of 2048 depending on their lengths: under DDP or
+    FSDP the processes would then make different numbers of collective forwards (docs/distributed.md)."""
+    long = dict(prompts_per_step=8, samples_per_prompt=4, max_new_tokens=512)
+    with pytest.warns(UserWarning, match=r"share_prompts with 2 processes: .* 8 x max_new_tokens=512 = 4096 tokens"
+                                         r".*Set share_prompts false"):
+        check_process_split(grpo.GRPOConfig(**long), 2)
+    check_process_split(grpo.GRPOConfig(**long), 1)  # one process: nothing to disagree with
+    check_process_split(grpo.GRPOConfig(**long, share_prompts=False), 2)  # one forward per micro-batch
+    assert not recwarn.list
