@@ -242,3 +242,26 @@ def test_reward_model_with_lora_trains_resumes_and_merges_to_the_same_scores(tmp
     replies = ["good good words", "bad words here"]
     want = RewardModel(adapted, tok).score(prompts, replies)
     assert torch.allclose(merged.score(prompts, replies), want, atol=1e-4)
+
+
+def test_grpo_with_lora_on_two_processes_matches_one(tmp_path):
+    """DDP with a frozen base: the same global batch (4 prompts x 4) on 2 processes gives the losses of one
+    process (the samples made equal by grpo_two_process.row_seeded_generation; tolerance as in
+    tests/train/test_online_distributed.py)."""
+    import lora_two_process
+    from grpo_two_process import row_seeded_generation
+    from torchrun import run_two_processes
+
+    from rlhfkit.train.grpo import train
+
+    run_two_processes(Path(__file__).parent / "lora_two_process.py", tmp_path / "two", timeout=300)
+    assert json.loads((tmp_path / "two" / "processes.json").read_text())["num_processes"] == 2
+    with row_seeded_generation():
+        train(lora_two_process.config(str(tmp_path / "one")))
+    keys = ("loss/policy", "loss/kl", "optim/grad_norm", "kl/seq", "reward/mean")
+    one, two = ([r for r in read_metrics(tmp_path / run) if keys[0] in r] for run in ("one", "two"))
+    assert len(one) == len(two) == 3
+    assert [r["kl/seq"] for r in one][-1] > 0  # the adapter moved the policy away from its reference
+    for a, b in zip(one, two):
+        assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-4, abs=1e-5)
+    assert_adapter_checkpoint(tmp_path / "two" / "checkpoints" / "step-3")
