@@ -43,7 +43,7 @@ from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import lora
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
-from rlhfkit.models.readout import POOLINGS, check_layers_spec, unread_parameters
+from rlhfkit.models.readout import POOLINGS, READOUT_KEY, check_layers_spec, unread_parameters
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.reward_data import (
     EncodedPair,
@@ -261,7 +261,7 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
     run = runtime.open_run(cfg, "reward", acc, 0 if probe_only else steps.total)
     run.advance(step)
     result: dict = {"run_dir": str(run.path), "train_pairs": len(data), "eval_pairs": len(eval_set),
-                    "readout": dict(getattr(model.config, "rlhfkit_reward_readout", None) or {})}
+                    "readout": dict(getattr(model.config, READOUT_KEY, None) or {})}
     if probe_metrics:
         result["probe"] = {k.removeprefix("probe/"): v for k, v in probe_metrics.items() if k != "probe/cv"}
     if probe_only:  # the fit is the run: one metrics row, at step 0
