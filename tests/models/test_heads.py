@@ -252,3 +252,26 @@ def test_unnormalised_model_warns_once(rm, tmp_path):
     fresh = RewardModel.init_from("tiny", seed=2)
     with pytest.warns(UserWarning, match="no normalisation constants"):
         fresh.score(PROMPTS[:1], CHOSEN[:1])
+
+
+def test_lora_reward_model_reads_the_same_features():
+    """A LoRA-wrapped RM (peft; the head trained in full through modules_to_save) reads its read-out
+    through the wrapper: before any update it scores as the bare model (B = 0) in both layouts, and the
+    head it trains is peft's live copy, so a step on it moves the score."""
+    from rlhfkit.models.lora import apply_lora
+
+    bare = RewardModel.init_from("tiny", seed=5, pooling="mean", layers="1-2")
+    want = bare.score(PROMPTS, CHOSEN, normalized=False)
+    wrapped = RewardModel(apply_lora(bare.model, {"lora_r": 4}, head_names=("score",), seed=0), bare.tok)
+    assert torch.allclose(wrapped.score(PROMPTS, CHOSEN, normalized=False), want, atol=1e-5)
+    units_b = pack_groups([wrapped.tokenize(p, "x")[0] for p in PROMPTS],
+                          [[wrapped.tokenize(p, c)[1]] for p, c in zip(PROMPTS, CHOSEN)], wrapped.tok.pad_token_id)
+    start = units_b["read_at"] - torch.tensor([[len(wrapped.tokenize(p, c)[1])] for p, c in zip(PROMPTS, CHOSEN)]) + 1
+    scorer = PackedScorer(wrapped.model)
+    packed = scorer(units_b["input_ids"], units_b["attention_mask"], units_b["position_ids"], units_b["read_at"], start)
+    assert torch.allclose(packed[:, 0], want, atol=1e-5)
+    assert scorer.head.weight.requires_grad
+    packed[:, 0].sum().backward()
+    with torch.no_grad():
+        scorer.head.weight -= 0.5 * scorer.head.weight.grad
+    assert not torch.allclose(wrapped.score(PROMPTS, CHOSEN, normalized=False), want, atol=1e-3)
