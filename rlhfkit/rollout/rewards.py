@@ -215,7 +215,7 @@ class RewardSource:
             c_mask[rows, n[rows]] = True
         ids = torch.cat([r.prompt_ids, c_ids], 1)
         mask = torch.cat([r.prompt_mask.bool(), c_mask], 1)
-        return rm.score_ids(ids, mask).float().cpu()
+        return rm.score_ids(ids, mask, prompt_width=r.prompt_ids.shape[1]).float().cpu()
 
 
 class CustomReward:
