@@ -296,10 +296,11 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
     else:
         ref, _ = load_model(cfg.model, seed=cfg.seed)
         ref.eval().requires_grad_(False).to(acc.device)
+    held_out = HeldOutEval(ref, reward, task, held_rows, cfg)
+    held_out.acc = acc  # FSDP1: the eval finds the sampler's root wrapper through the accelerator
     return Start(acc=acc, ckpt=ckpt, task=task, policy=policy, ref=ref, tok=tok, reward=reward, total=cfg.steps(),
                  local_prompts=exact_div(cfg.prompts_per_step, acc.num_processes, "prompts_per_step / processes"),
-                 stream=PromptStream(train_rows, cfg.seed),
-                 held_out=HeldOutEval(ref, reward, task, held_rows, cfg))
+                 stream=PromptStream(train_rows, cfg.seed), held_out=held_out)
 
 
 @dataclass
