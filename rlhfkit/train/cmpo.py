@@ -87,12 +87,13 @@ class CMPOConfig(online.OnlineConfig):
 
 
 def cmpo_targets(scores: torch.Tensor, k: int, scale: RunningScale, c: float,
-                 reduce=lambda x: x) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                 reduce=lambda x: x, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Leave-one-out advantages A (B,) of consecutive groups of K, folded into σ̂ (``reduce`` averages
     mean(A²) over processes so every process divides by the same σ̂), then the normalised advantage
     A/σ̂ (B,) for the PG term and the target weights w (B,), ``softmax_k(clip(A/σ̂, -c, c))`` per group.
-    Also returns the ``cmpo/`` metrics (sigma, weight_entropy, weight_max, clip_frac_adv)."""
-    adv = leave_one_out_advantages(scores.float(), k)
+    Also returns the ``cmpo/`` metrics (sigma, weight_entropy, weight_max, clip_frac_adv). ``valid`` (B,)
+    bool (``r.extras['scored']``): an unscored sample is left out of its group's baseline and gets A = 0."""
+    adv = leave_one_out_advantages(scores.float(), k, valid=valid)
     sigma = scale.update(reduce(adv.pow(2).mean()).item())
     weights = cmpo_weights(adv.view(-1, k), sigma, c)  # (B/K, K)
     metrics = {"cmpo/sigma": sigma, **cmpo_weight_metrics(adv.view(-1, k), weights, sigma, c)}
@@ -199,7 +200,8 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
             # ALGO LOGIC
             # 3-4. leave-one-out advantages / running σ̂, CMPO target weights over each prompt's K samples
             adv, r.extras["cmpo_weights"], cmpo_metrics = cmpo_targets(
-                r.scores, k, scale, cfg.c, lambda x: acc.reduce(x, "mean"))
+                r.scores, k, scale, cfg.c, lambda x: acc.reduce(x, "mean"),
+                valid=r.extras["scored"].bool().to(r.scores.device))
             token_adv = adv[:, None].expand_as(r.logps) * r.completion_mask
             # 5. optimize; the prior follows the policy after every update (PriorTrackingOptimizer)
             policy.train()
