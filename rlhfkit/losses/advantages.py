@@ -123,7 +123,34 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int, valid: torch
     return adv.reshape(-1)
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce_sum=None, shift_mean: bool = True,
+           eps: float = 1e-8) -> torch.Tensor:
+    """``masked_whiten`` with the mean and unbiased variance of the True entries over *every process*.
+
+    ``reduce_sum(t)`` sums a tensor over the processes (``lambda t: acc.reduce(t, "sum")``; every
+    process must call this together); None = this process's entries only. Two passes (sum and count,
+    then the sum of squared deviations from the global mean), so two processes with half the batch each
+    whiten exactly as one process with the whole batch. Raises ``ValueError`` with fewer than 2 entries.
+    """
+    if reduce_sum is None:
+        return masked_whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool (True = counts), got {mask.dtype}")
+    zero = _zero(x)
+    total, count = reduce_sum(torch.stack([torch.where(mask, x, zero).sum(), mask.sum().to(x.dtype)]))
+    n = int(count.item())
+    if n < 2:
+        raise ValueError(f"whiten: {n} valid entries over all processes; the unbiased variance needs 2")
+    mean = total / count
+    var = reduce_sum(torch.where(mask, (x - mean) ** 2, zero).sum()) / (count - 1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, zero)
+
+
+def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+                            reduce_sum=None) -> torch.Tensor:
     """REINFORCE++ advantages (Hu 2025, arXiv 2501.03262): whitened discounted return-to-go.
 
     ``G_t = r_t + gamma * G_{t+1}`` over the valid tokens of each row (masked positions skipped, as in
@@ -131,6 +158,7 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
     normalisation, ``masked_whiten``). Usually ``rewards = kl_shaped_rewards(...)``. Naive equivalent:
     a per-row python loop for G, then ``(G[mask] - G[mask].mean()) / G[mask].std()`` (tested).
     Args (B, T); returns (B, T) with masked positions 0. Needs at least 2 valid tokens in the batch.
+    ``reduce_sum``: as :func:`whiten`, so the batch is the global one over all processes.
     """
     if mask.dtype != torch.bool:
         raise TypeError(f"mask must be bool (True = counts), got {mask.dtype}")
@@ -142,4 +170,4 @@ def reinforce_pp_advantages(rewards: torch.Tensor, mask: torch.Tensor, gamma: fl
         running = torch.where(m, rewards[:, t] + gamma * running, running)
         returns_reversed.append(torch.where(m, running, zero))
     returns = torch.stack(returns_reversed[::-1], dim=1)
-    return masked_whiten(returns, mask, shift_mean=True)
+    return whiten(returns, mask, reduce_sum, shift_mean=True)

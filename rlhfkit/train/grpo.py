@@ -157,11 +157,11 @@ def rloo_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tens
                                               valid=valid), mask)
 
 
-def reinforce_pp_token_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None) -> torch.Tensor:
+def reinforce_pp_token_advantages(scores, kl, mask, cfg: GRPOConfig, valid=None, reduce_sum=None) -> torch.Tensor:
     # per-token rewards (-beta KL_t, the score at the last token), returns-to-go, whitened over the batch
     # (no group baseline: an unscored row keeps its placeholder score and is left out of the loss by optimize)
     beta, kl = (cfg.beta, kl) if kl is not None else (0.0, torch.zeros(mask.shape, device=mask.device))
-    return reinforce_pp_advantages(kl_shaped_rewards(scores, kl, mask, beta), mask)
+    return reinforce_pp_advantages(kl_shaped_rewards(scores, kl, mask, beta), mask, reduce_sum=reduce_sum)
 
 
 ADVANTAGES = {"group": grpo_advantages, "dr_grpo": dr_grpo_advantages, "loo": rloo_advantages,
@@ -169,13 +169,16 @@ ADVANTAGES = {"group": grpo_advantages, "dr_grpo": dr_grpo_advantages, "loo": rl
 """``GRPOConfig.advantage`` -> its estimator."""
 
 
-def compute_advantages(r: Rollout, cfg: GRPOConfig) -> torch.Tensor:
+def compute_advantages(r: Rollout, cfg: GRPOConfig, reduce_sum=None) -> torch.Tensor:
     """Per-token advantages (B, C) of the variant named by ``cfg.advantage``; unscored samples
-    (``r.extras['scored']`` False) are left out of their group's baseline and get advantage 0."""
+    (``r.extras['scored']`` False) are left out of their group's baseline and get advantage 0. ``reduce_sum``
+    (sums over processes) makes REINFORCE++'s whitening global; the group estimators never need it."""
     estimator = online.variant(ADVANTAGES, cfg.advantage, "advantage")
     kl = kl_per_token(r.logps, r.ref_logps, cfg.kl_estimator) if cfg.kl_in_reward and cfg.beta > 0 else None
     valid = r.extras.get("scored")
     valid = None if valid is None else valid.bool().to(r.scores.device)
+    if cfg.advantage == "reinforce_pp":  # whitened over the global batch, not a group within one process
+        return estimator(r.scores.float(), kl, r.completion_mask, cfg, valid, reduce_sum=reduce_sum)
     return estimator(r.scores.float(), kl, r.completion_mask, cfg, valid)
 
 
@@ -247,8 +250,9 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
         with runtime.Timer() as t:
             # 2. generate K completions for each of this process's prompts; score them (DAPO: shape, filter, refill)
             r, sampling_metrics = generate(s, sampler, loop.step, cfg, not from_training, refill)
-            # 3. advantages, per group of K (a group never spans processes: no gather needed)
-            adv = compute_advantages(r, cfg)
+            # 3. advantages, per group of K (a group never spans processes: no gather needed; REINFORCE++
+            # whitens over the global batch through acc.reduce)
+            adv = compute_advantages(r, cfg, lambda t: acc.reduce(t, "sum"))
             # 4. optimize the policy loss named by cfg.loss; the sampler gets the new weights
             policy.train()
             metrics = online.optimize([policy], opt, r, adv, lambda mb, a: policy_loss(policy, mb, a, cfg),

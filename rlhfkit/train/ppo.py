@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhfkit.losses.advantages import gae
+from rlhfkit.losses.advantages import gae, whiten
 from rlhfkit.losses.kl import AdaptiveKLController, FixedKLController, kl_per_token, kl_shaped_rewards
 from rlhfkit.losses.ppo import ppo_policy_loss, value_loss
 from rlhfkit.models.heads import completion_values, load_value_model
-from rlhfkit.ops import masked_mean, masked_var, masked_whiten
+from rlhfkit.ops import masked_mean, masked_var
 from rlhfkit.rollout import rewards
 from rlhfkit.rollout.engine import Rollout
 from rlhfkit.train import online, online_rollout, runtime
@@ -136,12 +136,14 @@ def train(cfg: PPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
                 r.values = completion_values(critic, r) * mask
             kl = kl_per_token(r.logps, r.ref_logps, cfg.kl_estimator)
             token_rewards = kl_shaped_rewards(r.scores.float(), kl, mask, kl_ctl.beta)
+            # whitening statistics over the global batch (every process's tokens), as one process would see them
+            reduce_sum = lambda t: acc.reduce(t, "sum")  # noqa: E731
             if cfg.whiten_rewards:
-                token_rewards = masked_whiten(token_rewards, mask, shift_mean=False)
+                token_rewards = whiten(token_rewards, mask, reduce_sum, shift_mean=False)
             # 4. GAE on the critic's values (delta_t = r_t + gamma V_{t+1} - V_t); whitened advantages (N details #9)
             adv, returns = gae(token_rewards, r.values, mask, cfg.gamma, cfg.lam)
             r.extras["returns"] = returns
-            adv = masked_whiten(adv, mask)
+            adv = whiten(adv, mask, reduce_sum)
             # 5. PPO epochs over mini-batches, policy and critic together
             policy.train()
             critic.train()
