@@ -25,7 +25,7 @@ from rlhfkit.tracking import RunDir, default_run_dir
 
 
 def make_accelerator(mixed_precision: str = "auto"):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     if mixed_precision == "auto":
         if torch.cuda.is_available():
@@ -36,7 +36,11 @@ def make_accelerator(mixed_precision: str = "auto"):
         raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {mixed_precision!r}")
     # Without cpu=True, accelerate (checked on 1.15) sees a torchrun launch on a machine with no GPU as
     # a single process: each rank would train alone on its own shard, never averaging gradients.
-    return Accelerator(mixed_precision=mixed_precision, cpu=not _has_accelerator())
+    # broadcast_buffers=False: by default every forward through the DDP wrapper broadcasts the module's
+    # buffers (a collective), and the packed log-prob pass makes a length-dependent number of forwards per
+    # micro-batch, which can differ between processes: a hang. The buffers are constants (rotary inv_freq).
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(mixed_precision=mixed_precision, cpu=not _has_accelerator(), kwargs_handlers=[ddp])
 
 
 def _has_accelerator() -> bool:

@@ -138,13 +138,15 @@ def _fsdp1_root(acc, model: torch.nn.Module, inner: torch.nn.Module):
     return root
 
 
-def check_process_split(cfg, num_processes: int) -> None:
+def check_process_split(cfg, num_processes: int, distributed_type=None) -> None:
     """Raise before any model loads unless the online batch splits evenly over ``num_processes``.
 
     Each process samples ``prompts_per_step / processes`` prompts and all ``samples_per_prompt``
     completions of each (a group never spans two processes), so ``prompts_per_step`` must divide by
-    the process count; the process's rollout batch must then divide by ``mini_batch_size``. Warns when
-    the shared-prompt layout could make the processes run different numbers of training forwards."""
+    the process count; the process's rollout batch must then divide by ``mini_batch_size``. Under FSDP or
+    DeepSpeed (``distributed_type``, the accelerator's), warns when the shared-prompt layout could make the
+    processes run different numbers of training forwards: each forward all-gathers there. DDP's forwards
+    make no collective (runtime.make_accelerator turns its buffer broadcast off), so it does not warn."""
     k = cfg.samples_per_prompt
     if cfg.prompts_per_step % num_processes:
         raise ValueError(
@@ -160,10 +162,11 @@ def check_process_split(cfg, num_processes: int) -> None:
             f"choose a mini_batch_size that divides {local}")
     # the rows of one training forward pass: a micro-batch, within a mini-batch, within the process's batch
     rows = min(cfg.micro_batch_size, cfg.mini_batch_size or local, local)
-    if num_processes > 1 and cfg.share_prompts and rows * cfg.max_new_tokens > SHARED_ROW_TOKENS:
+    sharded = getattr(distributed_type, "value", distributed_type) in ("FSDP", "DEEPSPEED")
+    if num_processes > 1 and sharded and cfg.share_prompts and rows * cfg.max_new_tokens > SHARED_ROW_TOKENS:
         warnings.warn(
             f"share_prompts with {num_processes} processes: a micro-batch's completions alone can reach {rows} x "
             f"max_new_tokens={cfg.max_new_tokens} = {rows * cfg.max_new_tokens} tokens, packed into rows of "
             f"{SHARED_ROW_TOKENS}: a count that depends on the lengths and can differ between processes, while each "
-            "training forward is a collective under DDP (buffer broadcast) and FSDP, so the run can hang "
+            "training forward is a collective under FSDP and DeepSpeed ZeRO-3 (an all-gather), so the run can hang "
             "(docs/distributed.md). Set share_prompts false, or lower micro_batch_size / max_new_tokens", stacklevel=2)

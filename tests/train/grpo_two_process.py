@@ -83,4 +83,8 @@ def config(out_dir: str):
 if __name__ == "__main__":
     from rlhfkit.train.grpo import train
 
+    if len(sys.argv) > 2:  # ROW_TOKENS: packed log-prob rows that short (the processes then make unequal forwards)
+        from rlhfkit.train import online
+
+        online.SHARED_ROW_TOKENS = int(sys.argv[2])
     run(train, config(sys.argv[1]), sys.argv[1])
