@@ -188,10 +188,11 @@ def test_a_lora_critic_trains_its_head_and_merges_to_the_same_values(tmp_path, t
     critic = load_value_model(None, "tiny", seed=0, lora=lora_cfg())
     assert is_lora(critic)
     assert torch.count_nonzero(completion_values(critic, batch)) == 0  # zero head: first values are 0
+    gen = torch.Generator().manual_seed(0)  # the same "trained" weights whatever ran before
     with torch.no_grad():  # a trained head and adapter
         for name, p in critic.named_parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.3)
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     want = completion_values(critic, batch)
     save_adapter(critic, tmp_path / "value")
     resumed = load_value_model(str(tmp_path / "value"), "tiny", seed=0)
@@ -200,4 +201,5 @@ def test_a_lora_critic_trains_its_head_and_merges_to_the_same_values(tmp_path, t
     from transformers import AutoModelForTokenClassification
 
     merged = AutoModelForTokenClassification.from_pretrained(merged_dir)
-    assert torch.allclose(completion_values(merged, batch), want, atol=1e-5)
+    # merging W + BA rounds differently from applying BA beside W: values of size ~5 agree to ~1e-5
+    assert torch.allclose(completion_values(merged, batch), want, rtol=1e-4, atol=1e-4)
