@@ -66,7 +66,10 @@ def eval_main(argv: list[str]) -> int:
     try:
         rows, meta = None, None
         if args.prompts is not None:
-            from rlhfkit.train.online import DEFAULT_EVAL_FRACTION, SPLIT_SEED  # the trainers' held-out split
+            from rlhfkit.train.online_config import (  # the trainers' held-out split
+                DEFAULT_EVAL_FRACTION,
+                SPLIT_SEED,
+            )
 
             fraction = DEFAULT_EVAL_FRACTION if args.eval_fraction is None else args.eval_fraction
             rows = eval_prompt_rows(args.prompts, args.split, fraction, SPLIT_SEED)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from rlhfkit.data.records import DataError
     from rlhfkit.rollout.engine import SamplingConfig
     from rlhfkit.rollout.sample import sample_pairs, select_prompts
-    from rlhfkit.train.online import DEFAULT_EVAL_FRACTION, SPLIT_SEED  # the trainers' held-out split
+    from rlhfkit.train.online_config import DEFAULT_EVAL_FRACTION, SPLIT_SEED  # the trainers' held-out split
 
     fraction = DEFAULT_EVAL_FRACTION if args.eval_fraction is None else args.eval_fraction
     try:

@@ -15,7 +15,7 @@ from rlhfkit.train.online_rollout import component_metrics
 from rlhfkit.train.sharding import full_parameters
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
-    from rlhfkit.train.online import OnlineConfig
+    from rlhfkit.train.online_config import OnlineConfig
 
 EVAL_SEED = 12345
 """Seed of every eval's sampling. Fixed, and the same in every run whatever ``cfg.seed``: successive

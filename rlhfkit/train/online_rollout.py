@@ -26,7 +26,8 @@ from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported 
 from rlhfkit.train.sharding import full_parameters
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
-    from rlhfkit.train.online import OnlineConfig, Start
+    from rlhfkit.train.online import Start
+    from rlhfkit.train.online_config import OnlineConfig
 
 PART = "reward_part/"
 """``r.extras`` key prefix of each reward component's (B,) scores (NaN = None)."""

@@ -10,7 +10,7 @@ import pytest
 
 from rlhfkit.cli import main
 from rlhfkit.data.prompt_data import load_prompt_rows, split_held_out
-from rlhfkit.train.online import SPLIT_SEED
+from rlhfkit.train.online_config import SPLIT_SEED
 
 FAST = ["--policy", "tiny", "--reference", "tiny", "--max-new-tokens", "6"]
 

@@ -84,7 +84,7 @@ if __name__ == "__main__":
     from rlhfkit.train.grpo import train
 
     if len(sys.argv) > 2:  # ROW_TOKENS: packed log-prob rows that short (the processes then make unequal forwards)
-        from rlhfkit.train import online
+        from rlhfkit.train import online_config
 
-        online.SHARED_ROW_TOKENS = int(sys.argv[2])
+        online_config.SHARED_ROW_TOKENS = int(sys.argv[2])  # read by OnlineConfig.logps
     run(train, config(sys.argv[1]), sys.argv[1])

@@ -156,7 +156,7 @@ def test_packed_rows_that_could_differ_between_processes_warn_under_fsdp_only(re
 
 @pytest.mark.slow
 def test_grpo_two_processes_with_unequal_packed_forwards_finish(tmp_path):
-    """online.SHARED_ROW_TOKENS = 64: each micro-batch's log-prob pass packs into a length-dependent number
+    """online_config.SHARED_ROW_TOKENS = 64: each micro-batch's log-prob pass packs into a length-dependent number
     of rows, so the two processes make different numbers of forwards through the DDP wrapper. With DDP's
     buffer broadcast on (a collective per forward) this run hung; runtime.make_accelerator turns it off."""
     run_two_processes(TESTS / "grpo_two_process.py", tmp_path, 64, timeout=150)
