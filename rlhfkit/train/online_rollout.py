@@ -186,6 +186,7 @@ def sampler_gap_metrics(cfg: OnlineConfig, r: Rollout) -> dict:
     corrected = cfg.importance_sampling != "off" and cfg.is_cap > 0
     return {k: float(v) for k, v in m.items() if corrected or k == "rollout/logp_diff_mean"}
 
+
 def fill_unscored(scores: torch.Tensor, scored: torch.Tensor, k: int) -> torch.Tensor:
     """(B,) ``scores`` with each unscored entry replaced by the mean of the scored entries of its group
     (consecutive groups of ``k``), 0 where a group has none. E.g. k=3, [1, nan, 4] -> [1, 2.5, 4].
