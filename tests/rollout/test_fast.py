@@ -133,6 +133,24 @@ def test_quantized_logp_gap_on_tiny(tiny):
     assert 0 < gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.05
 
 
+def test_quantized_finished_row_never_reaches_the_live_rows(tiny, eos_mid_batch):
+    """int8 activations share one scale per batch: a finished row fed pad tokens must leave the batch, or its
+    activations set the live rows' rounding (on the bundled model that put the sampler 2-4 nats off the
+    policy once a row ended). So what a finished row would be fed (the pad id) cannot change the others."""
+    model, tok = tiny
+    ids, mask, eos = eos_mid_batch
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=12)
+    outs = []
+    for pad in (tok.pad_token_id, 7):
+        fast = FastBackend(model, Tok(pad, eos))
+        outs.append((fast.generate(ids, mask, sampling), fast.last_logps))
+    (a, la), (b, lb) = outs
+    ended = (a == eos).any(1)
+    assert ended[0] and not ended.all(), "the batch must have a row that ends and rows that go on"
+    live = ~ended
+    assert torch.equal(a[live], b[live]) and torch.equal(la[live], lb[live])
+
+
 def test_sync_weights_samples_from_the_new_weights():
     """After a weight change, the int8 decode matches the new policy's log-probs only once synced.
     (The prefill reads the policy's fp32 tensors directly, so only the int8 copies can be stale.)"""
