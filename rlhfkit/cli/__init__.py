@@ -34,6 +34,7 @@ TOOLS = {
     "compare": ("rlhfkit.cli.evaluate", "compare_main", "compare groups of runs: IQM, CIs, P(A > B)"),
     "report": ("rlhfkit.cli.evaluate", "report_main", "self-contained HTML report of runs"),
     "export": ("rlhfkit.cli.export", "main", "merge a LoRA checkpoint into a plain Hugging Face model"),
+    "serve-rollouts": ("rlhfkit.cli.serve", "main", "serve rollout generation over HTTP to a remote trainer"),
     "info": ("rlhfkit.cli", "info", "versions, device, threads and the bundled model's cache state"),
 }
 
@@ -110,7 +111,7 @@ def info(argv: list[str]) -> int:
     return 0
 
 
-COMPUTE_COMMANDS = frozenset({*TRAINERS, "demo", "sample", "label", "reward", "eval"})
+COMPUTE_COMMANDS = frozenset({*TRAINERS, "demo", "sample", "label", "reward", "eval", "serve-rollouts"})
 """Commands that run a model: their torch thread count follows the cores free at start."""
 
 

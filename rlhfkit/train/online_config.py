@@ -102,16 +102,24 @@ class OnlineConfig(CommonConfig):
     device: the default, exact), 'fast' (rlhfkit's int8 CPU engine, Llama models on a CPU; re-quantized
     from the policy after every update), 'auto' ('fast' on a CPU for a Llama model, else 'hf'), or 'vllm'
     (CUDA, `pip install rlhfkit[vllm]`; weights are pushed to vLLM after every update). 'fast' and 'vllm'
-    are not exactly the policy: see ``importance_sampling``."""
+    are not exactly the policy: see ``importance_sampling``; or 'remote' (a rollout server started with
+    `rlhfkit serve-rollouts` at ``rollout_server``; the policy's weights are pushed to it at start and after
+    every update; it reports its log-probs, so 'auto' importance sampling logs and corrects the gap)."""
+    rollout_server: str | None = None
+    """URL of the rollout server (e.g. 'http://gen-host:8000') for rollout_backend 'remote'; None otherwise
+    (docs/generation.md, "Server mode")."""
+    rollout_timeout_s: float = 600.0
+    """'remote': seconds one generate request may take before the run stops with an error naming the step
+    (a dead or stuck server otherwise hangs the run). > 0."""
     vllm_gpu_memory_utilization: float = 0.3
     """Fraction of GPU memory vLLM may take when colocated with training, in (0, 1]."""
     weight_sync_timeout_s: float = 300.0
-    """vLLM: seconds a weight sync into the engine may take before the run stops with an error naming the
-    step (a stuck worker otherwise hangs the run). > 0."""
+    """vLLM and 'remote': seconds a weight sync into the engine (a push to the server) may take before the run
+    stops with an error naming the step (a stuck worker otherwise hangs the run). > 0."""
     importance_sampling: str = "auto"
     """Truncated importance sampling (TIS, rlhfkit.losses.importance) of a sampler that is not exactly the
     policy: each token's policy-gradient term times ``min(π_old/μ, is_cap)``, μ the sampler's own
-    log-prob. 'auto': on when the backend reports its log-probs ('fast', 'vllm'; 'hf' samples from the
+    log-prob. 'auto': on when the backend reports its log-probs ('fast', 'vllm', 'remote'; 'hf' samples from the
     policy itself, so nothing changes), 'on' (an error with 'hf'), 'off' (the gap is still logged)."""
     is_cap: float = 2.0
     """TIS truncation C (Yao et al. 2025 use 2; typical 1.5-5); 0 disables the correction. >= 0."""
@@ -125,6 +133,13 @@ class OnlineConfig(CommonConfig):
         require(self, "importance_sampling", not (self.importance_sampling == "on" and self.rollout_backend == "hf"),
                 "'auto' or 'off' with rollout_backend 'hf' (it samples from the policy itself: no sampler log-probs)")
         check_backend_available(self.rollout_backend)
+        if self.rollout_backend == "remote":
+            require(self, "rollout_server", bool(self.rollout_server) and str(self.rollout_server).startswith(
+                ("http://", "https://")), "the URL of a running `rlhfkit serve-rollouts` (e.g. 'http://127.0.0.1:8000') "
+                "with rollout_backend 'remote'")
+        else:
+            require(self, "rollout_server", self.rollout_server is None,
+                    f"None unless rollout_backend is 'remote' (it is {self.rollout_backend!r})")
         rewards.parse_reward_spec(self.reward)
         require(self, "eval_fraction", self.eval_fraction is None or self.eval_prompts_data is None,
                 "None when eval_prompts_data is given (one held-out set)")
@@ -141,6 +156,7 @@ class OnlineConfig(CommonConfig):
         require(self, "top_p", 0 < self.top_p <= 1, "in (0, 1]")
         require(self, "vllm_gpu_memory_utilization", 0 < self.vllm_gpu_memory_utilization <= 1, "in (0, 1]")
         require(self, "weight_sync_timeout_s", self.weight_sync_timeout_s > 0, "> 0")
+        require(self, "rollout_timeout_s", self.rollout_timeout_s > 0, "> 0")
         require(self, "is_cap", self.is_cap >= 0, ">= 0 (0 = no correction)")
         require(self, "mini_batch_size", self.mini_batch_size is None or self.mini_batch_size >= 1, ">= 1 or None")
         require(self, "max_minutes", self.max_minutes is None or self.max_minutes >= 0, ">= 0 or None")

@@ -1,6 +1,6 @@
 """Phase 2 of every online method: this step's prompts -> K sampled completions each -> scores.
 
-The prompt stream, the sampler (HF, fast or vLLM backend), the per-step sampling seed, the EOS trick and
+The prompt stream, the sampler (HF, fast, vLLM or remote backend), the per-step sampling seed, the EOS trick and
 the batch's reward/KL/length metrics. Used by grpo.py, ppo.py and cmpo.py through
 :func:`generate_and_score`; the loop around it is in online.py.
 """
@@ -21,9 +21,10 @@ from rlhfkit.models.lora import reference_model
 from rlhfkit.ops import masked_mean
 from rlhfkit.rollout.engine import Rollout, Sampler
 from rlhfkit.rollout.fast import SUPPORTED_MODEL_TYPES, FastBackend
+from rlhfkit.rollout.remote import RemoteBackend
 from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported only when one is built
-from rlhfkit.train.sharding import full_parameters
+from rlhfkit.train.sharding import full_parameters, sharding_kind
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
     from rlhfkit.train.online import Start
@@ -31,9 +32,10 @@ if TYPE_CHECKING:  # annotations only: online.py imports this module
 
 PART = "reward_part/"
 """``r.extras`` key prefix of each reward component's (B,) scores (NaN = None)."""
-ROLLOUT_BACKENDS = ("hf", "fast", "auto", "vllm")
+ROLLOUT_BACKENDS = ("hf", "fast", "auto", "vllm", "remote")
 """Generation backends (``OnlineConfig.rollout_backend``): transformers' generate, rlhfkit's int8 CPU
-engine (rlhfkit.rollout.fast), 'auto' (fast on a CPU for a Llama model, else hf), or vLLM."""
+engine (rlhfkit.rollout.fast), 'auto' (fast on a CPU for a Llama model, else hf), vLLM, or a rollout
+server (rlhfkit.rollout.remote, at ``OnlineConfig.rollout_server``)."""
 IMPORTANCE_SAMPLING = ("auto", "on", "off")
 """``OnlineConfig.importance_sampling``: the truncated IS correction of an inexact sampler."""
 
@@ -92,10 +94,10 @@ def resolve_backend(cfg: OnlineConfig, policy) -> str:
 
 
 def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
-    """The sampler over the (unwrapped) policy with the configured backend ('hf', 'fast', 'auto' or 'vllm').
-    Under FSDP or ZeRO-3 that module holds shards: its callers sample inside ``sharding.full_parameters``.
+    """The sampler over the (unwrapped) policy with the configured backend ('hf', 'fast', 'auto', 'vllm' or
+    'remote'). Under FSDP or ZeRO-3 that module holds shards: its callers sample inside ``sharding.full_parameters``.
     The trainer calls ``sampler.backend.sync_weights(policy)`` after each optimizer step: a no-op for 'hf',
-    a re-quantization for 'fast', a copy into the engine for 'vllm'."""
+    a re-quantization for 'fast', a copy into the engine for 'vllm', a push to the server for 'remote'."""
     check_choice(cfg, "rollout_backend", ROLLOUT_BACKENDS)
     name = resolve_backend(cfg, policy)
     if name == "hf" and cfg.importance_sampling == "on":
@@ -107,8 +109,30 @@ def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:
     elif name == "vllm":
         backend = VLLMBackend(resolve(model_dir), tok, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                               sync_timeout_s=cfg.weight_sync_timeout_s)
+    elif name == "remote":
+        backend = remote_backend(cfg, policy, tok)
     return Sampler(policy, tok, cfg.sampling(), backend=backend, max_prompt_length=cfg.max_prompt_length,
                    layout=cfg.layout())
+
+
+def remote_backend(cfg: OnlineConfig, policy, tok) -> RemoteBackend:
+    """A client of the rollout server at ``cfg.rollout_server``, which gets ``policy``'s weights here, once, so
+    server and policy agree from step 0 (the server may have loaded other weights, or an older run's).
+
+    Several processes: every process builds a client and generates its own prompts; a weight push gathers the
+    full parameters on every process (FSDP2 / ZeRO-3: a collective) and only the main process sends them, the
+    others wait (accelerate's PartialState: the state the trainer's Accelerator shares). FSDP1 is refused: its
+    gather needs the root wrapper, which the trainers do not hand to the sampler."""
+    from accelerate import PartialState
+
+    if sharding_kind(None, policy) == "fsdp1":
+        raise ValueError("rollout_backend 'remote' does not support FSDP1: use FSDP2 (fsdp_version: 2, as in "
+                         "examples/accelerate/fsdp.yaml), DeepSpeed ZeRO-3, DDP or one process")
+    backend = RemoteBackend(cfg.rollout_server, tok, timeout_s=cfg.rollout_timeout_s,
+                            sync_timeout_s=cfg.weight_sync_timeout_s, acc=PartialState(),
+                            gather=lambda model: full_parameters(None, model))
+    backend.sync_weights(policy)
+    return backend
 
 
 def local_prompts(s: Start, step: int, cfg: OnlineConfig) -> list:
@@ -141,8 +165,8 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     """
     k = cfg.samples_per_prompt
     rows = [row for row in local_prompts(s, step, cfg) for _ in range(k)]
-    if isinstance(sampler.backend, VLLMBackend):
-        sampler.backend.step = step  # named by a weight sync that fails after this step's update
+    if isinstance(sampler.backend, (VLLMBackend, RemoteBackend)):
+        sampler.backend.step = step  # named by a request or weight sync that fails at or after this step
     with full_parameters(s.acc, sampler.model):  # FSDP / ZeRO-3: generate from the gathered weights, not a shard
         r = sampler.sample([row.messages for row in rows], seed=sampling_seed(cfg.seed, step, s.acc.process_index),
                            with_logps=with_logps)
