@@ -22,6 +22,7 @@ import torch
 
 from rlhfkit.models.batching import right_pad
 from rlhfkit.rollout.engine import SamplingConfig
+from rlhfkit.rollout.remote import weight_tensors
 
 SYNC_TIMEOUT_S = 300.0
 """Default weight-sync timeout (``OnlineConfig.weight_sync_timeout_s``): a 7B bf16 state dict streams in
@@ -100,7 +101,8 @@ class VLLMBackend:
         """Copy the training policy's weights into the vLLM engine (same process, same GPU), or raise
         ``TimeoutError`` naming the step after ``sync_timeout_s`` (a stuck worker otherwise hangs the run
         forever: the most reported failure of colocated engines)."""
-        state = {k: v.detach() for k, v in model.state_dict().items()}
+        # each tensor once, by state-dict name (state_dict() would reshard an FSDP2 module mid-gather)
+        state = {k: v.detach() for k, v in weight_tensors(model).items()}
         errors: list[BaseException] = []
 
         def load():

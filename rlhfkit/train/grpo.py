@@ -259,7 +259,7 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
                                       cfg, acc, loop.step)
             metrics.update(sampling_metrics)
             sched.step()
-            sampler.backend.sync_weights(acc.unwrap_model(policy))
+            online_rollout.sync_sampler(sampler, acc, policy)
         # 5. log, eval, samples, checkpoint (the policy alone)
         if online.end_of_step(loop, r, metrics, t.seconds, models={"policy": policy}, state={}):
             break

@@ -269,3 +269,14 @@ def sample_rows(r: Rollout, n: int = 4) -> list[dict]:
             row["gold"] = float(r.extras["gold"][i])
         out.append(row)
     return out
+
+
+def sync_sampler(sampler: Sampler, acc, policy) -> None:
+    """After an optimizer step, give the sampler's backend the new weights. vLLM copies tensors, so under
+    FSDP / ZeRO-3 it reads them inside ``full_parameters`` (whole tensors, not this process's shards); 'hf'
+    samples from the policy itself, 'fast' is CPU-only (never sharded) and 'remote' gathers on its own."""
+    if isinstance(sampler.backend, VLLMBackend):
+        with full_parameters(acc, policy) as full:
+            sampler.backend.sync_weights(full)
+    else:
+        sampler.backend.sync_weights(acc.unwrap_model(policy))

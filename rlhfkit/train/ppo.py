@@ -150,7 +150,7 @@ def train(cfg: PPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
             metrics = online.optimize([policy, critic], opt, r, adv,
                                       lambda mb, a: actor_critic_loss(policy, critic, mb, a, cfg), cfg, acc, loop.step)
             sched.step()
-            sampler.backend.sync_weights(acc.unwrap_model(policy))
+            online_rollout.sync_sampler(sampler, acc, policy)
             # 6. adapt beta to the observed sequence KL (a no-op for the fixed controller)
             seq_kl = ((r.logps - r.ref_logps) * mask).sum(1).mean()
             kl_ctl.update(acc.reduce(seq_kl, "mean").item(), cfg.prompts_per_step * cfg.samples_per_prompt)

@@ -158,20 +158,47 @@ def test_sync_weights_streams_the_state_dict(fake_vllm, tiny):
     VLLMBackend("unused", tok, llm=v1).sync_weights(model)
     fn, (weights,) = v1.rpc
     names = dict(weights)
-    assert set(names) == set(model.state_dict())
+    # every state-dict tensor is sent, a tied one once (the embedding, not its lm_head alias)
+    assert set(names) <= set(model.state_dict()) and len(names) == len(set(names))
+    assert {t.data_ptr() for t in model.state_dict().values()} == {t.data_ptr() for t in names.values()}
     assert all(not t.requires_grad for t in names.values())
     loaded = {}
     worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(
         model=types.SimpleNamespace(load_weights=lambda w: loaded.update(dict(w)))))
     fn(worker, weights)  # what each vLLM worker runs
-    assert set(loaded) == set(model.state_dict())
+    assert set(loaded) == set(names)
 
     v0_loaded = {}
     v0 = FakeLLM()
     v0.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=types.SimpleNamespace(
         model_runner=types.SimpleNamespace(model=types.SimpleNamespace(load_weights=lambda w: v0_loaded.update(dict(w)))))))
     VLLMBackend("unused", tok, llm=v0).sync_weights(model)
-    assert set(v0_loaded) == set(model.state_dict())
+    assert set(v0_loaded) == set(names)
+
+
+def test_sync_under_sharding_reads_gathered_weights(fake_vllm, tiny, monkeypatch):
+    """After a step the trainer syncs vLLM inside full_parameters (FSDP / ZeRO-3 hold shards outside it)."""
+    from rlhfkit.train import online_rollout
+
+    model, tok = tiny
+    backend = VLLMBackend("unused", tok, llm=FakeLLM())
+    seen = []
+    backend.sync_weights = lambda m: seen.append((m, gathered))
+    gathered = False
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def full_parameters(acc, policy):
+        nonlocal gathered
+        gathered = True
+        yield policy
+        gathered = False
+
+    monkeypatch.setattr(online_rollout, "full_parameters", full_parameters)
+    sampler = Sampler(model, tok, SamplingConfig(), backend=backend)
+    online_rollout.sync_sampler(sampler, types.SimpleNamespace(unwrap_model=lambda m: m), model)
+    assert seen == [(model, True)]
 
 
 def test_missing_vllm_says_how_to_install(monkeypatch, tokenizer):
