@@ -35,7 +35,10 @@ def build_app(args: argparse.Namespace):
 
     from rlhfkit.models import load_model
     from rlhfkit.models.loading import resolve
-    from rlhfkit.rollout.server import create_app
+    try:
+        from rlhfkit.rollout.server import create_app
+    except ImportError as e:  # fastapi / uvicorn: the serve extra
+        raise SystemExit(f"rlhfkit serve-rollouts needs `pip install 'rlhfkit[serve]'` ({e})") from None
 
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype or "float32"))
     backend = None  # hf: the app's HFBackend over the served model

@@ -86,7 +86,7 @@ class RemoteBackend:
     def __init__(self, url: str, tokenizer, *, timeout_s: float = GENERATE_TIMEOUT_S,
                  sync_timeout_s: float = SYNC_TIMEOUT_S, session=None, acc=None,
                  gather: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None):
-        import requests  # a dependency of datasets (so of rlhfkit); imported when a remote backend is built
+        import requests  # imported when a remote backend is built
 
         self._requests = requests
         self.url = url.rstrip("/")
