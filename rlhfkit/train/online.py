@@ -123,9 +123,9 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
     # bad data and a missing column fail here, before the models load and the run directory opens
     reward = rewards.make_reward(cfg.reward, reward_fn, task, acc.device)
     reward.check(train_rows + held_rows)
-    if cfg.lora_r and cfg.rollout_backend != "hf":  # fast, vLLM, remote copy plain weights: an adapter's do not fit
-        raise ValueError(f"lora_r > 0 needs rollout_backend 'hf', got {cfg.rollout_backend!r} (the fast, vLLM and "
-                         "remote backends read plain weights and do not apply a LoRA adapter yet)")
+    if cfg.lora_r and cfg.rollout_backend not in ("hf", "auto"):  # fast, vLLM, remote copy plain weights
+        raise ValueError(f"lora_r > 0 needs rollout_backend 'hf' or 'auto', got {cfg.rollout_backend!r} (the fast, "
+                         "vLLM and remote backends read plain weights and do not apply a LoRA adapter yet)")
     policy, tok = load_policy(cfg, ckpt)  # LoRA-wrapped when lora_r > 0 (models/lora.py)
     reward.tokenizer = tok  # an rm: sharing the policy's vocabulary scores the sampled ids as they are
     # The reference is always there: the KL penalty needs it when beta > 0, the eval hook reports KL. With

@@ -85,12 +85,14 @@ def check_backend_available(name: str) -> None:
 
 
 def resolve_backend(cfg: OnlineConfig, policy) -> str:
-    """``cfg.rollout_backend`` with 'auto' resolved: 'fast' when the policy is a Llama model on a CPU (the
-    engine's measured win is there: docs/generation.md), else 'hf'."""
+    """``cfg.rollout_backend`` with 'auto' resolved: 'fast' when the policy is a plain Llama model on a CPU
+    (the engine's measured win is there: docs/generation.md), else 'hf' (with LoRA too: the engine copies
+    plain weights, not an adapter)."""
     if cfg.rollout_backend != "auto":
         return cfg.rollout_backend
     on_cpu = next(policy.parameters()).device.type == "cpu"
-    return "fast" if on_cpu and policy.config.model_type in SUPPORTED_MODEL_TYPES else "hf"
+    fits = on_cpu and not cfg.lora_r and policy.config.model_type in SUPPORTED_MODEL_TYPES
+    return "fast" if fits else "hf"
 
 
 def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:

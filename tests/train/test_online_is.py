@@ -157,6 +157,8 @@ def test_auto_backend_is_fast_for_a_llama_on_a_cpu():
     model, _ = load_model("tiny:0.5", seed=0)
     assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto"), model) == "fast"
     assert online_rollout.resolve_backend(grpo.GRPOConfig(), model) == "hf"  # the default stays hf
+    # with LoRA 'auto' is 'hf': the engine copies plain weights, not an adapter
+    assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto", lora_r=4), model) == "hf"
 
 
 def test_cmpo_and_dapo_refill_run_with_the_fast_backend(tmp_path):
