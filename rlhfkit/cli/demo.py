@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-dir", help="run directory (default runs/demo-<time>)")
     ap.add_argument("--model", default=d.model, help="starting policy")
     ap.add_argument("--lr", type=float, default=d.lr, help="learning rate of the RL methods")
+    ap.add_argument("--rollout-backend", default=d.rollout_backend, choices=("hf", "fast", "auto"),
+                    help="generation backend of the RL methods (docs/generation.md)")
     ap.add_argument("--seed", type=int, default=d.seed)
     return ap
 
@@ -28,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     options = demo.DemoOptions(task=args.task, methods=args.methods, quick=args.quick, model=args.model, lr=args.lr,
-                               seed=args.seed)
+                               rollout_backend=args.rollout_backend, seed=args.seed)
     try:
         options.method_list()
     except ValueError as e:

@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-prompt-length", type=int, default=512, help="longer prompts are an error")
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call")
+    p.add_argument("--backend", default="hf", choices=["hf", "fast", "auto"],
+                   help="hf: transformers generate; fast: the int8 CPU engine (docs/generation.md); auto: fast on a CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output pairs file (.jsonl or .parquet)")
     return p
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, summary = sample_pairs(args.model, rows, task=args.task, split=args.split or ("train" if args.task else None), k=args.k,
                                       sampling=sampling,
                                       max_prompt_length=args.max_prompt_length, batch_size=args.batch_size,
-                                      seed=args.seed)
+                                      seed=args.seed, backend=args.backend)
     except (DataError, ValueError) as e:
         raise SystemExit(f"rlhfkit sample: {e}") from None
     save_pairs(args.out, pairs)

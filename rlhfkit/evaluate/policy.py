@@ -240,6 +240,10 @@ def eval_policy(policy: str, task: Task | None, *, reference: str = "smollm2-135
     )
     if block is not None:
         result["reward"] = block
+    # every pair, in prompt order: what the figures above were computed from (model text: untrusted, show escaped)
+    result["samples"] = [{"prompt": r.messages[-1].get("content", ""), "policy": a, "reference": b,
+                          **({"gold_policy": gold_p[i], "gold_reference": gold_r[i]} if gold_p is not None else {})}
+                         for i, (r, a, b) in enumerate(zip(rows, pol_c, ref_c))]
     if n > 1:
         result["kl"] = best_of_n_kl(n, same_model=pol_name == reference)
     return result

@@ -182,8 +182,9 @@ def gold_report(records: list[PreferenceRecord], diff: np.ndarray, raw_c: np.nda
     for name in ("accuracy_ci", "gold_accuracy_ci"):
         if name in out and too_uncertain(out[name]):
             ci = out[name]
-            notes.append(f"{name.removesuffix('_ci')} is too uncertain: 95% CI [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}] "
-                         f"on {ci['n']} pairs of {ci['groups']} prompts is wider than ±{UNCERTAIN_HALF_WIDTH}; "
+            interval = "no CI" if ci.get("ci_low") is None else f"95% CI [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+            notes.append(f"{name.removesuffix('_ci')} is too uncertain: {interval} on {ci.get('n')} pairs of "
+                         f"{ci.get('groups')} prompts (a CI needs >= 2 prompts and must be within ±{UNCERTAIN_HALF_WIDTH}); "
                          "evaluate on more held-out prompts")
     out["too_uncertain"] = [n.removesuffix("_ci") for n in ("accuracy_ci", "gold_accuracy_ci")
                             if n in out and too_uncertain(out[n])]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -47,16 +48,18 @@ ONLINE = {"ppo": (ppo.PPOConfig, ppo.train), "grpo": (grpo.GRPOConfig, grpo.trai
 class DemoOptions:
     """What ``rlhfkit demo`` was asked for; saved in state.json so ``--resume`` continues alike."""
 
-    task: str = "sentiment"
+    task: str = "concise"
     """Built-in task with a hidden gold reward (`rlhfkit tasks`)."""
-    methods: str = "ppo"
+    methods: str = "grpo"
     """Comma list of METHODS."""
     quick: bool = False
     """Small sizes (<= 3 min), e.g. for CI."""
     model: str = "smollm2-135m-instruct"
     """Starting policy."""
-    lr: float = 1e-5
+    lr: float = 2e-5
     """Learning rate of the RL methods."""
+    rollout_backend: str = "auto"
+    """Generation backend of the RL methods (docs/generation.md): 'auto' is the int8 engine on a CPU."""
     seed: int = 0
     """Seeds sampling, labelling, every training run and the evaluation."""
 
@@ -85,16 +88,21 @@ class DemoSize:
     pair_tokens: int
     rl_steps: int
     rl_prompts_per_step: int
+    """Prompts per RL step: GRPO/RLOO/CMPO sample ``rl_group`` replies of each, PPO one."""
+    rl_group: int
     rl_tokens: int
+    rl_minutes: float | None
+    """Wall-clock budget of each RL run: it stops after the step that passes it (the LR schedule still
+    follows rl_steps), so a slower machine shortens training rather than the 10-minute promise."""
     eval_prompts: int
     eval_tokens: int
 
 
 SIZES = {
-    "full": DemoSize(pair_prompts=48, pair_k=4, pair_tokens=40, rl_steps=10, rl_prompts_per_step=8, rl_tokens=40,
-                     eval_prompts=64, eval_tokens=40),
-    "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rl_steps=2, rl_prompts_per_step=4, rl_tokens=24,
-                      eval_prompts=12, eval_tokens=24),
+    "full": DemoSize(pair_prompts=48, pair_k=4, pair_tokens=40, rl_steps=40, rl_prompts_per_step=2, rl_group=4,
+                     rl_tokens=40, rl_minutes=5.5, eval_prompts=64, eval_tokens=40),
+    "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rl_steps=2, rl_prompts_per_step=2, rl_group=2,
+                      rl_tokens=24, rl_minutes=None, eval_prompts=12, eval_tokens=24),
 }
 RM_SETTINGS = dict(freeze_backbone=True, probe=True, pooling="mean", layers="middle")
 """The reward model is a probe of the frozen model (features once, an L2 Bradley–Terry fit): a few
@@ -112,8 +120,10 @@ class Phases:
     def done(self, name: str) -> bool:
         return name in self.state["done"]
 
-    def finish(self, name: str, result=None) -> None:
+    def finish(self, name: str, result=None, seconds: float | None = None) -> None:
         self.state["done"].append(name)
+        if seconds is not None:
+            self.state.setdefault("phase_seconds", {})[name] = round(seconds, 1)
         if result is not None:
             self.state["results"][name] = result
         tmp = self.path.with_suffix(".tmp")
@@ -133,11 +143,12 @@ def train_method(method: str, root: Path, args: DemoOptions, size: DemoSize, rm_
         cfg = dpo.DPOConfig(**common, data=str(prefs), epochs=1.0, batch_size=8, micro_batch_size=4, lr=5e-6, beta=0.1)
         return dpo.train(cfg)["checkpoint"]
     config_cls, train = ONLINE[method]
-    k = 1 if method == "ppo" else 4
+    k = 1 if method == "ppo" else size.rl_group
     cfg = config_cls(
         **common, task=args.task, reward=f"rm:{rm_path}", total_steps=size.rl_steps,
-        prompts_per_step=size.rl_prompts_per_step if k == 1 else max(1, size.rl_prompts_per_step // 2),
+        prompts_per_step=size.rl_prompts_per_step * (size.rl_group if k == 1 else 1),
         samples_per_prompt=k, max_new_tokens=size.rl_tokens, lr=args.lr, micro_batch_size=8,
+        rollout_backend=args.rollout_backend, max_minutes=size.rl_minutes,
         # the eval phase judges every method on the same held-out prompts; no eval hook inside training
         eval_every=0,
         # most replies run past the demo's short token budget: penalising every one of them alike
@@ -150,22 +161,22 @@ def train_method(method: str, root: Path, args: DemoOptions, size: DemoSize, rm_
 
 
 def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
-    """The console table and the honest-reading sentences."""
-    lines = [f"{'method':<8} {'gold gain [95% CI]':<28} {'win rate vs start [95% CI]':<30} {'proxy gain':<12} {'KL':<8}"]
+    """The console table (gold before and after, the gain, win rate, proxy gain, KL) and the honest-reading
+    sentences."""
+    lines = [f"{'method':<7} {'gold start':<11} {'gold after':<11} {'gold gain [95% CI]':<26} "
+             f"{'win rate vs start [95% CI]':<28} {'proxy gain':<11} {'KL':<6}"]
     notes = []
     for method, e in evals.items():
-        g = (e.get("gold") or {}).get("difference") or {}
-        w = e.get("win_rate") or {}
+        gold = e.get("gold") or {}
+        g, w = gold.get("difference") or {}, e.get("win_rate") or {}
         p = (e.get("proxy") or {}).get("difference") or {}
         kl = (e.get("kl") or {}).get("value")
-        fmt = lambda d: "n/a" if d.get("value") is None else f"{d['value']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-        pct = lambda d: "n/a" if d.get("value") is None else f"{d['value']:.1%} [{d['ci_low']:.1%}, {d['ci_high']:.1%}]"
-        lines.append(f"{method:<8} {fmt(g):<28} {pct(w):<30} "
-                     f"{'n/a' if p.get('value') is None else format(p['value'], '+.3f'):<12} "
-                     f"{'n/a' if kl is None else format(kl, '.2f'):<8}")
+        lines.append(f"{method:<7} {num(gold.get('reference')):<11} {num(gold.get('policy')):<11} "
+                     f"{with_ci(g, '+.3f'):<26} {with_ci(w, '.1%'):<28} {num(p, '+.3f'):<11} "
+                     f"{'n/a' if kl is None else format(kl, '.2f'):<6}")
         if g.get("ci_low") is not None:
             if g["ci_low"] > 0:
-                notes.append(f"{method}: gold reward improved; the 95% CI of the gain excludes 0.")
+                notes.append(f"{method}: the gold reward on held-out prompts improved (its 95% CI excludes 0).")
             elif g["ci_high"] < 0:
                 notes.append(f"{method}: gold reward got WORSE than the starting model (CI below 0).")
             else:
@@ -175,6 +186,51 @@ def summarise(evals: dict[str, dict], rm: dict | None) -> tuple[str, list[str]]:
                              "optimised the reward model's errors (overoptimization), not the task.")
     notes += reward_model_notes(rm or {})
     return "\n".join(lines), notes
+
+
+def num(block: dict | None, spec: str = ".3f") -> str:
+    return "n/a" if not block or block.get("value") is None else format(block["value"], spec)
+
+
+def with_ci(block: dict, spec: str) -> str:
+    if block.get("value") is None:
+        return "n/a"
+    if block.get("ci_low") is None:
+        return format(block["value"], spec)
+    return f"{block['value']:{spec}} [{block['ci_low']:{spec}}, {block['ci_high']:{spec}}]"
+
+
+def printable(text: str, limit: int = 240) -> str:
+    """Model text for a terminal: one line, control and format characters (ANSI escapes, bidi overrides,
+    carriage returns) shown as escapes so a reply cannot move the cursor or restyle the screen, cut at
+    ``limit`` characters."""
+    out = []
+    for ch in text[:limit]:
+        if ch == "\n":
+            out.append("\\n")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return "".join(out) + ("..." if len(text) > limit else "")
+
+
+def examples(evals: dict[str, dict], n: int = 2) -> list[str]:
+    """The first ``n`` held-out prompts of the evaluation (in order, not picked by outcome): the starting
+    model's reply and each method's, with their gold scores, escaped."""
+    lines = []
+    first = next((e for e in evals.values() if e.get("samples")), None)
+    for i in range(min(n, len(first["samples"]) if first else 0)):
+        ref = first["samples"][i]
+        lines.append(f"prompt {i + 1}: {printable(ref['prompt'])}")
+        lines.append(f"  start  (gold {ref.get('gold_reference', float('nan')):.2f}): {printable(ref['reference'])}")
+        for method, e in evals.items():
+            if len(e.get("samples") or []) > i:
+                s = e["samples"][i]
+                lines.append(f"  {method:<6} (gold {s.get('gold_policy', float('nan')):.2f}): {printable(s['policy'])}")
+    return lines
 
 
 def reward_model_notes(rm: dict) -> list[str]:
@@ -220,10 +276,20 @@ def run(options: DemoOptions, root: Path, resume: bool = False) -> int:
         return 130
     evals = {m: read_eval(root / m) for m in methods}
     table, notes = summarise(evals, phases.result("reward"))
+    n_eval = next((e["n_prompts"] for e in evals.values() if e), 0)
     print(f"\n== rlhfkit demo: task '{options.task}', {time.time() - t0:.0f} s this session ==")
+    print(f"gold reward of each trained policy and of the starting model on {n_eval} held-out prompts "
+          "(paired bootstrap 95% CIs; the gold reward is hidden from training)")
     print(table)
     for n in notes:
         print("- " + n)
+    ex = examples(evals)
+    if ex:
+        print("examples (the first held-out prompts, not picked by outcome; model text escaped):")
+        print("\n".join("  " + line for line in ex))
+    others = ",".join(m for m in ("grpo", "dpo", "ppo") if m not in methods)
+    print(f"next: `rlhfkit demo --methods {','.join(methods)},{others}` compares methods; `rlhfkit grpo --prompts "
+          "FILE --reward fn:FILE.py:NAME` trains on your own prompts and reward (docs/rewards.md)")
     print(f"report: {root / 'report.html'}")
     return 0
 
@@ -239,13 +305,16 @@ def run_phases(args: DemoOptions, size: DemoSize, methods: list[str], root: Path
     def phase(name, fn):
         if not phases.done(name):
             bar.set_description(f"demo: {name}")
-            phases.finish(name, fn())
+            t = time.perf_counter()
+            result = fn()
+            phases.finish(name, result, seconds=time.perf_counter() - t)
             bar.update()
 
     def sample():
         rows = select_prompts(task=args.task, num_prompts=size.pair_prompts, seed=args.seed)
         made, summary = sample_pairs(args.model, rows, task=args.task, split="train", k=size.pair_k, seed=args.seed,
-                                     sampling=SamplingConfig(temperature=1.0, max_new_tokens=size.pair_tokens))
+                                     sampling=SamplingConfig(temperature=1.0, max_new_tokens=size.pair_tokens),
+                                     backend=args.rollout_backend)
         save_pairs(pairs, made)
         print(json.dumps({"out": str(pairs), **summary}, indent=2))
         return summary

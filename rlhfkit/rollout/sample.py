@@ -23,6 +23,7 @@ from rlhfkit.data.records import ComparisonPair
 from rlhfkit.data.tasks import get_task
 from rlhfkit.models.loading import load_model, resolve
 from rlhfkit.rollout.engine import Sampler, SamplingConfig
+from rlhfkit.rollout.fast import SUPPORTED_MODEL_TYPES, FastBackend
 
 BUNDLED = ("smollm2-135m-instruct", "tiny")
 """Model names recorded as given; any other model is recorded by its resolved directory."""
@@ -121,12 +122,14 @@ def select_prompts(task: str | None = None, prompts: str | None = None, split: s
 
 def sample_pairs(model_name: str, rows: list[dict], *, task: str | None = None, split: str | None = None, k: int = 4,
                  sampling: SamplingConfig | None = None, max_prompt_length: int = 512, batch_size: int = 16,
-                 seed: int = 0) -> tuple[list[ComparisonPair], dict]:
+                 seed: int = 0, backend: str = "hf") -> tuple[list[ComparisonPair], dict]:
     """Sample ``k`` completions of each prompt row from ``model_name`` and pair them (``make_pairs``).
 
     Returns the pairs and a summary (prompts, completions, pairs, skipped duplicates, EOS rate,
     tokens/s). ``task`` and ``split`` (a task's split, or a prompt dataset's: None = all rows) are
-    recorded in each pair; progress is printed per batch.
+    recorded in each pair; progress is printed per batch. ``backend``: 'hf' (transformers' generate, the
+    model itself), 'fast' (the int8 CPU engine, rlhfkit/rollout/fast.py: ~1.7x faster, samples from a
+    quantized copy of the model: docs/generation.md) or 'auto' ('fast' for a Llama model on a CPU).
     """
     sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=48)
     if k < 2:
@@ -135,10 +138,16 @@ def sample_pairs(model_name: str, rows: list[dict], *, task: str | None = None, 
         raise ValueError("the temperature must be > 0: greedy decoding gives K identical completions")
     model, tok = load_model(model_name, seed=seed)
     model.eval()
-    sampler = Sampler(model, tok, sampling, max_prompt_length=max_prompt_length)
+    if backend not in ("hf", "fast", "auto"):
+        raise ValueError(f"backend must be 'hf', 'fast' or 'auto', got {backend!r}")
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if backend == "auto":
+        backend = "fast" if on_cpu and model.config.model_type in SUPPORTED_MODEL_TYPES else "hf"
+    engine = FastBackend(model, tok) if backend == "fast" else None  # None: the Sampler's HFBackend
+    sampler = Sampler(model, tok, sampling, backend=engine, max_prompt_length=max_prompt_length)
     checkpoint = model_name if model_name in BUNDLED else str(Path(resolve(model_name)))
     meta = {"model": model_name, "checkpoint": checkpoint, "seed": seed, "task": task,
-            "split": split, "k": k,
+            "split": split, "k": k, "backend": backend,
             "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                          "max_new_tokens": sampling.max_new_tokens}}
 

@@ -50,9 +50,9 @@ def test_demo_quick_on_the_bundled_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "rlhfkit.cli", "demo", "--quick", "--output-dir", str(out)],
                           capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("pairs.jsonl", "prefs.jsonl", "state.json", "report.html", "ppo/eval.json", "ppo/metrics.jsonl"):
+    for name in ("pairs.jsonl", "prefs.jsonl", "state.json", "report.html", "grpo/eval.json", "grpo/metrics.jsonl"):
         assert (out / name).exists(), name
-    e = json.loads((out / "ppo" / "eval.json").read_text())
+    e = json.loads((out / "grpo" / "eval.json").read_text())
     assert e["gold"]["difference"]["ci_low"] <= e["gold"]["difference"]["value"] <= e["gold"]["difference"]["ci_high"]
     assert "gold gain" in proc.stdout and "report:" in proc.stdout
     assert re.search(r"reward model held-out accuracy: \d\.\d{3}", proc.stdout)
@@ -75,12 +75,13 @@ def test_demo_ctrl_c_then_resume_continues_where_it_stopped(tmp_path, monkeypatc
     assert cli.main(["demo", "--quick", "--model", "tiny", "--output-dir", str(out)]) == 130
     assert "rlhfkit demo --resume" in capsys.readouterr().err
     state = json.loads((out / "state.json").read_text())
-    assert state["done"] == ["sample", "label", "reward", "train:ppo"]
+    assert state["done"] == ["sample", "label", "reward", "train:grpo"]
+    assert set(state["phase_seconds"]) == set(state["done"])
     before = (out / "pairs.jsonl").stat().st_mtime_ns
     monkeypatch.setattr(pipeline, "eval_policy", real_eval)
     assert cli.main(["demo", "--resume", str(out)]) == 0
-    assert json.loads((out / "state.json").read_text())["done"][-2:] == ["eval:ppo", "report"]
-    assert (out / "report.html").exists() and (out / "ppo" / "eval.json").exists()
+    assert json.loads((out / "state.json").read_text())["done"][-2:] == ["eval:grpo", "report"]
+    assert (out / "report.html").exists() and (out / "grpo" / "eval.json").exists()
     assert (out / "pairs.jsonl").stat().st_mtime_ns == before  # the sample phase was not redone
 
 
@@ -91,3 +92,27 @@ def test_demo_rejects_unknown_method_and_bad_resume(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--resume", str(tmp_path)])
     assert e.value.code == 2 and "state.json" in capsys.readouterr().err
+
+
+def test_summary_leads_with_gold_before_after_and_escapes_model_text():
+    """The table shows gold at the start and after with the gain's CI; the examples are the first prompts
+    of the eval, in order, with every control character of a reply escaped (a reply cannot drive the terminal)."""
+    from rlhfkit.pipelines import demo as pipeline
+
+    est = lambda v, lo, hi: {"value": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    e = {"n_prompts": 2, "gold": {"reference": est(0.5, 0.4, 0.6), "policy": est(0.6, 0.5, 0.7),
+                                  "difference": est(0.1, 0.02, 0.18)},
+         "win_rate": est(0.7, 0.55, 0.85), "kl": {"value": 1.5},
+         "samples": [{"prompt": "Hi\x1b[2J", "policy": "Fine.\x1b[31m\u202eevil\rX", "reference": "Hello\nthere",
+                      "gold_policy": 0.9, "gold_reference": 0.2},
+                     {"prompt": "Two", "policy": "b", "reference": "a", "gold_policy": 0.3, "gold_reference": 0.8}]}
+    table, notes = pipeline.summarise({"grpo": e}, None)
+    row = table.splitlines()[1].split()
+    assert row[:6] == ["grpo", "0.500", "0.600", "+0.100", "[+0.020,", "+0.180]"]
+    assert any("improved" in n for n in notes)
+    lines = pipeline.examples({"grpo": e})
+    text = "\n".join(lines)
+    assert "\x1b" not in text and "\u202e" not in text and "\r" not in text
+    assert "Fine.\\x1b[31m\\u202eevil\\x0dX" in text and "Hello\\nthere" in text
+    assert [ln.split(":")[0] for ln in lines if ln.startswith("prompt")] == ["prompt 1", "prompt 2"]
+    assert "(gold 0.20)" in lines[1] and "(gold 0.90)" in lines[2]
