@@ -154,6 +154,8 @@ def train_method(method: str, root: Path, args: DemoOptions, size: DemoSize, rm_
         # most replies run past the demo's short token budget: penalising every one of them alike
         # would leave no signal; a truncated reply is scored by the reward model where it stops
         missing_eos_penalty=None,
+        # a run this short spends half its steps at under half the rate with a decaying schedule
+        lr_schedule="constant",
     )
     if method == "ppo":  # one PPO epoch over one mini-batch: what a 10-minute CPU budget allows
         cfg.epochs_per_step, cfg.mini_batch_size = 1, None
