@@ -133,10 +133,30 @@ variants = [("today: last token, final layer, SGD 5 ep", "last", (L, L), "sgd"),
             ("mean, layers 4-16, probe", "mean", (4, 16), "probe"),
             ("mean, layers 12-20, probe", "mean", (12, 20), "probe"),
             ("mean, layers 1-30, probe", "mean", (1, 30), "probe")]
+CV_RANGES = [(8, 24), (4, 16), (12, 20), (1, 30), (L, L)]
+"""Candidates of the 'layers by CV' row: the mean-pooled ranges above, chosen on the TRAINING pairs by the
+probe's own prompt-grouped CV log-loss (its best λ per range), never by the held-out pairs."""
+variants.append(("mean, layers by grouped CV, probe", "mean", "cv", "probe"))
+
+
+def cv_layers(pooling):
+    """The range of CV_RANGES whose probe has the lowest cross-validated log-loss on the training pairs."""
+    scores = {}
+    for lr in CV_RANGES:
+        fit = fit_probe(select(tr_c, pooling, lr), select(tr_r, pooling, lr), target, [p.prompt_key for p in tr])
+        scores[lr] = fit.cv[fit.l2]["log_loss"]
+    best = min(CV_RANGES, key=lambda lr: scores[lr])
+    print("  CV log-loss per range: " + ", ".join(f"{a}-{b} {v:.4f}" for (a, b), v in scores.items())
+          + f" -> {best[0]}-{best[1]}", flush=True)
+    return best
+
+
 rows, default = [], None
 for name, pooling, layers, how in variants:
-    fc, fr = select(tr_c, pooling, layers), select(tr_r, pooling, layers)
     t1 = time.time()
+    if layers == "cv":
+        layers = cv_layers(pooling)
+    fc, fr = select(tr_c, pooling, layers), select(tr_r, pooling, layers)
     if how == "probe":
         w = fit_probe(fc, fr, target, [p.prompt_key for p in tr]).weight
     else:

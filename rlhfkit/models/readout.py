@@ -3,7 +3,8 @@
 ``pooling`` "last" reads the reply's last token (its EOS, as transformers' sequence-classification head
 does); "mean" averages over the reply's tokens (EOS included). ``layers`` "last" is the final (normed)
 layer; "A-B" the mean of transformers' ``hidden_states[A..B]`` (k = the output of block k, 0 = the
-embeddings); "middle" resolves to blocks ceil(L/4)..floor(4L/5) (8-24 of SmolLM2-135M's 30).
+embeddings); "middle" resolves to blocks ceil(L/4)..floor(4L/5) (8-24 of SmolLM2-135M's 30); "auto" (reward
+training with the probe) picks one of :func:`candidate_layers` by cross-validation on the training pairs.
 
 Why (rlhfkit issue 18, docs/reward.md): frozen, the final layer's state at the appended EOS mostly
 predicts the end of the turn (a probe on it: ~0.54 accuracy vs gold); the mean over the reply of the
@@ -47,6 +48,9 @@ def resolve_readout(pooling: str, layers: str, num_layers: int) -> ReadOut:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     spec = str(layers).strip()
     check_layers_spec(spec)
+    if spec == "auto":
+        raise ValueError("layers 'auto' is chosen by `rlhfkit reward train`'s probe (cross-validation over "
+                         "candidate_layers); a model's read-out needs 'last', 'middle', 'N' or 'A-B'")
     if spec == "last":
         return ReadOut(pooling, "last")
     if spec == "middle":  # blocks 8-24 of SmolLM2-135M's 30 (docs/reward.md)
@@ -63,10 +67,25 @@ def check_layers_spec(layers: str) -> None:
     """The form of a ``layers`` option ('last', 'middle', 'N', 'A-B' with A <= B), before a model is at
     hand to check the range; a bad one is a ``ValueError`` naming the option."""
     parts = str(layers).strip().split("-")
-    if layers in ("last", "middle"):
+    if layers in ("last", "middle", "auto"):
         return
     if len(parts) not in (1, 2) or not all(x.isdigit() for x in parts) or int(parts[0]) > int(parts[-1]):
-        raise ValueError(f"layers must be 'last', 'middle', 'N' or 'A-B' with A <= B (hidden-state indices), got {layers!r}")
+        raise ValueError(f"layers must be 'last', 'middle', 'auto', 'N' or 'A-B' with A <= B (hidden-state indices), "
+                         f"got {layers!r}")
+
+
+def candidate_layers(num_layers: int) -> list[str]:
+    """The ranges ``layers='auto'`` chooses among, by the probe's prompt-grouped cross-validation on the
+    training pairs (``reward_probe.fit_head``): "middle" first (it wins a tie), then the lower and the
+    central part of the stack, every block, the final layer. 8-24, 4-16, 12-20, 1-30, 30-30 for
+    SmolLM2-135M's 30 blocks: the ranges measured in docs/reward.md."""
+    L = num_layers
+
+    def span(a: float, b: float) -> str:
+        lo = min(L, max(1, math.ceil(a * L)))
+        return f"{lo}-{max(lo, min(L, math.floor(b * L)))}"
+
+    return list(dict.fromkeys([span(1 / 4, 4 / 5), span(2 / 15, 8 / 15), span(2 / 5, 2 / 3), f"1-{L}", f"{L}-{L}"]))
 
 
 def readout_of(model) -> ReadOut:
@@ -102,6 +121,17 @@ def pool_weights(start: torch.Tensor, end: torch.Tensor, T: int, pooling: str) -
         return (t == end[..., None]).float()
     inside = ((t >= start[..., None]) & (t <= end[..., None])).float()
     return inside / inside.sum(-1, keepdim=True).clamp(min=1)
+
+
+def read_layer_features(model, input_ids, attention_mask, position_ids, start, end, layers: list[int]) -> torch.Tensor:
+    """(B, N, len(layers), d): the read-out's pooling applied to each of ``hidden_states[i]``, i in ``layers``,
+    separately (one forward pass for all; a range's features are the mean over its layers, pooling being
+    linear)."""
+    out = body_of(model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False, output_hidden_states=True)
+    hidden = torch.stack([out.hidden_states[i] for i in layers])  # (K, B, T, d)
+    w = pool_weights(start, end, hidden.shape[2], readout_of(model).pooling).to(hidden.dtype)  # (B, N, T)
+    return torch.einsum("bnt,kbtd->bnkd", w, hidden)
 
 
 def read_features(model, input_ids, attention_mask, position_ids, start, end) -> torch.Tensor:

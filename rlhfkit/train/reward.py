@@ -43,7 +43,13 @@ from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models import lora
 from rlhfkit.models.heads import PackedScorer, RewardModel, reward_head
 from rlhfkit.models.loading import disable_dropout, load_tokenizer
-from rlhfkit.models.readout import POOLINGS, READOUT_KEY, check_layers_spec, unread_parameters
+from rlhfkit.models.readout import (
+    POOLINGS,
+    READOUT_KEY,
+    candidate_layers,
+    check_layers_spec,
+    unread_parameters,
+)
 from rlhfkit.train import offline, runtime
 from rlhfkit.train.reward_data import (
     EncodedPair,
@@ -101,7 +107,9 @@ class RewardConfig(CommonConfig):
     (docs/reward.md). A resumed checkpoint keeps its own."""
     layers: str = "middle"
     """Hidden states the head reads, averaged: 'last' (the final, normed layer), 'A-B' (transformers'
-    hidden_states[A..B], 0 = the embeddings), 'N', or 'middle' = blocks ceil(L/4)..floor(4L/5) (8-24 of 30)."""
+    hidden_states[A..B], 0 = the embeddings), 'N', 'middle' = blocks ceil(L/4)..floor(4L/5) (8-24 of 30), or
+    'auto': the probe picks one of readout.candidate_layers (8-24, 4-16, 12-20, 1-30, 30-30 of 30) by its
+    prompt-grouped cross-validation on the training pairs, one extraction pass for all (needs probe)."""
     probe: bool = True
     """Fit the head as an L2-regularised Bradley–Terry probe on the starting body's features (one
     no-grad pass over the training pairs; λ by prompt-grouped cross-validation) before any gradient step.
@@ -149,6 +157,9 @@ class RewardConfig(CommonConfig):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         check_layers_spec(self.layers)
+        if self.layers == "auto" and not self.probe:
+            raise ValueError("layers 'auto' is chosen by the probe's cross-validation: it needs probe=True "
+                             "(or give a range: 'middle', 'last', 'A-B')")
         if self.probe and self.freeze_backbone and self.margin_scale > 0:
             raise ValueError("margin_scale > 0 needs gradient training: the probe (probe=True with freeze_backbone) "
                              "fits plain Bradley–Terry; set probe=False or margin_scale=0")
@@ -188,16 +199,23 @@ def eval_pairs(scorer, data: list[EncodedPair], cfg: RewardConfig, pad_id: int, 
 # --- training --------------------------------------------------------------------------------------
 
 
+def start_layers(cfg: RewardConfig) -> str:
+    """The read-out a new RM starts with: ``cfg.layers``, or for 'auto' the first candidate ('middle'),
+    which the probe then replaces by its choice (a resumed checkpoint keeps its own)."""
+    return "middle" if cfg.layers == "auto" else cfg.layers
+
+
 def load_reward_model(cfg: RewardConfig, ckpt):
     """(model, tokenizer): the checkpoint's when resuming (with its read-out), else the starting model
     with a fresh head and the configured read-out."""
     from transformers import AutoModelForSequenceClassification
 
     if not ckpt:
-        rm = RewardModel.init_from(cfg.model, seed=cfg.seed, pooling=cfg.pooling, layers=cfg.layers)
+        rm = RewardModel.init_from(cfg.model, seed=cfg.seed, pooling=cfg.pooling, layers=start_layers(cfg))
         return (lora.apply_lora_as(rm.model, cfg, "reward") if cfg.lora_r else rm.model), rm.tok  # docs/lora.md
     if lora.is_adapter_dir(ckpt):  # a LoRA RM's checkpoint: its start rebuilt, then its adapter and read-out
-        rm = RewardModel.init_from(cfg.model, seed=lora.read_base(ckpt)["seed"], pooling=cfg.pooling, layers=cfg.layers)
+        rm = RewardModel.init_from(cfg.model, seed=lora.read_base(ckpt)["seed"], pooling=cfg.pooling,
+                                   layers=start_layers(cfg))
         lora.restore_config(rm.model, ckpt)
         return lora.load_adapter(rm.model, ckpt), rm.tok
     model = AutoModelForSequenceClassification.from_pretrained(ckpt)
@@ -221,13 +239,6 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     model, tok = load_reward_model(cfg, ckpt)
     model.config.use_cache = False
-    for p in unread_parameters(model):  # above the read-out's layers: no gradient reaches them
-        p.requires_grad_(False)
-    if cfg.freeze_backbone:
-        head = reward_head(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        head.requires_grad_(True)
 
     # 2. data: validate, split held-out prompts, tokenize, fix the step count
     records = read_preferences(cfg.data)
@@ -254,8 +265,17 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
     scorer = PackedScorer(model)
     probe_metrics = {}
     if cfg.probe and not ckpt:
+        candidates = candidate_layers(model.config.num_hidden_layers) if cfg.layers == "auto" else None
         probe_metrics = fit_head(scorer.to(acc.device), data, tok.pad_token_id, cfg.eval_batch_size, acc.device,
-                                 cfg.probe_folds, cfg.seed)
+                                 cfg.probe_folds, cfg.seed, candidates)
+    # which parameters train is known once the read-out is (layers 'auto': after the probe chose it)
+    for p in unread_parameters(model):  # above the read-out's layers: no gradient reaches them
+        p.requires_grad_(False)
+    if cfg.freeze_backbone:
+        head = reward_head(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head.requires_grad_(True)
     scorer, opt, sched, step = offline.start_optimizer(scorer, cfg, acc, steps, ckpt,
                                                        params=[p for p in scorer.parameters() if p.requires_grad])
     run = runtime.open_run(cfg, "reward", acc, 0 if probe_only else steps.total)
@@ -265,7 +285,8 @@ def train(cfg: RewardConfig, report: Callable[..., dict] | None = None) -> dict:
     if probe_metrics:
         result["probe"] = {k.removeprefix("probe/"): v for k, v in probe_metrics.items() if k != "probe/cv"}
     if probe_only:  # the fit is the run: one metrics row, at step 0
-        metrics = {k: v for k, v in probe_metrics.items() if k != "probe/cv" and v is not None}
+        metrics = {k: v for k, v in probe_metrics.items()
+                   if k not in ("probe/cv", "probe/layers", "probe/layers_cv") and v is not None}
         if eval_set:
             metrics.update(eval_pairs(scorer, eval_set, cfg, tok.pad_token_id, acc))
             result["eval_accuracy"] = metrics["eval/accuracy"]

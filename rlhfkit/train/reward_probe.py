@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rlhfkit.models.heads import PackedScorer
+from rlhfkit.models.readout import READOUT_KEY, read_layer_features, readout_of
 from rlhfkit.train.reward_data import EncodedPair, collate, make_units, micro_batches
 
 L2_GRID = tuple(float(10.0 ** k) for k in np.arange(-3.0, 2.01, 0.5))
@@ -40,16 +41,21 @@ class ProbeFit:
 
 @torch.no_grad()
 def extract_features(scorer: PackedScorer, pairs: list[EncodedPair], pad_id: int, batch_size: int,
-                     device) -> tuple[np.ndarray, np.ndarray]:
+                     device, layers: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(m, d) read-out features of each pair's chosen and of its rejected reply: one no-grad forward
-    pass over packed rows [prompt ; its distinct replies] (each reply computed once), float64."""
+    pass over packed rows [prompt ; its distinct replies] (each reply computed once), float64.
+    ``layers``: (m, len(layers), d) instead, the read-out's pooling of each of those hidden states."""
     was_training = scorer.training
     scorer.eval()
     units = make_units(pairs, share=True)  # one per prompt key, in first-appearance order
     feats: dict[int, np.ndarray] = {}
     for micro in micro_batches(units, batch_size):
         b = collate(micro, pad_id, device)
-        f = scorer.features(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"], b["reply_start"])
+        if layers is None:
+            f = scorer.features(b["input_ids"], b["attention_mask"], b["position_ids"], b["read_at"], b["reply_start"])
+        else:
+            f = read_layer_features(scorer.model, b["input_ids"], b["attention_mask"], b["position_ids"],
+                                    b["reply_start"], b["read_at"], layers)
         for r, u in enumerate(micro):
             feats[id(u)] = f[r, :len(u.replies)].double().cpu().numpy()  # (n_replies, d)
     scorer.train(was_training)
@@ -137,20 +143,57 @@ def set_head(scorer: PackedScorer, fit: ProbeFit) -> None:
             head.bias.fill_(fit.bias)
 
 
+def choose_layers(fc: np.ndarray, fr: np.ndarray, target: np.ndarray, groups: list[str], candidates: list[str],
+                  folds: int, seed: int) -> tuple[str, ProbeFit, dict]:
+    """The candidate range ("A-B") whose probe has the lowest cross-validated log-loss (at its own best λ;
+    a tie goes to the earlier candidate), its fit, and every candidate's CV log-loss. ``fc``/``fr``:
+    (m, K, d) per-layer features, column j holding hidden state ``first + j`` where ``first`` is the lowest
+    layer of any candidate (as :func:`fit_head` extracts them)."""
+    first = min(int(c.split("-")[0]) for c in candidates)
+    fits, losses = {}, {}
+    for c in candidates:
+        lo, hi = (int(x) - first for x in c.split("-"))
+        fits[c] = fit_probe(fc[:, lo:hi + 1].mean(1), fr[:, lo:hi + 1].mean(1), target, groups, folds=folds, seed=seed)
+        cv = fits[c].cv
+        losses[c] = cv[fits[c].l2]["log_loss"] if cv else float("inf")
+    best = min(candidates, key=lambda c: losses[c])  # min keeps the first of equals
+    if not np.isfinite(losses[best]):  # too few prompts to cross-validate: the first candidate ("middle")
+        best = candidates[0]
+    return best, fits[best], losses
+
+
 def fit_head(scorer: PackedScorer, pairs: list[EncodedPair], pad_id: int, batch_size: int, device, folds: int,
-             seed: int) -> dict:
+             seed: int, candidates: list[str] | None = None) -> dict:
     """Extract the training pairs' features, fit the probe, put it in the head; returns its metrics
-    (training BT loss and accuracy, ``probe/l2``, the CV table, extraction and fit seconds)."""
+    (training BT loss and accuracy, ``probe/l2``, the CV table, extraction and fit seconds).
+
+    ``candidates`` (layer ranges "A-B", ``readout.candidate_layers``): extract every hidden state they span
+    in the same single pass, fit a probe per range, keep the range with the lowest cross-validated
+    log-loss and store it as the model's read-out (``probe/layers``, ``probe/layers_cv``)."""
     t0 = time.perf_counter()
-    fc, fr = extract_features(scorer, pairs, pad_id, batch_size, device)
-    extract_s = time.perf_counter() - t0
+    groups = [p.prompt_key for p in pairs]
     target = np.array([0.5 if p.tie else 1.0 for p in pairs])
-    fit = fit_probe(fc, fr, target, [p.prompt_key for p in pairs], folds=folds, seed=seed)
+    chosen = {}
+    if candidates:
+        first = min(int(c.split("-")[0]) for c in candidates)
+        last = max(int(c.split("-")[1]) for c in candidates)
+        fc_all, fr_all = extract_features(scorer, pairs, pad_id, batch_size, device, list(range(first, last + 1)))
+        extract_s = time.perf_counter() - t0
+        layers, fit, losses = choose_layers(fc_all, fr_all, target, groups, candidates, folds, seed)
+        lo, hi = (int(x) - first for x in layers.split("-"))
+        fc, fr = fc_all[:, lo:hi + 1].mean(1), fr_all[:, lo:hi + 1].mean(1)
+        setattr(scorer.model.config, READOUT_KEY, {"pooling": readout_of(scorer.model).pooling, "layers": layers})
+        chosen = {"probe/layers": layers, "probe/layers_cv": losses}
+    else:
+        fc, fr = extract_features(scorer, pairs, pad_id, batch_size, device)
+        extract_s = time.perf_counter() - t0
+        fit = fit_probe(fc, fr, target, groups, folds=folds, seed=seed)
     set_head(scorer, fit)
+    fit_s = time.perf_counter() - t0 - extract_s
     decided = target != 0.5
     diff = (fc - fr) @ fit.weight
     best_cv = fit.cv[fit.l2] if fit.cv else {}
     return {"loss/reward": float(np.mean(np.logaddexp(0.0, diff) - target * diff)),
             "reward/accuracy": float(np.mean(diff[decided] > 0)) if decided.any() else None, "probe/l2": fit.l2, "probe/cv_log_loss": best_cv.get("log_loss"), "probe/cv_accuracy": best_cv.get("accuracy"),
-            "probe/extract_seconds": extract_s, "probe/fit_seconds": fit.seconds, "probe/pairs": len(pairs),
-            "probe/cv": {str(k): v for k, v in (fit.cv or {}).items()}}
+            "probe/extract_seconds": extract_s, "probe/fit_seconds": fit_s, "probe/pairs": len(pairs),
+            "probe/cv": {str(k): v for k, v in (fit.cv or {}).items()}, **chosen}

@@ -13,9 +13,17 @@ import torch
 from test_reward import toy_prefs, train_cfg, write_jsonl
 
 from rlhfkit.models.heads import PackedScorer, RewardModel
+from rlhfkit.models.readout import candidate_layers
 from rlhfkit.train.reward import RewardConfig, train
 from rlhfkit.train.reward_data import encode, read_preferences
-from rlhfkit.train.reward_probe import L2_GRID, extract_features, fit_probe, prompt_folds, set_head
+from rlhfkit.train.reward_probe import (
+    L2_GRID,
+    choose_layers,
+    extract_features,
+    fit_probe,
+    prompt_folds,
+    set_head,
+)
 
 
 def synthetic(m: int = 400, d: int = 20, seed: int = 0, noise: bool = False):
@@ -114,7 +122,7 @@ def test_freeze_backbone_probe_learns_the_toy_set_without_sgd(tmp_path):
 
 @pytest.mark.parametrize("field, value, message", [
     ("pooling", "max", "pooling must be one of"),
-    ("layers", "3-1", "layers must be 'last', 'middle', 'N' or 'A-B' with A <= B"),
+    ("layers", "3-1", "layers must be 'last', 'middle', 'auto', 'N' or 'A-B' with A <= B"),
     ("probe_folds", 1, "probe_folds must be >= 2, got 1"),
 ])
 def test_probe_config_rejects_bad_values(field, value, message):
@@ -126,3 +134,55 @@ def test_probe_with_margins_is_an_error():
     with pytest.raises(ValueError, match="margin_scale > 0 needs gradient training"):
         RewardConfig(data="x.jsonl", freeze_backbone=True, margin_scale=0.5)
     RewardConfig(data="x.jsonl", freeze_backbone=True, margin_scale=0.5, probe=False)  # SGD takes margins
+
+
+def test_layer_choice_finds_the_layers_that_carry_the_preference():
+    """Six layers of synthetic features; the BT preference lives in layers 3-4 only (the others are
+    independent noise): CV picks '3-4' over '1-2' and over '1-6' (which dilutes it with noise), and a
+    flipped order of the candidates does not change the pick."""
+    fc, fr, groups, _ = synthetic(m=300, d=12, seed=2)
+    rng = np.random.default_rng(9)
+    def stack(f):  # (m, 6, d): layers 1, 2, 5, 6 noise; 3 and 4 the signal plus a little noise
+        noise = [rng.normal(3, 2, size=f.shape) for _ in range(4)]
+        return np.stack([noise[0], noise[1], f + 0.3 * rng.normal(size=f.shape), f, noise[2], noise[3]], 1)
+    sc, sr = stack(fc), stack(fr)
+    y = np.ones(len(fc))
+    best, fit, losses = choose_layers(sc, sr, y, groups, ["1-2", "3-4", "1-6"], folds=5, seed=0)
+    assert best == "3-4" and losses["3-4"] < min(losses["1-2"], losses["1-6"]), losses
+    assert choose_layers(sc, sr, y, groups, ["1-6", "3-4", "1-2"], folds=5, seed=0)[0] == "3-4"
+    assert fit.weight.shape == (12,)
+    # one prompt only: no CV, the first candidate
+    assert choose_layers(sc[:8], sr[:8], y[:8], ["one"] * 8, ["1-2", "3-4"], folds=5, seed=0)[0] == "1-2"
+
+
+def test_per_layer_features_average_to_a_range_read_out(tmp_path):
+    """extract_features(layers=[1, 2]) averaged over its layers equals the '1-2' read-out's features."""
+    rm = RewardModel.init_from("tiny", seed=1, pooling="mean", layers="1-2")
+    data, _ = encode(read_preferences(str(write_jsonl(tmp_path / "p.jsonl", toy_prefs(3, per_prompt=3)))), rm.tok,
+                     512, 0.0, "half")
+    scorer = PackedScorer(rm.model)
+    fc, fr = extract_features(scorer, data, rm.tok.pad_token_id, batch_size=4, device="cpu")
+    lc, lr = extract_features(scorer, data, rm.tok.pad_token_id, batch_size=4, device="cpu", layers=[1, 2])
+    assert lc.shape == (len(data), 2, fc.shape[1])
+    assert np.allclose(lc.mean(1), fc, atol=1e-5) and np.allclose(lr.mean(1), fr, atol=1e-5)
+
+
+def test_layers_auto_stores_the_range_the_probe_chose(tmp_path):
+    """reward train with layers='auto': the probe picks one of candidate_layers, the checkpoint reads
+    it (config.json), the probe's metrics say which with each candidate's CV log-loss, and the
+    held-out toy pairs are still ordered."""
+    data = write_jsonl(tmp_path / "prefs.jsonl", toy_prefs(80))
+    cfg = train_cfg(tmp_path, data, freeze_backbone=True, pooling="mean", layers="auto", norm_samples=10_000)
+    out = train(cfg)
+    rm = RewardModel.load(out["checkpoint"])
+    candidates = candidate_layers(rm.model.config.num_hidden_layers)
+    assert out["readout"]["layers"] in candidates and out["readout"]["layers"] == out["probe"]["layers"]
+    assert set(out["probe"]["layers_cv"]) == set(candidates)
+    assert rm.readout.layers == out["readout"]["layers"] and out["eval_accuracy"] >= 0.9, out
+
+
+def test_layers_auto_needs_the_probe():
+    with pytest.raises(ValueError, match="layers 'auto' is chosen by the probe"):
+        RewardConfig(data="x.jsonl", layers="auto", probe=False)
+    with pytest.raises(ValueError, match="layers 'auto' is chosen by `rlhfkit reward train`"):
+        RewardModel.init_from("tiny", seed=0, pooling="mean", layers="auto")
