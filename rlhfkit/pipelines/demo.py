@@ -5,7 +5,7 @@ resumes a training phase from its last checkpoint)::
 
     1 sample   comparison pairs from the starting model on a built-in task's train prompts
     2 label    simulated annotator: the task's hidden gold reward + Bradley-Terry noise + 25% flips
-    3 reward   a reward model on the labels (a probe of the frozen model's mean-pooled middle layers);
+    3 reward   a reward model on the labels (a probe of the frozen model's mean-pooled layers, the range by CV);
                held-out accuracy vs labels and vs gold with CIs, the label ceiling, best-of-K
     4 train    each method in --methods against the reward model (DPO trains on the labels directly)
     5 eval     each trained policy vs the starting model on held-out prompts, judged by the gold reward
@@ -104,10 +104,11 @@ SIZES = {
     "quick": DemoSize(pair_prompts=16, pair_k=2, pair_tokens=24, rl_steps=2, rl_prompts_per_step=2, rl_group=2,
                       rl_tokens=24, rl_minutes=None, eval_prompts=12, eval_tokens=24),
 }
-RM_SETTINGS = dict(freeze_backbone=True, probe=True, pooling="mean", layers="middle")
+RM_SETTINGS = dict(freeze_backbone=True, probe=True, pooling="mean", layers="auto")
 """The reward model is a probe of the frozen model (features once, an L2 Bradley–Terry fit): a few
 hundred pairs are far too few to fine-tune 135M parameters, and the mean over the reply of the middle
-layers predicts gold far better than the last token of the last layer (0.49-0.55 -> ~0.65, docs/reward.md)."""
+layers predicts gold far better than the last token of the last layer (0.49-0.55 -> ~0.65, docs/reward.md);
+which range of layers is chosen by the probe's cross-validation on the training pairs (``layers='auto'``)."""
 
 
 class Phases:

@@ -20,7 +20,7 @@ Rows are cut into micro-batches by length (the optimizer step sums over the whol
 which pairs share a micro-batch does not change it) to keep padding small.
 
 Read-out and probe (docs/reward.md, issue 18): a new RM reads ``pooling``/``layers`` (default: the mean
-over the reply's tokens of the middle layers), stored in its checkpoint. With ``probe`` the head is
+over the reply's tokens of the layers the probe's cross-validation picks), stored in its checkpoint. With ``probe`` the head is
 first fitted as a regularised Bradley–Terry probe on the starting body's features
 (``rlhfkit.train.reward_probe``): with ``freeze_backbone`` that is the whole training (no SGD steps);
 otherwise fine-tuning starts from it (LP-FT).
@@ -105,11 +105,12 @@ class RewardConfig(CommonConfig):
     EOS, what RMs before issue 18 read). Frozen SmolLM2-135M, the demo's 288 pairs, probe: mean-pooled
     layers 8-24 0.59 / 0.67 accuracy vs gold (concise / sentiment) against 0.55 / 0.51 for last/last
     (docs/reward.md). A resumed checkpoint keeps its own."""
-    layers: str = "middle"
+    layers: str = "auto"
     """Hidden states the head reads, averaged: 'last' (the final, normed layer), 'A-B' (transformers'
     hidden_states[A..B], 0 = the embeddings), 'N', 'middle' = blocks ceil(L/4)..floor(4L/5) (8-24 of 30), or
     'auto': the probe picks one of readout.candidate_layers (8-24, 4-16, 12-20, 1-30, 30-30 of 30) by its
-    prompt-grouped cross-validation on the training pairs, one extraction pass for all (needs probe)."""
+    prompt-grouped cross-validation on the training pairs, one extraction pass for all; without the probe
+    'auto' is 'middle'. The resolved range is stored in the checkpoint (docs/reward.md)."""
     probe: bool = True
     """Fit the head as an L2-regularised Bradley–Terry probe on the starting body's features (one
     no-grad pass over the training pairs; λ by prompt-grouped cross-validation) before any gradient step.
@@ -157,9 +158,6 @@ class RewardConfig(CommonConfig):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         check_layers_spec(self.layers)
-        if self.layers == "auto" and not self.probe:
-            raise ValueError("layers 'auto' is chosen by the probe's cross-validation: it needs probe=True "
-                             "(or give a range: 'middle', 'last', 'A-B')")
         if self.probe and self.freeze_backbone and self.margin_scale > 0:
             raise ValueError("margin_scale > 0 needs gradient training: the probe (probe=True with freeze_backbone) "
                              "fits plain Bradley–Terry; set probe=False or margin_scale=0")
@@ -201,7 +199,8 @@ def eval_pairs(scorer, data: list[EncodedPair], cfg: RewardConfig, pad_id: int, 
 
 def start_layers(cfg: RewardConfig) -> str:
     """The read-out a new RM starts with: ``cfg.layers``, or for 'auto' the first candidate ('middle'),
-    which the probe then replaces by its choice (a resumed checkpoint keeps its own)."""
+    which the probe then replaces by its choice (without the probe it stays; a resumed checkpoint keeps
+    its own)."""
     return "middle" if cfg.layers == "auto" else cfg.layers
 
 

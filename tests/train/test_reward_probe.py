@@ -14,7 +14,7 @@ from test_reward import toy_prefs, train_cfg, write_jsonl
 
 from rlhfkit.models.heads import PackedScorer, RewardModel
 from rlhfkit.models.readout import candidate_layers
-from rlhfkit.train.reward import RewardConfig, train
+from rlhfkit.train.reward import RewardConfig, start_layers, train
 from rlhfkit.train.reward_data import encode, read_preferences
 from rlhfkit.train.reward_probe import (
     L2_GRID,
@@ -181,8 +181,9 @@ def test_layers_auto_stores_the_range_the_probe_chose(tmp_path):
     assert rm.readout.layers == out["readout"]["layers"] and out["eval_accuracy"] >= 0.9, out
 
 
-def test_layers_auto_needs_the_probe():
-    with pytest.raises(ValueError, match="layers 'auto' is chosen by the probe"):
-        RewardConfig(data="x.jsonl", layers="auto", probe=False)
+def test_layers_auto_is_the_default_and_is_middle_without_the_probe():
+    assert RewardConfig(data="x.jsonl").layers == "auto"
+    assert start_layers(RewardConfig(data="x.jsonl", probe=False)) == "middle"
+    assert start_layers(RewardConfig(data="x.jsonl", layers="4-6")) == "4-6"
     with pytest.raises(ValueError, match="layers 'auto' is chosen by `rlhfkit reward train`"):
         RewardModel.init_from("tiny", seed=0, pooling="mean", layers="auto")
