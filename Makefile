@@ -27,6 +27,10 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q -p no:cacheprovider $(ARGS)
 
+# the side-by-side benchmarks (each prints a RESULT line); the long studies (demo_seeds, learning,
+# ablation_cmpo, reward_readout, lora_memory, annotate_load) are run one by one, as their docstrings say
+BENCHES = sft dpo reward online generate
+
 bench: setup
 	$(PIP) install -q -e ".[bench]"
-	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+	@set -e; for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) bench/$$b.py; done
