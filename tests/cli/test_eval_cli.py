@@ -23,7 +23,7 @@ from rlhfkit.cli import main
 
 # evaluate_pairs' record (rlhfkit/evaluate/winrate.py, EVAL_SCHEMA_VERSION = 1)
 EVAL_KEYS = {"schema_version", "meta", "n_prompts", "alpha", "n_boot", "seed", "win_rate", "lc_win_rate", "gold",
-             "proxy", "kl", "length", "distinct"}
+             "proxy", "kl", "length", "distinct", "samples"}
 ESTIMATE_KEYS = {"value", "ci_low", "ci_high"}
 SMALL = ["--task", "sentiment", "--num-prompts", "4", "--max-new-tokens", "8"]
 
@@ -59,6 +59,7 @@ def test_eval_policy_equal_to_reference(tmp_path, capsys):
     assert d["proxy"] is None
     assert d["length"]["policy"] == d["length"]["reference"] and d["length"]["policy"]["n"] == 4
     assert set(d["distinct"]["policy"]) == {"distinct_1", "distinct_2"}
+    assert len(d["samples"]) == 4 and all(s["policy"] == s["reference"] for s in d["samples"])  # same weights, seed
     out = capsys.readouterr().out
     assert "KL(policy || reference) nats" in out and f"wrote {tmp_path / 'eval.json'}" in out
 

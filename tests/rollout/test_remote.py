@@ -326,7 +326,7 @@ def test_lora_with_the_remote_backend_is_an_error_before_any_model_loads(monkeyp
     monkeypatch.setattr(online, "load_policy", lambda *a, **k: pytest.fail("loaded a model"))
     cfg = grpo.GRPOConfig(model="tiny:0.5", task="toy", lora_r=4, rollout_backend="remote",
                           rollout_server="http://127.0.0.1:9", progress=False)
-    with pytest.raises(ValueError, match="lora_r > 0 needs rollout_backend 'hf', got 'remote'"):
+    with pytest.raises(ValueError, match="lora_r > 0 needs rollout_backend 'hf' or 'auto', got 'remote'"):
         online.start(cfg, task=ToyTask())
 
 
