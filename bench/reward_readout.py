@@ -18,10 +18,10 @@ import torch
 from rlhfkit.evaluate.reward_model import best_of_k, cluster_bootstrap_ci, record_gold
 from rlhfkit.losses.reward import bradley_terry_loss
 from rlhfkit.models.heads import RewardModel
-from rlhfkit.models.readout import pool_weights
+from rlhfkit.models.readout import candidate_layers, layer_span, pool_weights
 from rlhfkit.train import runtime
 from rlhfkit.train.reward_data import collate, encode, make_units, micro_batches, read_preferences
-from rlhfkit.train.reward_probe import fit_probe
+from rlhfkit.train.reward_probe import choose_layers, fit_probe
 
 task, D = sys.argv[1], sys.argv[2]
 rm = RewardModel.init_from("smollm2-135m-instruct", seed=0)
@@ -133,22 +133,19 @@ variants = [("today: last token, final layer, SGD 5 ep", "last", (L, L), "sgd"),
             ("mean, layers 4-16, probe", "mean", (4, 16), "probe"),
             ("mean, layers 12-20, probe", "mean", (12, 20), "probe"),
             ("mean, layers 1-30, probe", "mean", (1, 30), "probe")]
-CV_RANGES = [(8, 24), (4, 16), (12, 20), (1, 30), (L, L)]
-"""Candidates of the 'layers by CV' row: the mean-pooled ranges above, chosen on the TRAINING pairs by the
-probe's own prompt-grouped CV log-loss (its best λ per range), never by the held-out pairs."""
 variants.append(("mean, layers by grouped CV, probe", "mean", "cv", "probe"))
 
 
 def cv_layers(pooling):
-    """The range of CV_RANGES whose probe has the lowest cross-validated log-loss on the training pairs."""
-    scores = {}
-    for lr in CV_RANGES:
-        fit = fit_probe(select(tr_c, pooling, lr), select(tr_r, pooling, lr), target, [p.prompt_key for p in tr])
-        scores[lr] = fit.cv[fit.l2]["log_loss"]
-    best = min(CV_RANGES, key=lambda lr: scores[lr])
-    print("  CV log-loss per range: " + ", ".join(f"{a}-{b} {v:.4f}" for (a, b), v in scores.items())
-          + f" -> {best[0]}-{best[1]}", flush=True)
-    return best
+    """``layers='auto'``: the library's choice (``reward_probe.choose_layers`` over ``candidate_layers``,
+    the mean-pooled ranges above), made on the TRAINING pairs by the probe's prompt-grouped CV log-loss,
+    never on the held-out pairs."""
+    p = {"last": 0, "mean": 1}[pooling]
+    best, _, losses = choose_layers(tr_c[:, p, 1:], tr_r[:, p, 1:], target, [q.prompt_key for q in tr],
+                                    candidate_layers(L), folds=5, seed=0)  # column j = hidden state 1 + j
+    print("  CV log-loss per range: " + ", ".join(f"{c} {v:.4f}" for c, v in losses.items()) + f" -> {best}",
+          flush=True)
+    return layer_span(best)
 
 
 rows, default = [], None

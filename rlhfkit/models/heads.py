@@ -57,13 +57,12 @@ from rlhfkit.models.lora import (
     settings_of,
 )
 from rlhfkit.models.readout import (
-    READOUT_KEY,
     ReadOut,
     generation_header,
     infer_prompt_width,
     read_features,
     readout_of,
-    resolve_readout,
+    set_readout,
 )
 
 NORM_KEY = "rlhfkit_reward_norm"
@@ -184,9 +183,7 @@ class RewardModel:
     def set_readout(self, pooling: str, layers: str) -> ReadOut:
         """Set (and store in the config) which hidden states the head reads; ``layers`` is resolved
         ("middle" -> "A-B"). A trained head belongs to its read-out: set this before training."""
-        r = resolve_readout(pooling, layers, self.model.config.num_hidden_layers)
-        setattr(self.model.config, READOUT_KEY, {"pooling": r.pooling, "layers": r.layers})
-        return r
+        return set_readout(self.model, pooling, layers)
 
     # --- normalisation ------------------------------------------------------------------------------
 

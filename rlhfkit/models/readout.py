@@ -37,7 +37,7 @@ class ReadOut:
         """Indices into transformers' ``hidden_states`` (0 = embeddings), or None for the final layer."""
         if self.layers == "last":
             return None
-        lo, hi = (int(x) for x in self.layers.split("-"))
+        lo, hi = layer_span(self.layers)
         return list(range(lo, hi + 1))
 
 
@@ -86,6 +86,20 @@ def candidate_layers(num_layers: int) -> list[str]:
         return f"{lo}-{max(lo, min(L, math.floor(b * L)))}"
 
     return list(dict.fromkeys([span(1 / 4, 4 / 5), span(2 / 15, 8 / 15), span(2 / 5, 2 / 3), f"1-{L}", f"{L}-{L}"]))
+
+
+def set_readout(model, pooling: str, layers: str) -> ReadOut:
+    """Resolve ``pooling``/``layers`` for ``model`` ("middle" -> "A-B") and store them in its config
+    (``READOUT_KEY``), where :func:`readout_of` and a saved checkpoint find them."""
+    r = resolve_readout(pooling, layers, model.config.num_hidden_layers)
+    setattr(model.config, READOUT_KEY, {"pooling": r.pooling, "layers": r.layers})
+    return r
+
+
+def layer_span(layers: str) -> tuple[int, int]:
+    """(A, B) of an "A-B" range."""
+    lo, hi = (int(x) for x in layers.split("-"))
+    return lo, hi
 
 
 def readout_of(model) -> ReadOut:

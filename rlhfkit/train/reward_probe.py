@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rlhfkit.models.heads import PackedScorer
-from rlhfkit.models.readout import READOUT_KEY, read_layer_features, readout_of
+from rlhfkit.models.readout import layer_span, read_layer_features, readout_of, set_readout
 from rlhfkit.train.reward_data import EncodedPair, collate, make_units, micro_batches
 
 L2_GRID = tuple(float(10.0 ** k) for k in np.arange(-3.0, 2.01, 0.5))
@@ -143,17 +143,23 @@ def set_head(scorer: PackedScorer, fit: ProbeFit) -> None:
             head.bias.fill_(fit.bias)
 
 
+def range_mean(per_layer: np.ndarray, layers: str, first: int) -> np.ndarray:
+    """(m, d) features of the range ``layers`` ("A-B") from (m, K, d) per-layer ones whose column j is
+    hidden state ``first + j``: their mean (pooling is linear, so this is the range's read-out)."""
+    lo, hi = layer_span(layers)
+    return per_layer[:, lo - first:hi - first + 1].mean(1)
+
+
 def choose_layers(fc: np.ndarray, fr: np.ndarray, target: np.ndarray, groups: list[str], candidates: list[str],
                   folds: int, seed: int) -> tuple[str, ProbeFit, dict]:
     """The candidate range ("A-B") whose probe has the lowest cross-validated log-loss (at its own best λ;
     a tie goes to the earlier candidate), its fit, and every candidate's CV log-loss. ``fc``/``fr``:
     (m, K, d) per-layer features, column j holding hidden state ``first + j`` where ``first`` is the lowest
     layer of any candidate (as :func:`fit_head` extracts them)."""
-    first = min(int(c.split("-")[0]) for c in candidates)
+    first = min(layer_span(c)[0] for c in candidates)
     fits, losses = {}, {}
     for c in candidates:
-        lo, hi = (int(x) - first for x in c.split("-"))
-        fits[c] = fit_probe(fc[:, lo:hi + 1].mean(1), fr[:, lo:hi + 1].mean(1), target, groups, folds=folds, seed=seed)
+        fits[c] = fit_probe(range_mean(fc, c, first), range_mean(fr, c, first), target, groups, folds=folds, seed=seed)
         cv = fits[c].cv
         losses[c] = cv[fits[c].l2]["log_loss"] if cv else float("inf")
     best = min(candidates, key=lambda c: losses[c])  # min keeps the first of equals
@@ -175,14 +181,13 @@ def fit_head(scorer: PackedScorer, pairs: list[EncodedPair], pad_id: int, batch_
     target = np.array([0.5 if p.tie else 1.0 for p in pairs])
     chosen = {}
     if candidates:
-        first = min(int(c.split("-")[0]) for c in candidates)
-        last = max(int(c.split("-")[1]) for c in candidates)
+        spans = [layer_span(c) for c in candidates]
+        first, last = min(lo for lo, _ in spans), max(hi for _, hi in spans)
         fc_all, fr_all = extract_features(scorer, pairs, pad_id, batch_size, device, list(range(first, last + 1)))
         extract_s = time.perf_counter() - t0
         layers, fit, losses = choose_layers(fc_all, fr_all, target, groups, candidates, folds, seed)
-        lo, hi = (int(x) - first for x in layers.split("-"))
-        fc, fr = fc_all[:, lo:hi + 1].mean(1), fr_all[:, lo:hi + 1].mean(1)
-        setattr(scorer.model.config, READOUT_KEY, {"pooling": readout_of(scorer.model).pooling, "layers": layers})
+        fc, fr = range_mean(fc_all, layers, first), range_mean(fr_all, layers, first)
+        set_readout(scorer.model, readout_of(scorer.model).pooling, layers)
         chosen = {"probe/layers": layers, "probe/layers_cv": losses}
     else:
         fc, fr = extract_features(scorer, pairs, pad_id, batch_size, device)
