@@ -4,13 +4,15 @@ Why it is faster than ``transformers.generate`` on a CPU (docs/generation.md has
 a decode step of a 135M model at batch 8-64 is bound by reading the weights and by small matrix
 products, not by Python. So the engine
 
-1. keeps an **int8 copy of every linear layer and of the lm head** (per-output-channel symmetric weights,
-   per-tensor dynamic activations: fbgemm's ``quantized::linear_dynamic``), q/k/v and gate/up fused into
-   one matrix each, rebuilt from the fp32 policy by :meth:`FastBackend.sync_weights` after each update;
-2. runs a **lean decode loop** over a **preallocated KV cache** (no cache objects, no mask builders);
+1. keeps an **int8 copy of every linear layer and of the lm head** (W8A8: per-output-channel symmetric
+   weights, per-token dynamic activations, oneDNN's s8 GEMM through ``torch._int_mm``), q/k/v and gate/up
+   fused into one matrix each, rebuilt from the fp32 policy after each update (:meth:`FastBackend.sync_weights`;
+   a rounding pass, no prepacking);
+2. **prefills in int8** too (each prompt's first token in fp32), and runs a **lean decode loop** over a
+   **preallocated KV cache** (no cache objects, no mask builders, about 60 ops a layer);
 3. **prefills each distinct prompt once**: GRPO/RLOO send K consecutive copies of a prompt; the prompt's
    keys/values are computed once and copied into the K rows;
-4. **stops as soon as every row has emitted EOS**.
+4. **stops as soon as every row has emitted EOS**, and drops finished rows from the int8 decode batch.
 
 Layout of one generate call (B rows, P prompt columns left-padded, C = max_new_tokens)::
 
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -39,7 +40,6 @@ import torch.nn.functional as F
 from rlhfkit.rollout.engine import SamplingConfig
 
 SUPPORTED_MODEL_TYPES = ("llama",)
-REDUCE_RANGE = True
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
 
 
@@ -47,56 +47,64 @@ class _Linear:
     """``y = x W^T + b`` for one or several weights sharing the input (q/k/v, gate/up).
 
     fp32 (``exact``): the policy's own tensors, applied one by one, op for op as transformers does.
-    int8: SmoothQuant (Xiao et al. 2023, arXiv:2211.10438, eq. 4): a few input channels carry most of
-    an LLM's activation range, and one per-tensor activation scale would round every other channel to
-    0, so each input channel j is rescaled by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``:
-    ``x W^T = (x / s) (W s)^T``. ``max|X_j|`` is observed on the exact prefill of real prompt tokens
-    (:meth:`observe`). ``W s`` is concatenated over the group, quantized per output channel (symmetric,
-    scale = max|w| / 127) and prepacked for fbgemm; ``x / s`` is quantized per tensor at call time.
-    ``reduce_range=True`` keeps activations to 7 bits: on AVX2 CPUs without VNNI fbgemm sums u8 x s8
-    products in pairs into int16 (``vpmaddubsw``), which 8-bit activations could saturate.
+    int8 (W8A8, ``torch._int_mm``: oneDNN's s8 x s8 -> s32 GEMM, VNNI where the CPU has it):
+    SmoothQuant (Xiao et al. 2023, arXiv:2211.10438, eq. 4): a few input channels carry most of an LLM's
+    activation range, so each input channel j is rescaled by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``:
+    ``x W^T = (x / s) (W s)^T``. ``max|X_j|`` is observed on the real prompt tokens of prefills
+    (:meth:`observe`). ``W s`` is concatenated over the group and quantized per output channel
+    (symmetric, scale = max|w| / 127); ``x / s`` is quantized per token (per row) at call time, so one
+    row's outliers never coarsen another row's rounding. No prepacking: ``_int_mm`` reads the plain
+    (K, N) int8 view, so a re-quantization is one rounding pass over the weights.
     """
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
-        self.packed = self.inv_s = self.amax = None
+        self.w8t = self.w_scale = self.bias = self.inv_s = self.amax = None
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
         amax = x.reshape(-1, x.shape[-1])[rows].abs().amax(0)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
 
-    def quantize(self, alpha: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The int8 weight (a per-channel quantized tensor) and bias, for :meth:`prepack`."""
+    def quantize(self, alpha: float) -> None:
+        """Build the int8 weight ``W s`` (per output channel, symmetric) from the current fp32 tensors."""
         # one fresh copy (cat), then in place: a re-quantization runs after every policy update, and each
         # temporary of the ~134M weights costs a pass over memory (this order halved the time)
         w = torch.cat([x.detach().float() for x in self.weights])  # (N, K)
-        b = None if all(x is None for x in self.biases) else torch.cat(
+        self.bias = None if all(x is None for x in self.biases) else torch.cat(
             [x.detach().float() if x is not None else w.new_zeros(n) for x, n in zip(self.biases, self.sizes)])
         s = torch.ones(w.shape[1])
         if self.amax is not None and alpha > 0:
-            w_amax = torch.linalg.vector_norm(w, float("inf"), dim=0)  # max |w| per input channel
+            w_amax = w.abs().amax(0)  # max |w| per input channel (abs().amax: 10x linalg.vector_norm(inf) here)
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
             w.mul_(s)
-        scale = (torch.linalg.vector_norm(w, float("inf"), dim=1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
-        w8 = w.div_(scale).round_().to(torch.int8)  # |w / scale| <= 127 by construction
-        scale = scale.squeeze(1).double()
-        # quantize_per_channel would round the same way, 2x slower; quantized tensors are deprecated
-        # (pytorch#184982, a UserWarning that FastBackend._quantize silences) but fbgemm's kernel behind
-        # them is the fastest int8 GEMM torch has on a CPU
-        qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
+        self.w8t = w.div_(scale).round_().to(torch.int8).t()  # (K, N) view; |w / scale| <= 127 by construction
+        self.w_scale = scale.squeeze(1)
         self.inv_s = 1 / s
-        return qw, b
 
-    def prepack(self, qw: torch.Tensor, b: torch.Tensor | None) -> None:
-        self.packed = torch.ops.quantized.linear_prepack(qw, b)
+    def int8(self, xs: torch.Tensor) -> torch.Tensor:
+        """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""
+        x_scale = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12).mul_(1 / 127)  # (M, 1), per token
+        x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
+        y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 3-5x slower)
+        if self.bias is not None:
+            y += self.bias
+        return y
 
-    def __call__(self, x: torch.Tensor, exact: bool = False) -> list[torch.Tensor]:
-        if exact or self.packed is None:
+    def __call__(self, x: torch.Tensor, exact: bool = False, exact_rows: tuple | None = None) -> list[torch.Tensor]:
+        """``exact_rows`` (int8 only): rows of ``x`` flattened to (M, K) computed in fp32 instead, as
+        :meth:`FastBackend._first_token_rows` gives them."""
+        if exact or self.w8t is None:
             return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic((x * self.inv_s).reshape(-1, shape[-1]), self.packed, REDUCE_RANGE)
+        x = x.reshape(-1, shape[-1])
+        y = self.int8(x * self.inv_s)
+        if exact_rows is not None:  # (representative rows, all rows, each one's representative): fp32
+            rep, rows, inverse = exact_rows
+            xr = x.index_select(0, rep)
+            y[rows] = torch.cat([F.linear(xr, w, b) for w, b in zip(self.weights, self.biases)], -1)[inverse]
         y = y.view(*shape[:-1], y.shape[-1])
         return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]
 
@@ -109,6 +117,8 @@ class _Layer:
     ln2: torch.Tensor
     gate_up: _Linear
     down: _Linear
+    ln1_s: torch.Tensor | None = None  # int8 decode: ln1 / s of qkv, the norm and the smoothing in one product
+    ln2_s: torch.Tensor | None = None  # likewise for gate_up
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -131,12 +141,14 @@ class FastBackend:
         model: the policy (``LlamaForCausalLM``); its weights are read (and int8-copied) by
             :meth:`sync_weights`, now and after every optimizer step.
         tokenizer: gives ``eos_token_id`` and ``pad_token_id``.
-        quantize: True: every linear layer and the lm head in int8 for decode (fast, approximately the
+        quantize: True: every linear layer and the lm head in int8 (fast, approximately the
             policy; see :attr:`last_logps`); False: the policy's fp32 weights, exactly transformers'
             computation (1.19x ``generate`` at batch 8 greedy in one run, from the lean loop alone); or a
             set of parts from ``QUANTIZABLE`` to quantize (e.g. all but ``"down"``: half the log-prob gap).
         alpha: SmoothQuant's migration strength (0: no smoothing; 0.5 measured best on the bundled model).
         share_prefill: compute each distinct prompt's KV cache once for all its copies in the batch.
+        quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
+            sampler's log-prob gap a little smaller, a prefill 2-3x slower).
     Attributes set by :meth:`generate`:
         last_logps: (B, C) float32, the sampler's own ``log softmax(logits / T)`` at each generated token
             (T = 1 when greedy), 0 after a row's EOS. At ``quantize=False`` they equal the policy's to float
@@ -146,7 +158,7 @@ class FastBackend:
     """
 
     def __init__(self, model, tokenizer, *, quantize: bool | set = True, share_prefill: bool = True,
-                 alpha: float = 0.5):
+                 alpha: float = 0.5, quantized_prefill: bool = True):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"FastBackend supports {SUPPORTED_MODEL_TYPES} models, not {cfg.model_type!r}; use "
@@ -156,13 +168,14 @@ class FastBackend:
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("FastBackend is a CPU engine; on a GPU use HFBackend or the vLLM backend")
         self.tok, self.quantize, self.share_prefill, self.alpha = tokenizer, quantize, share_prefill, alpha
+        self.quantized_prefill = quantized_prefill
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         self.last_logps: torch.Tensor | None = None
         self.last_stats: dict = {}
         self.sync_s = 0.0
-        self._amax = None
+        self.layers: list[_Layer] = []
         self.sync_weights(model)
 
     # ---- weights ----------------------------------------------------------------------------------------
@@ -173,6 +186,8 @@ class FastBackend:
         t0 = time.perf_counter()
         model = getattr(model, "module", model)  # DDP / accelerate wrappers
         inner = model.model
+        # smoothing statistics survive a weight update (activations move slowly)
+        amax = [lin.amax for _, lin in self._linears()] if self.layers else None
         self.rotary = inner.rotary_emb  # inv_freq is a buffer, never trained
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
@@ -188,37 +203,52 @@ class FastBackend:
                 ln2=layer.post_attention_layernorm.weight,
                 gate_up=_Linear([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None]),
                 down=_Linear([mlp.down_proj.weight], [None])))
-        if self._amax is not None:  # smoothing statistics survive a weight update (activations move slowly)
-            for (_, lin), amax in zip(self._linears(), self._amax):
-                lin.amax = amax
-        self.stale = bool(self.quantize)  # int8 copies are (re)built at the next generate, after its prefill
+        if amax is not None:
+            for (_, lin), a in zip(self._linears(), amax):
+                lin.amax = a
+        self.stale = bool(self.quantize)  # int8 copies are (re)built at the next generate
         self.sync_s = time.perf_counter() - t0
 
     def _linears(self) -> list[tuple[str, _Linear]]:
         named = [(name, getattr(layer, name)) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         return named + [("lm_head", self.lm_head)]
 
-    def _quantize(self) -> float:
-        """Build the int8 copies from the current weights and the observed statistics; return the seconds."""
-        t0 = time.perf_counter()
+    def _has_statistics(self) -> bool:
+        return all(lin.amax is not None for _, lin in self._linears())
+
+    def _quantize(self) -> None:
+        """Build the int8 copies from the current weights and the observed statistics."""
         parts = QUANTIZABLE if self.quantize is True else set(self.quantize)
         todo = [lin for name, lin in self._linears() if name in parts]
         todo.sort(key=lambda lin: -sum(w.numel() for w in lin.weights))  # largest first: the threads end together
-        # fbgemm's prepack (half of the cost) is single-threaded and, like torch's ops, releases the GIL: one
-        # Python thread per core, each quantizing and packing whole layers. The warning filter is set here,
-        # on the calling thread, around the pool (catch_warnings is not thread-safe; filters are global).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-                list(pool.map(lambda lin: lin.prepack(*lin.quantize(self.alpha)), todo))
-        self._amax = [lin.amax for _, lin in self._linears()]
+        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+            list(pool.map(lambda lin: lin.quantize(self.alpha), todo))
+        if self.quantize is True:
+            for layer in self.layers:
+                layer.ln1_s, layer.ln2_s = layer.ln1 * layer.qkv.inv_s, layer.ln2 * layer.gate_up.inv_s
         self.stale = False
-        return time.perf_counter() - t0
+
+    @staticmethod
+    def _first_token_rows(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        """The prefill rows (flattened N*T) that int8 leaves to fp32: each prompt's first real token.
+
+        It carries the "massive activations" (Sun et al. 2024, arXiv:2402.17762): a few channels 100-1000x
+        the others, which a per-token int8 scale would keep while rounding the rest of the token to zero
+        (measured: the sampler's log-prob gap 0.22 nats with it in int8, 0.12 without). At position 0 a
+        token attends only to itself, so its states depend on its id alone: one fp32 row per distinct id
+        (a chat template starts every prompt with the same token), copied to the others.
+        Returns (representative rows (U,), all first rows (F,), index of each first row's representative (F,)).
+        """
+        first = ((positions == 0) & mask).reshape(-1).nonzero().squeeze(1)
+        _, inverse = torch.unique(ids.reshape(-1)[first], return_inverse=True)
+        rep = torch.empty(int(inverse.max()) + 1 if len(first) else 0, dtype=torch.long).scatter_(0, inverse, first)
+        return rep, first, inverse
 
     # ---- the transformer --------------------------------------------------------------------------------
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int,
-                 rows: torch.Tensor | None, exact: bool, observe: torch.Tensor | None = None) -> torch.Tensor:
+                 rows: torch.Tensor | None, exact: bool, observe: torch.Tensor | None = None,
+                 exact_rows: tuple | None = None) -> torch.Tensor:
         """Run ``ids`` (N, T) at ``positions`` (N, T) through the decoder; return the last hidden (N, T, H).
 
         Prefill (``rows`` given, N = distinct prompts): attention over the T prompt tokens themselves with
@@ -236,7 +266,7 @@ class FastBackend:
             x = _rms_norm(h, layer.ln1, self.eps)
             if observe is not None:
                 layer.qkv.observe(x, observe)
-            q, k, v = layer.qkv(x, exact)
+            q, k, v = layer.qkv(x, exact, exact_rows)
             q = _rope(q.view(n, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)  # (N, h, T, D)
             k = _rope(k.view(n, t, self.n_kv, self.head_dim).transpose(1, 2), cos, sin)  # (N, kv, T, D)
             v = v.view(n, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -259,16 +289,48 @@ class FastBackend:
                 a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
             a = a.reshape(n, self.n_heads, t, self.head_dim)
             a = a.transpose(1, 2).reshape(n, t, -1)
-            h = h + layer.o(a, exact)[0]
+            h = h + layer.o(a, exact, exact_rows)[0]
             x = _rms_norm(h, layer.ln2, self.eps)
             if observe is not None:
                 layer.o.observe(a, observe)
                 layer.gate_up.observe(x, observe)
-            gate, up = layer.gate_up(x, exact)
+            gate, up = layer.gate_up(x, exact, exact_rows)
             x = F.silu(gate) * up
             if observe is not None:
                 layer.down.observe(x, observe)
-            h = h + layer.down(x, exact)[0]
+            h = h + layer.down(x, exact, exact_rows)[0]
+        return h
+
+    def _decode_int8(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int) -> torch.Tensor:
+        """One int8 decode step, every part quantized: ``ids`` (B, 1) at ``positions`` (B, 1) -> last hidden (B, H).
+
+        What :meth:`_forward` computes at T = 1, in about half the operations (a decode step of a small
+        model is ~100 small ops a layer, each a few microseconds): the RMSNorm weight and the smoothing
+        divisor of the next linear are one vector; rotary runs once on q and k together, with
+        ``rotate_half(x) = roll(x, D/2) * [-1 .. -1, 1 .. 1]``; the linears' outputs are sliced, not split.
+        """
+        b, d = ids.shape[0], self.head_dim
+        nq, groups = self.n_heads * d, self.n_heads // self.n_kv
+        h = F.embedding(ids[:, 0], self.embed)  # (B, H)
+        cos, sin = self.rotary(h, positions)  # (B, 1, D)
+        sign = torch.ones(d)
+        sign[:d // 2] = -1
+        sin = sin * sign
+        width = h.shape[-1]
+        for layer, (k_cache, v_cache) in zip(self.layers, caches):
+            qkv = layer.qkv.int8(F.rms_norm(h, (width,), layer.ln1_s, self.eps))  # (B, nq + 2 nkv)
+            qk = qkv[:, :nq + self.n_kv * d].view(b, -1, d)  # (B, heads + kv heads, D)
+            qk = torch.addcmul(qk * cos, qk.roll(d // 2, -1), sin)
+            k_cache[:, :, col] = qk[:, self.n_heads:]
+            v_cache[:, :, col] = qkv[:, nq + self.n_kv * d:].view(b, self.n_kv, d)
+            # one query per head: the `groups` heads sharing a K/V head become its `groups` queries
+            a = F.scaled_dot_product_attention(qk[:, :self.n_heads].view(b, self.n_kv, groups, d),
+                                               k_cache[:, :, :col + 1], v_cache[:, :, :col + 1],
+                                               attn_mask=mask, scale=d ** -0.5)
+            h = h + layer.o.int8(a.view(b, -1) * layer.o.inv_s)
+            gate_up = layer.gate_up.int8(F.rms_norm(h, (width,), layer.ln2_s, self.eps))
+            inter = gate_up.shape[1] // 2
+            h = h + layer.down.int8(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).mul_(layer.down.inv_s))
         return h
 
     def _logits(self, h: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -311,14 +373,28 @@ class FastBackend:
         # the first real token of a prompt carries the "massive activations" (Sun et al. 2024, arXiv:2402.17762)
         # that decode tokens never see: left out of the smoothing statistics, as pads are
         observe = (positions >= 1).reshape(-1) if self.stale else None
-        h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=True, observe=observe)
-        logits = self._logits(h[:, -1], exact=True).index_select(0, rows)  # (B, V)
-        t_prefill = time.perf_counter() - t0
-        quantize_s = 0.0
-        if self.stale:
-            hn = _rms_norm(h, self.norm, self.eps)
-            self.lm_head.observe(hn, observe)
-            quantize_s = self._quantize()
+        quantize_s, int8_prefill = 0.0, bool(self.quantize) and self.quantized_prefill
+        if int8_prefill and self.stale:
+            # int8 prefill from the weights quantized with the statistics of earlier prompts (activations move
+            # slowly between policy updates); the engine's first call gathers them with an fp32 prefill first
+            if not self._has_statistics():
+                h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=True, observe=observe)
+                self.lm_head.observe(_rms_norm(h, self.norm, self.eps), observe)
+                observe = None
+            t_q = time.perf_counter()
+            self._quantize()
+            quantize_s = time.perf_counter() - t_q
+        exact_rows = self._first_token_rows(u_ids, positions, u_mask) if int8_prefill else None
+        h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=not int8_prefill, observe=observe,
+                          exact_rows=exact_rows)
+        logits = self._logits(h[:, -1], exact=not int8_prefill).index_select(0, rows)  # (B, V)
+        if observe is not None:
+            self.lm_head.observe(_rms_norm(h, self.norm, self.eps), observe)
+        if self.stale:  # fp32 prefill: quantize for the decode
+            t_q = time.perf_counter()
+            self._quantize()
+            quantize_s = time.perf_counter() - t_q
+        t_prefill = time.perf_counter() - t0 - quantize_s
 
         # 2. decode: sample, feed back, until every row has ended or C tokens
         key_mask = torch.cat([prompt_mask, torch.ones(b, c, dtype=torch.bool)], 1)  # (B, P + C)
@@ -340,15 +416,18 @@ class FastBackend:
             if t == c - 1 or not bool(alive.any()):
                 break
             if self.quantize and not bool(alive[live].all()):
-                # int8 quantizes a layer's activations with ONE scale for the whole batch: a finished row fed
-                # pad tokens grows outlier activations that round every live row's to noise (measured: the
-                # sampler's log-probs 2-4 nats off the policy's once a row ended). Finished rows leave the batch.
+                # finished rows leave the int8 batch: less work, and (when activations shared one scale per
+                # tensor) a finished row fed pads grew outliers that put the live rows' log-probs 2-4 nats off
                 keep = alive[live].nonzero().squeeze(1)
                 live = live[keep]
                 caches = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in caches]
             att = key_mask[live, None, None, :p + t + 1]  # (L, 1, 1, P + t + 1)
-            h = self._forward(tokens[live, None], next_pos[live] + t, att, caches, p + t, None, exact=not self.quantize)
-            logits[live] = self._logits(h[:, -1], exact=not self.quantize)
+            if self.quantize is True:
+                h = self._decode_int8(tokens[live, None], next_pos[live] + t, att, caches, p + t)
+            else:
+                h = self._forward(tokens[live, None], next_pos[live] + t, att, caches, p + t, None,
+                                  exact=not self.quantize)[:, -1]
+            logits[live] = self._logits(h, exact=not self.quantize)
         # columns never reached hold pad (every row ended), as generate's shorter output does
         self.last_logps = logps[:, :steps] if steps < c else logps
         self.last_stats = {"prefill_s": t_prefill, "quantize_s": quantize_s,
