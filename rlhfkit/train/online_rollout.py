@@ -24,6 +24,7 @@ from rlhfkit.rollout.fast import SUPPORTED_MODEL_TYPES, FastBackend
 from rlhfkit.rollout.remote import RemoteBackend
 from rlhfkit.rollout.reward_components import task_gold
 from rlhfkit.rollout.vllm_backend import VLLMBackend  # cheap: vllm is imported only when one is built
+from rlhfkit.train.runtime import trim_heap
 from rlhfkit.train.sharding import full_parameters, sharding_kind
 
 if TYPE_CHECKING:  # annotations only: online.py imports this module
@@ -187,6 +188,10 @@ def generate_and_score(s: Start, sampler: Sampler, step: int, cfg: OnlineConfig,
     if cfg.missing_eos_penalty is not None:  # N details #7: a completion without EOS scores the penalty
         raw = torch.where(r.ended.cpu() | ~scored, raw, torch.full_like(raw, cfg.missing_eos_penalty))
     r.scores = fill_unscored(raw, scored, k).to(r.completion_ids.device)
+    release = getattr(sampler.backend, "release", None)  # fast: its int8 copies are stale after the update
+    if release is not None:
+        release()
+    trim_heap()  # the update's gradients and activations then reuse the pages generation freed
     return r
 
 

@@ -111,6 +111,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_MALLOC_TRIM = None
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the operating system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Why: a step's generation and scoring free hundreds of MB of mid-sized tensors that glibc keeps mapped
+    (per-thread arenas, fragmentation); the optimizer update then allocates gradients and activations
+    beside them, and the process's peak RSS counts both. Measured on the GRPO bench (bench/online.py,
+    fast backend): peak RSS 3926-4039 MiB without, 3730-3797 MiB with one trim before the update."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
 def perf_metrics(tokens: int, seconds: float, acc) -> dict:
     out = {"perf/tokens_per_s": tokens / max(seconds, 1e-9), "perf/step_s": seconds, "perf/peak_rss_mb": peak_rss_mb()}
     if acc.device.type == "cuda":
