@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -41,33 +42,86 @@ from rlhfkit.rollout.engine import SamplingConfig
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
+INT8_KERNELS = ("int_mm", "fbgemm")
+_KERNEL: str | None = None
+
+
+def int8_kernel() -> str:
+    """The int8 GEMM for this CPU, chosen once per process by timing both on a decode-sized product.
+
+    ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
+    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
+    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless it is
+    more than twice as slow as fbgemm on the product itself."""
+    global _KERNEL
+    if _KERNEL is None:
+        g = torch.Generator().manual_seed(0)
+        w8 = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=g)
+        x = torch.randn(8, 576, generator=g)
+        x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        try:
+            t_int = best(lambda: torch._int_mm(x8, w8.t()))
+        except RuntimeError:
+            t_int = float("inf")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                scale = torch.full((1536,), 0.01, dtype=torch.double)
+                qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros(1536, dtype=torch.long), 0)
+                packed = torch.ops.quantized.linear_prepack(qw, None)
+            t_fb = best(lambda: torch.ops.quantized.linear_dynamic(x, packed, True))
+        except RuntimeError:
+            t_fb = float("inf")
+        _KERNEL = "int_mm" if t_int <= 2 * t_fb else "fbgemm"
+    return _KERNEL
 
 
 class _Linear:
     """``y = x W^T + b`` for one or several weights sharing the input (q/k/v, gate/up).
 
     fp32 (``exact``): the policy's own tensors, applied one by one, op for op as transformers does.
-    int8 (W8A8, ``torch._int_mm``: oneDNN's s8 x s8 -> s32 GEMM, VNNI where the CPU has it):
+    int8 (W8A8; the GEMM is ``torch._int_mm``, oneDNN's s8 x s8 -> s32, where the CPU has VNNI, else
+    fbgemm's ``quantized::linear_dynamic``; :func:`int8_kernel` picks):
     SmoothQuant (Xiao et al. 2023, arXiv:2211.10438, eq. 4): a few input channels carry most of an LLM's
     activation range, so each input channel j is rescaled by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``:
     ``x W^T = (x / s) (W s)^T``. ``max|X_j|`` is observed on the real prompt tokens of prefills
     (:meth:`observe`). ``W s`` is concatenated over the group and quantized per output channel
     (symmetric, scale = max|w| / 127); ``x / s`` is quantized per token (per row) at call time, so one
-    row's outliers never coarsen another row's rounding. No prepacking: ``_int_mm`` reads the plain
-    (K, N) int8 view, so a re-quantization is one rounding pass over the weights.
+    row's outliers never coarsen another row's rounding. ``_int_mm`` reads the plain (K, N) int8 view, so
+    a re-quantization is one rounding pass over the weights; fbgemm needs a prepack besides, and quantizes
+    activations per tensor itself, so each row is first divided by its own max |x| (per-token in effect)
+    and multiplied back after, with 7-bit activations (``reduce_range``: without VNNI fbgemm sums u8 x s8
+    products in pairs into int16, which 8-bit activations could saturate).
     """
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
-        self.w8t = self.w_scale = self.bias = self.inv_s = self.amax = None
+        self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
         amax = x.reshape(-1, x.shape[-1])[rows].abs().amax(0)
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
 
-    def quantize(self, alpha: float) -> None:
+    @property
+    def ready(self) -> bool:
+        return self.w8t is not None or self.packed is not None
+
+    def drop(self) -> None:
+        self.w8t = self.w_scale = self.packed = None
+
+    def quantize(self, alpha: float, kernel: str = "int_mm") -> None:
         """Build the int8 weight ``W s`` (per output channel, symmetric) from the current fp32 tensors."""
         # one fresh copy (cat), then in place: a re-quantization runs after every policy update, and each
         # temporary of the ~134M weights costs a pass over memory (this order halved the time)
@@ -80,15 +134,25 @@ class _Linear:
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
             w.mul_(s)
         scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
-        self.w8t = w.div_(scale).round_().to(torch.int8).t()  # (K, N) view; |w / scale| <= 127 by construction
-        self.w_scale = scale.squeeze(1)
+        w8 = w.div_(scale).round_().to(torch.int8)  # |w / scale| <= 127 by construction
         self.inv_s = 1 / s
+        if kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: FastBackend._quantize
+            # silences the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI
+            scale = scale.squeeze(1).double()
+            qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        else:
+            self.w8t, self.w_scale = w8.t(), scale.squeeze(1)  # (K, N) view
 
     def int8(self, xs: torch.Tensor) -> torch.Tensor:
         """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""
-        x_scale = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12).mul_(1 / 127)  # (M, 1), per token
-        x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
-        y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 3-5x slower)
+        if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
+            x_max = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12)
+            y = torch.ops.quantized.linear_dynamic(xs.div_(x_max), self.packed, True).mul_(x_max)
+        else:
+            x_scale = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12).mul_(1 / 127)  # (M, 1), per token
+            x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
+            y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 3-5x slower)
         if self.bias is not None:
             y += self.bias
         return y
@@ -96,7 +160,7 @@ class _Linear:
     def __call__(self, x: torch.Tensor, exact: bool = False, exact_rows: tuple | None = None) -> list[torch.Tensor]:
         """``exact_rows`` (int8 only): rows of ``x`` flattened to (M, K) computed in fp32 instead, as
         :meth:`FastBackend._first_token_rows` gives them."""
-        if exact or self.w8t is None:
+        if exact or not self.ready:
             return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
         shape = x.shape
         x = x.reshape(-1, shape[-1])
@@ -147,6 +211,7 @@ class FastBackend:
             set of parts from ``QUANTIZABLE`` to quantize (e.g. all but ``"down"``: half the log-prob gap).
         alpha: SmoothQuant's migration strength (0: no smoothing; 0.5 measured best on the bundled model).
         share_prefill: compute each distinct prompt's KV cache once for all its copies in the batch.
+        kernel: the int8 GEMM, ``"int_mm"`` or ``"fbgemm"``; ``"auto"``: :func:`int8_kernel`'s pick.
         quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
             sampler's log-prob gap a little smaller, a prefill 2-3x slower).
     Attributes set by :meth:`generate`:
@@ -158,7 +223,7 @@ class FastBackend:
     """
 
     def __init__(self, model, tokenizer, *, quantize: bool | set = True, share_prefill: bool = True,
-                 alpha: float = 0.5, quantized_prefill: bool = True):
+                 alpha: float = 0.5, quantized_prefill: bool = True, kernel: str = "auto"):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"FastBackend supports {SUPPORTED_MODEL_TYPES} models, not {cfg.model_type!r}; use "
@@ -169,6 +234,9 @@ class FastBackend:
             raise ValueError("FastBackend is a CPU engine; on a GPU use HFBackend or the vLLM backend")
         self.tok, self.quantize, self.share_prefill, self.alpha = tokenizer, quantize, share_prefill, alpha
         self.quantized_prefill = quantized_prefill
+        if kernel not in ("auto", *INT8_KERNELS):
+            raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
+        self.kernel = int8_kernel() if kernel == "auto" else kernel
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -216,7 +284,7 @@ class FastBackend:
         update anyway, and freeing them lowers the peak memory of the update by their size (134 MB int8 for
         the bundled model)."""
         for _, lin in self._linears():
-            lin.w8t = lin.w_scale = None
+            lin.drop()
         for layer in self.layers:
             layer.ln1_s = layer.ln2_s = None
         self.stale = bool(self.quantize)
@@ -233,8 +301,12 @@ class FastBackend:
         parts = QUANTIZABLE if self.quantize is True else set(self.quantize)
         todo = [lin for name, lin in self._linears() if name in parts]
         todo.sort(key=lambda lin: -sum(w.numel() for w in lin.weights))  # largest first: the threads end together
-        with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-            list(pool.map(lambda lin: lin.quantize(self.alpha), todo))
+        # one Python thread per core, each quantizing whole layers (torch's ops and fbgemm's prepack release the
+        # GIL); the warning filter is set here, around the pool (catch_warnings is not thread-safe)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+                list(pool.map(lambda lin: lin.quantize(self.alpha, self.kernel), todo))
         if self.quantize is True:
             for layer in self.layers:
                 layer.ln1_s, layer.ln2_s = layer.ln1 * layer.qkv.inv_s, layer.ln2 * layer.gate_up.inv_s

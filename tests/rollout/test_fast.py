@@ -16,7 +16,7 @@ from rlhfkit.data.chat import tokenize_prompt
 from rlhfkit.models.batching import CompletionBatch, completion_mask_from_ids, left_pad
 from rlhfkit.models.logps import completion_logps
 from rlhfkit.rollout.engine import HFBackend, SamplingConfig
-from rlhfkit.rollout.fast import FastBackend
+from rlhfkit.rollout.fast import INT8_KERNELS, FastBackend, int8_kernel
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -114,26 +114,29 @@ def test_full_precision_sampler_logps_are_the_policys(tiny):
                                atol=1e-5)
 
 
-def test_quantized_seeds_reproduce(tiny):
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_quantized_seeds_reproduce(tiny, kernel):
     model, tok = tiny
     ids, mask = encode(tok)
-    fast = FastBackend(model, tok)
+    fast = FastBackend(model, tok, kernel=kernel)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
     a, b, c = (fast.generate(ids, mask, sampling, s) for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[1]), "the copies of a prompt must get different samples"
 
 
-def test_quantized_logp_gap_on_tiny(tiny):
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_quantized_logp_gap_on_tiny(tiny, kernel):
     """Bound 0.05 nats: the random tiny model's activations have no outlier channels, so int8 is close."""
     model, tok = tiny
     ids, mask = encode(tok)
-    fast = FastBackend(model, tok)
+    fast = FastBackend(model, tok, kernel=kernel)
     out = fast.generate(ids, mask, SamplingConfig(temperature=1.0, max_new_tokens=16), generator_seed=0)
     assert 0 < gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.05
 
 
-def test_quantized_finished_row_never_reaches_the_live_rows(tiny, eos_mid_batch):
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_quantized_finished_row_never_reaches_the_live_rows(tiny, eos_mid_batch, kernel):
     """What a finished row would be fed (the pad id) cannot change the live rows. Finished rows leave the
     int8 batch; when activations shared one scale per tensor, a finished row fed pads set the live rows'
     rounding (on the bundled model it put the sampler 2-4 nats off the policy once a row ended)."""
@@ -142,7 +145,7 @@ def test_quantized_finished_row_never_reaches_the_live_rows(tiny, eos_mid_batch)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=12)
     outs = []
     for pad in (tok.pad_token_id, 7):
-        fast = FastBackend(model, Tok(pad, eos))
+        fast = FastBackend(model, Tok(pad, eos), kernel=kernel)
         outs.append((fast.generate(ids, mask, sampling), fast.last_logps))
     (a, la), (b, lb) = outs
     ended = (a == eos).any(1)
@@ -151,7 +154,8 @@ def test_quantized_finished_row_never_reaches_the_live_rows(tiny, eos_mid_batch)
     assert torch.equal(a[live], b[live]) and torch.equal(la[live], lb[live])
 
 
-def test_sync_weights_samples_from_the_new_weights():
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_sync_weights_samples_from_the_new_weights(kernel):
     """After a weight change, the int8 engine matches the new policy's log-probs only once synced
     (prefill and decode both read the int8 copies, which only a sync refreshes)."""
     from rlhfkit.models import load_model
@@ -159,7 +163,7 @@ def test_sync_weights_samples_from_the_new_weights():
     model, tok = load_model("tiny:0.1", seed=1)
     ids, mask = encode(tok)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
-    fast = FastBackend(model, tok)
+    fast = FastBackend(model, tok, kernel=kernel)
     fast.generate(ids, mask, sampling, 0)
     with torch.no_grad():  # a large update: every weight moves
         g = torch.Generator().manual_seed(0)
@@ -172,6 +176,13 @@ def test_sync_weights_samples_from_the_new_weights():
     synced_gap = gap(model, ids, mask, synced, fast.last_logps, tok.eos_token_id)
     assert synced_gap < 0.05 < 0.5 < stale_gap, (synced_gap, stale_gap)
     assert fast.sync_s > 0 and fast.last_stats["quantize_s"] > 0
+
+
+def test_int8_kernel_is_chosen_once_and_a_bad_one_is_refused(tiny):
+    assert int8_kernel() in INT8_KERNELS and int8_kernel() == int8_kernel()
+    model, tok = tiny
+    with pytest.raises(ValueError, match="kernel must be"):
+        FastBackend(model, tok, kernel="cublas")
 
 
 def test_unsupported_model_raises(tiny):
@@ -202,14 +213,16 @@ def test_quantized_logp_gap_on_the_bundled_model():
         fast.sync_weights(model)
 
 
-def test_release_frees_the_int8_copies_and_the_next_call_rebuilds_them(tiny):
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_release_frees_the_int8_copies_and_the_next_call_rebuilds_them(tiny, kernel):
     model, tok = tiny
     ids, mask = encode(tok)
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
-    fast = FastBackend(model, tok)
+    fast = FastBackend(model, tok, kernel=kernel)
     a = fast.generate(ids, mask, sampling, 3)
+    assert all(lin.ready for _, lin in fast._linears())
     fast.release()
-    assert all(lin.w8t is None for _, lin in fast._linears()) and fast.stale
+    assert not any(lin.ready for _, lin in fast._linears()) and fast.stale
     assert torch.equal(fast.generate(ids, mask, sampling, 3), a)  # same weights, same statistics: same copies
     assert fast.last_stats["quantize_s"] > 0
 
@@ -225,13 +238,18 @@ def test_first_token_rows_one_fp32_row_per_distinct_id():
     assert len(rep) == 2  # ids 5 and 9
 
 
-def test_exact_rows_of_an_int8_linear_are_the_fp32_product():
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_exact_rows_of_an_int8_linear_are_the_fp32_product(kernel):
+    import warnings
+
     from rlhfkit.rollout.fast import _Linear
 
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(6, 8, generator=g), torch.randn(4, 8, generator=g)
     lin = _Linear([w1, w2], [None, None])
-    lin.quantize(alpha=0.5)
+    with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (FastBackend silences it too)
+        warnings.simplefilter("ignore", UserWarning)
+        lin.quantize(alpha=0.5, kernel=kernel)
     x = torch.randn(5, 8, generator=g)
     rows = (torch.tensor([1]), torch.tensor([1, 3]), torch.tensor([0, 0]))  # rows 1 and 3 from row 1's input
     y1, y2 = lin(x, exact_rows=rows)
