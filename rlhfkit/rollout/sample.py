@@ -128,7 +128,7 @@ def sample_pairs(model_name: str, rows: list[dict], *, task: str | None = None, 
     Returns the pairs and a summary (prompts, completions, pairs, skipped duplicates, EOS rate,
     tokens/s). ``task`` and ``split`` (a task's split, or a prompt dataset's: None = all rows) are
     recorded in each pair; progress is printed per batch. ``backend``: 'hf' (transformers' generate, the
-    model itself), 'fast' (the int8 CPU engine, rlhfkit/rollout/fast.py: ~1.7x faster, samples from a
+    model itself), 'fast' (the int8 CPU engine, rlhfkit/rollout/fast.py: 2-3x faster, samples from a
     quantized copy of the model: docs/generation.md) or 'auto' ('fast' for a Llama model on a CPU).
     """
     sampling = sampling or SamplingConfig(temperature=1.0, max_new_tokens=48)
