@@ -128,7 +128,7 @@ def setup_cpu_env(name: str, rest: list[str]) -> None:
         return
     import torch
 
-    from rlhfkit.rollout.fast import free_cpu_threads
+    from rlhfkit.rollout.threads import free_cpu_threads
 
     torch.set_num_threads(free_cpu_threads())
 

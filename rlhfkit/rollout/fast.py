@@ -29,7 +29,6 @@ transformers' Llama computes, op for op, and its greedy output equals ``generate
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -38,149 +37,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
+from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, int8_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
-INT8_KERNELS = ("int_mm", "fbgemm")
-_KERNEL: str | None = None
-
-
-def int8_kernel() -> str:
-    """The int8 GEMM for this CPU, chosen once per process by timing both on a decode-sized product.
-
-    ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
-    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
-    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless it is
-    more than twice as slow as fbgemm on the product itself."""
-    global _KERNEL
-    if _KERNEL is None:
-        g = torch.Generator().manual_seed(0)
-        w8 = torch.randint(-127, 128, (1536, 576), dtype=torch.int8, generator=g)
-        x = torch.randn(8, 576, generator=g)
-        x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(5):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-
-        try:
-            t_int = best(lambda: torch._int_mm(x8, w8.t()))
-        except RuntimeError:
-            t_int = float("inf")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                scale = torch.full((1536,), 0.01, dtype=torch.double)
-                qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros(1536, dtype=torch.long), 0)
-                packed = torch.ops.quantized.linear_prepack(qw, None)
-            t_fb = best(lambda: torch.ops.quantized.linear_dynamic(x, packed, True))
-        except RuntimeError:
-            t_fb = float("inf")
-        _KERNEL = "int_mm" if t_int <= 2 * t_fb else "fbgemm"
-    return _KERNEL
-
-
-class _Linear:
-    """``y = x W^T + b`` for one or several weights sharing the input (q/k/v, gate/up).
-
-    fp32 (``exact``): the policy's own tensors, applied one by one, op for op as transformers does.
-    int8 (W8A8; the GEMM is ``torch._int_mm``, oneDNN's s8 x s8 -> s32, where the CPU has VNNI, else
-    fbgemm's ``quantized::linear_dynamic``; :func:`int8_kernel` picks):
-    SmoothQuant (Xiao et al. 2023, arXiv:2211.10438, eq. 4): a few input channels carry most of an LLM's
-    activation range, so each input channel j is rescaled by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``:
-    ``x W^T = (x / s) (W s)^T``. ``max|X_j|`` is observed on the real prompt tokens of prefills
-    (:meth:`observe`). ``W s`` is concatenated over the group and quantized per output channel
-    (symmetric, scale = max|w| / 127); ``x / s`` is quantized per token (per row) at call time, so one
-    row's outliers never coarsen another row's rounding. ``_int_mm`` reads the plain (K, N) int8 view, so
-    a re-quantization is one rounding pass over the weights; fbgemm needs a prepack besides, and quantizes
-    activations per tensor itself, so each row is first divided by its own max |x| (per-token in effect)
-    and multiplied back after, with 7-bit activations (``reduce_range``: without VNNI fbgemm sums u8 x s8
-    products in pairs into int16, which 8-bit activations could saturate).
-    """
-
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
-        self.sizes = [w.shape[0] for w in weights]
-        self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
-        self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
-
-    def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
-        """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
-        amax = x.reshape(-1, x.shape[-1])[rows].abs().amax(0)
-        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
-
-    @property
-    def ready(self) -> bool:
-        return self.w8t is not None or self.packed is not None
-
-    def drop(self) -> None:
-        self.w8t = self.w_scale = self.packed = None
-
-    def quantize(self, alpha: float, kernel: str = "int_mm") -> None:
-        """Build the int8 weight ``W s`` (per output channel, symmetric) from the current fp32 tensors."""
-        # one fresh copy (cat), then in place: a re-quantization runs after every policy update, and each
-        # temporary of the ~134M weights costs a pass over memory (this order halved the time)
-        w = torch.cat([x.detach().float() for x in self.weights])  # (N, K)
-        self.bias = None if all(x is None for x in self.biases) else torch.cat(
-            [x.detach().float() if x is not None else w.new_zeros(n) for x, n in zip(self.biases, self.sizes)])
-        s = torch.ones(w.shape[1])
-        if self.amax is not None and alpha > 0:
-            w_amax = w.abs().amax(0)  # max |w| per input channel (abs().amax: 10x linalg.vector_norm(inf) here)
-            s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
-            w.mul_(s)
-        scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
-        w8 = w.div_(scale).round_().to(torch.int8)  # |w / scale| <= 127 by construction
-        self.inv_s = 1 / s
-        if kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: FastBackend._quantize
-            # silences the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI
-            scale = scale.squeeze(1).double()
-            qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        else:
-            self.w8t, self.w_scale = w8.t(), scale.squeeze(1)  # (K, N) view
-
-    def int8(self, xs: torch.Tensor) -> torch.Tensor:
-        """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""
-        if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
-            x_max = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12)
-            y = torch.ops.quantized.linear_dynamic(xs.div_(x_max), self.packed, True).mul_(x_max)
-        else:
-            x_scale = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12).mul_(1 / 127)  # (M, 1), per token
-            x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
-            y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 3-5x slower)
-        if self.bias is not None:
-            y += self.bias
-        return y
-
-    def __call__(self, x: torch.Tensor, exact: bool = False, exact_rows: tuple | None = None) -> list[torch.Tensor]:
-        """``exact_rows`` (int8 only): rows of ``x`` flattened to (M, K) computed in fp32 instead, as
-        :meth:`FastBackend._first_token_rows` gives them."""
-        if exact or not self.ready:
-            return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
-        shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        y = self.int8(x * self.inv_s)
-        if exact_rows is not None:  # (representative rows, all rows, each one's representative): fp32
-            rep, rows, inverse = exact_rows
-            xr = x.index_select(0, rep)
-            y[rows] = torch.cat([F.linear(xr, w, b) for w, b in zip(self.weights, self.biases)], -1)[inverse]
-        y = y.view(*shape[:-1], y.shape[-1])
-        return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]
 
 
 @dataclass
 class _Layer:
     ln1: torch.Tensor
-    qkv: _Linear
-    o: _Linear
+    qkv: QuantLinear
+    o: QuantLinear
     ln2: torch.Tensor
-    gate_up: _Linear
-    down: _Linear
+    gate_up: QuantLinear
+    down: QuantLinear
     ln1_s: torch.Tensor | None = None  # int8 decode: ln1 / s of qkv, the norm and the smoothing in one product
     ln2_s: torch.Tensor | None = None  # likewise for gate_up
 
@@ -240,6 +112,8 @@ class FastBackend:
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
+        self.rotate_sign = torch.ones(self.head_dim)  # rotate_half(x) = roll(x, D/2) * this
+        self.rotate_sign[:self.head_dim // 2] = -1
         self.last_logps: torch.Tensor | None = None
         self.last_stats: dict = {}
         self.sync_s = 0.0
@@ -259,18 +133,18 @@ class FastBackend:
         self.rotary = inner.rotary_emb  # inv_freq is a buffer, never trained
         self.embed = inner.embed_tokens.weight
         self.norm = inner.norm.weight
-        self.lm_head = _Linear([model.lm_head.weight], [getattr(model.lm_head, "bias", None)])
+        self.lm_head = QuantLinear([model.lm_head.weight], [getattr(model.lm_head, "bias", None)])
         self.layers = []
         for layer in inner.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
                 ln1=layer.input_layernorm.weight,
-                qkv=_Linear([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight],
+                qkv=QuantLinear([att.q_proj.weight, att.k_proj.weight, att.v_proj.weight],
                             [att.q_proj.bias, att.k_proj.bias, att.v_proj.bias]),
-                o=_Linear([att.o_proj.weight], [att.o_proj.bias]),
+                o=QuantLinear([att.o_proj.weight], [att.o_proj.bias]),
                 ln2=layer.post_attention_layernorm.weight,
-                gate_up=_Linear([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None]),
-                down=_Linear([mlp.down_proj.weight], [None])))
+                gate_up=QuantLinear([mlp.gate_proj.weight, mlp.up_proj.weight], [None, None]),
+                down=QuantLinear([mlp.down_proj.weight], [None])))
         if amax is not None:
             for (_, lin), a in zip(self._linears(), amax):
                 lin.amax = a
@@ -289,15 +163,16 @@ class FastBackend:
             layer.ln1_s = layer.ln2_s = None
         self.stale = bool(self.quantize)
 
-    def _linears(self) -> list[tuple[str, _Linear]]:
+    def _linears(self) -> list[tuple[str, QuantLinear]]:
         named = [(name, getattr(layer, name)) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         return named + [("lm_head", self.lm_head)]
 
     def _has_statistics(self) -> bool:
         return all(lin.amax is not None for _, lin in self._linears())
 
-    def _quantize(self) -> None:
-        """Build the int8 copies from the current weights and the observed statistics."""
+    def _quantize(self) -> float:
+        """Build the int8 copies from the current weights and the observed statistics; return the seconds."""
+        t0 = time.perf_counter()
         parts = QUANTIZABLE if self.quantize is True else set(self.quantize)
         todo = [lin for name, lin in self._linears() if name in parts]
         todo.sort(key=lambda lin: -sum(w.numel() for w in lin.weights))  # largest first: the threads end together
@@ -311,6 +186,7 @@ class FastBackend:
             for layer in self.layers:
                 layer.ln1_s, layer.ln2_s = layer.ln1 * layer.qkv.inv_s, layer.ln2 * layer.gate_up.inv_s
         self.stale = False
+        return time.perf_counter() - t0
 
     @staticmethod
     def _first_token_rows(ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
@@ -397,9 +273,7 @@ class FastBackend:
         nq, groups = self.n_heads * d, self.n_heads // self.n_kv
         h = F.embedding(ids[:, 0], self.embed)  # (B, H)
         cos, sin = self.rotary(h, positions)  # (B, 1, D)
-        sign = torch.ones(d)
-        sign[:d // 2] = -1
-        sin = sin * sign
+        sin = sin * self.rotate_sign
         width = h.shape[-1]
         for layer, (k_cache, v_cache) in zip(self.layers, caches):
             qkv = layer.qkv.int8(F.rms_norm(h, (width,), layer.ln1_s, self.eps))  # (B, nq + 2 nkv)
@@ -465,9 +339,7 @@ class FastBackend:
                 h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=True, observe=observe)
                 self.lm_head.observe(_rms_norm(h, self.norm, self.eps), observe)
                 observe = None
-            t_q = time.perf_counter()
-            self._quantize()
-            quantize_s = time.perf_counter() - t_q
+            quantize_s = self._quantize()
         exact_rows = self._first_token_rows(u_ids, positions, u_mask) if int8_prefill else None
         h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=not int8_prefill, observe=observe,
                           exact_rows=exact_rows)
@@ -475,9 +347,7 @@ class FastBackend:
         if observe is not None:
             self.lm_head.observe(_rms_norm(h, self.norm, self.eps), observe)
         if self.stale:  # fp32 prefill: quantize for the decode
-            t_q = time.perf_counter()
-            self._quantize()
-            quantize_s = time.perf_counter() - t_q
+            quantize_s = self._quantize()
         t_prefill = time.perf_counter() - t0 - quantize_s
 
         # 2. decode: sample, feed back, until every row has ended or C tokens
@@ -491,7 +361,7 @@ class FastBackend:
         for t in range(c):
             # every row is sampled, finished ones included, as generate does: the seeded draws of the
             # live rows stay those of generate (a finished row's logits are its last ones, never used)
-            tokens, token_logps = _sample(logits, sampling, gen, exact_draws=not self.quantize)
+            tokens, token_logps = sample_tokens(logits, sampling, gen, exact_draws=not self.quantize)
             tokens = torch.where(alive, tokens, pad)
             out[:, t] = tokens
             logps[:, t] = torch.where(alive, token_logps, 0.0)
@@ -518,73 +388,3 @@ class FastBackend:
                            "decode_s": time.perf_counter() - t0 - t_prefill - quantize_s,
                            "steps": steps, "distinct_prompts": len(keep)}
         return out[:, :steps].to(prompt_ids.device)
-
-
-def _sample(logits: torch.Tensor, sampling: SamplingConfig, gen: torch.Generator | None, exact_draws: bool = True):
-    """One token per row from (B, V) float32 logits; returns (tokens (B,), their log-probs (B,)).
-
-    The warpers of transformers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``,
-    applied in that order), then ``softmax`` and ``multinomial``; greedy = argmax when temperature is 0.
-    The returned log-prob is under the tempered, *untruncated* distribution, the quantity
-    ``completion_logps`` computes for the policy (top-k/top-p make the sampler differ from it anyway).
-    ``exact_draws=False``: the same distribution drawn by :func:`_inverse_cdf` instead of ``multinomial``
-    (other random numbers, so not ``generate``'s samples for a seed).
-    """
-    temperature = sampling.temperature
-    if temperature <= 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    scores = logits / temperature if temperature != 1.0 else logits
-    full = torch.log_softmax(scores, -1)
-    if sampling.top_k:
-        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]))[0][..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, descending=False)
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
-        remove[..., -1:] = False  # keep at least one token
-        scores = scores.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    probs = F.softmax(scores, -1)
-    tokens = torch.multinomial(probs, 1, generator=gen).squeeze(1) if exact_draws else _inverse_cdf(probs, gen)
-    return tokens, full.gather(1, tokens[:, None]).squeeze(1)
-
-
-def _inverse_cdf(probs: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
-    """One token per row of (B, V) probabilities, by inverting the row's CDF at one uniform draw.
-
-    Why: ``torch.multinomial`` draws one exponential variate per vocabulary entry on a CPU (~1 ms a row
-    of SmolLM2's 49,152 tokens here: 10 ms of a batch-8 decode step, 40 ms at batch 32, as much as the
-    int8 model itself); one uniform per row gives the same distribution. The CDF is summed in float64,
-    so a token's interval is its probability to ~1e-16, and a token of probability 0 (cut by top-k /
-    top-p) has an empty interval and is never drawn.
-    """
-    cdf = probs.double().cumsum(-1)  # (B, V)
-    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=gen) * cdf[:, -1:]
-    tokens = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[1] - 1)
-    # u rounded up to the total (odds ~1e-16) lands past the last token with mass: take the likeliest
-    empty = probs.gather(1, tokens[:, None]).squeeze(1) == 0
-    return torch.where(empty, probs.argmax(-1), tokens) if bool(empty.any()) else tokens
-
-
-def free_cpu_threads(window_s: float = 0.2) -> int:
-    """How many of this process's allowed cores are idle right now (at least 1): the idle share of
-    ``/proc/stat`` over ``window_s`` times the cores in the affinity mask. Linux only; elsewhere the
-    allowed core count.
-
-    Why (docs/generation.md, "Shared CPU"): an OpenMP team of N threads meets at a barrier after every
-    parallel op; when another process holds a core, one team member waits for a scheduler time slice at
-    each of the ~1000 ops of a decode step. Use ``torch.set_num_threads(free_cpu_threads())`` at start.
-    """
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        def idle_total():
-            with open("/proc/stat") as f:
-                v = [int(x) for x in f.readline().split()[1:]]
-            return v[3] + v[4], sum(v)  # idle + iowait, all
-        i0, t0 = idle_total()
-        time.sleep(window_s)
-        i1, t1 = idle_total()
-    except OSError:
-        return allowed
-    idle_share = (i1 - i0) / max(1, t1 - t0)  # of all cores of the machine
-    return max(1, min(allowed, round(idle_share * (os.cpu_count() or allowed))))

@@ -16,7 +16,8 @@ from rlhfkit.data.chat import tokenize_prompt
 from rlhfkit.models.batching import CompletionBatch, completion_mask_from_ids, left_pad
 from rlhfkit.models.logps import completion_logps
 from rlhfkit.rollout.engine import HFBackend, SamplingConfig
-from rlhfkit.rollout.fast import INT8_KERNELS, FastBackend, int8_kernel
+from rlhfkit.rollout.fast import FastBackend
+from rlhfkit.rollout.int8 import INT8_KERNELS, int8_kernel
 
 PROMPTS = [
     [{"role": "user", "content": "Hi."}],
@@ -242,11 +243,11 @@ def test_first_token_rows_one_fp32_row_per_distinct_id():
 def test_exact_rows_of_an_int8_linear_are_the_fp32_product(kernel):
     import warnings
 
-    from rlhfkit.rollout.fast import _Linear
+    from rlhfkit.rollout.int8 import QuantLinear
 
     g = torch.Generator().manual_seed(0)
     w1, w2 = torch.randn(6, 8, generator=g), torch.randn(4, 8, generator=g)
-    lin = _Linear([w1, w2], [None, None])
+    lin = QuantLinear([w1, w2], [None, None])
     with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (FastBackend silences it too)
         warnings.simplefilter("ignore", UserWarning)
         lin.quantize(alpha=0.5, kernel=kernel)
@@ -266,15 +267,15 @@ def test_free_cpu_threads_counts_idle_cores(monkeypatch, idle_delta, expected):
     idle (idle + iowait): half idle -> 2 threads, none -> 1 (never 0), all -> 4."""
     import io
 
-    import rlhfkit.rollout.fast as fast
+    import rlhfkit.rollout.threads as threads
 
     reads = iter(["cpu 100 0 100 1000 0 0 0 0\n",
                   f"cpu {100 + (200 - idle_delta)} 0 100 {1000 + idle_delta} 0 0 0 0\n"])
-    monkeypatch.setattr(fast, "open", lambda path: io.StringIO(next(reads)), raising=False)
-    monkeypatch.setattr(fast.time, "sleep", lambda s: None)
-    monkeypatch.setattr(fast.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr(fast.os, "cpu_count", lambda: 4)
-    assert fast.free_cpu_threads() == expected
+    monkeypatch.setattr(threads, "open", lambda path: io.StringIO(next(reads)), raising=False)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    assert threads.free_cpu_threads() == expected
 
 
 def test_inverse_cdf_draws_follow_the_distribution_and_never_a_cut_token():
@@ -283,16 +284,16 @@ def test_inverse_cdf_draws_follow_the_distribution_and_never_a_cut_token():
     reproduces its draws. A draw off by one token (searchsorted's side) fails the chi-square."""
     from scipy.stats import chisquare
 
-    from rlhfkit.rollout.fast import _inverse_cdf
+    from rlhfkit.rollout.draw import inverse_cdf
 
     p = torch.tensor([0.05, 0.0, 0.4, 0.15, 0.3, 0.1])
     n = 40_000
-    draws = _inverse_cdf(p.expand(n, -1), torch.Generator().manual_seed(0))
+    draws = inverse_cdf(p.expand(n, -1), torch.Generator().manual_seed(0))
     counts = torch.bincount(draws, minlength=6)
     assert counts[1] == 0
     keep = p > 0
     assert chisquare(counts[keep].numpy(), (p[keep] * n).numpy()).pvalue > 1e-3, counts
     cut = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]).expand(2_000, -1)
-    assert set(_inverse_cdf(cut, None).tolist()) == {1, 3}
-    a, b = (_inverse_cdf(p.expand(64, -1), torch.Generator().manual_seed(3)) for _ in range(2))
+    assert set(inverse_cdf(cut, None).tolist()) == {1, 3}
+    a, b = (inverse_cdf(p.expand(64, -1), torch.Generator().manual_seed(3)) for _ in range(2))
     assert torch.equal(a, b)

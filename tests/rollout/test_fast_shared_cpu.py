@@ -1,6 +1,6 @@
 """Shared-CPU threading set up by ``rlhfkit`` (rlhfkit.cli.setup_cpu_env, docs/generation.md "Shared
 CPU"): OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user chose; the torch thread count from the
-idle cores (rlhfkit.rollout.fast.free_cpu_threads) unless OMP_NUM_THREADS is set."""
+idle cores (rlhfkit.rollout.threads.free_cpu_threads) unless OMP_NUM_THREADS is set."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import torch
 
 from rlhfkit import cli
-from rlhfkit.rollout import fast
+from rlhfkit.rollout import threads
 
 
 def test_main_sets_passive_wait_before_torch_loads():
@@ -30,7 +30,7 @@ def test_a_users_wait_policy_wins(monkeypatch):
 
 def test_threads_follow_the_free_cores_unless_omp_num_threads_is_set(monkeypatch):
     before = torch.get_num_threads()
-    monkeypatch.setattr(fast, "free_cpu_threads", lambda window_s=0.2: 1)
+    monkeypatch.setattr(threads, "free_cpu_threads", lambda window_s=0.2: 1)
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(2)

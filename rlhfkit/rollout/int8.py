@@ -1,0 +1,140 @@
+"""The int8 linear layers of the CPU engine (rlhfkit/rollout/fast.py), and the choice of int8 GEMM.
+
+:class:`QuantLinear` is one linear group of a Llama layer (q/k/v fused, gate/up fused, o, down, the lm
+head) with both ways to apply it: the policy's own fp32 tensors, op for op as transformers does, and
+an int8 copy (W8A8, per-token activations) rebuilt from them after every policy update.
+docs/generation.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+INT8_KERNELS = ("int_mm", "fbgemm")
+_KERNEL: str | None = None
+
+
+def int8_kernel() -> str:
+    """The int8 GEMM for this CPU, chosen once per process by timing both on a decode-sized product.
+
+    ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
+    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
+    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless it is
+    more than twice as slow as fbgemm on the product itself (a :class:`QuantLinear` of 576 -> 1536 at 8 rows)."""
+    global _KERNEL
+    if _KERNEL is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(8, 576, generator=g)
+        times = {}
+        for kernel in INT8_KERNELS:
+            lin = QuantLinear([torch.randn(1536, 576, generator=g)], [None])
+            try:
+                with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (see quantize)
+                    warnings.simplefilter("ignore", UserWarning)
+                    lin.quantize(alpha=0.0, kernel=kernel)
+                lin.int8(x.clone())
+                runs = []
+                for _ in range(5):
+                    xs = x.clone()
+                    t0 = time.perf_counter()
+                    lin.int8(xs)
+                    runs.append(time.perf_counter() - t0)
+                times[kernel] = min(runs)
+            except RuntimeError:  # a build without the kernel
+                times[kernel] = float("inf")
+        _KERNEL = "int_mm" if times["int_mm"] <= 2 * times["fbgemm"] else "fbgemm"
+    return _KERNEL
+
+
+class QuantLinear:
+    """``y = x W^T + b`` for one or several weights sharing the input (q/k/v, gate/up).
+
+    fp32 (``exact``): the policy's own tensors, applied one by one, op for op as transformers does.
+    int8 (W8A8; the GEMM is ``torch._int_mm``, oneDNN's s8 x s8 -> s32, where the CPU has VNNI, else
+    fbgemm's ``quantized::linear_dynamic``; :func:`int8_kernel` picks):
+    SmoothQuant (Xiao et al. 2023, arXiv:2211.10438, eq. 4): a few input channels carry most of an LLM's
+    activation range, so each input channel j is rescaled by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``:
+    ``x W^T = (x / s) (W s)^T``. ``max|X_j|`` is observed on the real prompt tokens of prefills
+    (:meth:`observe`). ``W s`` is concatenated over the group and quantized per output channel
+    (symmetric, scale = max|w| / 127); ``x / s`` is quantized per token (per row) at call time, so one
+    row's outliers never coarsen another row's rounding. ``_int_mm`` reads the plain (K, N) int8 view, so
+    a re-quantization is one rounding pass over the weights; fbgemm needs a prepack besides, and quantizes
+    activations per tensor itself, so each row is first divided by its own max |x| (per-token in effect)
+    and multiplied back after, with 7-bit activations (``reduce_range``: without VNNI fbgemm sums u8 x s8
+    products in pairs into int16, which 8-bit activations could saturate).
+    """
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+        self.sizes = [w.shape[0] for w in weights]
+        self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
+        self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
+
+    def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
+        amax = x.reshape(-1, x.shape[-1])[rows].abs().amax(0)
+        self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
+
+    @property
+    def ready(self) -> bool:
+        return self.w8t is not None or self.packed is not None
+
+    def drop(self) -> None:
+        self.w8t = self.w_scale = self.packed = None
+
+    def quantize(self, alpha: float, kernel: str = "int_mm") -> None:
+        """Build the int8 weight ``W s`` (per output channel, symmetric) from the current fp32 tensors."""
+        # one fresh copy (cat), then in place: a re-quantization runs after every policy update, and each
+        # temporary of the ~134M weights costs a pass over memory (this order halved the time)
+        w = torch.cat([x.detach().float() for x in self.weights])  # (N, K)
+        self.bias = None if all(x is None for x in self.biases) else torch.cat(
+            [x.detach().float() if x is not None else w.new_zeros(n) for x, n in zip(self.biases, self.sizes)])
+        s = torch.ones(w.shape[1])
+        if self.amax is not None and alpha > 0:
+            w_amax = w.abs().amax(0)  # max |w| per input channel (abs().amax: 10x linalg.vector_norm(inf) here)
+            s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
+            w.mul_(s)
+        scale = (w.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (N, 1)
+        w8 = w.div_(scale).round_().to(torch.int8)  # |w / scale| <= 127 by construction
+        self.inv_s = 1 / s
+        if kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
+            # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI
+            scale = scale.squeeze(1).double()
+            qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        else:
+            self.w8t, self.w_scale = w8.t(), scale.squeeze(1)  # (K, N) view
+
+    def int8(self, xs: torch.Tensor) -> torch.Tensor:
+        """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""
+        x_max = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12)  # (M, 1): one scale per token
+        if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
+            y = torch.ops.quantized.linear_dynamic(xs.div_(x_max), self.packed, True).mul_(x_max)
+        else:
+            x_scale = x_max.mul_(1 / 127)
+            x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
+            y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 2-5x slower)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+    def exact(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The fp32 products with the policy's own tensors, one per part."""
+        return [F.linear(x, w, b) for w, b in zip(self.weights, self.biases)]
+
+    def __call__(self, x: torch.Tensor, exact: bool = False, exact_rows: tuple | None = None) -> list[torch.Tensor]:
+        """``exact_rows`` (int8 only): rows of ``x`` flattened to (M, K) computed in fp32 instead, as
+        :meth:`FastBackend._first_token_rows` gives them."""
+        if exact or not self.ready:
+            return self.exact(x)
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        y = self.int8(x * self.inv_s)
+        if exact_rows is not None:  # (representative rows, all rows, each one's representative): fp32
+            rep, rows, inverse = exact_rows
+            y[rows] = torch.cat(self.exact(x.index_select(0, rep)), -1)[inverse]
+        y = y.view(*shape[:-1], y.shape[-1])
+        return list(y.split(self.sizes, -1)) if len(self.sizes) > 1 else [y]

@@ -1,0 +1,30 @@
+"""How many CPU threads torch should use right now (the commands call it once at start: rlhfkit.cli)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def free_cpu_threads(window_s: float = 0.2) -> int:
+    """How many of this process's allowed cores are idle right now (at least 1): the idle share of
+    ``/proc/stat`` over ``window_s`` times the cores in the affinity mask. Linux only; elsewhere the
+    allowed core count.
+
+    Why (docs/generation.md, "Shared CPU"): an OpenMP team of N threads meets at a barrier after every
+    parallel op; when another process holds a core, one team member waits for a scheduler time slice at
+    each of the ~1000 ops of a decode step. Use ``torch.set_num_threads(free_cpu_threads())`` at start.
+    """
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        def idle_total():
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            return v[3] + v[4], sum(v)  # idle + iowait, all
+        i0, t0 = idle_total()
+        time.sleep(window_s)
+        i1, t1 = idle_total()
+    except OSError:
+        return allowed
+    idle_share = (i1 - i0) / max(1, t1 - t0)  # of all cores of the machine
+    return max(1, min(allowed, round(idle_share * (os.cpu_count() or allowed))))
