@@ -23,25 +23,30 @@ def int8_kernel() -> str:
 
     ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
     to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
-    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless it is
-    more than twice as slow as fbgemm on the product itself (a :class:`QuantLinear` of 576 -> 1536 at 8 rows)."""
+    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless its
+    GEMM is more than twice as slow as fbgemm's on the product itself (576 -> 1536 at 8 rows, weights from
+    :meth:`QuantLinear.quantize`). The GEMMs alone are compared: the per-token ops around them cost a few
+    microseconds either way and would let machine noise decide at this size."""
     global _KERNEL
     if _KERNEL is None:
         g = torch.Generator().manual_seed(0)
         x = torch.randn(8, 576, generator=g)
+        x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
+        w = torch.randn(1536, 576, generator=g)
+        gemms = {"int_mm": lambda lin: torch._int_mm(x8, lin.w8t),
+                 "fbgemm": lambda lin: torch.ops.quantized.linear_dynamic(x, lin.packed, True)}
         times = {}
-        for kernel in INT8_KERNELS:
-            lin = QuantLinear([torch.randn(1536, 576, generator=g)], [None])
+        for kernel, gemm in gemms.items():
+            lin = QuantLinear([w], [None])
             try:
                 with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (see quantize)
                     warnings.simplefilter("ignore", UserWarning)
                     lin.quantize(alpha=0.0, kernel=kernel)
-                lin.int8(x.clone())
+                gemm(lin)
                 runs = []
                 for _ in range(5):
-                    xs = x.clone()
                     t0 = time.perf_counter()
-                    lin.int8(xs)
+                    gemm(lin)
                     runs.append(time.perf_counter() - t0)
                 times[kernel] = min(runs)
             except RuntimeError:  # a build without the kernel

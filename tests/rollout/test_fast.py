@@ -196,10 +196,12 @@ def test_unsupported_model_raises(tiny):
 
 @pytest.mark.slow
 def test_quantized_logp_gap_on_the_bundled_model():
-    """Bound 0.2 nats mean |log mu - log pi| per token (measured 0.11-0.13 at temperature 1; 0.35 with the
-    earlier per-tensor 7-bit activations): per-token int8 activations after SmoothQuant, int8 prefill with
-    each prompt's first token in fp32 (docs/generation.md, "Accuracy"). Two calls: the first gathers the
-    smoothing statistics with an fp32 pass, the second (after a sync) quantizes with the kept ones."""
+    """Bound on the mean |log mu - log pi| per token, for the kernel this CPU gets: 0.2 nats with
+    ``_int_mm``'s 8-bit activations (measured 0.11-0.14 at temperature 1; 0.35 with the earlier
+    per-tensor 7-bit activations), 0.35 with fbgemm's 7-bit ones (CPUs without VNNI; measured 0.20-0.27):
+    per-token activations after SmoothQuant, int8 prefill with each prompt's first token in fp32
+    (docs/generation.md, "Accuracy"). Two calls: the first gathers the smoothing statistics with an fp32
+    pass, the second (after a sync) quantizes with the kept ones."""
     from rlhfkit.data.tasks import get_task
     from rlhfkit.models import load_model
 
@@ -207,10 +209,11 @@ def test_quantized_logp_gap_on_the_bundled_model():
     prompts = get_task("sentiment").prompts("train")[:8]
     ids, mask = encode(tok, prompts, group=1)
     fast = FastBackend(model, tok)
+    bound = {"int_mm": 0.2, "fbgemm": 0.35}[fast.kernel]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=32)
     for seed in (0, 1):
         out = fast.generate(ids, mask, sampling, generator_seed=seed)
-        assert gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < 0.2
+        assert gap(model, ids, mask, out, fast.last_logps, tok.eos_token_id) < bound
         fast.sync_weights(model)
 
 
