@@ -128,6 +128,7 @@ def test_a_server_error_is_reported_not_retried(tmp_path):
             page.set_default_timeout(15_000)
             page.goto(f"{server.url}/a/{token}")
             page.route("**/api/labels", fail)
+            page.wait_for_selector("#label-form")  # the pair is on screen before the key (as the other tests)
             page.keyboard.press("1")
             page.wait_for_selector("#status:has-text('Not saved')")  # no wait_for_function: the CSP forbids eval
             text = page.inner_text("#status")
