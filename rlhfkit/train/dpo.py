@@ -379,6 +379,7 @@ def train(cfg: DPOConfig) -> dict:
     if model is None:
         model, _ = load_policy(cfg, ckpt)
     model.config.use_cache = False
+    runtime.sparse_tied_embedding_grad(model, acc)
     model, opt, sched, step = offline.start_optimizer(model, cfg, acc, steps, ckpt)
     run.advance(step)
 

@@ -127,6 +127,7 @@ def start(cfg: OnlineConfig, reward_fn=None, task=None, prompts=None) -> Start:
         raise ValueError(f"lora_r > 0 needs rollout_backend 'hf' or 'auto', got {cfg.rollout_backend!r} (the fast, "
                          "vLLM and remote backends read plain weights and do not apply a LoRA adapter yet)")
     policy, tok = load_policy(cfg, ckpt)  # LoRA-wrapped when lora_r > 0 (models/lora.py)
+    runtime.sparse_tied_embedding_grad(policy, acc)
     reward.tokenizer = tok  # an rm: sharing the policy's vocabulary scores the sampled ids as they are
     # The reference is always there: the KL penalty needs it when beta > 0, the eval hook reports KL. With
     # LoRA it is the policy itself, run with its adapter off (lora.reference_model): no second copy.

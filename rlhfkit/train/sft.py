@@ -200,6 +200,7 @@ def train(cfg: SFTConfig) -> dict:
     ckpt = runtime.find_checkpoint(cfg.resume, cfg.output_dir)
     model, tok = load_policy(cfg, ckpt)  # LoRA-wrapped when lora_r > 0 (docs/lora.md)
     model.config.use_cache = False
+    runtime.sparse_tied_embedding_grad(model, acc)
     if cfg.packing == "padding_free":
         use_segment_attention(model)
 

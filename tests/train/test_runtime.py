@@ -73,3 +73,44 @@ def test_a_checkpoint_from_before_plain_state_says_to_use_an_older_rlhfkit(tmp_p
     with pytest.raises(runtime.UnsafeCheckpointError, match="older rlhfkit") as e:
         runtime.load_trainer_state(tmp_path)
     assert "restart the run" in str(e.value) and "numpy" in str(e.value)
+
+
+def _tied_step(sparse: bool, micro_batches: int = 2):
+    """Two micro-batch backward passes of a language-model loss on the tiny (tied) model; its embedding grad."""
+    from types import SimpleNamespace
+
+    from rlhfkit.models import load_model
+
+    model, _ = load_model("tiny", seed=0)
+    if sparse:
+        assert runtime.sparse_tied_embedding_grad(model, SimpleNamespace(num_processes=1))
+    ids = torch.randint(0, model.config.vocab_size, (micro_batches, 2, 9), generator=torch.Generator().manual_seed(1))
+    for mb in ids:
+        logits = model(input_ids=mb).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), mb[:, 1:].reshape(-1)).backward()
+    return model.get_input_embeddings().weight.grad
+
+
+def test_sparse_tied_embedding_grad_gives_the_dense_gradient():
+    """The lookup's sparse rows add into the head's dense gradient: the same .grad, dense, over two
+    accumulated backward passes; the rows the ids looked up are where the lookup's share lands."""
+    dense, sparse = _tied_step(False), _tied_step(True)
+    assert not sparse.is_sparse and sparse.layout == torch.strided
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
+    assert dense.abs().sum() > 0
+
+
+def test_sparse_tied_embedding_grad_is_left_off_where_it_cannot_apply():
+    from types import SimpleNamespace
+
+    from rlhfkit.models import load_model
+
+    one, two = SimpleNamespace(num_processes=1), SimpleNamespace(num_processes=2)
+    model, _ = load_model("tiny", seed=0)
+    assert not runtime.sparse_tied_embedding_grad(model, two)  # DDP / FSDP / ZeRO reduce dense buckets
+    model.get_input_embeddings().weight.requires_grad_(False)  # frozen (LoRA): no gradient at all
+    assert not runtime.sparse_tied_embedding_grad(model, one)
+    model, _ = load_model("tiny", seed=0)
+    model.get_output_embeddings().weight = torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone())
+    assert not runtime.sparse_tied_embedding_grad(model, one)  # untied
+    assert not model.get_input_embeddings().sparse
