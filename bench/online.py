@@ -253,8 +253,11 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for name in ["rlhfkit", "trl"] + ([] if args.no_ppo else ["ppo"]):
             out = Path(tmp) / f"{name}.json"
+            # rlhfkit runs with what its command sets (rlhfkit/cli: huge pages for PyTorch's large CPU
+            # allocations), TRL with its own defaults; a value the user exported applies to both
+            worker_env = env if name == "trl" else {"THP_MEM_ALLOC_ENABLE": "1", **env}
             r, m = run_worker(__file__, name, out, "--steps", args.steps, "--rollout-backend", args.rollout_backend,
-                              env=env, timeout=args.timeout)
+                              env=worker_env, timeout=args.timeout)
             r.update(timed(r, args.warmup), peak_rss_mb=m.peak_rss_mb)
             results[name] = r
             print(f"{name:>8}: {r['completions_s']:6.3f} completions/s ({r['completions_cpu_s']:6.3f} per CPU-s)  "

@@ -122,8 +122,16 @@ def setup_cpu_env(name: str, rest: list[str]) -> None:
     at every op's barrier, and a second busy process on the cores collapses throughput 17x (HF generate
     15.8 -> 0.94 tok/s measured; 5.1 with PASSIVE). libgomp reads it once, when torch loads it, so this
     runs before anything imports torch. Then, for a command that computes, ``torch.set_num_threads`` to
-    the cores idle right now (``free_cpu_threads``, 0.2 s) unless ``OMP_NUM_THREADS`` is set."""
+    the cores idle right now (``free_cpu_threads``, 0.2 s) unless ``OMP_NUM_THREADS`` is set.
+
+    ``THP_MEM_ALLOC_ENABLE=1`` unless the user set it: PyTorch's CPU allocator then asks for transparent
+    huge pages for every allocation of 2 MB or more (it reads the variable at its first allocation). A
+    training step allocates hundreds of MB of fresh gradients, logits and activations, and with 4 kB pages
+    each first touch is a page fault: zeroing a fresh 113 MB tensor took 48-53 ms, 11 ms with huge pages.
+    The GRPO bench's step (bench/online.py settings) fell 6.94 -> 6.18 s (three alternating pairs of
+    runs; each pair faster with it) at +50-100 MiB peak RSS. ``THP_MEM_ALLOC_ENABLE=0`` turns it off."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if name not in COMPUTE_COMMANDS or "OMP_NUM_THREADS" in os.environ or {"-h", "--help"} & set(rest):
         return
     import torch

@@ -1,5 +1,5 @@
 """Shared-CPU threading set up by ``rlhfkit`` (rlhfkit.cli.setup_cpu_env, docs/generation.md "Shared
-CPU"): OMP_WAIT_POLICY=PASSIVE before torch loads, unless the user chose; the torch thread count from the
+CPU"): OMP_WAIT_POLICY=PASSIVE and THP_MEM_ALLOC_ENABLE=1 before torch loads, unless the user chose; the torch thread count from the
 idle cores (rlhfkit.rollout.threads.free_cpu_threads) unless OMP_NUM_THREADS is set."""
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ from rlhfkit.rollout import threads
 def test_main_sets_passive_wait_before_torch_loads():
     """A fresh interpreter: after ``main(['--help'])`` the variable is set and torch was never imported,
     so libgomp reads PASSIVE when it loads (no torch import: ~0.3 s)."""
-    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from rlhfkit.cli import main; "
-            "main(['--help']); print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); os.environ.pop('THP_MEM_ALLOC_ENABLE', None); "
+            "from rlhfkit.cli import main; main(['--help']); "
+            "print(os.environ['OMP_WAIT_POLICY'], os.environ['THP_MEM_ALLOC_ENABLE'], 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "PASSIVE False"
+    assert out.strip().splitlines()[-1] == "PASSIVE 1 False"  # huge pages too: PyTorch reads it at its first allocation
 
 
-def test_a_users_wait_policy_wins(monkeypatch):
+def test_a_users_wait_policy_and_huge_page_choice_win(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     cli.setup_cpu_env("tasks", [])
-    assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert cli.os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and cli.os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
 
 
 def test_threads_follow_the_free_cores_unless_omp_num_threads_is_set(monkeypatch):
