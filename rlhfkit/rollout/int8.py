@@ -34,7 +34,7 @@ def int8_kernel() -> str:
 
     ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
     to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
-    both but needs a prepack at every re-quantization (half its cost). ``_int_mm`` is taken unless its
+    both but needs a prepack at every re-quantization (most of its cost on an AVX2 CPU). ``_int_mm`` is taken unless its
     GEMM is more than twice as slow as fbgemm's on the product itself (576 -> 1536 at 8 rows, weights from
     :meth:`QuantLinear.quantize`). The GEMMs alone are compared: the per-token ops around them cost a few
     microseconds either way and would let machine noise decide at this size."""
