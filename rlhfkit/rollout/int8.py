@@ -149,11 +149,13 @@ class QuantLinear:
         """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""
         x_max = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12)  # (M, 1): one scale per token
         if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
-            y = torch.ops.quantized.linear_dynamic(xs.div_(x_max), self.packed, True).mul_(self.w_scale).mul_(x_max)
+            x_scale = x_max
+            y = torch.ops.quantized.linear_dynamic(xs.div_(x_scale), self.packed, True)
         else:
             x_scale = x_max.mul_(1 / 127)
             x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
-            y = torch._int_mm(x8, self.w8t).float().mul_(self.w_scale).mul_(x_scale)  # (int32 * float: 2-5x slower)
+            y = torch._int_mm(x8, self.w8t).float()  # (then int32 * float: 2-5x slower)
+        y = y.mul_(self.w_scale).mul_(x_scale)  # both kernels: per-channel weight scales, per-token input scales
         if self.bias is not None:
             y += self.bias
         return y

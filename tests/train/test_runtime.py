@@ -93,7 +93,7 @@ def _tied_step(sparse: bool, micro_batches: int = 2):
 
 def test_sparse_tied_embedding_grad_gives_the_dense_gradient():
     """The lookup's sparse rows add into the head's dense gradient: the same .grad, dense, over two
-    accumulated backward passes; the rows the ids looked up are where the lookup's share lands."""
+    accumulated backward passes."""
     dense, sparse = _tied_step(False), _tied_step(True)
     assert not sparse.is_sparse and sparse.layout == torch.strided
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-7)
