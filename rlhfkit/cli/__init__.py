@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from rlhfkit.cli import cpu
+
 # command -> (module, config class, one-line description)
 TRAINERS = {
     "sft": ("rlhfkit.train.sft", "SFTConfig", "supervised fine-tuning on chat data (assistant-only loss)"),
@@ -115,14 +117,26 @@ COMPUTE_COMMANDS = frozenset({*TRAINERS, "demo", "sample", "label", "reward", "e
 """Commands that run a model: their torch thread count follows the cores free at start."""
 
 
-def setup_cpu_env(name: str, rest: list[str]) -> None:
-    """Threading for a CPU shared with other processes (docs/generation.md, "Shared CPU").
+SPIN_COUNT = "10000"
+"""``GOMP_SPINCOUNT`` the commands set on an idle machine: how long libgomp's idle threads spin at a
+barrier before they sleep (its default is 300000)."""
 
-    ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it: with the default, libgomp's idle threads spin
-    at every op's barrier, and a second busy process on the cores collapses throughput 17x (HF generate
-    15.8 -> 0.94 tok/s measured; 5.1 with PASSIVE). libgomp reads it once, when torch loads it, so this
-    runs before anything imports torch. Then, for a command that computes, ``torch.set_num_threads`` to
-    the cores idle right now (``free_cpu_threads``, 0.2 s) unless ``OMP_NUM_THREADS`` is set.
+
+def setup_cpu_env(name: str, rest: list[str]) -> None:
+    """Threading for this CPU, idle or shared with other processes (docs/generation.md, "Shared CPU").
+    libgomp reads its environment once, when torch loads it, so this runs before anything imports torch.
+
+    For a command that computes, unless ``OMP_NUM_THREADS`` is set: ``torch.set_num_threads`` to the cores
+    idle right now (``cpu.free_cpu_threads``, 0.2 s). Then how libgomp's idle threads wait at the barrier
+    that ends every parallel op, unless the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``:
+
+    - every allowed core idle (or not measured): ``GOMP_SPINCOUNT=10000``, a short spin, then sleep. A
+      decode step is ~1000 small ops, each ending at a barrier: sleeping at once (``PASSIVE``) pays a
+      wake-up at each (batch-8 engine 74.5 tok/s against 123.6 with the short spin, HF ``generate`` 41.4
+      against 66.5); libgomp's default 300000-iteration spin 99.7 / 55.4.
+    - some cores busy: ``OMP_WAIT_POLICY=PASSIVE``. With another busy process on the cores, a spinning
+      thread holds the core its descheduled partner needs: the engine fell to 2.5 tok/s with the default
+      spin, 35.1 with the short one, 56.2 with PASSIVE.
 
     ``THP_MEM_ALLOC_ENABLE=1`` unless the user set it: PyTorch's CPU allocator then asks for transparent
     huge pages for every allocation of 2 MB or more (it reads the variable at its first allocation). A
@@ -130,15 +144,19 @@ def setup_cpu_env(name: str, rest: list[str]) -> None:
     each first touch is a page fault: zeroing a fresh 113 MB tensor took 48-53 ms, 11 ms with huge pages.
     The GRPO bench's step (bench/online.py settings) fell 6.94 -> 6.18 s (three alternating pairs of
     runs; each pair faster with it) at +50-100 MiB peak RSS. ``THP_MEM_ALLOC_ENABLE=0`` turns it off."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    if name not in COMPUTE_COMMANDS or "OMP_NUM_THREADS" in os.environ or {"-h", "--help"} & set(rest):
-        return
-    import torch
+    threads = None
+    if name in COMPUTE_COMMANDS and "OMP_NUM_THREADS" not in os.environ and not {"-h", "--help"} & set(rest):
+        threads = cpu.free_cpu_threads()
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        if threads is not None and threads < cpu.allowed_cpus():
+            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        else:
+            os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    if threads is not None:
+        import torch
 
-    from rlhfkit.rollout.threads import free_cpu_threads
-
-    torch.set_num_threads(free_cpu_threads())
+        torch.set_num_threads(threads)
 
 
 def main(argv: list[str] | None = None) -> int:

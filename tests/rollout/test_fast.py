@@ -270,7 +270,7 @@ def test_free_cpu_threads_counts_idle_cores(monkeypatch, idle_delta, expected):
     idle (idle + iowait): half idle -> 2 threads, none -> 1 (never 0), all -> 4."""
     import io
 
-    import rlhfkit.rollout.threads as threads
+    import rlhfkit.cli.cpu as threads
 
     reads = iter(["cpu 100 0 100 1000 0 0 0 0\n",
                   f"cpu {100 + (200 - idle_delta)} 0 100 {1000 + idle_delta} 0 0 0 0\n"])

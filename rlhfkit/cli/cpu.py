@@ -1,9 +1,15 @@
-"""How many CPU threads torch should use right now (the commands call it once at start: rlhfkit.cli)."""
+"""How many CPU threads torch should use right now (the commands call it once at start, before torch
+loads: rlhfkit.cli.setup_cpu_env). No torch import here."""
 
 from __future__ import annotations
 
 import os
 import time
+
+
+def allowed_cpus() -> int:
+    """The cores this process may run on (its affinity mask; the CPU count where there is none)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def free_cpu_threads(window_s: float = 0.2) -> int:
@@ -15,7 +21,7 @@ def free_cpu_threads(window_s: float = 0.2) -> int:
     parallel op; when another process holds a core, one team member waits for a scheduler time slice at
     each of the ~1000 ops of a decode step. Use ``torch.set_num_threads(free_cpu_threads())`` at start.
     """
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    allowed = allowed_cpus()
     try:
         def idle_total():
             with open("/proc/stat") as f:
