@@ -140,11 +140,9 @@ SHARED_CASES = [  # (name, environment for the generating process, competitor ru
     ("alone", {}, False),
     ("alone+passive", {"OMP_WAIT_POLICY": "PASSIVE"}, False),
     ("alone+spin10k", {"GOMP_SPINCOUNT": "10000"}, False),
-    ("alone+spin30k", {"GOMP_SPINCOUNT": "30000"}, False),
     ("shared", {}, True),
     ("shared+passive", {"OMP_WAIT_POLICY": "PASSIVE"}, True),
     ("shared+spin10k", {"GOMP_SPINCOUNT": "10000"}, True),
-    ("shared+spin30k", {"GOMP_SPINCOUNT": "30000"}, True),
     ("shared+1thread", {"OMP_NUM_THREADS": "1"}, True),
 ]
 
