@@ -108,6 +108,20 @@ def run_worker(script: str, name: str, out: Path, *args, env: dict | None = None
 # --- distance to the hardware limit (issue 19 item 3): model FLOPs per second / measured matmul peak ----
 
 
+def rlhfkit_env(env: dict) -> dict:
+    """``env`` plus what the ``rlhfkit`` command sets before torch loads on an idle machine
+    (rlhfkit.cli.setup_cpu_env): huge pages for PyTorch's large CPU allocations and a short OpenMP barrier
+    spin. The benches give it to rlhfkit's workers (the Python API they call does not set it) and TRL's
+    workers run with their own defaults; a value already in ``env`` (the user's export) wins, and a
+    user's ``OMP_WAIT_POLICY`` replaces the spin."""
+    from rlhfkit.cli import SPIN_COUNT
+
+    ours = {"THP_MEM_ALLOC_ENABLE": "1"}
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        ours["GOMP_SPINCOUNT"] = SPIN_COUNT
+    return {**ours, **env}
+
+
 def matmul_peak_flops(threads: int | None = None, n: int = 1024, reps: int = 5) -> float:
     """This machine's measured fp32 matrix-product rate in FLOP/s: the best of ``reps`` timed (n, n) @ (n, n)
     products (2 n^3 FLOPs each) after one warm-up, on ``threads`` torch threads (None: the current count,

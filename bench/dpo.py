@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     matmul_peak_flops,
     model_flops,
     print_result,
+    rlhfkit_env,
     run_worker,
     self_peak_rss_mb,
     write_worker_result,
@@ -193,6 +194,7 @@ def main() -> None:
                          "threads"):
                 flags += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+            env = env if name == "trl" else rlhfkit_env(env)  # what the rlhfkit command sets; TRL its defaults
             res, measured = run_worker(__file__, name, out, "--data", data, *flags, env=env, timeout=1800)
             res.update(peak_rss_mb=measured.peak_rss_mb, wall_s=measured.wall_s, pairs_s=n / res["time_s"])
             results[name] = res

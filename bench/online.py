@@ -62,6 +62,7 @@ from common import (  # noqa: E402
     matmul_peak_flops,
     model_flops,
     print_result,
+    rlhfkit_env,
     run_worker,
     self_peak_rss_mb,
     write_worker_result,
@@ -241,7 +242,6 @@ def main() -> None:
     if args.steps <= args.warmup:
         p.error(f"--steps {args.steps} must exceed --warmup {args.warmup}: no step would be timed")
 
-    from rlhfkit.cli import SPIN_COUNT
     from rlhfkit.models.loading import bundled_model_dir
 
     bundled_model_dir()  # convert the GGUF once, outside every measurement
@@ -254,13 +254,8 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for name in ["rlhfkit", "trl"] + ([] if args.no_ppo else ["ppo"]):
             out = Path(tmp) / f"{name}.json"
-            # rlhfkit runs with what its command sets on an idle machine (rlhfkit/cli: huge pages for PyTorch's
-            # large CPU allocations, a short OpenMP barrier spin), TRL with its own defaults; a value the user
-            # exported applies to both (the user's wait policy replaces the spin)
-            ours = {"THP_MEM_ALLOC_ENABLE": "1"}
-            if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-                ours["GOMP_SPINCOUNT"] = SPIN_COUNT
-            worker_env = env if name == "trl" else {**ours, **env}
+            # rlhfkit runs with what its command sets (common.rlhfkit_env), TRL with its own defaults
+            worker_env = env if name == "trl" else rlhfkit_env(env)
             r, m = run_worker(__file__, name, out, "--steps", args.steps, "--rollout-backend", args.rollout_backend,
                               env=worker_env, timeout=args.timeout)
             r.update(timed(r, args.warmup), peak_rss_mb=m.peak_rss_mb)

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     matmul_peak_flops,
     model_flops,
     print_result,
+    rlhfkit_env,
     run_worker,
     self_peak_rss_mb,
     write_worker_result,
@@ -191,8 +192,8 @@ def main() -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
         for framework in ("rlhfkit", "trl"):
             out = Path(tmp) / f"{framework}.json"
-            r, m = run_worker(__file__, framework, out, "--data", data, "--steps", args.steps,
-                              "--batch-size", args.batch_size, env=env)
+            r, m = run_worker(__file__, framework, out, "--data", data, "--steps", args.steps, "--batch-size",
+                              args.batch_size, env=env if framework == "trl" else rlhfkit_env(env))
             r["pairs_s"], r["peak_rss_mb"], r["wall_s"] = throughput(r, args.batch_size), m.peak_rss_mb, m.wall_s
             results[framework] = r
             print(f"{framework:>8}: {r['pairs_s']:7.2f} pairs/s  peak RSS {m.peak_rss_mb:7.0f} MiB  process wall "

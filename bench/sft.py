@@ -48,6 +48,7 @@ from common import (  # noqa: E402
     matmul_peak_flops,
     model_flops,
     print_result,
+    rlhfkit_env,
     run_worker,
     self_peak_rss_mb,
     write_worker_result,
@@ -237,7 +238,8 @@ def main() -> None:
         for framework in ("rlhfkit", "trl"):
             out = Path(tmp) / f"{framework}.json"
             r, m = run_worker(__file__, framework, out, "--data", data, "--steps", args.steps,
-                              "--batch-size", args.batch_size, "--max-length", args.max_length, env=env)
+                              "--batch-size", args.batch_size, "--max-length", args.max_length,
+                              env=env if framework == "trl" else rlhfkit_env(env))
             r["tok_s"], r["tok_cpu_s"] = throughput(r), throughput(r, "step_end_cpu")
             r["peak_rss_mb"], r["wall_s"] = m.peak_rss_mb, m.wall_s
             results[framework] = r
