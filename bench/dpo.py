@@ -18,6 +18,8 @@ pre-pass over the data, with the final checkpoint write stubbed out. TRL: ``DPOT
 (model + reference load, dataset tokenization) and ``trainer.train()``; TRL's default
 ``precompute_ref_log_probs=False`` runs the reference model on every batch instead of a pre-pass,
 and ``gradient_checkpointing=False`` (TRL's default is True) so that both keep their activations.
+rlhfkit's worker gets what the ``rlhfkit`` command sets before torch loads (``common.rlhfkit_env``: huge
+pages, a short OpenMP barrier spin), TRL's its defaults; a variable you export applies to both.
 Threads: one torch thread per framework by default (``--threads``). This machine's 2 cores are
 shared with other jobs; with 2 OpenMP threads a descheduled thread stalls the other at every barrier
 and wall times swing by 2x between identical runs, while single-threaded runs repeat closely.
