@@ -105,9 +105,6 @@ def run_worker(script: str, name: str, out: Path, *args, env: dict | None = None
     return read_worker_result(out), m
 
 
-# --- distance to the hardware limit (issue 19 item 3): model FLOPs per second / measured matmul peak ----
-
-
 def rlhfkit_env(env: dict) -> dict:
     """``env`` plus what the ``rlhfkit`` command sets before torch loads on an idle machine
     (rlhfkit.cli.setup_cpu_env): huge pages for PyTorch's large CPU allocations and a short OpenMP barrier
@@ -120,6 +117,9 @@ def rlhfkit_env(env: dict) -> dict:
     if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
         ours["GOMP_SPINCOUNT"] = SPIN_COUNT
     return {**ours, **env}
+
+
+# --- distance to the hardware limit (issue 19 item 3): model FLOPs per second / measured matmul peak ----
 
 
 def matmul_peak_flops(threads: int | None = None, n: int = 1024, reps: int = 5) -> float:
