@@ -114,6 +114,7 @@ def test_shared_layout_equals_the_padded_batch_with_gradients(peaked, row_tokens
         logps, entropy = completion_logps(model, batch, layout=layout, temperature=0.7, with_entropy=True,
                                           max_row_tokens=row_tokens)
         assert logps.shape == entropy.shape == c_ids.shape
+        assert logps.requires_grad and not entropy.requires_grad  # entropy is a metric: no graph kept for it
         logps.sum().backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         results[layout] = (logps, entropy, grads)
