@@ -107,16 +107,13 @@ def run_worker(script: str, name: str, out: Path, *args, env: dict | None = None
 
 def rlhfkit_env(env: dict) -> dict:
     """``env`` plus what the ``rlhfkit`` command sets before torch loads on an idle machine
-    (rlhfkit.cli.setup_cpu_env): huge pages for PyTorch's large CPU allocations and a short OpenMP barrier
-    spin. The benches give it to rlhfkit's workers (the Python API they call does not set it) and TRL's
+    (rlhfkit.cli.cpu.command_env: huge pages for PyTorch's large CPU allocations and a short OpenMP barrier
+    spin). The benches give it to rlhfkit's workers (the Python API they call does not set it) and TRL's
     workers run with their own defaults; a value already in ``env`` (the user's export) wins, and a
     user's ``OMP_WAIT_POLICY`` replaces the spin."""
-    from rlhfkit.cli import SPIN_COUNT
+    from rlhfkit.cli.cpu import command_env
 
-    ours = {"THP_MEM_ALLOC_ENABLE": "1"}
-    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
-        ours["GOMP_SPINCOUNT"] = SPIN_COUNT
-    return {**ours, **env}
+    return {**env, **command_env(env)}
 
 
 # --- distance to the hardware limit (issue 19 item 3): model FLOPs per second / measured matmul peak ----

@@ -14,6 +14,7 @@ import os
 import sys
 
 from rlhfkit.cli import cpu
+from rlhfkit.cli.cpu import SPIN_COUNT  # noqa: F401  (rlhfkit.cli.SPIN_COUNT)
 
 # command -> (module, config class, one-line description)
 TRAINERS = {
@@ -117,11 +118,6 @@ COMPUTE_COMMANDS = frozenset({*TRAINERS, "demo", "sample", "label", "reward", "e
 """Commands that run a model: their torch thread count follows the cores free at start."""
 
 
-SPIN_COUNT = "10000"
-"""``GOMP_SPINCOUNT`` the commands set on an idle machine: how long libgomp's idle threads spin at a
-barrier before they sleep (its default is 300000)."""
-
-
 def setup_cpu_env(name: str, rest: list[str]) -> None:
     """Threading for this CPU, idle or shared with other processes (docs/generation.md, "Shared CPU").
     libgomp reads its environment once, when torch loads it, so this runs before anything imports torch.
@@ -144,15 +140,10 @@ def setup_cpu_env(name: str, rest: list[str]) -> None:
     each first touch is a page fault: zeroing a fresh 113 MB tensor took 48-53 ms, 11 ms with huge pages.
     The GRPO bench's step (bench/online.py settings) fell 6.94 -> 6.18 s (three alternating pairs of
     runs; each pair faster with it) at +50-100 MiB peak RSS. ``THP_MEM_ALLOC_ENABLE=0`` turns it off."""
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     threads = None
     if name in COMPUTE_COMMANDS and "OMP_NUM_THREADS" not in os.environ and not {"-h", "--help"} & set(rest):
         threads = cpu.free_cpu_threads()
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        if threads is not None and threads < cpu.allowed_cpus():
-            os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        else:
-            os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+    os.environ.update(cpu.command_env(os.environ, busy=threads is not None and threads < cpu.allowed_cpus()))
     if threads is not None:
         import torch
 

@@ -6,6 +6,21 @@ from __future__ import annotations
 import os
 import time
 
+SPIN_COUNT = "10000"
+"""``GOMP_SPINCOUNT`` the commands set on an idle machine: how long libgomp's idle threads spin at a
+barrier before they sleep (its default is 300000)."""
+
+
+def command_env(env, busy: bool = False) -> dict:
+    """The variables the ``rlhfkit`` command adds to ``env`` before torch loads (rlhfkit.cli.setup_cpu_env
+    says why): ``THP_MEM_ALLOC_ENABLE=1``, and the barrier wait, ``OMP_WAIT_POLICY=PASSIVE`` when some
+    cores were ``busy`` at start, else ``GOMP_SPINCOUNT``. A variable already in ``env`` is the user's
+    choice and is not returned; a user's ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT`` replaces both waits."""
+    out = {} if "THP_MEM_ALLOC_ENABLE" in env else {"THP_MEM_ALLOC_ENABLE": "1"}
+    if "OMP_WAIT_POLICY" not in env and "GOMP_SPINCOUNT" not in env:
+        out.update({"OMP_WAIT_POLICY": "PASSIVE"} if busy else {"GOMP_SPINCOUNT": SPIN_COUNT})
+    return out
+
 
 def allowed_cpus() -> int:
     """The cores this process may run on (its affinity mask; the CPU count where there is none)."""
