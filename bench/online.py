@@ -8,7 +8,10 @@ same order (rlhfkit's ``PromptStream`` for seed 0; TRL gets them as a data set w
 ``shuffle_dataset=False``), with the task's gold reward as the only reward. Per step: 2 prompts x 4
 completions = 8 completions, up to 32 new tokens, temperature 1.0 (top-p 1, top-k off), one
 optimisation pass over the batch in one micro-batch of 8 (one optimizer update), lr 2e-6, KL
-coefficient beta 0.04 against a frozen reference copy (k3 estimator in both).
+coefficient beta 0.04 against a frozen reference copy (k3 estimator in both). rlhfkit samples with its
+default backend, ``auto``: on this CPU the int8 engine, its gap to the policy corrected by truncated
+importance sampling (docs/generation.md); ``--rollout-backend hf`` gives it transformers' ``generate`` on
+the policy, as TRL has.
 
 TRL settings (everything else is its default): ``per_device_train_batch_size=8``,
 ``num_generations=4``, ``gradient_accumulation_steps=1``, ``num_iterations=1``,
@@ -202,7 +205,8 @@ def worker_ppo(args) -> None:
     cfg = ppo.PPOConfig(model=BUNDLED, task=TASK, reward="gold", output_dir=str(run_dir), seed=SEED,
                         max_steps=args.steps, prompts_per_step=n, samples_per_prompt=1, max_new_tokens=MAX_NEW_TOKENS,
                         temperature=TEMPERATURE, top_p=1.0, epochs_per_step=1, mini_batch_size=n, micro_batch_size=n,
-                        eval_every=0, sample_every=0, mixed_precision="no", progress=False)
+                        eval_every=0, sample_every=0, mixed_precision="no", progress=False,
+                        rollout_backend=args.rollout_backend)
     ppo.train(cfg)
     rows = _rows(run_dir)
     write_worker_result(args.out, framework="rlhfkit-ppo", step_s=[r["perf/step_s"] for r in rows], cpu_s=cpu,
@@ -230,9 +234,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the rates (one-off costs)")
     p.add_argument("--no-ppo", action="store_true", help="skip the rlhfkit PPO step-time run")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per framework before it is killed")
-    p.add_argument("--rollout-backend", choices=("hf", "fast"), default="hf",
-                   help="rlhfkit GRPO's generation backend: 'fast' = the int8 CPU engine with the IS correction "
-                        "(docs/generation.md); decides whether 'fast' should become the CPU default")
+    p.add_argument("--rollout-backend", choices=("auto", "hf", "fast"), default="auto",
+                   help="rlhfkit's generation backend (GRPO and PPO): 'auto', the trainers' default, is the int8 CPU "
+                        "engine with the IS correction here (docs/generation.md); 'hf' = transformers generate")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()

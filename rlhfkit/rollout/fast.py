@@ -167,6 +167,39 @@ class FastBackend:
         named = [(name, getattr(layer, name)) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         return named + [("lm_head", self.lm_head)]
 
+    def _named_linears(self) -> dict[str, QuantLinear]:
+        """Every linear group by a unique name: ``layers.I.qkv`` ... ``layers.I.down``, ``lm_head``."""
+        names = [f"layers.{i}.{name}" for i in range(len(self.layers)) for name in ("qkv", "o", "gate_up", "down")]
+        return dict(zip([*names, "lm_head"], [lin for _, lin in self._linears()]))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The engine's history: each linear group's smoothing statistics (the per-input-channel max |x| it
+        has observed over every prefill since the engine was built). Its int8 weights are a function of the
+        policy's weights and these, so a checkpoint keeps them (the online trainers save them per process)
+        and a resumed run quantizes, and samples, as the uninterrupted one would have."""
+        return {name: lin.amax.clone() for name, lin in self._named_linears().items() if lin.amax is not None}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "engine state") -> None:
+        """Restore :meth:`state_dict`'s statistics (an empty dict: none observed yet); a name or shape that
+        does not fit this model is a ``ValueError`` naming ``source`` and the entry."""
+        linears = self._named_linears()
+        for name, amax in state.items():
+            lin = linears.get(name)
+            if lin is None:
+                raise ValueError(f"{source}: {name!r} is not a linear group of this model "
+                                 f"({len(self.layers)} layers); was it saved for another model?")
+            k = lin.weights[0].shape[1]
+            if not isinstance(amax, torch.Tensor) or tuple(amax.shape) != (k,):
+                raise ValueError(f"{source}: {name!r} must be a tensor of shape ({k},), "
+                                 f"got {getattr(amax, 'shape', type(amax).__name__)}")
+        missing = sorted(set(linears) - set(state))
+        if state and missing:
+            raise ValueError(f"{source}: statistics missing for {missing[0]!r} ({len(missing)} of {len(linears)} "
+                             "linear groups): an engine observes all of them or none")
+        for name, lin in linears.items():
+            lin.amax = state[name].float().clone() if name in state else None
+        self.stale = bool(self.quantize)  # re-quantize with these statistics at the next generate
+
     def _has_statistics(self) -> bool:
         return all(lin.amax is not None for _, lin in self._linears())
 

@@ -189,7 +189,7 @@ def train(cfg: CMPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     scale = RunningScale(cfg.sigma_decay, cfg.sigma_eps)
     sampler = online_rollout.make_sampler(cfg, prior, s.tok, str(s.ckpt / "prior" if s.ckpt else cfg.model))
     loop, state = online.begin(cfg, s, "cmpo", opt, sched, eval_hook=lambda: eval_policy_not_prior(
-        cfg, acc.unwrap_model(policy), prior, sampler, s.held_out))
+        cfg, acc.unwrap_model(policy), prior, sampler, s.held_out), sampler=sampler)
     if state:
         scale.load_state_dict(state["sigma"])
 

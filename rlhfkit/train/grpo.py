@@ -242,7 +242,8 @@ def train(cfg: GRPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     sched = runtime.make_scheduler(opt, cfg.lr_schedule, cfg.warmup_steps, s.total)
     policy, opt = acc.prepare(s.policy, opt)
     sampler = online_rollout.make_sampler(cfg, acc.unwrap_model(policy), s.tok, str(s.ckpt or cfg.model))
-    loop, _ = online.begin(cfg, s, method, opt, sched, eval_hook=lambda: s.held_out(sampler))
+    loop, _ = online.begin(cfg, s, method, opt, sched, eval_hook=lambda: s.held_out(sampler),
+                           sampler=sampler)
     from_training = cfg.logps_from_training_pass(s.local_prompts * cfg.samples_per_prompt)
     refill = online_rollout.PromptStream(s.stream.prompts, dynamic_sampling.refill_seed(cfg.seed))
 

@@ -3,7 +3,7 @@
 
     s = online.start(cfg, reward_fn, task)          # 1. accelerator, seeds, task, policy + reference, reward
     ...the method's optimizer, sampler, extra models...
-    loop, state = online.begin(cfg, s, "grpo", opt, sched, eval_hook)  # resume, run dir, step-0 eval
+    loop, state = online.begin(cfg, s, "grpo", opt, sched, eval_hook, sampler)  # resume, run dir, step-0 eval
     while loop.step < loop.total:
         r = online_rollout.generate_and_score(s, sampler, loop.step, cfg)   # 2. generate and score
         adv = ...the method's own math...                                    # 3. rewards, advantages
@@ -166,17 +166,22 @@ class Loop:
     step: int
     result: dict
     metrics: dict = field(default_factory=dict)
+    sampler: object = None  # its engine's own state (FastBackend's statistics) goes into each checkpoint
 
 
-def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, eval_hook: Callable[[], dict]) -> tuple[Loop, dict]:
-    """Resume (optimizer, scheduler, RNG, step), open the run directory, and evaluate the starting
-    policy with ``eval_hook()`` (the method's eval callable, also run by :func:`end_of_step`) unless
-    resuming. Returns the loop and the rest of the checkpoint's trainer state (the method's own)."""
+def begin(cfg: OnlineConfig, s: Start, method: str, opt, sched, eval_hook: Callable[[], dict],
+          sampler=None) -> tuple[Loop, dict]:
+    """Resume (optimizer, scheduler, RNG, step, and ``sampler``'s engine state), open the run directory,
+    and evaluate the starting policy with ``eval_hook()`` (the method's eval callable, also run by
+    :func:`end_of_step`) unless resuming. Returns the loop and the rest of the checkpoint's trainer state
+    (the method's own)."""
     step, state = runtime.restore(s.ckpt, opt, sched, s.acc.process_index)
+    restore_sampler(sampler, s.ckpt, s.acc.process_index)
     run = runtime.open_run(cfg, method, s.acc, s.total)
     run.advance(step)
     loop = Loop(cfg=cfg, acc=s.acc, tok=s.tok, opt=opt, sched=sched, run=run, eval_hook=eval_hook,
-                budget=Budget(cfg.max_minutes), total=s.total, step=step, result={"run_dir": str(run.path)})
+                budget=Budget(cfg.max_minutes), total=s.total, step=step, result={"run_dir": str(run.path)},
+                sampler=sampler)
     if step == 0 and cfg.eval_every:
         loop.result["eval_start"] = eval_hook()
         if loop.result["eval_start"]:  # empty without held-out prompts (eval_fraction 0)
@@ -311,9 +316,25 @@ def end_of_step(loop: Loop, r: Rollout, metrics: dict, seconds: float, models: d
     run.advance()
     if (cfg.save_every and step % cfg.save_every == 0) or last:
         loop.result["checkpoint"] = str(runtime.save_checkpoint(acc, run, step, models, loop.tok, loop.opt,
-                                                                loop.sched, state))
+                                                                loop.sched, state, sampler_state(loop.sampler)))
     loop.metrics = metrics
     return last
+
+
+def sampler_state(sampler) -> dict:
+    """The per-process state a checkpoint keeps of ``sampler``'s backend: the int8 engine's smoothing
+    statistics (its samples depend on every prompt it has seen); {} for backends without history."""
+    state_dict = getattr(getattr(sampler, "backend", None), "state_dict", None)
+    return {"sampler": state_dict()} if state_dict is not None else {}
+
+
+def restore_sampler(sampler, ckpt, rank: int) -> None:
+    """Give ``sampler``'s backend the state saved with checkpoint ``ckpt`` by process ``rank`` (nothing
+    when there is none: a fresh run, a checkpoint from an 'hf' run or from before engines saved theirs)."""
+    load = getattr(getattr(sampler, "backend", None), "load_state_dict", None)
+    saved = runtime.load_process_state(ckpt, rank).get("sampler") if ckpt else None
+    if load is not None and saved is not None:
+        load(saved, source=f"{ckpt}/{runtime.PROCESS_FILE.format(rank=rank)}")
 
 
 def finish(loop: Loop) -> dict:

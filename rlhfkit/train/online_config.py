@@ -97,14 +97,15 @@ class OnlineConfig(CommonConfig):
     max_minutes: float | None = None
     """Wall-clock budget: stop (evaluating and checkpointing) after the step that passes it; the LR
     schedule still follows total_steps. None = no budget."""
-    rollout_backend: str = "hf"
-    """Generation backend (docs/generation.md): 'hf' (transformers generate on the policy itself, any
-    device: the default, exact), 'fast' (rlhfkit's int8 CPU engine, Llama models on a CPU; re-quantized
-    from the policy after every update), 'auto' ('fast' on a CPU for a Llama model, else 'hf'), or 'vllm'
-    (CUDA, `pip install rlhfkit[vllm]`; weights are pushed to vLLM after every update). 'fast' and 'vllm'
-    are not exactly the policy: see ``importance_sampling``; or 'remote' (a rollout server started with
-    `rlhfkit serve-rollouts` at ``rollout_server``; the policy's weights are pushed to it at start and after
-    every update; it reports its log-probs, so 'auto' importance sampling logs and corrects the gap)."""
+    rollout_backend: str = "auto"
+    """Generation backend (docs/generation.md): 'auto' (the default: 'fast' for a whole Llama policy on a
+    CPU, else 'hf'; LoRA and FSDP / ZeRO-3 get 'hf'), 'hf' (transformers generate on the policy itself, any
+    device, exact), 'fast' (rlhfkit's int8 CPU engine, Llama models on a CPU; re-quantized from the policy
+    after every update), or 'vllm' (CUDA, `pip install rlhfkit[vllm]`; weights are pushed to vLLM after
+    every update). 'fast' and 'vllm' are not exactly the policy: see ``importance_sampling``; or 'remote' (a
+    rollout server started with `rlhfkit serve-rollouts` at ``rollout_server``; the policy's weights are
+    pushed to it at start and after every update; it reports its log-probs, so 'auto' importance sampling
+    logs and corrects the gap)."""
     rollout_server: str | None = None
     """URL of the rollout server (e.g. 'http://gen-host:8000') for rollout_backend 'remote'; None otherwise
     (docs/generation.md, "Server mode")."""

@@ -86,14 +86,17 @@ def check_backend_available(name: str) -> None:
 
 
 def resolve_backend(cfg: OnlineConfig, policy) -> str:
-    """``cfg.rollout_backend`` with 'auto' resolved: 'fast' when the policy is a plain Llama model on a CPU
-    (the engine's measured win is there: docs/generation.md), else 'hf' (with LoRA too: the engine copies
-    plain weights, not an adapter)."""
+    """``cfg.rollout_backend`` with 'auto' (the default) resolved: 'fast' when the policy is a whole, plain
+    Llama model on a CPU (the engine's measured win is there: docs/generation.md), else 'hf' (with LoRA too:
+    the engine copies plain weights, not an adapter; and under FSDP / ZeRO-3, whose processes hold shards)."""
     if cfg.rollout_backend != "auto":
+        if cfg.rollout_backend == "fast" and sharding_kind(None, policy) != "none":
+            raise ValueError(f"rollout_backend 'fast' copies whole weights, but this policy is sharded "
+                             f"({sharding_kind(None, policy)}); use 'hf' or 'auto'")
         return cfg.rollout_backend
     on_cpu = next(policy.parameters()).device.type == "cpu"
     fits = on_cpu and not cfg.lora_r and policy.config.model_type in SUPPORTED_MODEL_TYPES
-    return "fast" if fits else "hf"
+    return "fast" if fits and sharding_kind(None, policy) == "none" else "hf"
 
 
 def make_sampler(cfg: OnlineConfig, policy, tok, model_dir: str) -> Sampler:

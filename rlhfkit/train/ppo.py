@@ -121,7 +121,8 @@ def train(cfg: PPOConfig, reward_fn=None, task=None, prompts=None) -> dict:
     kl_ctl = (AdaptiveKLController(cfg.beta, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target is not None
               else FixedKLController(cfg.beta))
     sampler = online_rollout.make_sampler(cfg, acc.unwrap_model(policy), s.tok, str(s.ckpt or cfg.model))
-    loop, state = online.begin(cfg, s, "ppo", opt, sched, eval_hook=lambda: s.held_out(sampler))
+    loop, state = online.begin(cfg, s, "ppo", opt, sched, eval_hook=lambda: s.held_out(sampler),
+                               sampler=sampler)
     if state:
         kl_ctl.load_state_dict(state["kl_controller"])
 

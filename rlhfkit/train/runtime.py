@@ -167,16 +167,20 @@ def perf_metrics(tokens: int, seconds: float, acc) -> dict:
 # therefore stored as tensors and converted back exactly (rng_state / set_rng_state).
 
 STATE_FILE = "trainer_state.pt"
+PROCESS_FILE = "process-{rank}.pt"
 
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds pickled objects that ``torch.load(weights_only=True)`` refuses to build."""
 
 
-def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimizer, scheduler, state: dict) -> Path:
+def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimizer, scheduler, state: dict,
+                    process_state: dict | None = None) -> Path:
     """``checkpoints/step-N/``: the policy in Hugging Face format at the top level (loadable by plain
     ``transformers`` and vLLM), other models (value, reward) in sub-folders, trainer state beside. A LoRA
-    model is saved as its adapter (peft, safetensors; ``rlhfkit export --merge`` makes it a plain model)."""
+    model is saved as its adapter (peft, safetensors; ``rlhfkit export --merge`` makes it a plain model).
+    ``process_state``: what is this process's own (its sampler engine's statistics), in ``process-RANK.pt``
+    (:func:`load_process_state`)."""
     path = run.path / "checkpoints" / f"step-{step}"
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -195,7 +199,9 @@ def save_checkpoint(acc, run: RunDir, step: int, models: dict, tokenizer, optimi
     acc.wait_for_everyone()
     if acc.num_processes > 1:  # every process's own generators: a resumed rank continues its own streams
         torch.save(rng_state(), path / f"rng-{acc.process_index}.pt")
-        acc.wait_for_everyone()
+    if process_state:
+        torch.save(_plain(process_state, "process state"), path / PROCESS_FILE.format(rank=acc.process_index))
+    acc.wait_for_everyone()
     keep = getattr(run, "keep_checkpoints", None)
     if keep and acc.is_main_process:
         for old in checkpoints(run.path)[:-keep]:
@@ -296,6 +302,13 @@ def load_trainer_state(path: Path, rank: int = 0) -> dict:
     if rng:
         set_rng_state(rng)
     return state
+
+
+def load_process_state(path: Path | None, rank: int = 0) -> dict:
+    """This process's own state saved with checkpoint ``path`` (``save_checkpoint(process_state=...)``);
+    {} when there is no checkpoint or it has none (a checkpoint from before, or from an 'hf' run)."""
+    file = Path(path) / PROCESS_FILE.format(rank=rank) if path else None
+    return _load_plain(file) if file is not None and file.exists() else {}
 
 
 def _load_plain(file: Path) -> dict:

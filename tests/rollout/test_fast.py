@@ -231,6 +231,45 @@ def test_release_frees_the_int8_copies_and_the_next_call_rebuilds_them(tiny, ker
     assert fast.last_stats["quantize_s"] > 0
 
 
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_state_dict_lets_a_new_engine_sample_as_the_old_one(tiny, kernel, tmp_path):
+    """The statistics are the engine's history (a running max over every prompt it has prefilled): saved and
+    loaded into a fresh engine (through a file read with weights_only, as a checkpoint is), the next call's
+    log-probs are the old engine's bit for bit; a fresh engine without them quantizes otherwise."""
+    model, tok = tiny
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=6)
+    history = [encode(tok, PROMPTS[:1]), encode(tok, PROMPTS[1:2], group=1)]
+    ids, mask = encode(tok, PROMPTS[2:])
+    old = FastBackend(model, tok, kernel=kernel)
+    for h_ids, h_mask in history:
+        old.generate(h_ids, h_mask, sampling, 0)
+    torch.save(old.state_dict(), tmp_path / "engine.pt")
+    out = old.generate(ids, mask, sampling, 7)
+
+    new = FastBackend(model, tok, kernel=kernel)
+    new.load_state_dict(torch.load(tmp_path / "engine.pt", weights_only=True))
+    assert torch.equal(new.generate(ids, mask, sampling, 7), out)
+    assert torch.equal(new.last_logps, old.last_logps)
+    fresh = FastBackend(model, tok, kernel=kernel)
+    fresh.generate(ids, mask, sampling, 7)
+    assert not torch.equal(fresh.last_logps, old.last_logps)
+    assert FastBackend(model, tok, kernel=kernel).state_dict() == {}  # nothing observed yet
+
+
+def test_load_state_dict_names_the_bad_entry(tiny):
+    model, tok = tiny
+    fast = FastBackend(model, tok)
+    fast.generate(*encode(tok, PROMPTS[:1]), SamplingConfig(temperature=1.0, max_new_tokens=2), 0)
+    state = fast.state_dict()
+    with pytest.raises(ValueError, match=r"ckpt/process-0.pt: 'layers.99.qkv' is not a linear group of this model"):
+        fast.load_state_dict({**state, "layers.99.qkv": state["lm_head"]}, source="ckpt/process-0.pt")
+    with pytest.raises(ValueError, match=r"'lm_head' must be a tensor of shape \(\d+,\)"):
+        fast.load_state_dict({**state, "lm_head": state["lm_head"][:-1]})
+    with pytest.raises(ValueError, match="statistics missing for 'layers.0.o'"):
+        fast.load_state_dict({k: v for k, v in state.items() if k != "layers.0.o"})
+    assert torch.equal(fast.state_dict()["lm_head"], state["lm_head"])  # a refused state changes nothing
+
+
 def test_first_token_rows_one_fp32_row_per_distinct_id():
     ids = torch.tensor([[0, 0, 5, 6], [0, 5, 7, 8], [9, 1, 2, 3]])  # 0 = pad
     mask = ids != 0

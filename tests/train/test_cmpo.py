@@ -72,14 +72,26 @@ def test_prior_follows_the_policy_after_every_update():
         PriorTrackingOptimizer(opt.opt, torch.nn.Linear(3, 4), policy, 0.5)
 
 
-def test_eval_hook_samples_the_policy_not_the_prior():
+@pytest.mark.parametrize("backend", ["hf", "fast"])
+def test_eval_hook_samples_the_policy_not_the_prior(backend):
+    """hf: the eval sampler generates with the policy; fast: the one engine reads the policy's weights for
+    the eval, then the prior's again (the engine keeps the tensors it was synced from: ``embed``)."""
     policy, tok = load_model("tiny")
     prior = copy.deepcopy(policy)
-    cfg = CMPOConfig(**common())
+    cfg = CMPOConfig(**common(rollout_backend=backend))
     seen = {}
+
+    def hook(s):
+        seen["model"] = s.backend.model if backend == "hf" else s.backend.embed
+        return {}
+
     sampler = online_rollout.make_sampler(cfg, prior, tok, "tiny")
-    cmpo.eval_policy_not_prior(cfg, policy, prior, sampler, lambda s: seen.setdefault("model", s.backend.model) and {})
-    assert seen["model"] is policy
+    cmpo.eval_policy_not_prior(cfg, policy, prior, sampler, hook)
+    if backend == "hf":
+        assert seen["model"] is policy
+    else:
+        assert seen["model"] is policy.model.embed_tokens.weight
+        assert sampler.backend.embed is prior.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("bad,match", [(dict(samples_per_prompt=1), "samples_per_prompt must be >= 2"),

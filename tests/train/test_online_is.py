@@ -153,12 +153,18 @@ def test_vllm_without_vllm_or_cuda_is_an_error_before_any_model_loads(monkeypatc
         grpo.GRPOConfig(rollout_backend="vllm")
 
 
-def test_auto_backend_is_fast_for_a_llama_on_a_cpu():
+def test_auto_backend_is_fast_for_a_llama_on_a_cpu(monkeypatch):
     model, _ = load_model("tiny:0.5", seed=0)
+    assert grpo.GRPOConfig().rollout_backend == "auto"  # the default
     assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto"), model) == "fast"
-    assert online_rollout.resolve_backend(grpo.GRPOConfig(), model) == "hf"  # the default stays hf
+    assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="hf"), model) == "hf"
     # with LoRA 'auto' is 'hf': the engine copies plain weights, not an adapter
     assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto", lora_r=4), model) == "hf"
+    # a sharded policy (FSDP / ZeRO-3: each process holds a part of every tensor): 'hf', and 'fast' an error
+    monkeypatch.setattr(online_rollout, "sharding_kind", lambda acc, m: "fsdp2")
+    assert online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="auto"), model) == "hf"
+    with pytest.raises(ValueError, match="rollout_backend 'fast' copies whole weights, but this policy is sharded"):
+        online_rollout.resolve_backend(grpo.GRPOConfig(rollout_backend="fast"), model)
 
 
 def test_cmpo_and_dapo_refill_run_with_the_fast_backend(tmp_path):
