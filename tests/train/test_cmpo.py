@@ -33,7 +33,8 @@ def rows(run_dir):
 
 def common(**kw):
     base = dict(model="tiny:0.5", task="toy", prompts_per_step=4, samples_per_prompt=4, max_new_tokens=8,
-                temperature=1.0, missing_eos_penalty=None, eval_every=0, progress=False, beta=0.0)
+                temperature=1.0, missing_eos_penalty=None, eval_every=0, progress=False, beta=0.0,
+                rollout_backend="hf")  # exact sampling; CMPO through the engine: test_online_is.py
     return {**base, **kw}
 
 

@@ -149,7 +149,7 @@ def toy_run(tmp_path, name, token_set, sign, **kw):
 
     base = dict(model="tiny:0.5", task="toy", total_steps=12, prompts_per_step=4, samples_per_prompt=4,
                 max_new_tokens=8, temperature=1.0, missing_eos_penalty=None, eval_every=0, progress=False,
-                lr=5e-2, beta=0.0, output_dir=str(tmp_path / f"{name}{sign:+d}"))
+                lr=5e-2, beta=0.0, output_dir=str(tmp_path / f"{name}{sign:+d}"), rollout_backend="hf")
     grpo.train(grpo.GRPOConfig(**{**base, **kw}), reward_fn=lambda r: sign * frac_in_set(token_set, r), task=ToyTask())
     return [json.loads(line) for line in open(tmp_path / f"{name}{sign:+d}" / "metrics.jsonl")]
 
@@ -175,7 +175,7 @@ def test_dynamic_sampling_and_overlong_shaping_run_and_log(tmp_path, token_set):
     cfg = grpo.GRPOConfig(model="tiny:0.5", task="toy", total_steps=2, prompts_per_step=4, samples_per_prompt=4,
                           max_new_tokens=8, temperature=1.0, missing_eos_penalty=None, eval_every=0, progress=False,
                           lr=1e-2, beta=0.0, dynamic_sampling=True, dynamic_sampling_rounds=2, overlong_buffer=4,
-                          overlong_penalty=0.5, output_dir=str(tmp_path / "ds"))
+                          overlong_penalty=0.5, output_dir=str(tmp_path / "ds"), rollout_backend="hf")
     grpo.train(cfg, reward_fn=lambda r: (frac_in_set(token_set, r) > 0.5).float(), task=ToyTask())
     rows = [json.loads(line) for line in open(tmp_path / "ds" / "metrics.jsonl")]
     assert len(rows) == 2
@@ -195,7 +195,8 @@ def test_dynamic_sampling_resume_refills_as_the_uninterrupted_run(tmp_path, toke
         cfg = grpo.GRPOConfig(model="tiny:0.5", task="toy", total_steps=2, max_steps=steps, prompts_per_step=2,
                               samples_per_prompt=4, max_new_tokens=6, temperature=1.0, missing_eos_penalty=None,
                               eval_every=0, progress=False, lr=1e-2, beta=0.0, lr_schedule="constant",
-                              dynamic_sampling=True, dynamic_sampling_rounds=2, output_dir=str(out), resume=resume)
+                              dynamic_sampling=True, dynamic_sampling_rounds=2, output_dir=str(out), resume=resume,
+                              rollout_backend="hf")
         grpo.train(cfg, reward_fn=lambda r: (frac_in_set(token_set, r) > 0.5).float(), task=ToyTask())
 
     run(tmp_path / "straight", 2)

@@ -137,6 +137,37 @@ def test_bad_importance_options_name_the_field(field, bad, match):
         grpo.GRPOConfig(**{field: bad})
 
 
+def test_resume_with_the_engine_restores_its_statistics(tmp_path, monkeypatch):
+    """The int8 engine's quantization depends on every prompt it has prefilled (its smoothing statistics):
+    a checkpoint keeps them per process (process-0.pt) and a resumed run starts from them, so its first
+    step samples what the uninterrupted run sampled (same weights, same statistics, same seed). Later steps
+    agree only in distribution: a resumed fp32 update differs from the straight one in the last bits, and
+    int8 rounding can turn that into another token."""
+    from rlhfkit.rollout.fast import FastBackend
+
+    def run(out, steps, resume=None):
+        cfg = grpo.GRPOConfig(**common(total_steps=3, max_steps=steps, lr=1e-2, lr_schedule="constant",
+                                       save_every=1, output_dir=str(out), resume=resume))
+        grpo.train(cfg, reward_fn=length_reward, task=ToyTask())
+        return metrics_rows(out)
+
+    seen = []
+    real = FastBackend.generate
+    monkeypatch.setattr(FastBackend, "generate", lambda self, *a, **k: seen.append(self.state_dict()) or real(self, *a, **k))
+    straight = run(tmp_path / "straight", 3)  # the default backend: the engine on this CPU
+    assert len(seen) == 3 and seen[0] == {} and seen[1]
+    saved = torch.load(tmp_path / "straight" / "checkpoints" / "step-2" / "process-0.pt", weights_only=True)["sampler"]
+    assert saved.keys() == seen[2].keys() and all(torch.equal(saved[k], seen[2][k]) for k in saved)
+    run(tmp_path / "split", 2)
+    saved = torch.load(tmp_path / "split" / "checkpoints" / "step-2" / "process-0.pt", weights_only=True)["sampler"]
+    seen.clear()
+    split = run(tmp_path / "split", 3, resume="auto")
+    assert all(torch.equal(saved[k], seen[0][k]) for k in saved)  # the resumed engine starts from them
+    assert [r["step"] for r in split] == [1, 2, 3]
+    assert split[2]["reward/mean"] == pytest.approx(straight[2]["reward/mean"], abs=1e-6)
+    assert split[2]["rollout/logp_diff_mean"] == pytest.approx(straight[2]["rollout/logp_diff_mean"], abs=1e-5)
+
+
 def test_importance_sampling_on_with_the_hf_backend_is_an_error():
     with pytest.raises(ValueError, match="importance_sampling must be 'auto' or 'off' with rollout_backend 'hf'"):
         grpo.GRPOConfig(rollout_backend="hf", importance_sampling="on")
