@@ -18,6 +18,11 @@ once at the machine's read bandwidth, nor less than its matmul FLOPs (2 x parame
 machine's fp32 GEMM rate. ``frac_of_floor = floor_step_s / achieved_step_s``; the int8 engine reads a
 quarter of the bytes and uses integer dot products, so it can exceed 1 against the fp32 floor.
 
+The engine's own ceiling (``ceiling_<batch>``): one more engine call with each int8 kernel call timed
+(``QuantLinear.gemm``); HF's time over (kernel seconds + re-quantization) is the speedup the engine could
+reach with these kernels if every other op were free. A target above it needs faster kernels, not a
+leaner loop.
+
 ``--shared-cpu``: the same measurement (batch 8) in fresh worker processes while another process runs a
 PyTorch training loop, under each thread setting rlhfkit could choose (docs/generation.md, "Shared CPU").
 """
@@ -113,13 +118,40 @@ def measure(model, tok, batches, new_tokens: int, reps: int, modes=("greedy", "s
                 loads.append(os.getloadavg()[0])
             row = {"batch": b, "mode": mode, "hf_s": statistics.median(t_hf), "fast_s": statistics.median(t_fast),
                    "quantize_s": fast.last_stats["quantize_s"], "load": max(loads)}
+            row["gemm_s"], row["quantize_s"] = kernel_seconds(run_fast, fast)
+            # the engine's time if everything but its int8 kernels and its re-quantization took no time
+            row["ceiling"] = row["hf_s"] / (row["gemm_s"] + row["quantize_s"])
             row["hf_tok_s"] = b * new_tokens / row["hf_s"]
             row["fast_tok_s"] = b * new_tokens / row["fast_s"]
             rows.append(row)
             print(f"  B={b:3d} {mode:8s} hf {row['hf_tok_s']:7.1f} tok/s  engine {row['fast_tok_s']:7.1f} tok/s "
-                  f"(x{row['hf_s'] / row['fast_s']:.2f}; re-quantize {row['quantize_s']:.2f}s)  load {row['load']:.1f}",
-                  flush=True)
+                  f"(x{row['hf_s'] / row['fast_s']:.2f}; re-quantize {row['quantize_s']:.2f}s, int8 kernels "
+                  f"{row['gemm_s']:.2f}s: at most x{row['ceiling']:.2f} with them)  load {row['load']:.1f}", flush=True)
     return rows
+
+
+def kernel_seconds(run_fast, fast) -> tuple[float, float]:
+    """(seconds inside the int8 kernels, seconds re-quantizing) of one more engine call, timed kernel by kernel
+    (``QuantLinear.gemm``; each timing includes a Python call, so the figure is slightly high). Their sum is
+    what the call would take if every other op (per-token scaling, norms, rotary, attention, sampling, the
+    fp32 first-token rows) were free: HF's time over it bounds the speedup these kernels allow."""
+    from rlhfkit.rollout.int8 import QuantLinear
+
+    spent = [0.0]
+    real = QuantLinear.gemm
+
+    def timed(self, x):
+        t0 = time.perf_counter()
+        y = real(self, x)
+        spent[0] += time.perf_counter() - t0
+        return y
+
+    QuantLinear.gemm = timed
+    try:
+        run_fast()
+    finally:
+        QuantLinear.gemm = real
+    return spent[0], fast.last_stats["quantize_s"]
 
 
 def competitor(stop_file: str) -> None:
@@ -217,6 +249,7 @@ def main() -> None:
         fields[f"tok_s_{tag}"] = r["fast_tok_s"]
         fields[f"hf_tok_s_{tag}"] = r["hf_tok_s"]
         fields[f"frac_{tag}"] = r["frac_of_floor"]
+        fields[f"ceiling_{tag}"] = r["ceiling"]
     if args.shared_cpu:
         print("shared CPU (batch 8, greedy; another process trains an MLP on the same cores):", flush=True)
         shared = {r["case"]: r for r in shared_cpu(args.new_tokens, 1 if args.quick else 2)}

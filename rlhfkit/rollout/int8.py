@@ -150,15 +150,23 @@ class QuantLinear:
         x_max = xs.abs().amax(1, keepdim=True).clamp_min_(1e-12)  # (M, 1): one scale per token
         if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
             x_scale = x_max
-            y = torch.ops.quantized.linear_dynamic(xs.div_(x_scale), self.packed, True)
+            y = self.gemm(xs.div_(x_scale))
         else:
             x_scale = x_max.mul_(1 / 127)
             x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
-            y = torch._int_mm(x8, self.w8t).float()  # (then int32 * float: 2-5x slower)
+            y = self.gemm(x8).float()  # (then int32 * float: 2-5x slower)
         y = y.mul_(self.w_scale).mul_(x_scale)  # both kernels: per-channel weight scales, per-token input scales
         if self.bias is not None:
             y += self.bias
         return y
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """The int8 kernel alone, on an input already scaled (fbgemm: fp32 rows of max |x| = 1) or rounded
+        (``_int_mm``: int8): everything else :meth:`int8` does is per-token scaling around it.
+        ``bench/generate.py`` times this call to bound what the engine could reach with these kernels."""
+        if self.packed is not None:
+            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        return torch._int_mm(x, self.w8t)
 
     def exact(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The fp32 products with the policy's own tensors, one per part."""
