@@ -176,7 +176,8 @@ class FastBackend:
         """The engine's history: each linear group's smoothing statistics (the per-input-channel max |x| it
         has observed over every prefill since the engine was built). Its int8 weights are a function of the
         policy's weights and these, so a checkpoint keeps them (the online trainers save them per process)
-        and a resumed run quantizes, and samples, as the uninterrupted one would have."""
+        and a resumed run quantizes its first step's weights as the uninterrupted run did (later steps agree
+        in distribution: docs/generation.md)."""
         return {name: lin.amax.clone() for name, lin in self._named_linears().items() if lin.amax is not None}
 
     def load_state_dict(self, state: dict[str, torch.Tensor], source: str = "engine state") -> None:
