@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.rollout import decode_kernels
+from rlhfkit.rollout.decode_kernels import ptr
 from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, int8_kernel
@@ -86,16 +88,20 @@ class FastBackend:
         kernel: the int8 GEMM, ``"int_mm"`` or ``"fbgemm"``; ``"auto"``: :func:`int8_kernel`'s pick.
         quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
             sampler's log-prob gap a little smaller, a prefill 2-3x slower).
+        fused: when every part is quantized, run each decode step's small ops fused in C
+            (:mod:`rlhfkit.rollout.decode_kernels`, compiled on first use; where that fails, a warning and
+            the torch ops). Same arithmetic to float rounding.
     Attributes set by :meth:`generate`:
         last_logps: (B, C) float32, the sampler's own ``log softmax(logits / T)`` at each generated token
             (T = 1 when greedy), 0 after a row's EOS. At ``quantize=False`` they equal the policy's to float
             rounding; otherwise they are the behaviour policy for importance weighting.
-        last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts.
+        last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts, whether the
+            fused decode ops ran.
         sync_s: seconds the last :meth:`sync_weights` took (the int8 refresh cost per policy update).
     """
 
     def __init__(self, model, tokenizer, *, quantize: bool | set = True, share_prefill: bool = True,
-                 alpha: float = 0.5, quantized_prefill: bool = True, kernel: str = "auto"):
+                 alpha: float = 0.5, quantized_prefill: bool = True, kernel: str = "auto", fused: bool = True):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"FastBackend supports {SUPPORTED_MODEL_TYPES} models, not {cfg.model_type!r}; use "
@@ -105,7 +111,7 @@ class FastBackend:
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("FastBackend is a CPU engine; on a GPU use HFBackend or the vLLM backend")
         self.tok, self.quantize, self.share_prefill, self.alpha = tokenizer, quantize, share_prefill, alpha
-        self.quantized_prefill = quantized_prefill
+        self.quantized_prefill, self.fused = quantized_prefill, fused
         if kernel not in ("auto", *INT8_KERNELS):
             raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
         self.kernel = int8_kernel() if kernel == "auto" else kernel
@@ -118,6 +124,7 @@ class FastBackend:
         self.last_stats: dict = {}
         self.sync_s = 0.0
         self.layers: list[_Layer] = []
+        self.norm_s: torch.Tensor | None = None  # int8 decode: the final norm's weight / s of the lm head
         self.sync_weights(model)
 
     # ---- weights ----------------------------------------------------------------------------------------
@@ -161,6 +168,7 @@ class FastBackend:
             lin.drop()
         for layer in self.layers:
             layer.ln1_s = layer.ln2_s = None
+        self.norm_s = None
         self.stale = bool(self.quantize)
 
     def _linears(self) -> list[tuple[str, QuantLinear]]:
@@ -219,6 +227,7 @@ class FastBackend:
         if self.quantize is True:
             for layer in self.layers:
                 layer.ln1_s, layer.ln2_s = layer.ln1 * layer.qkv.inv_s, layer.ln2 * layer.gate_up.inv_s
+            self.norm_s = self.norm * self.lm_head.inv_s
         self.stale = False
         return time.perf_counter() - t0
 
@@ -325,6 +334,49 @@ class FastBackend:
             h = h + layer.down.int8(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).mul_(layer.down.inv_s))
         return h
 
+    def _decode_fused(self, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int,
+                      logits: torch.Tensor, rows: torch.Tensor) -> None:
+        """:meth:`_decode_int8` with the ops between two GEMMs fused into one C call each (decode_kernels.c):
+        per layer the four int8 GEMMs, attention, and five calls, instead of ~60 ops. Writes the step's
+        logits into rows ``rows`` (B,) of ``logits`` (R, V)."""
+        b, d, nh, nkv = ids.shape[0], self.head_dim, self.n_heads, self.n_kv
+        fbgemm = self.lm_head.packed is not None
+        mode = ytype = 0 if fbgemm else 1  # GEMM input fp32 rows of max 1 / int8; output fp32 / int32
+        h = F.embedding(ids[:, 0], self.embed)  # (B, H), a new tensor: the residual stream, updated in place
+        width, inter = h.shape[1], self.layers[0].down.weights[0].shape[1]
+        cos, sin = (x.contiguous() for x in self.rotary(h, positions))  # (B, 1, D)
+        buf = torch.empty(b * max(width, inter, nh * d), dtype=torch.float32 if fbgemm else torch.int8)
+        x_w, x_q, x_i = (buf[:b * n].view(b, n) for n in (width, nh * d, inter))  # GEMM inputs by width
+        xs = torch.empty(b)  # the per-row scale of the GEMM input in `buf`
+        q = torch.empty(b, nh, d)
+        eps = self.eps
+        lib.prep(ptr(h), ptr(self.layers[0].ln1_s), eps, 1, b, width, mode, ptr(x_w), ptr(xs))
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
+            lin = layer.qkv
+            y = lin.gemm(x_w)  # held in a name: a temporary's memory would be freed before the C call reads it
+            lib.qkv_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(cos), ptr(sin),
+                         b, nh, nkv, d, ptr(q), ptr(k_cache), ptr(v_cache), k_cache.shape[2], col)
+            a = F.scaled_dot_product_attention(q.view(b, nkv, nh // nkv, d), k_cache[:, :, :col + 1],
+                                               v_cache[:, :, :col + 1], attn_mask=mask, scale=d ** -0.5).contiguous()
+            lib.prep(ptr(a), ptr(layer.o.inv_s), eps, 0, b, nh * d, mode, ptr(x_q), ptr(xs))
+            lin = layer.o
+            y = lin.gemm(x_q)
+            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
+                              ptr(layer.ln2_s), eps, b, width, mode, ptr(x_w), ptr(xs))
+            lin = layer.gate_up
+            y = lin.gemm(x_w)
+            lib.gate_up_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(layer.down.inv_s), b, inter,
+                             mode, ptr(x_i), ptr(xs))
+            lin = layer.down
+            after = self.layers[i + 1].ln1_s if i + 1 < len(self.layers) else self.norm_s
+            y = lin.gemm(x_i)
+            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
+                              ptr(after), eps, b, width, mode, ptr(x_w), ptr(xs))
+        lin = self.lm_head
+        y = lin.gemm(x_w)
+        lib.dequant_rows(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), b, logits.shape[1],
+                         ptr(rows), ptr(logits))
+
     def _logits(self, h: torch.Tensor, exact: bool) -> torch.Tensor:
         """(N, H) last hidden -> (N, V) float32 logits."""
         return self.lm_head(_rms_norm(h, self.norm, self.eps), exact)[0].float()
@@ -392,6 +444,7 @@ class FastBackend:
         alive = torch.ones(b, dtype=torch.bool)
         live = torch.arange(b)  # the batch rows the decoder still runs (int8: the rows still alive)
         steps = 0
+        lib = decode_kernels.load() if self.quantize is True and self.fused else None
         for t in range(c):
             # every row is sampled, finished ones included, as generate does: the seeded draws of the
             # live rows stay those of generate (a finished row's logits are its last ones, never used)
@@ -406,10 +459,13 @@ class FastBackend:
             if self.quantize and not bool(alive[live].all()):
                 # finished rows leave the int8 batch: less work, and (when activations shared one scale per
                 # tensor) a finished row fed pads grew outliers that put the live rows' log-probs 2-4 nats off
-                keep = alive[live].nonzero().squeeze(1)
-                live = live[keep]
-                caches = [(k.index_select(0, keep), v.index_select(0, keep)) for k, v in caches]
+                still = alive[live].nonzero().squeeze(1)
+                live = live[still]
+                caches = [(k.index_select(0, still), v.index_select(0, still)) for k, v in caches]
             att = key_mask[live, None, None, :p + t + 1]  # (L, 1, 1, P + t + 1)
+            if lib is not None:
+                self._decode_fused(lib, tokens[live, None], next_pos[live] + t, att, caches, p + t, logits, live)
+                continue
             if self.quantize is True:
                 h = self._decode_int8(tokens[live, None], next_pos[live] + t, att, caches, p + t)
             else:
@@ -420,5 +476,6 @@ class FastBackend:
         self.last_logps = logps[:, :steps] if steps < c else logps
         self.last_stats = {"prefill_s": t_prefill, "quantize_s": quantize_s,
                            "decode_s": time.perf_counter() - t0 - t_prefill - quantize_s,
-                           "steps": steps, "distinct_prompts": len(keep)}
+                           "steps": steps, "distinct_prompts": len(keep),
+                           "fused": lib is not None}
         return out[:, :steps].to(prompt_ids.device)

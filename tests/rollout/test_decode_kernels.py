@@ -1,0 +1,156 @@
+"""The engine's fused decode ops (rlhfkit/rollout/decode_kernels.c) against the torch ops they replace.
+
+Each C function is checked on random data against the torch expression ``FastBackend._decode_int8`` and
+``QuantLinear.int8`` compute, for both GEMM kinds (fbgemm: fp32 in and out; ``_int_mm``: int8 in, int32
+out); then a whole quantized generate call with the fused ops against the same engine with its torch ops.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.rollout import decode_kernels
+from rlhfkit.rollout.decode_kernels import ptr
+
+MODES = [0, 1]  # 0: fbgemm's fp32 rows of max |x| = 1 (fp32 GEMM output); 1: int8 rows (int32 GEMM output)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = decode_kernels.load()
+    assert lib is not None, "the fused decode ops must build on this machine (a C compiler is installed)"
+    return lib
+
+
+def quant_ref(x: torch.Tensor, mode: int):
+    """QuantLinear.int8's input side: the GEMM input and the per-row scale."""
+    x_max = x.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    if mode == 0:
+        return x / x_max, x_max.squeeze(1)
+    s = x_max * (1 / 127)
+    return (x / s).round().to(torch.int8), s.squeeze(1)
+
+
+def gemm_out(b: int, n: int, mode: int, g: torch.Generator) -> torch.Tensor:
+    if mode == 0:
+        return torch.randn(b, n, generator=g) * 3
+    return torch.randint(-20000, 20000, (b, n), generator=g, dtype=torch.int32)
+
+
+def dequant_ref(y, wscale, xscale, bias=None):
+    out = y.float() * wscale * xscale[:, None]
+    return out + bias if bias is not None else out
+
+
+def check_quantized(got, got_scale, x, mode):
+    want, want_scale = quant_ref(x, mode)
+    torch.testing.assert_close(got_scale, want_scale, rtol=1e-5, atol=0)
+    if mode == 0:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    else:  # rounding may land on the other side of .5 by float error: at most one step, rarely
+        diff = (got.int() - want.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def empty_input(b, k, mode):
+    return torch.empty(b, k, dtype=torch.float32 if mode == 0 else torch.int8)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("norm", [0, 1])
+def test_prep(lib, mode, norm):
+    g = torch.Generator().manual_seed(0)
+    b, k = 5, 96
+    x, w = torch.randn(b, k, generator=g), torch.rand(k, generator=g) + 0.5
+    x[1, 7] = 40.0  # an outlier channel sets its row's scale only
+    out, scale = empty_input(b, k, mode), torch.empty(b)
+    lib.prep(ptr(x), ptr(w), 1e-5, norm, b, k, mode, ptr(out), ptr(scale))
+    want_x = F.rms_norm(x, (k,), w, 1e-5) if norm else x * w
+    check_quantized(out, scale, want_x, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_qkv_post_rotates_and_fills_the_cache_column(lib, mode, with_bias):
+    g = torch.Generator().manual_seed(1)
+    b, nh, nkv, d, length, col = 3, 6, 2, 16, 10, 7
+    n = (nh + 2 * nkv) * d
+    y, wscale, xscale = gemm_out(b, n, mode, g), torch.rand(n, generator=g), torch.rand(b, generator=g)
+    bias = torch.randn(n, generator=g) if with_bias else None
+    ang = torch.rand(b, 1, d, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    q = torch.empty(b, nh, d)
+    kc, vc = torch.zeros(b, nkv, length, d), torch.zeros(b, nkv, length, d)
+    lib.qkv_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(bias), ptr(cos), ptr(sin), b, nh, nkv, d, ptr(q),
+                 ptr(kc), ptr(vc), length, col)
+    full = dequant_ref(y, wscale, xscale, bias)
+    qk = full[:, :(nh + nkv) * d].view(b, nh + nkv, d)
+    rotated = qk * cos + torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), -1) * sin  # transformers' rotate_half
+    torch.testing.assert_close(q, rotated[:, :nh], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(kc[:, :, col], rotated[:, nh:], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(vc[:, :, col], full[:, (nh + nkv) * d:].view(b, nkv, d), rtol=1e-6, atol=1e-6)
+    others = torch.ones(length, dtype=torch.bool)
+    others[col] = False
+    assert not kc[:, :, others].any() and not vc[:, :, others].any()  # only the one column is written
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_residual_prep(lib, mode):
+    g = torch.Generator().manual_seed(2)
+    b, width = 4, 64
+    y, wscale, xscale = gemm_out(b, width, mode, g), torch.rand(width, generator=g), torch.rand(b, generator=g)
+    bias, w = torch.randn(width, generator=g), torch.rand(width, generator=g) + 0.5
+    h = torch.randn(b, width, generator=g)
+    want_h = h + dequant_ref(y, wscale, xscale, bias)
+    out, scale = empty_input(b, width, mode), xscale.clone()  # the scale read and the one written share memory
+    lib.residual_prep(ptr(y), mode, ptr(wscale), ptr(scale), ptr(bias), ptr(h), ptr(w), 1e-5, b, width, mode,
+                      ptr(out), ptr(scale))
+    torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
+    check_quantized(out, scale, F.rms_norm(want_h, (width,), w, 1e-5), mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gate_up_post(lib, mode):
+    g = torch.Generator().manual_seed(3)
+    b, inter = 3, 80
+    y, wscale = gemm_out(b, 2 * inter, mode, g), torch.rand(2 * inter, generator=g)
+    xscale, inv_s = torch.rand(b, generator=g), torch.rand(inter, generator=g) + 0.5
+    if mode == 0:
+        y[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-3])  # SiLU's far tails and its zero
+    out, scale = empty_input(b, inter, mode), torch.empty(b)
+    lib.gate_up_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(inv_s), b, inter, mode, ptr(out), ptr(scale))
+    full = dequant_ref(y, wscale, xscale)
+    check_quantized(out, scale, F.silu(full[:, :inter]) * full[:, inter:] * inv_s, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dequant_rows_writes_only_the_chosen_rows(lib, mode):
+    g = torch.Generator().manual_seed(4)
+    b, vocab = 2, 50
+    y, wscale, xscale = gemm_out(b, vocab, mode, g), torch.rand(vocab, generator=g), torch.rand(b, generator=g)
+    logits = torch.full((4, vocab), 7.0)
+    rows = torch.tensor([3, 1])
+    lib.dequant_rows(ptr(y), mode, ptr(wscale), ptr(xscale), None, b, vocab, ptr(rows), ptr(logits))
+    want = dequant_ref(y, wscale, xscale)
+    torch.testing.assert_close(logits[rows], want, rtol=1e-6, atol=1e-6)
+    assert (logits[[0, 2]] == 7.0).all()
+
+
+def test_build_reuses_the_compiled_library(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    first = decode_kernels.build()
+    stamp = first.stat().st_mtime_ns
+    assert decode_kernels.build() == first and first.stat().st_mtime_ns == stamp
+    assert first.parent == tmp_path / "kernels"
+
+
+def test_build_without_a_compiler_says_why(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'no such compiler here' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    with pytest.raises(RuntimeError, match="no such compiler here"):
+        decode_kernels.build(str(bad))
+
