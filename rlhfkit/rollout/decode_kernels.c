@@ -10,19 +10,26 @@
  *   residual_prep  o or down GEMM output -> h += it -> RMSNorm * w -> the next GEMM's input
  *   gate_up_post   gate/up GEMM output -> silu(gate) * up / s -> the down GEMM's input
  *   dequant_rows   lm-head GEMM output -> logits, written into chosen rows of the logits
+ *   attention      one query token a row against the KV cache (grouped-query heads, masked keys)
+ * and, once per policy update, quantize_rows (the int8 copy of a weight, QuantLinear.quantize).
  *
  * GEMM outputs are fp32 (fbgemm's linear_dynamic) or int32 (torch._int_mm), `ytype` 0 / 1; the value of
  * output n of row b is y[b, n] * wscale[n] * xscale[b] (+ bias[n]). A GEMM input is written for its kernel,
  * `mode` 0 / 1: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that per
  * token), scale max |x|; or int8 rows round(x / s), s = max |x| / 127, scale s. The arithmetic is
  * QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results agree to float rounding.
- * Single-threaded: one call's work is a few hundred kilobytes at most.
+ * Rows are independent, and the loops over them run on OpenMP's threads where the compiler has OpenMP: the
+ * same runtime (libgomp) and thread count as torch's own ops, so nothing oversubscribes the cores. A call
+ * too small to pay for waking the threads runs on one (`PAR`).
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-int rlhfkit_kernels_version(void) { return 1; }
+int rlhfkit_kernels_version(void) { return 2; }
+
+/* go parallel when a call touches more than ~64 KB of floats */
+#define PAR(work) if ((long)(work) > 16384)
 
 /* y[b, :n] as float, scaled: out[j] = y * wscale[j] * xs (+ bias[j]) */
 static void dequant_row(const void *y, int ytype, long offset, const float *wscale, float xs, const float *bias,
@@ -36,6 +43,18 @@ static void dequant_row(const void *y, int ytype, long offset, const float *wsca
     }
     if (bias)
         for (int j = 0; j < n; j++) out[j] += bias[j];
+}
+
+/* sum of a[i] b[i] in 8 fixed lanes: the same association at every address (the library is compiled
+ * without -ffast-math's reassociation, so a result never depends on how a buffer happens to be aligned) */
+static inline float dot(const float *a, const float *b, int n) {
+    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) s[l] += a[j + l] * b[j + l];
+    float t = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; j < n; j++) t += a[j] * b[j];
+    return t;
 }
 
 static float row_amax(const float *x, int n) {
@@ -70,21 +89,15 @@ static void quant_row(const float *x, int n, int mode, void *out, long offset, f
 
 /* in place: x = x * rsqrt(mean(x^2) + eps) * w (F.rms_norm) */
 static void rms_norm_row(float *x, const float *w, float eps, int n) {
-    float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int j = 0;
-    for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) s[l] += x[j + l] * x[j + l];
-    float ss = 0.f;
-    for (int l = 0; l < 8; l++) ss += s[l];
-    for (; j < n; j++) ss += x[j] * x[j];
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (j = 0; j < n; j++) x[j] = x[j] * r * w[j];
+    float r = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int j = 0; j < n; j++) x[j] = x[j] * r * w[j];
 }
 
 /* rows of x (B, K): (RMS-normalized when norm != 0) times w (K), quantized per row into out */
 void prep(const float *x, const float *w, float eps, int norm, int B, int K, int mode, void *out, float *scale) {
-    float row[K];
+#pragma omp parallel for PAR(B * K)
     for (int b = 0; b < B; b++) {
+        float row[K];
         memcpy(row, x + (long)b * K, sizeof(float) * K);
         if (norm)
             rms_norm_row(row, w, eps, K);
@@ -100,8 +113,9 @@ void qkv_post(const void *y, int ytype, const float *wscale, const float *xscale
               const float *cos, const float *sin, int B, int nh, int nkv, int d, float *q, float *kc, float *vc,
               int L, int col) {
     int n = (nh + 2 * nkv) * d, half = d / 2;
-    float row[n];
+#pragma omp parallel for PAR(B * n)
     for (int b = 0; b < B; b++) {
+        float row[n];
         dequant_row(y, ytype, (long)b * n, wscale, xscale[b], bias, n, row);
         const float *c = cos + (long)b * d, *s = sin + (long)b * d;
         for (int hd = 0; hd < nh + nkv; hd++) {
@@ -118,8 +132,9 @@ void qkv_post(const void *y, int ytype, const float *wscale, const float *xscale
 /* h (B, H) += the o or down GEMM's output; then RMSNorm(h) * w quantized into out (the next GEMM's input) */
 void residual_prep(const void *y, int ytype, const float *wscale, const float *xscale, const float *bias, float *h,
                    const float *w, float eps, int B, int H, int mode, void *out, float *scale) {
-    float row[H];
+#pragma omp parallel for PAR(B * H)
     for (int b = 0; b < B; b++) {
+        float row[H];
         float *hr = h + (long)b * H;
         dequant_row(y, ytype, (long)b * H, wscale, xscale[b], bias, H, row);
         for (int j = 0; j < H; j++) hr[j] += row[j];
@@ -145,8 +160,9 @@ static inline float exp_nonpos(float x) {
  * out (B, I) */
 void gate_up_post(const void *y, int ytype, const float *wscale, const float *xscale, const float *inv_s, int B,
                   int I, int mode, void *out, float *scale) {
-    float row[2 * I];
+#pragma omp parallel for PAR(B * 2 * I)
     for (int b = 0; b < B; b++) {
+        float row[2 * I];
         dequant_row(y, ytype, (long)b * 2 * I, wscale, xscale[b], NULL, 2 * I, row);
         for (int i = 0; i < I; i++) {
             float g = row[i];
@@ -161,6 +177,69 @@ void gate_up_post(const void *y, int ytype, const float *wscale, const float *xs
 /* the lm head's output (B, V) -> float logits into row rows[b] of out (R, V) */
 void dequant_rows(const void *y, int ytype, const float *wscale, const float *xscale, const float *bias, int B,
                   int V, const int64_t *rows, float *out) {
+#pragma omp parallel for PAR(B * V)
     for (int b = 0; b < B; b++)
         dequant_row(y, ytype, (long)b * V, wscale, xscale[b], bias, V, out + rows[b] * (long)V);
+}
+
+/* decode attention: q (B, nh, d), one token a row; the caches (B, nkv, L, d), keys [0, n) of row b where
+ * mask[b * mask_stride + j] != 0; the nh / nkv query heads sharing a K/V head read it together. Softmax of
+ * q.k * scale over the keys, then the weighted sum of values, into out (B, nh, d). */
+void attention(const float *q, const float *kc, const float *vc, const uint8_t *mask, long mask_stride, int B,
+               int nh, int nkv, int d, int L, int n, float scale, float *out) {
+    int groups = nh / nkv;
+#pragma omp parallel for PAR(B * nkv * n * d)
+    for (int bk = 0; bk < B * nkv; bk++) {
+        int b = bk / nkv;
+        const float *k = kc + (long)bk * L * d, *v = vc + (long)bk * L * d;
+        const float *qb = q + (long)bk * groups * d;  /* head h = kv * groups + g: the row's heads in order */
+        const uint8_t *m = mask + b * mask_stride;
+        float p[groups][n], top[groups], acc[groups][d];
+        for (int g = 0; g < groups; g++) top[g] = -INFINITY;
+        for (int j = 0; j < n; j++) {
+            for (int g = 0; g < groups; g++) {
+                float x = m[j] ? dot(qb + g * d, k + (long)j * d, d) * scale : -INFINITY;
+                p[g][j] = x;
+                top[g] = x > top[g] ? x : top[g];
+            }
+        }
+        for (int g = 0; g < groups; g++) {
+            float sum = 0.f;
+            for (int j = 0; j < n; j++) {
+                float e = m[j] ? exp_nonpos(p[g][j] - top[g]) : 0.f;
+                p[g][j] = e;
+                sum += e;
+            }
+            float inv = 1.0f / sum;
+            for (int j = 0; j < n; j++) p[g][j] *= inv;
+            for (int i = 0; i < d; i++) acc[g][i] = 0.f;
+        }
+        for (int j = 0; j < n; j++) {
+            if (!m[j]) continue;
+            const float *vj = v + (long)j * d;
+            for (int g = 0; g < groups; g++)
+                for (int i = 0; i < d; i++) acc[g][i] += p[g][j] * vj[i];
+        }
+        for (int g = 0; g < groups; g++) memcpy(out + ((long)bk * groups + g) * d, acc[g], sizeof(float) * d);
+    }
+}
+
+/* the int8 copy of a weight (QuantLinear.quantize): row n of w (N, K) times s (K; NULL: ones), rounded to
+ * int8 with its own symmetric scale max |w s| / 127 (scale[n]); on `threads` threads (the engine quantizes
+ * several weights at once, one thread each) */
+void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, float *scale, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int r = 0; r < N; r++) {
+        float row[K];
+        const float *wr = w + (long)r * K;
+        if (s)
+            for (int j = 0; j < K; j++) row[j] = wr[j] * s[j];
+        else
+            memcpy(row, wr, sizeof(float) * K);
+        float amax = row_amax(row, K);
+        float sc = amax / 127.0f;
+        sc = sc < 1e-12f ? 1e-12f : sc;
+        scale[r] = sc;
+        for (int j = 0; j < K; j++) w8[(long)r * K + j] = (int8_t)nearbyintf(row[j] / sc);
+    }
 }

@@ -16,17 +16,22 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-VERSION = 1  # rlhfkit_kernels_version() of the source this module calls
-_FLAG_SETS = (["-O3", "-march=native", "-ffast-math", "-fno-finite-math-only"],
-              ["-O3", "-ffast-math", "-fno-finite-math-only"])
+VERSION = 2  # rlhfkit_kernels_version() of the source this module calls
+# OpenMP where the compiler has it (its loops then share torch's libgomp and thread count), else one thread
+# no -ffast-math: reassociated reductions would round differently with each buffer's alignment (a result that
+# changes from one process to the next); the C code spells out its vector lanes instead
+_MATH = ["-fno-math-errno", "-fno-trapping-math"]
+_FLAG_SETS = (["-O3", "-march=native", *_MATH, "-fopenmp"], ["-O3", "-march=native", *_MATH], ["-O3", *_MATH])
 _LIB: ctypes.CDLL | None = None
 _TRIED = False
+_LOCK = threading.Lock()  # the engine's quantizing threads may be the first callers
 
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
@@ -35,6 +40,8 @@ _SIGNATURES = {
     "residual_prep": [_p, _i, _p, _p, _p, _p, _p, _f, _i, _i, _i, _p, _p],
     "gate_up_post": [_p, _i, _p, _p, _p, _i, _i, _i, _p, _p],
     "dequant_rows": [_p, _i, _p, _p, _p, _i, _i, _p, _p],
+    "attention": [_p, _p, _p, _p, ctypes.c_long, _i, _i, _i, _i, _i, _i, _f, _p],
+    "quantize_rows": [_p, _p, _i, _i, _p, _p, _i],
 }
 
 
@@ -81,20 +88,26 @@ def load() -> ctypes.CDLL | None:
     global _LIB, _TRIED
     if os.environ.get("RLHFKIT_FUSED", "1") == "0":
         return None
-    if not _TRIED:
-        _TRIED = True
-        try:
-            lib = ctypes.CDLL(str(build()))
-            if lib.rlhfkit_kernels_version() != VERSION:
-                raise RuntimeError(f"{SOURCE.name} is version {lib.rlhfkit_kernels_version()}, this module {VERSION}")
-            for name, args in _SIGNATURES.items():
-                getattr(lib, name).argtypes = args
-                getattr(lib, name).restype = None
-            _LIB = lib
-        except (RuntimeError, OSError) as e:
-            warnings.warn(f"the engine's fused decode ops are unavailable, its torch ops run instead ({e})",
-                          RuntimeWarning, stacklevel=2)
+    with _LOCK:
+        if not _TRIED:
+            _load()
     return _LIB
+
+
+def _load() -> None:
+    global _LIB, _TRIED
+    _TRIED = True
+    try:
+        lib = ctypes.CDLL(str(build()))
+        if lib.rlhfkit_kernels_version() != VERSION:
+            raise RuntimeError(f"{SOURCE.name} is version {lib.rlhfkit_kernels_version()}, this module {VERSION}")
+        for name, args in _SIGNATURES.items():
+            getattr(lib, name).argtypes = args
+            getattr(lib, name).restype = None
+        _LIB = lib
+    except (RuntimeError, OSError) as e:
+        warnings.warn(f"the engine's fused decode ops are unavailable, its torch ops run instead ({e})",
+                      RuntimeWarning, stacklevel=3)
 
 
 def ptr(t: torch.Tensor | None) -> int | None:

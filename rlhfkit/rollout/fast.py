@@ -337,8 +337,9 @@ class FastBackend:
     def _decode_fused(self, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int,
                       logits: torch.Tensor, rows: torch.Tensor) -> None:
         """:meth:`_decode_int8` with the ops between two GEMMs fused into one C call each (decode_kernels.c):
-        per layer the four int8 GEMMs, attention, and five calls, instead of ~60 ops. Writes the step's
-        logits into rows ``rows`` (B,) of ``logits`` (R, V)."""
+        per layer the four int8 GEMMs and six calls (attention among them), instead of ~60 ops. ``mask``
+        (B, >= col + 1) bool, contiguous: the keys each row attends to. Writes the step's logits into rows
+        ``rows`` (B,) of ``logits`` (R, V)."""
         b, d, nh, nkv = ids.shape[0], self.head_dim, self.n_heads, self.n_kv
         fbgemm = self.lm_head.packed is not None
         mode = ytype = 0 if fbgemm else 1  # GEMM input fp32 rows of max 1 / int8; output fp32 / int32
@@ -348,7 +349,7 @@ class FastBackend:
         buf = torch.empty(b * max(width, inter, nh * d), dtype=torch.float32 if fbgemm else torch.int8)
         x_w, x_q, x_i = (buf[:b * n].view(b, n) for n in (width, nh * d, inter))  # GEMM inputs by width
         xs = torch.empty(b)  # the per-row scale of the GEMM input in `buf`
-        q = torch.empty(b, nh, d)
+        q, a = torch.empty(b, nh, d), torch.empty(b, nh, d)  # the query, the attention's output
         eps = self.eps
         lib.prep(ptr(h), ptr(self.layers[0].ln1_s), eps, 1, b, width, mode, ptr(x_w), ptr(xs))
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
@@ -356,8 +357,8 @@ class FastBackend:
             y = lin.gemm(x_w)  # held in a name: a temporary's memory would be freed before the C call reads it
             lib.qkv_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(cos), ptr(sin),
                          b, nh, nkv, d, ptr(q), ptr(k_cache), ptr(v_cache), k_cache.shape[2], col)
-            a = F.scaled_dot_product_attention(q.view(b, nkv, nh // nkv, d), k_cache[:, :, :col + 1],
-                                               v_cache[:, :, :col + 1], attn_mask=mask, scale=d ** -0.5).contiguous()
+            lib.attention(ptr(q), ptr(k_cache), ptr(v_cache), ptr(mask), mask.shape[1], b, nh, nkv, d,
+                          k_cache.shape[2], col + 1, d ** -0.5, ptr(a))
             lib.prep(ptr(a), ptr(layer.o.inv_s), eps, 0, b, nh * d, mode, ptr(x_q), ptr(xs))
             lin = layer.o
             y = lin.gemm(x_q)
@@ -462,10 +463,11 @@ class FastBackend:
                 still = alive[live].nonzero().squeeze(1)
                 live = live[still]
                 caches = [(k.index_select(0, still), v.index_select(0, still)) for k, v in caches]
-            att = key_mask[live, None, None, :p + t + 1]  # (L, 1, 1, P + t + 1)
             if lib is not None:
-                self._decode_fused(lib, tokens[live, None], next_pos[live] + t, att, caches, p + t, logits, live)
+                self._decode_fused(lib, tokens[live, None], next_pos[live] + t, key_mask[live], caches, p + t,
+                                   logits, live)
                 continue
+            att = key_mask[live, None, None, :p + t + 1]  # (L, 1, 1, P + t + 1)
             if self.quantize is True:
                 h = self._decode_int8(tokens[live, None], next_pos[live] + t, att, caches, p + t)
             else:

@@ -15,6 +15,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.rollout import decode_kernels
+
 INT8_KERNELS = ("int_mm", "fbgemm")
 _KERNEL: str | None = None
 _CHUNK_ROWS = 1024  # rows of a weight re-quantized at a time (QuantLinear.quantize)
@@ -122,7 +124,15 @@ class QuantLinear:
         w8 = torch.empty(sum(self.sizes), k, dtype=torch.int8)
         scale = torch.empty(sum(self.sizes), 1)
         row = 0
+        lib = decode_kernels.load()
         for w in weights:
+            if lib is not None and w.dtype == torch.float32 and w.is_contiguous():
+                # the same two passes a row, fused in C, on this thread (the engine quantizes several at once)
+                n = w.shape[0]
+                lib.quantize_rows(w.data_ptr(), None if s is None else s.data_ptr(), n, k, w8[row:].data_ptr(),
+                                  scale[row:].data_ptr(), 1)
+                row += n
+                continue
             for part in w.split(_CHUNK_ROWS):
                 n = part.shape[0]
                 buf = _scratch(n * k).view(n, k)

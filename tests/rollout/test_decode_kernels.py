@@ -154,3 +154,38 @@ def test_build_without_a_compiler_says_why(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="no such compiler here"):
         decode_kernels.build(str(bad))
 
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_attention_is_sdpa_over_the_unmasked_keys(lib, groups):
+    g = torch.Generator().manual_seed(5)
+    b, nkv, d, length, n = 3, 2, 16, 12, 9  # the cache holds 12 columns, the step reads the first 9
+    nh = nkv * groups
+    q = torch.randn(b, nh, d, generator=g)
+    kc, vc = torch.randn(b, nkv, length, d, generator=g), torch.randn(b, nkv, length, d, generator=g)
+    mask = torch.ones(b, length + 2, dtype=torch.bool)  # wider than n: the row stride is the mask's own
+    mask[0, :4] = False  # left padding
+    mask[2, 5] = False
+    out = torch.empty(b, nh, d)
+    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), mask.shape[1], b, nh, nkv, d, length, n, d ** -0.5, ptr(out))
+    want = F.scaled_dot_product_attention(q.view(b, nkv, groups, d), kc[:, :, :n], vc[:, :, :n],
+                                          attn_mask=mask[:, None, None, :n], scale=d ** -0.5)
+    torch.testing.assert_close(out, want.reshape(b, nh, d), rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_rows_is_quantize_with_torch_ops(lib):
+    from rlhfkit.rollout.int8 import QuantLinear
+
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(70, 48, generator=g)
+    w[3, 5] = 30.0
+    lin = QuantLinear([w], [None])
+    lin.amax = torch.rand(48, generator=g) * 4
+    lin.quantize(alpha=0.5, kernel="int_mm")  # through quantize_rows (the library is loaded)
+    w8, scale = lin.w8t.t(), lin.w_scale
+    s = 1 / lin.inv_s
+    ws = w * s
+    want_scale = ws.abs().amax(1) / 127
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    diff = (w8.int() - (ws / want_scale[:, None]).round().int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
