@@ -26,7 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 
-int rlhfkit_kernels_version(void) { return 2; }
+int rlhfkit_kernels_version(void) { return 3; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -93,8 +93,10 @@ static void rms_norm_row(float *x, const float *w, float eps, int n) {
     for (int j = 0; j < n; j++) x[j] = x[j] * r * w[j];
 }
 
-/* rows of x (B, K): (RMS-normalized when norm != 0) times w (K), quantized per row into out */
-void prep(const float *x, const float *w, float eps, int norm, int B, int K, int mode, void *out, float *scale) {
+/* rows of x (B, K): (RMS-normalized when norm != 0) times w (K), quantized per row into out; the rows
+ * before rounding into raw (B, K) too unless it is NULL (the smoothing statistics read them) */
+void prep(const float *x, const float *w, float eps, int norm, int B, int K, int mode, void *out, float *scale,
+          float *raw) {
 #pragma omp parallel for PAR(B * K)
     for (int b = 0; b < B; b++) {
         float row[K];
@@ -103,35 +105,40 @@ void prep(const float *x, const float *w, float eps, int norm, int B, int K, int
             rms_norm_row(row, w, eps, K);
         else
             for (int j = 0; j < K; j++) row[j] *= w[j];
+        if (raw) memcpy(raw + (long)b * K, row, sizeof(float) * K);
         quant_row(row, K, mode, out, (long)b * K, scale + b);
     }
 }
 
-/* the qkv GEMM's output (B, (nh + 2 nkv) d) -> q (B, nh, d) rotated; k rotated and v into column `col` of
- * the caches (B, nkv, L, d); cos / sin (B, d) per row (transformers' rotate_half layout) */
+/* the qkv GEMM's output (B, (nh + 2 nkv) d) -> q (B, nh, d) rotated; k rotated and v into the caches
+ * (B / T, nkv, L, d): row b is token b % T of sequence b / T, written to column col + b % T (a decode step:
+ * T = 1, one token a sequence; a prefill: T tokens each, from col 0); cos / sin (B, d) per row
+ * (transformers' rotate_half layout) */
 void qkv_post(const void *y, int ytype, const float *wscale, const float *xscale, const float *bias,
               const float *cos, const float *sin, int B, int nh, int nkv, int d, float *q, float *kc, float *vc,
-              int L, int col) {
+              int L, int col, int T) {
     int n = (nh + 2 * nkv) * d, half = d / 2;
 #pragma omp parallel for PAR(B * n)
     for (int b = 0; b < B; b++) {
         float row[n];
         dequant_row(y, ytype, (long)b * n, wscale, xscale[b], bias, n, row);
         const float *c = cos + (long)b * d, *s = sin + (long)b * d;
+        long seq = b / T, at = col + b % T;
         for (int hd = 0; hd < nh + nkv; hd++) {
             const float *x = row + hd * d;
-            float *dst = hd < nh ? q + ((long)b * nh + hd) * d : kc + (((long)b * nkv + hd - nh) * L + col) * d;
+            float *dst = hd < nh ? q + ((long)b * nh + hd) * d : kc + ((seq * nkv + hd - nh) * L + at) * d;
             for (int i = 0; i < half; i++) dst[i] = x[i] * c[i] - x[i + half] * s[i];
             for (int i = half; i < d; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
         }
         for (int j = 0; j < nkv; j++)
-            memcpy(vc + (((long)b * nkv + j) * L + col) * d, row + (nh + nkv + j) * d, sizeof(float) * d);
+            memcpy(vc + ((seq * nkv + j) * L + at) * d, row + (nh + nkv + j) * d, sizeof(float) * d);
     }
 }
 
-/* h (B, H) += the o or down GEMM's output; then RMSNorm(h) * w quantized into out (the next GEMM's input) */
+/* h (B, H) += the o or down GEMM's output; then RMSNorm(h) * w quantized into out (the next GEMM's input),
+ * unrounded into raw unless NULL */
 void residual_prep(const void *y, int ytype, const float *wscale, const float *xscale, const float *bias, float *h,
-                   const float *w, float eps, int B, int H, int mode, void *out, float *scale) {
+                   const float *w, float eps, int B, int H, int mode, void *out, float *scale, float *raw) {
 #pragma omp parallel for PAR(B * H)
     for (int b = 0; b < B; b++) {
         float row[H];
@@ -140,6 +147,7 @@ void residual_prep(const void *y, int ytype, const float *wscale, const float *x
         for (int j = 0; j < H; j++) hr[j] += row[j];
         memcpy(row, hr, sizeof(float) * H);
         rms_norm_row(row, w, eps, H);
+        if (raw) memcpy(raw + (long)b * H, row, sizeof(float) * H);
         quant_row(row, H, mode, out, (long)b * H, scale + b);
     }
 }
@@ -157,9 +165,9 @@ static inline float exp_nonpos(float x) {
 }
 
 /* the gate/up GEMM's output (B, 2 I) -> silu(gate) * up / s (inv_s = 1 / s of the down layer), quantized into
- * out (B, I) */
+ * out (B, I); unrounded into raw unless NULL */
 void gate_up_post(const void *y, int ytype, const float *wscale, const float *xscale, const float *inv_s, int B,
-                  int I, int mode, void *out, float *scale) {
+                  int I, int mode, void *out, float *scale, float *raw) {
 #pragma omp parallel for PAR(B * 2 * I)
     for (int b = 0; b < B; b++) {
         float row[2 * I];
@@ -170,6 +178,7 @@ void gate_up_post(const void *y, int ytype, const float *wscale, const float *xs
             float sig = (g >= 0 ? 1.0f : e) / (1.0f + e);
             row[i] = g * sig * row[I + i] * inv_s[i];
         }
+        if (raw) memcpy(raw + (long)b * I, row, sizeof(float) * I);
         quant_row(row, I, mode, out, (long)b * I, scale + b);
     }
 }
@@ -182,26 +191,37 @@ void dequant_rows(const void *y, int ytype, const float *wscale, const float *xs
         dequant_row(y, ytype, (long)b * V, wscale, xscale[b], bias, V, out + rows[b] * (long)V);
 }
 
-/* decode attention: q (B, nh, d), one token a row; the caches (B, nkv, L, d), keys [0, n) of row b where
- * mask[b * mask_stride + j] != 0; the nh / nkv query heads sharing a K/V head read it together. Softmax of
- * q.k * scale over the keys, then the weighted sum of values, into out (B, nh, d). */
-void attention(const float *q, const float *kc, const float *vc, const uint8_t *mask, long mask_stride, int B,
-               int nh, int nkv, int d, int L, int n, float scale, float *out) {
+/* attention of T query tokens per sequence against the KV cache: q (S T, nh, d), row s T + t is token t of
+ * sequence s and reads keys [0, base + t + 1) of the caches (S, nkv, L, d) where mask[s * mask_stride + j]
+ * != 0 (a decode step: T = 1, base = the new token's column; a prefill: base = 0, causal); the nh / nkv
+ * query heads sharing a K/V head read it together. Softmax of q.k * scale, then the weighted sum of values,
+ * into out (S T, nh, d); a query with no key to read (a left pad in a prefill) gets zeros. */
+void attention(const float *q, const float *kc, const float *vc, const uint8_t *mask, long mask_stride, int S,
+               int T, int nh, int nkv, int d, int L, int base, float scale, float *out) {
     int groups = nh / nkv;
-#pragma omp parallel for PAR(B * nkv * n * d)
-    for (int bk = 0; bk < B * nkv; bk++) {
-        int b = bk / nkv;
-        const float *k = kc + (long)bk * L * d, *v = vc + (long)bk * L * d;
-        const float *qb = q + (long)bk * groups * d;  /* head h = kv * groups + g: the row's heads in order */
-        const uint8_t *m = mask + b * mask_stride;
+#pragma omp parallel for schedule(dynamic, 4) PAR((long)S * nkv * T * (base + T) * d)
+    for (long job = 0; job < (long)S * nkv * T; job++) {
+        int t = job % T, kv = (job / T) % nkv;
+        long s = job / ((long)T * nkv), r = s * T + t;
+        int n = base + t + 1;
+        const float *k = kc + (s * nkv + kv) * L * d, *v = vc + (s * nkv + kv) * L * d;
+        const float *qb = q + (r * nh + (long)kv * groups) * d;  /* head h = kv * groups + g */
+        float *ob = out + (r * nh + (long)kv * groups) * d;
+        const uint8_t *m = mask + s * mask_stride;
         float p[groups][n], top[groups], acc[groups][d];
+        int any = 0;
         for (int g = 0; g < groups; g++) top[g] = -INFINITY;
         for (int j = 0; j < n; j++) {
+            any |= m[j];
             for (int g = 0; g < groups; g++) {
                 float x = m[j] ? dot(qb + g * d, k + (long)j * d, d) * scale : -INFINITY;
                 p[g][j] = x;
                 top[g] = x > top[g] ? x : top[g];
             }
+        }
+        if (!any) {
+            memset(ob, 0, sizeof(float) * groups * d);
+            continue;
         }
         for (int g = 0; g < groups; g++) {
             float sum = 0.f;
@@ -220,7 +240,7 @@ void attention(const float *q, const float *kc, const float *vc, const uint8_t *
             for (int g = 0; g < groups; g++)
                 for (int i = 0; i < d; i++) acc[g][i] += p[g][j] * vj[i];
         }
-        for (int g = 0; g < groups; g++) memcpy(out + ((long)bk * groups + g) * d, acc[g], sizeof(float) * d);
+        for (int g = 0; g < groups; g++) memcpy(ob + (long)g * d, acc[g], sizeof(float) * d);
     }
 }
 

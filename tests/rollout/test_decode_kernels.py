@@ -66,7 +66,7 @@ def test_prep(lib, mode, norm):
     x, w = torch.randn(b, k, generator=g), torch.rand(k, generator=g) + 0.5
     x[1, 7] = 40.0  # an outlier channel sets its row's scale only
     out, scale = empty_input(b, k, mode), torch.empty(b)
-    lib.prep(ptr(x), ptr(w), 1e-5, norm, b, k, mode, ptr(out), ptr(scale))
+    lib.prep(ptr(x), ptr(w), 1e-5, norm, b, k, mode, ptr(out), ptr(scale), None)
     want_x = F.rms_norm(x, (k,), w, 1e-5) if norm else x * w
     check_quantized(out, scale, want_x, mode)
 
@@ -84,7 +84,7 @@ def test_qkv_post_rotates_and_fills_the_cache_column(lib, mode, with_bias):
     q = torch.empty(b, nh, d)
     kc, vc = torch.zeros(b, nkv, length, d), torch.zeros(b, nkv, length, d)
     lib.qkv_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(bias), ptr(cos), ptr(sin), b, nh, nkv, d, ptr(q),
-                 ptr(kc), ptr(vc), length, col)
+                 ptr(kc), ptr(vc), length, col, 1)
     full = dequant_ref(y, wscale, xscale, bias)
     qk = full[:, :(nh + nkv) * d].view(b, nh + nkv, d)
     rotated = qk * cos + torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), -1) * sin  # transformers' rotate_half
@@ -106,7 +106,7 @@ def test_residual_prep(lib, mode):
     want_h = h + dequant_ref(y, wscale, xscale, bias)
     out, scale = empty_input(b, width, mode), xscale.clone()  # the scale read and the one written share memory
     lib.residual_prep(ptr(y), mode, ptr(wscale), ptr(scale), ptr(bias), ptr(h), ptr(w), 1e-5, b, width, mode,
-                      ptr(out), ptr(scale))
+                      ptr(out), ptr(scale), None)
     torch.testing.assert_close(h, want_h, rtol=1e-5, atol=1e-5)
     check_quantized(out, scale, F.rms_norm(want_h, (width,), w, 1e-5), mode)
 
@@ -120,7 +120,7 @@ def test_gate_up_post(lib, mode):
     if mode == 0:
         y[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-3])  # SiLU's far tails and its zero
     out, scale = empty_input(b, inter, mode), torch.empty(b)
-    lib.gate_up_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(inv_s), b, inter, mode, ptr(out), ptr(scale))
+    lib.gate_up_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(inv_s), b, inter, mode, ptr(out), ptr(scale), None)
     full = dequant_ref(y, wscale, xscale)
     check_quantized(out, scale, F.silu(full[:, :inter]) * full[:, inter:] * inv_s, mode)
 
@@ -167,7 +167,8 @@ def test_attention_is_sdpa_over_the_unmasked_keys(lib, groups):
     mask[0, :4] = False  # left padding
     mask[2, 5] = False
     out = torch.empty(b, nh, d)
-    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), mask.shape[1], b, nh, nkv, d, length, n, d ** -0.5, ptr(out))
+    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), mask.shape[1], b, 1, nh, nkv, d, length, n - 1, d ** -0.5,
+                  ptr(out))
     want = F.scaled_dot_product_attention(q.view(b, nkv, groups, d), kc[:, :, :n], vc[:, :, :n],
                                           attn_mask=mask[:, None, None, :n], scale=d ** -0.5)
     torch.testing.assert_close(out, want.reshape(b, nh, d), rtol=1e-5, atol=1e-5)
@@ -189,3 +190,40 @@ def test_quantize_rows_is_quantize_with_torch_ops(lib):
     torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
     diff = (w8.int() - (ws / want_scale[:, None]).round().int()).abs()
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
+
+
+def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib):
+    """T queries a sequence (a prefill): token t reads keys 0..t that are real; a left pad, with no real key
+    to read, gets zeros."""
+    g = torch.Generator().manual_seed(7)
+    s, t, nkv, groups, d = 2, 5, 2, 3, 8
+    nh = nkv * groups
+    q = torch.randn(s * t, nh, d, generator=g)
+    kc, vc = torch.randn(s, nkv, t, d, generator=g), torch.randn(s, nkv, t, d, generator=g)
+    mask = torch.ones(s, t, dtype=torch.bool)
+    mask[1, :2] = False  # sequence 1 is left-padded by two
+    out = torch.empty(s * t, nh, d)
+    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), t, s, t, nh, nkv, d, t, 0, d ** -0.5, ptr(out))
+    causal = torch.ones(t, t, dtype=torch.bool).tril() & mask[:, None, None, :]  # (S, 1, T, T)
+    qs = q.view(s, t, nkv, groups, d).permute(0, 2, 3, 1, 4).reshape(s, nkv, groups * t, d)
+    want = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=causal.repeat(1, 1, groups, 1), scale=d ** -0.5)
+    want = want.view(s, nkv, groups, t, d).permute(0, 3, 1, 2, 4).reshape(s * t, nh, d)
+    real = mask.reshape(-1)
+    torch.testing.assert_close(out[real], want[real], rtol=1e-5, atol=1e-5)
+    assert not out[~real].any()
+
+
+def test_qkv_post_prefill_writes_each_token_to_its_column(lib):
+    g = torch.Generator().manual_seed(8)
+    seqs, t, nh, nkv, d = 2, 3, 2, 1, 4
+    n = (nh + 2 * nkv) * d
+    y = torch.randn(seqs * t, n, generator=g)
+    ones, unit = torch.ones(n), torch.ones(seqs * t)
+    cos, sin = torch.ones(seqs * t, 1, d), torch.zeros(seqs * t, 1, d)  # no rotation: plain copies
+    q, kc, vc = torch.empty(seqs * t, nh, d), torch.zeros(seqs, nkv, 5, d), torch.zeros(seqs, nkv, 5, d)
+    lib.qkv_post(ptr(y), 0, ptr(ones), ptr(unit), None, ptr(cos), ptr(sin), seqs * t, nh, nkv, d, ptr(q), ptr(kc),
+                 ptr(vc), 5, 1, t)  # columns 1..3 of a 5-column cache
+    rows = y.view(seqs, t, nh + 2 * nkv, d)
+    torch.testing.assert_close(kc[:, 0, 1:4], rows[:, :, nh])
+    torch.testing.assert_close(vc[:, 0, 1:4], rows[:, :, nh + 1])
+    assert not kc[:, :, [0, 4]].any()

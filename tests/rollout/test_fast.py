@@ -360,3 +360,23 @@ def test_generate_with_the_fused_ops_matches_the_torch_ops(tiny, kernel):
     assert torch.equal(a[:, :2], b[:, :2])
     assert (la[:, 1] - lb[:, 1]).abs().max() < 0.1
     assert 0 < ga < 0.05 and 0 < gb < 0.05
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_fused_prefill_of_a_one_token_prompt_reads_its_fp32_states(tiny, kernel):
+    """A one-token prompt's last token is its first, whose states the fused prefill computes in fp32 apart
+    from the int8 rows: its first log-prob is the torch path's (same fp32 states, same int8 lm head) to
+    float rounding, while the longer prompts beside it agree to int8 rounding."""
+    model, tok = tiny
+    ids, mask = encode(tok)
+    ids[0, :-1], mask[0, :-1] = tok.pad_token_id, False  # row 0: one real token
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=2)
+    logps = {}
+    for fused in (True, False):
+        fast = FastBackend(model, tok, kernel=kernel, fused=fused)
+        fast.generate(ids, mask, sampling)
+        fast.sync_weights(model)  # the second call prefills in int8 (the first gathers statistics in fp32)
+        fast.generate(ids, mask, sampling)
+        logps[fused] = fast.last_logps[:, 0]
+    assert (logps[True][0] - logps[False][0]).abs() < 1e-3
+    assert (logps[True] - logps[False]).abs().max() < 0.1
