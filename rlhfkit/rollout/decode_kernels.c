@@ -15,8 +15,9 @@
  *
  * GEMM outputs are fp32 (fbgemm's linear_dynamic) or int32 (torch._int_mm), `ytype` 0 / 1; the value of
  * output n of row b is y[b, n] * wscale[n] * xscale[b] (+ bias[n]). A GEMM input is written for its kernel,
- * `mode` 0 / 1: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that per
- * token), scale max |x|; or int8 rows round(x / s), s = max |x| / 127, scale s. The arithmetic is
+ * `mode` 0 / 1 / 2: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that
+ * per token), scale max |x|; int8 rows round(x / s), s = max |x| / 127, scale s (torch._int_mm); or uint8
+ * rows round(x / s) + 64, s = max |x| / 63, scale s (gemm_u8s8, below, whose int32 output is read as ytype 1). The arithmetic is
  * QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results agree to float rounding.
  * Rows are independent, and the loops over them run on OpenMP's threads where the compiler has OpenMP: the
  * same runtime (libgomp) and thread count as torch's own ops, so nothing oversubscribes the cores. A call
@@ -25,8 +26,11 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
-int rlhfkit_kernels_version(void) { return 3; }
+int rlhfkit_kernels_version(void) { return 4; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -79,10 +83,15 @@ static void quant_row(const float *x, int n, int mode, void *out, long offset, f
         float *o = (float *)out + offset;
         for (int j = 0; j < n; j++) o[j] = x[j] / amax;
         *scale = amax;
-    } else {
+    } else if (mode == 1) {
         int8_t *o = (int8_t *)out + offset;
         float s = amax * (1.0f / 127.0f);
         for (int j = 0; j < n; j++) o[j] = (int8_t)nearbyintf(x[j] / s);
+        *scale = s;
+    } else {  /* gemm_u8s8's input: 7 bits and zero point 64, round(x / s) + 64 in [1, 127], s = max |x| / 63 */
+        uint8_t *o = (uint8_t *)out + offset;
+        float s = amax * (1.0f / 63.0f);
+        for (int j = 0; j < n; j++) o[j] = (uint8_t)(nearbyintf(x[j] / s) + 64.0f);
         *scale = s;
     }
 }
@@ -245,9 +254,11 @@ void attention(const float *q, const float *kc, const float *vc, const uint8_t *
 }
 
 /* the int8 copy of a weight (QuantLinear.quantize): row n of w (N, K) times s (K; NULL: ones), rounded to
- * int8 with its own symmetric scale max |w s| / 127 (scale[n]); on `threads` threads (the engine quantizes
- * several weights at once, one thread each) */
-void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, float *scale, int threads) {
+ * int8 with its own symmetric scale max |w s| / 127 (scale[n]), and the row's sum of int8 values into
+ * rowsum[n] unless NULL (gemm_u8s8's zero-point term); on `threads` threads (the engine quantizes several
+ * weights at once, one thread each) */
+void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, float *scale, int32_t *rowsum,
+                   int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int r = 0; r < N; r++) {
         float row[K];
@@ -260,6 +271,89 @@ void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, flo
         float sc = amax / 127.0f;
         sc = sc < 1e-12f ? 1e-12f : sc;
         scale[r] = sc;
-        for (int j = 0; j < K; j++) w8[(long)r * K + j] = (int8_t)nearbyintf(row[j] / sc);
+        int32_t sum = 0;
+        for (int j = 0; j < K; j++) {
+            int8_t v = (int8_t)nearbyintf(row[j] / sc);
+            w8[(long)r * K + j] = v;
+            sum += v;
+        }
+        if (rowsum) rowsum[r] = sum;
+    }
+}
+
+/* The int8 GEMM for CPUs without VNNI, on the plain (N, K) int8 weight (no prepacked copy to rebuild after
+ * each policy update, which was 60% of fbgemm's re-quantization): out (M, N) int32 = a (M, K) uint8 times
+ * w^T minus 64 * rowsum[n], i.e. the product of the signed activations a - 64 (gemm input mode 2) with the
+ * weights. AVX2: vpmaddubsw multiplies u8 by s8 and adds pairs into int16 (at most 2 * 127 * 127, so 7-bit
+ * activations never saturate), vpmaddwd widens to int32; a tile of 4 activation rows x 2 weight rows keeps
+ * eight accumulators in registers; weight rows split over the threads, activation rows in blocks of 96 so
+ * a block stays in cache while the weights stream past it. */
+int rlhfkit_has_avx2(void) {
+#ifdef __AVX2__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define TILE_M 4
+#define TILE_N 2
+
+#ifdef __AVX2__
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+#endif
+
+static void gemm_tile(const uint8_t *a, const int8_t *w, int K, int mr, int nr, int32_t *out, int ldo) {
+    int32_t acc[TILE_M][TILE_N];
+    int k0 = 0;
+#ifdef __AVX2__
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i v[TILE_M][TILE_N];
+    for (int i = 0; i < TILE_M; i++)
+        for (int j = 0; j < TILE_N; j++) v[i][j] = _mm256_setzero_si256();
+    for (; k0 + 32 <= K; k0 += 32) {
+        for (int j = 0; j < TILE_N; j++) {
+            if (j >= nr) break;
+            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (long)j * K + k0));
+            for (int i = 0; i < TILE_M; i++) {
+                if (i >= mr) break;
+                __m256i av = _mm256_loadu_si256((const __m256i *)(a + (long)i * K + k0));
+                v[i][j] = _mm256_add_epi32(v[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(av, wv), ones));
+            }
+        }
+    }
+    for (int i = 0; i < TILE_M; i++)
+        for (int j = 0; j < TILE_N; j++) acc[i][j] = hsum_epi32(v[i][j]);
+#else
+    for (int i = 0; i < TILE_M; i++)
+        for (int j = 0; j < TILE_N; j++) acc[i][j] = 0;
+#endif
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t t = acc[i][j];
+            for (int k = k0; k < K; k++) t += (int32_t)a[(long)i * K + k] * (int32_t)w[(long)j * K + k];
+            out[(long)i * ldo + j] = t;
+        }
+}
+
+void gemm_u8s8(const uint8_t *a, const int8_t *w, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+    const int block = 96;
+    for (int m0 = 0; m0 < M; m0 += block) {
+        int m1 = m0 + block < M ? m0 + block : M;
+#pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n += TILE_N) {
+            int nr = N - n < TILE_N ? N - n : TILE_N;
+            for (int m = m0; m < m1; m += TILE_M) {
+                int mr = m1 - m < TILE_M ? m1 - m : TILE_M;
+                gemm_tile(a + (long)m * K, w + (long)n * K, K, mr, nr, out + (long)m * N + n, N);
+                for (int i = 0; i < mr; i++)
+                    for (int j = 0; j < nr; j++) out[(long)(m + i) * N + n + j] -= 64 * rowsum[n + j];
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ from rlhfkit.rollout import decode_kernels
 from rlhfkit.rollout.decode_kernels import ptr
 from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
-from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, int8_kernel
+from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, avx2_available, int8_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
@@ -85,7 +85,7 @@ class FastBackend:
             set of parts from ``QUANTIZABLE`` to quantize (e.g. all but ``"down"``: half the log-prob gap).
         alpha: SmoothQuant's migration strength (0: no smoothing; 0.5 measured best on the bundled model).
         share_prefill: compute each distinct prompt's KV cache once for all its copies in the batch.
-        kernel: the int8 GEMM, ``"int_mm"`` or ``"fbgemm"``; ``"auto"``: :func:`int8_kernel`'s pick.
+        kernel: the int8 GEMM, ``"int_mm"``, ``"fbgemm"`` or ``"avx2"``; ``"auto"``: :func:`int8_kernel`'s pick.
         quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
             sampler's log-prob gap a little smaller, a prefill 2-3x slower).
         fused: when every part is quantized, run each decode step's small ops fused in C
@@ -115,6 +115,9 @@ class FastBackend:
         if kernel not in ("auto", *INT8_KERNELS):
             raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
         self.kernel = int8_kernel() if kernel == "auto" else kernel
+        if self.kernel == "avx2" and not avx2_available():
+            raise ValueError("kernel 'avx2' needs rlhfkit's C library built with AVX2 (decode_kernels.c: a C compiler "
+                             "and an AVX2 CPU); use 'fbgemm' or 'int_mm'")
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -334,6 +337,13 @@ class FastBackend:
             h = h + layer.down.int8(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).mul_(layer.down.inv_s))
         return h
 
+    def _gemm_io(self) -> tuple[int, int, torch.dtype]:
+        """How the fused ops meet this engine's GEMM (decode_kernels.c): the input mode, the output type and
+        the input dtype. fbgemm: fp32 rows of max 1 in, fp32 out; ``_int_mm``: int8 in, int32 out; avx2:
+        uint8 (zero point 64) in, int32 out."""
+        return {"fbgemm": (0, 0, torch.float32), "int_mm": (1, 1, torch.int8),
+                "avx2": (2, 1, torch.uint8)}[self.kernel]
+
     def _decode_fused(self, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int,
                       logits: torch.Tensor, rows: torch.Tensor) -> None:
         """:meth:`_decode_int8` with the ops between two GEMMs fused into one C call each (decode_kernels.c):
@@ -341,12 +351,11 @@ class FastBackend:
         (B, >= col + 1) bool, contiguous: the keys each row attends to. Writes the step's logits into rows
         ``rows`` (B,) of ``logits`` (R, V)."""
         b, d, nh, nkv = ids.shape[0], self.head_dim, self.n_heads, self.n_kv
-        fbgemm = self.lm_head.packed is not None
-        mode = ytype = 0 if fbgemm else 1  # GEMM input fp32 rows of max 1 / int8; output fp32 / int32
+        mode, ytype, dtype = self._gemm_io()
         h = F.embedding(ids[:, 0], self.embed)  # (B, H), a new tensor: the residual stream, updated in place
         width, inter = h.shape[1], self.layers[0].down.weights[0].shape[1]
         cos, sin = (x.contiguous() for x in self.rotary(h, positions))  # (B, 1, D)
-        buf = torch.empty(b * max(width, inter, nh * d), dtype=torch.float32 if fbgemm else torch.int8)
+        buf = torch.empty(b * max(width, inter, nh * d), dtype=dtype)
         x_w, x_q, x_i = (buf[:b * n].view(b, n) for n in (width, nh * d, inter))  # GEMM inputs by width
         xs = torch.empty(b)  # the per-row scale of the GEMM input in `buf`
         q, a = torch.empty(b, nh, d), torch.empty(b, nh, d)  # the query, the attention's output
@@ -390,8 +399,7 @@ class FastBackend:
         attention). ``observe`` (N*T,) bool: the rows whose linear inputs feed the smoothing statistics."""
         n, t = ids.shape
         r, d, nh, nkv = n * t, self.head_dim, self.n_heads, self.n_kv
-        fbgemm = self.lm_head.packed is not None
-        mode = ytype = 0 if fbgemm else 1
+        mode, ytype, dtype = self._gemm_io()
         flat = ids.reshape(-1)
         h = F.embedding(flat, self.embed)  # (R, H), the residual stream, updated in place
         width, inter = h.shape[1], self.layers[0].down.weights[0].shape[1]
@@ -405,7 +413,7 @@ class FastBackend:
                                 torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u), exact=True)
         seq, col = first // t, first % t
 
-        buf = torch.empty(r * max(width, inter, nh * d), dtype=torch.float32 if fbgemm else torch.int8)
+        buf = torch.empty(r * max(width, inter, nh * d), dtype=dtype)
         x_w, x_q, x_i = (buf[:r * k].view(r, k) for k in (width, nh * d, inter))
         raw = torch.empty(r * max(width, inter)) if observe is not None else None  # the unrounded inputs
         raw_w, raw_i = (None, None) if raw is None else (raw[:r * width].view(r, width), raw[:r * inter].view(r, inter))

@@ -8,6 +8,7 @@ docs/generation.md has the measurements behind each choice.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from rlhfkit.rollout import decode_kernels
 
-INT8_KERNELS = ("int_mm", "fbgemm")
+INT8_KERNELS = ("int_mm", "fbgemm", "avx2")
 _KERNEL: str | None = None
 _CHUNK_ROWS = 1024  # rows of a weight re-quantized at a time (QuantLinear.quantize)
 _SCRATCH = threading.local()  # each quantizing thread's fp32 buffer for one chunk
@@ -31,17 +32,33 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
+def avx2_available() -> bool:
+    """Whether rlhfkit's own AVX2 GEMM (``gemm_u8s8`` in decode_kernels.c) is built and vectorized here."""
+    lib = decode_kernels.load()
+    return lib is not None and bool(lib.rlhfkit_has_avx2())
+
+
 def int8_kernel() -> str:
-    """The int8 GEMM for this CPU, chosen once per process by timing both on a decode-sized product.
+    """The int8 GEMM for this CPU, chosen once per process: ``$RLHFKIT_INT8_KERNEL`` when set (one of
+    :data:`INT8_KERNELS`), else by timing ``int_mm`` and ``fbgemm`` on a decode-sized product.
 
     ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
     to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
-    both but needs a prepack at every re-quantization (most of its cost on an AVX2 CPU). ``_int_mm`` is taken unless its
-    GEMM is more than twice as slow as fbgemm's on the product itself (576 -> 1536 at 8 rows, weights from
-    :meth:`QuantLinear.quantize`). The GEMMs alone are compared: the per-token ops around them cost a few
-    microseconds either way and would let machine noise decide at this size."""
+    both but needs a prepack at every re-quantization (most of its cost on an AVX2 CPU). ``_int_mm`` is
+    taken unless its GEMM is more than twice as slow as fbgemm's on the product itself (576 -> 1536 at 8
+    rows, weights from :meth:`QuantLinear.quantize`). The GEMMs alone are compared: the per-token ops
+    around them cost a few microseconds either way and would let machine noise decide at this size.
+    ``avx2`` (rlhfkit's own, decode_kernels.c: the plain int8 weight, no prepack) is never picked by the
+    timing: it beats fbgemm on a product whose weights sit in cache, but not inside the engine, where they
+    stream from memory (docs/generation.md); it is there to be asked for."""
     global _KERNEL
     if _KERNEL is None:
+        asked = os.environ.get("RLHFKIT_INT8_KERNEL")
+        if asked:
+            if asked not in INT8_KERNELS:
+                raise ValueError(f"RLHFKIT_INT8_KERNEL must be one of {INT8_KERNELS}, got {asked!r}")
+            _KERNEL = asked
+            return _KERNEL
         g = torch.Generator().manual_seed(0)
         x = torch.randn(8, 576, generator=g)
         x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
@@ -90,6 +107,7 @@ class QuantLinear:
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
         self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
+        self.w8 = self.rowsum = None  # the avx2 kernel's (N, K) int8 weight and its row sums
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
@@ -98,10 +116,10 @@ class QuantLinear:
 
     @property
     def ready(self) -> bool:
-        return self.w8t is not None or self.packed is not None
+        return self.w8t is not None or self.packed is not None or self.w8 is not None
 
     def drop(self) -> None:
-        self.w8t = self.w_scale = self.packed = None
+        self.w8t = self.w_scale = self.packed = self.w8 = self.rowsum = None
 
     def quantize(self, alpha: float, kernel: str = "int_mm") -> None:
         """Build the int8 weight ``W s`` (per output channel, symmetric) from the current fp32 tensors.
@@ -123,6 +141,7 @@ class QuantLinear:
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
         w8 = torch.empty(sum(self.sizes), k, dtype=torch.int8)
         scale = torch.empty(sum(self.sizes), 1)
+        rowsum = torch.empty(sum(self.sizes), dtype=torch.int32)
         row = 0
         lib = decode_kernels.load()
         for w in weights:
@@ -130,7 +149,7 @@ class QuantLinear:
                 # the same two passes a row, fused in C, on this thread (the engine quantizes several at once)
                 n = w.shape[0]
                 lib.quantize_rows(w.data_ptr(), None if s is None else s.data_ptr(), n, k, w8[row:].data_ptr(),
-                                  scale[row:].data_ptr(), 1)
+                                  scale[row:].data_ptr(), rowsum[row:].data_ptr(), 1)
                 row += n
                 continue
             for part in w.split(_CHUNK_ROWS):
@@ -147,7 +166,11 @@ class QuantLinear:
                 row += n
         self.inv_s = 1 / s if s is not None else torch.ones(k)
         self.w_scale = scale.squeeze(1)
-        if kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
+        if kernel == "avx2":
+            self.w8 = w8
+            self.rowsum = rowsum if lib is not None and all(
+                w.dtype == torch.float32 and w.is_contiguous() for w in weights) else w8.sum(1, dtype=torch.int32)
+        elif kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
             # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI.
             # Packed per tensor with scale 1, the per-channel scales applied to the output (int8 below): the
             # per-channel prepack reads each channel's scale and zero point one by one (half its time)
@@ -161,6 +184,9 @@ class QuantLinear:
         if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
             x_scale = x_max
             y = self.gemm(xs.div_(x_scale))
+        elif self.w8 is not None:  # avx2: 7 bits, zero point 64
+            x_scale = x_max.mul_(1 / 63)
+            y = self.gemm(xs.div_(x_scale).round_().add_(64).to(torch.uint8)).float()
         else:
             x_scale = x_max.mul_(1 / 127)
             x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
@@ -172,10 +198,17 @@ class QuantLinear:
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """The int8 kernel alone, on an input already scaled (fbgemm: fp32 rows of max |x| = 1) or rounded
-        (``_int_mm``: int8): everything else :meth:`int8` does is per-token scaling around it.
+        (``_int_mm``: int8; ``avx2``: uint8, zero point 64): everything else :meth:`int8` does is per-token
+        scaling around it.
         ``bench/generate.py`` times this call to bound what the engine could reach with these kernels."""
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
+        if self.w8 is not None:
+            out = torch.empty(x.shape[0], self.w8.shape[0], dtype=torch.int32)
+            x = x.contiguous()
+            decode_kernels.load().gemm_u8s8(x.data_ptr(), self.w8.data_ptr(), self.rowsum.data_ptr(), x.shape[0],
+                                            self.w8.shape[0], x.shape[1], out.data_ptr())
+            return out
         return torch._int_mm(x, self.w8t)
 
     def exact(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -227,3 +227,24 @@ def test_qkv_post_prefill_writes_each_token_to_its_column(lib):
     torch.testing.assert_close(kc[:, 0, 1:4], rows[:, :, nh])
     torch.testing.assert_close(vc[:, 0, 1:4], rows[:, :, nh + 1])
     assert not kc[:, :, [0, 4]].any()
+
+
+@pytest.mark.parametrize("shape", [(8, 96, 64), (37, 11, 100), (1, 3, 576)])  # (M, N, K): ragged tiles, a K tail
+def test_gemm_u8s8_is_the_exact_integer_product(lib, shape):
+    m, n, k = shape
+    g = torch.Generator().manual_seed(9)
+    a = torch.randint(1, 128, (m, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    rowsum = w.sum(1, dtype=torch.int32)
+    out = torch.empty(m, n, dtype=torch.int32)
+    lib.gemm_u8s8(ptr(a), ptr(w), ptr(rowsum), m, n, k, ptr(out))
+    assert torch.equal(out, (a.int() - 64) @ w.int().t())
+
+
+def test_quantize_rows_sums_each_row(lib):
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(9, 40, generator=g)
+    w8, scale, rowsum = torch.empty(9, 40, dtype=torch.int8), torch.empty(9), torch.empty(9, dtype=torch.int32)
+    lib.quantize_rows(ptr(w), None, 9, 40, ptr(w8), ptr(scale), ptr(rowsum), 1)
+    assert torch.equal(rowsum, w8.sum(1, dtype=torch.int32))
+    assert lib.rlhfkit_has_avx2() in (0, 1)

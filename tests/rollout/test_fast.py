@@ -209,7 +209,7 @@ def test_quantized_logp_gap_on_the_bundled_model():
     prompts = get_task("sentiment").prompts("train")[:8]
     ids, mask = encode(tok, prompts, group=1)
     fast = FastBackend(model, tok)
-    bound = {"int_mm": 0.2, "fbgemm": 0.35}[fast.kernel]
+    bound = {"int_mm": 0.2, "fbgemm": 0.35, "avx2": 0.35}[fast.kernel]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=32)
     for seed in (0, 1):
         out = fast.generate(ids, mask, sampling, generator_seed=seed)
@@ -380,3 +380,15 @@ def test_fused_prefill_of_a_one_token_prompt_reads_its_fp32_states(tiny, kernel)
         logps[fused] = fast.last_logps[:, 0]
     assert (logps[True][0] - logps[False][0]).abs() < 1e-3
     assert (logps[True] - logps[False]).abs().max() < 0.1
+
+
+def test_int8_kernel_can_be_asked_for(monkeypatch):
+    from rlhfkit.rollout import int8
+
+    monkeypatch.setattr(int8, "_KERNEL", None)
+    monkeypatch.setenv("RLHFKIT_INT8_KERNEL", "avx2")
+    assert int8.int8_kernel() == "avx2"
+    monkeypatch.setattr(int8, "_KERNEL", None)
+    monkeypatch.setenv("RLHFKIT_INT8_KERNEL", "cublas")
+    with pytest.raises(ValueError, match="RLHFKIT_INT8_KERNEL must be one of"):
+        int8.int8_kernel()
