@@ -1,4 +1,4 @@
-/* The CPU engine's fused decode ops (rlhfkit/rollout/fast.py, FastBackend._decode_fused).
+/* The CPU engine's fused ops (driven by rlhfkit/rollout/fused.py for FastBackend in fast.py).
  *
  * A decode step of a small model at batch 8-32 spends about half its time in ~60 small tensor ops a layer
  * around the four int8 GEMMs (per-token scales, norms, rotary, cache writes, SiLU), each a few microseconds

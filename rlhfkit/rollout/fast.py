@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.rollout import decode_kernels
-from rlhfkit.rollout.decode_kernels import ptr
+from rlhfkit.rollout import fused as fused_ops
 from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, avx2_available, int8_kernel
@@ -88,9 +88,9 @@ class FastBackend:
         kernel: the int8 GEMM, ``"int_mm"``, ``"fbgemm"`` or ``"avx2"``; ``"auto"``: :func:`int8_kernel`'s pick.
         quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
             sampler's log-prob gap a little smaller, a prefill 2-3x slower).
-        fused: when every part is quantized, run each decode step's small ops fused in C
-            (:mod:`rlhfkit.rollout.decode_kernels`, compiled on first use; where that fails, a warning and
-            the torch ops). Same arithmetic to float rounding.
+        fused: when every part is quantized, run the int8 prefill and decode steps on the small ops fused
+            in C (:mod:`rlhfkit.rollout.fused` over :mod:`rlhfkit.rollout.decode_kernels`, compiled on first
+            use; where that fails, a warning and the torch ops). Same arithmetic to float rounding.
     Attributes set by :meth:`generate`:
         last_logps: (B, C) float32, the sampler's own ``log softmax(logits / T)`` at each generated token
             (T = 1 when greedy), 0 after a row's EOS. At ``quantize=False`` they equal the policy's to float
@@ -337,146 +337,6 @@ class FastBackend:
             h = h + layer.down.int8(F.silu(gate_up[:, :inter]).mul_(gate_up[:, inter:]).mul_(layer.down.inv_s))
         return h
 
-    def _gemm_io(self) -> tuple[int, int, torch.dtype]:
-        """How the fused ops meet this engine's GEMM (decode_kernels.c): the input mode, the output type and
-        the input dtype. fbgemm: fp32 rows of max 1 in, fp32 out; ``_int_mm``: int8 in, int32 out; avx2:
-        uint8 (zero point 64) in, int32 out."""
-        return {"fbgemm": (0, 0, torch.float32), "int_mm": (1, 1, torch.int8),
-                "avx2": (2, 1, torch.uint8)}[self.kernel]
-
-    def _decode_fused(self, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, col: int,
-                      logits: torch.Tensor, rows: torch.Tensor) -> None:
-        """:meth:`_decode_int8` with the ops between two GEMMs fused into one C call each (decode_kernels.c):
-        per layer the four int8 GEMMs and six calls (attention among them), instead of ~60 ops. ``mask``
-        (B, >= col + 1) bool, contiguous: the keys each row attends to. Writes the step's logits into rows
-        ``rows`` (B,) of ``logits`` (R, V)."""
-        b, d, nh, nkv = ids.shape[0], self.head_dim, self.n_heads, self.n_kv
-        mode, ytype, dtype = self._gemm_io()
-        h = F.embedding(ids[:, 0], self.embed)  # (B, H), a new tensor: the residual stream, updated in place
-        width, inter = h.shape[1], self.layers[0].down.weights[0].shape[1]
-        cos, sin = (x.contiguous() for x in self.rotary(h, positions))  # (B, 1, D)
-        buf = torch.empty(b * max(width, inter, nh * d), dtype=dtype)
-        x_w, x_q, x_i = (buf[:b * n].view(b, n) for n in (width, nh * d, inter))  # GEMM inputs by width
-        xs = torch.empty(b)  # the per-row scale of the GEMM input in `buf`
-        q, a = torch.empty(b, nh, d), torch.empty(b, nh, d)  # the query, the attention's output
-        eps = self.eps
-        lib.prep(ptr(h), ptr(self.layers[0].ln1_s), eps, 1, b, width, mode, ptr(x_w), ptr(xs), None)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, caches)):
-            lin = layer.qkv
-            y = lin.gemm(x_w)  # held in a name: a temporary's memory would be freed before the C call reads it
-            lib.qkv_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(cos), ptr(sin),
-                         b, nh, nkv, d, ptr(q), ptr(k_cache), ptr(v_cache), k_cache.shape[2], col, 1)
-            lib.attention(ptr(q), ptr(k_cache), ptr(v_cache), ptr(mask), mask.shape[1], b, 1, nh, nkv, d,
-                          k_cache.shape[2], col, d ** -0.5, ptr(a))
-            lib.prep(ptr(a), ptr(layer.o.inv_s), eps, 0, b, nh * d, mode, ptr(x_q), ptr(xs), None)
-            lin = layer.o
-            y = lin.gemm(x_q)
-            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
-                              ptr(layer.ln2_s), eps, b, width, mode, ptr(x_w), ptr(xs), None)
-            lin = layer.gate_up
-            y = lin.gemm(x_w)
-            lib.gate_up_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(layer.down.inv_s), b, inter,
-                             mode, ptr(x_i), ptr(xs), None)
-            lin = layer.down
-            after = self.layers[i + 1].ln1_s if i + 1 < len(self.layers) else self.norm_s
-            y = lin.gemm(x_i)
-            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
-                              ptr(after), eps, b, width, mode, ptr(x_w), ptr(xs), None)
-        lin = self.lm_head
-        y = lin.gemm(x_w)
-        lib.dequant_rows(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), b, logits.shape[1],
-                         ptr(rows), ptr(logits))
-
-    def _prefill_fused(self, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches,
-                       rows: torch.Tensor, observe: torch.Tensor | None) -> torch.Tensor:
-        """The int8 prefill of :meth:`_forward` (``exact_rows`` from :meth:`_first_token_rows`) on the fused ops:
-        ``ids`` (N, T) distinct prompts left-padded, ``mask`` (N, T) their real tokens; keys/values into cache
-        rows ``rows`` (B,); returns the (N, V) logits of each prompt's last token.
-
-        Each prompt's first real token runs in fp32 on its own first (it attends only to itself: one pass
-        for each distinct id, :meth:`_forward` exact), and its keys/values replace the int8 ones in every
-        layer before any later token reads them; its int8 row goes on unused (rows never mix but in
-        attention). ``observe`` (N*T,) bool: the rows whose linear inputs feed the smoothing statistics."""
-        n, t = ids.shape
-        r, d, nh, nkv = n * t, self.head_dim, self.n_heads, self.n_kv
-        mode, ytype, dtype = self._gemm_io()
-        flat = ids.reshape(-1)
-        h = F.embedding(flat, self.embed)  # (R, H), the residual stream, updated in place
-        width, inter = h.shape[1], self.layers[0].down.weights[0].shape[1]
-        cos, sin = (x.contiguous() for x in self.rotary(h, positions.reshape(r, 1)))  # (R, 1, D)
-
-        # each distinct first token in fp32 (position 0, alone), its keys/values per layer
-        rep, first, inverse = self._first_token_rows(ids, positions, mask)
-        u = len(rep)
-        first_kv = [(self.embed.new_empty(u, nkv, 1, d), self.embed.new_empty(u, nkv, 1, d)) for _ in self.layers]
-        h_first = self._forward(flat[rep].view(u, 1), torch.zeros(u, 1, dtype=torch.long),
-                                torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u), exact=True)
-        seq, col = first // t, first % t
-
-        buf = torch.empty(r * max(width, inter, nh * d), dtype=dtype)
-        x_w, x_q, x_i = (buf[:r * k].view(r, k) for k in (width, nh * d, inter))
-        raw = torch.empty(r * max(width, inter)) if observe is not None else None  # the unrounded inputs
-        raw_w, raw_i = (None, None) if raw is None else (raw[:r * width].view(r, width), raw[:r * inter].view(r, inter))
-        rows_seen = None if observe is None else observe.nonzero().squeeze(1)
-
-        def seen(lin, x, smoothed=True):  # QuantLinear.observe on the unsmoothed input x * s = x / inv_s
-            if rows_seen is not None:
-                amax = x.index_select(0, rows_seen).abs().amax(0)
-                amax = amax / lin.inv_s if smoothed else amax
-                lin.amax = amax if lin.amax is None else torch.maximum(lin.amax, amax)
-
-        xs = torch.empty(r)
-        q, a = torch.empty(r, nh, d), torch.empty(r, nh, d)
-        kt, vt = torch.empty(n, nkv, t, d), torch.empty(n, nkv, t, d)  # this prefill's keys/values, per prompt
-        mask8 = mask.contiguous()
-        eps = self.eps
-        lib.prep(ptr(h), ptr(self.layers[0].ln1_s), eps, 1, r, width, mode, ptr(x_w), ptr(xs), ptr(raw_w))
-        for i, (layer, (k_cache, v_cache), (fk, fv)) in enumerate(zip(self.layers, caches, first_kv)):
-            seen(layer.qkv, raw_w)
-            lin = layer.qkv
-            y = lin.gemm(x_w)
-            lib.qkv_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(cos), ptr(sin),
-                         r, nh, nkv, d, ptr(q), ptr(kt), ptr(vt), t, 0, t)
-            kt[seq, :, col] = fk[inverse, :, 0]
-            vt[seq, :, col] = fv[inverse, :, 0]
-            lib.attention(ptr(q), ptr(kt), ptr(vt), ptr(mask8), t, n, t, nh, nkv, d, t, 0, d ** -0.5, ptr(a))
-            k_cache[:, :, :t] = kt.index_select(0, rows)
-            v_cache[:, :, :t] = vt.index_select(0, rows)
-            seen(layer.o, a.view(r, -1), smoothed=False)
-            lib.prep(ptr(a), ptr(layer.o.inv_s), eps, 0, r, nh * d, mode, ptr(x_q), ptr(xs), None)
-            lin = layer.o
-            y = lin.gemm(x_q)
-            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
-                              ptr(layer.ln2_s), eps, r, width, mode, ptr(x_w), ptr(xs), ptr(raw_w))
-            seen(layer.gate_up, raw_w)
-            lin = layer.gate_up
-            y = lin.gemm(x_w)
-            lib.gate_up_post(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(layer.down.inv_s), r, inter,
-                             mode, ptr(x_i), ptr(xs), ptr(raw_i))
-            seen(layer.down, raw_i)
-            lin = layer.down
-            after = self.layers[i + 1].ln1_s if i + 1 < len(self.layers) else self.norm_s
-            y = lin.gemm(x_i)
-            lib.residual_prep(ptr(y), ytype, ptr(lin.w_scale), ptr(xs), ptr(lin.bias), ptr(h),
-                              ptr(after), eps, r, width, mode, ptr(x_w), ptr(xs), ptr(raw_w))
-        seen(self.lm_head, raw_w)
-        last = torch.arange(n) * t + t - 1  # each prompt's last token (left padding)
-        x_last, xs_last = x_w.index_select(0, last), xs.index_select(0, last)
-        alone = (first.unsqueeze(1) == last).any(0)  # a one-token prompt: its last token is its first
-        if bool(alone.any()):
-            which = (first.unsqueeze(0) == last[alone].unsqueeze(1)).int().argmax(1)  # its place in `first`
-            h_alone = h_first[inverse[which], 0].contiguous()
-            x_alone, xs_alone = torch.empty(len(h_alone), width, dtype=x_last.dtype), torch.empty(len(h_alone))
-            lib.prep(ptr(h_alone), ptr(self.norm_s), eps, 1, len(h_alone), width, mode, ptr(x_alone), ptr(xs_alone),
-                     None)
-            x_last[alone], xs_last[alone] = x_alone, xs_alone
-        logits = torch.empty(n, self.lm_head.w_scale.shape[0])
-        lin, order = self.lm_head, torch.arange(n)
-        y = lin.gemm(x_last)
-        lib.dequant_rows(ptr(y), ytype, ptr(lin.w_scale), ptr(xs_last), ptr(lin.bias), n, logits.shape[1],
-                         ptr(order), ptr(logits))
-        return logits
-
     def _logits(self, h: torch.Tensor, exact: bool) -> torch.Tensor:
         """(N, H) last hidden -> (N, V) float32 logits."""
         return self.lm_head(_rms_norm(h, self.norm, self.eps), exact)[0].float()
@@ -528,7 +388,8 @@ class FastBackend:
             quantize_s = self._quantize()
         lib = decode_kernels.load() if self.quantize is True and self.fused else None
         if int8_prefill and lib is not None:
-            logits = self._prefill_fused(lib, u_ids, positions, u_mask, caches, rows, observe).index_select(0, rows)
+            logits = fused_ops.prefill(self, lib, u_ids, positions, u_mask, caches, rows, observe)
+            logits = logits.index_select(0, rows)  # (B, V)
         else:
             exact_rows = self._first_token_rows(u_ids, positions, u_mask) if int8_prefill else None
             h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=not int8_prefill, observe=observe,
@@ -566,8 +427,8 @@ class FastBackend:
                 live = live[still]
                 caches = [(k.index_select(0, still), v.index_select(0, still)) for k, v in caches]
             if lib is not None:
-                self._decode_fused(lib, tokens[live, None], next_pos[live] + t, key_mask[live], caches, p + t,
-                                   logits, live)
+                fused_ops.decode_step(self, lib, tokens[live, None], next_pos[live] + t, key_mask[live], caches,
+                                      p + t, logits, live)
                 continue
             att = key_mask[live, None, None, :p + t + 1]  # (L, 1, 1, P + t + 1)
             if self.quantize is True:

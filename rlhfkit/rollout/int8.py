@@ -163,13 +163,13 @@ class QuantLinear:
                 sc = sc.div_(127).clamp_min_(1e-12)  # (n, 1)
                 scale[row:row + n] = sc
                 w8[row:row + n] = buf.div_(sc).round_()  # |w / scale| <= 127 by construction
+                if kernel == "avx2":
+                    rowsum[row:row + n] = w8[row:row + n].sum(1, dtype=torch.int32)
                 row += n
         self.inv_s = 1 / s if s is not None else torch.ones(k)
         self.w_scale = scale.squeeze(1)
         if kernel == "avx2":
-            self.w8 = w8
-            self.rowsum = rowsum if lib is not None and all(
-                w.dtype == torch.float32 and w.is_contiguous() for w in weights) else w8.sum(1, dtype=torch.int32)
+            self.w8, self.rowsum = w8, rowsum
         elif kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
             # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI.
             # Packed per tensor with scale 1, the per-channel scales applied to the output (int8 below): the
