@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-int rlhfkit_kernels_version(void) { return 4; }
+int rlhfkit_kernels_version(void) { return 5; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -281,13 +281,18 @@ void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, flo
     }
 }
 
-/* The int8 GEMM for CPUs without VNNI, on the plain (N, K) int8 weight (no prepacked copy to rebuild after
- * each policy update, which was 60% of fbgemm's re-quantization): out (M, N) int32 = a (M, K) uint8 times
- * w^T minus 64 * rowsum[n], i.e. the product of the signed activations a - 64 (gemm input mode 2) with the
- * weights. AVX2: vpmaddubsw multiplies u8 by s8 and adds pairs into int16 (at most 2 * 127 * 127, so 7-bit
- * activations never saturate), vpmaddwd widens to int32; a tile of 4 activation rows x 2 weight rows keeps
- * eight accumulators in registers; weight rows split over the threads, activation rows in blocks of 96 so
- * a block stays in cache while the weights stream past it. */
+/* The int8 GEMM for CPUs without VNNI, rlhfkit's own: out (M, N) int32 = a (M, K) uint8 times w^T minus
+ * 64 * rowsum[n], i.e. the product of the signed activations a - 64 (gemm input mode 2) with the int8
+ * weight w (N, K). The weight is laid out once per re-quantization by pack_u8s8 (a plain reorder, no
+ * per-call work): panels of 16 rows, and in a panel, for each group of 4 columns, the 16 rows' 4 bytes
+ * side by side (64 bytes). One AVX2 step then broadcasts 4 bytes of an activation row and multiplies them
+ * with a panel's 64 bytes: vpmaddubsw multiplies u8 by s8 and adds pairs into int16 (at most 2 * 127 * 127,
+ * so 7-bit activations never saturate), vpmaddwd adds the pairs into int32, so each int32 lane sums one
+ * output's 4 products: the accumulators are output columns, with no horizontal sums. A tile of 5
+ * activation rows x 16 outputs keeps ten accumulators in registers while the panel (16 K bytes) stays in
+ * L1; activation rows go in blocks of ~256 KB that stay in L2 while every panel streams past once; panels
+ * split over the threads, so each core reads half the weight (the same scheme as fbgemm's, whose prepack
+ * was 60% of a re-quantization: this layout is one pass over the int8 weight). */
 int rlhfkit_has_avx2(void) {
 #ifdef __AVX2__
     return 1;
@@ -296,72 +301,91 @@ int rlhfkit_has_avx2(void) {
 #endif
 }
 
-#define TILE_M 4
-#define TILE_N 2
+#define PANEL 16
+#define TILE_ROWS 5  /* 10 accumulators + 2 weight vectors + the broadcast + ones: 14 of AVX2's 16 registers
+                        (4 rows: 1.2x slower on the engine's shapes; 6 spills) */
 
-#ifdef __AVX2__
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-    return _mm_cvtsi128_si32(s);
-}
-#endif
+static inline long panel_bytes(int K) { return (long)PANEL * ((K + 3) & ~3); }
 
-/* out[i, j] (i < mr rows of a, j < nr rows of w) = sum_k a[i, k] w[j, k] - 64 rowsum[j], over k < K rounded
- * down to 32 (gemm_u8s8 adds the rest; a scalar tail in this loop kept the accumulators out of registers,
- * 1.3x slower) */
-static void gemm_tile(const uint8_t *a, const int8_t *w, const int32_t *rowsum, int K, int mr, int nr,
-                      int32_t *out, int ldo) {
-    int k0 = 0;
-#ifdef __AVX2__
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[TILE_M][TILE_N];
-    for (int i = 0; i < TILE_M; i++)
-        for (int j = 0; j < TILE_N; j++) acc[i][j] = _mm256_setzero_si256();
-    for (; k0 + 32 <= K; k0 += 32) {
-        for (int j = 0; j < TILE_N; j++) {
-            if (j >= nr) break;
-            __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (long)j * K + k0));
-            for (int i = 0; i < TILE_M; i++) {
-                if (i >= mr) break;
-                __m256i av = _mm256_loadu_si256((const __m256i *)(a + (long)i * K + k0));
-                acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(av, wv), ones));
-            }
+/* w (N, K) int8 -> wp, ceil(N / 16) panels of panel_bytes(K) bytes (rows past N and columns past K: zeros) */
+void pack_u8s8(const int8_t *w, int N, int K, int8_t *wp) {
+    int groups = (K + 3) / 4, panels = (N + PANEL - 1) / PANEL;
+    memset(wp, 0, (size_t)panels * panel_bytes(K));
+    for (int n = 0; n < N; n++) {
+        int8_t *dst = wp + (long)(n / PANEL) * panel_bytes(K) + (n % PANEL) * 4;
+        const int8_t *src = w + (long)n * K;
+        for (int g = 0; g < groups; g++) {
+            int k0 = 4 * g, kn = K - k0 < 4 ? K - k0 : 4;
+            memcpy(dst + (long)g * PANEL * 4, src + k0, kn);
         }
     }
-#endif
-    for (int i = 0; i < mr; i++)
-        for (int j = 0; j < nr; j++) {
-#ifdef __AVX2__
-            int32_t t = hsum_epi32(acc[i][j]);
-#else
-            int32_t t = 0;
-#endif
-            out[(long)i * ldo + j] = t - 64 * rowsum[j];
-        }
 }
 
-void gemm_u8s8(const uint8_t *a, const int8_t *w, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
-    const int block = 96;
+/* out[i, 0..nr) for i < MR rows of a, from one panel: the first k4 = K rounded down to 4 columns (the
+ * last K % 4, a scalar loop in gemm_u8s8, are rare) minus 64 rowsum; MR is a constant at each call site,
+ * so each tile height compiles to its own register-resident loop */
+static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_t *a, int K, int k4,
+                                                            const int8_t *panel, const int32_t *rowsum, int nr,
+                                                            int32_t *out, int ldo) {
 #ifdef __AVX2__
-    const int tail = K - K % 32;  /* gemm_tile's vector loop ends here */
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[TILE_ROWS][2];
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int k = 0; k < k4; k += 4) {
+        const int8_t *p = panel + (long)k * PANEL;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)p), w1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        _mm_prefetch((const char *)(p + 256), _MM_HINT_T0);  /* 4 groups ahead: the first tile streams the panel in */
+        for (int i = 0; i < MR; i++) {
+            int32_t q;
+            memcpy(&q, a + (long)i * K + k, 4);
+            __m256i av = _mm256_set1_epi32(q);
+            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(_mm256_maddubs_epi16(av, w0), ones));
+            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(_mm256_maddubs_epi16(av, w1), ones));
+        }
+    }
+    __m256i z0 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)rowsum), 6);
+    __m256i z1 = _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(rowsum + 8)), 6);
+    for (int i = 0; i < MR; i++) {
+        int32_t row[PANEL];
+        _mm256_storeu_si256((__m256i *)row, _mm256_sub_epi32(acc[i][0], z0));
+        _mm256_storeu_si256((__m256i *)(row + 8), _mm256_sub_epi32(acc[i][1], z1));
+        memcpy(out + (long)i * ldo, row, sizeof(int32_t) * nr);
+    }
 #else
-    const int tail = 0;
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t t = 0;
+            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel[(long)(k / 4) * PANEL * 4 + j * 4 + k % 4];
+            out[(long)i * ldo + j] = t - 64 * rowsum[j];
+        }
 #endif
+}
+
+/* a (M, K) uint8 x wp (pack_u8s8 of w (N, K)) -> out (M, N) int32; rowsum: ceil(N / 16) * 16 entries (zeros
+ * past N) */
+void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+    int k4 = K & ~3, panels = (N + PANEL - 1) / PANEL;
+    int block = (262144 / (K > 0 ? K : 1)) & ~3;  /* activation rows a block: ~256 KB, in L2 */
+    block = block < 4 ? 4 : block;
     for (int m0 = 0; m0 < M; m0 += block) {
         int m1 = m0 + block < M ? m0 + block : M;
-#pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n += TILE_N) {
-            int nr = N - n < TILE_N ? N - n : TILE_N;
-            for (int m = m0; m < m1; m += TILE_M) {
-                int mr = m1 - m < TILE_M ? m1 - m : TILE_M;
-                gemm_tile(a + (long)m * K, w + (long)n * K, rowsum + n, K, mr, nr, out + (long)m * N + n, N);
-                for (int i = 0; i < mr; i++)  /* the last K % 32 columns (none for the usual hidden sizes) */
-                    for (int j = 0; j < nr; j++)
-                        for (int k = tail; k < K; k++)
-                            out[(long)(m + i) * N + n + j] += (int32_t)a[(long)(m + i) * K + k] * w[(long)(n + j) * K + k];
+#pragma omp parallel for schedule(static) if ((long)(m1 - m0) * N * K > 262144)
+        for (int p = 0; p < panels; p++) {
+            const int8_t *panel = wp + p * panel_bytes(K);
+            int n = p * PANEL, nr = N - n < PANEL ? N - n : PANEL;
+            int m = m0;
+            for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
+                gemm_tile(TILE_ROWS, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N);
+            switch (m1 - m) {
+                case 4: gemm_tile(4, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
+                case 3: gemm_tile(3, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
+                case 2: gemm_tile(2, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
+                case 1: gemm_tile(1, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
             }
+            for (int i = m0; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
+                for (int j = 0; j < nr; j++)
+                    for (int k = k4; k < K; k++)
+                        out[(long)i * N + n + j] += (int32_t)a[(long)i * K + k] * panel[(long)(k / 4) * PANEL * 4 + j * 4 + k % 4];
         }
     }
 }

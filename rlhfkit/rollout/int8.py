@@ -40,17 +40,16 @@ def avx2_available() -> bool:
 
 def int8_kernel() -> str:
     """The int8 GEMM for this CPU, chosen once per process: ``$RLHFKIT_INT8_KERNEL`` when set (one of
-    :data:`INT8_KERNELS`), else by timing ``int_mm`` and ``fbgemm`` on a decode-sized product.
+    :data:`INT8_KERNELS`), else by timing ``int_mm`` against ``fbgemm`` on a decode-sized product.
 
     ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
-    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU); fbgemm's ``linear_dynamic`` is fast on
-    both but needs a prepack at every re-quantization (most of its cost on an AVX2 CPU). ``_int_mm`` is
-    taken unless its GEMM is more than twice as slow as fbgemm's on the product itself (576 -> 1536 at 8
-    rows, weights from :meth:`QuantLinear.quantize`). The GEMMs alone are compared: the per-token ops
+    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU). ``_int_mm`` is taken unless its GEMM is
+    more than twice as slow as fbgemm's ``linear_dynamic`` on the product itself (576 -> 1536 at 8 rows,
+    weights from :meth:`QuantLinear.quantize`): the GEMMs alone are compared, since the per-token ops
     around them cost a few microseconds either way and would let machine noise decide at this size.
-    ``avx2`` (rlhfkit's own, decode_kernels.c: the plain int8 weight, no prepack) is never picked by the
-    timing: it beats fbgemm on a product whose weights sit in cache, but not inside the engine, where they
-    stream from memory (docs/generation.md); it is there to be asked for."""
+    Without VNNI the pick is ``avx2``, rlhfkit's own (``gemm_u8s8`` in decode_kernels.c), wherever its
+    library is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's kernel and needs no prepack
+    (docs/generation.md, "The own AVX2 GEMM"); ``fbgemm`` where it is not."""
     global _KERNEL
     if _KERNEL is None:
         asked = os.environ.get("RLHFKIT_INT8_KERNEL")
@@ -81,8 +80,18 @@ def int8_kernel() -> str:
                 times[kernel] = min(runs)
             except RuntimeError:  # a build without the kernel
                 times[kernel] = float("inf")
-        _KERNEL = "int_mm" if times["int_mm"] <= 2 * times["fbgemm"] else "fbgemm"
+        _KERNEL = ("int_mm" if times["int_mm"] <= 2 * times["fbgemm"] else
+                   "avx2" if avx2_available() else "fbgemm")
     return _KERNEL
+
+
+def pack_u8s8(w8: torch.Tensor) -> torch.Tensor:
+    """The ``avx2`` kernel's layout of an (N, K) int8 weight: panels of 16 rows, each column group of 4
+    bytes of the 16 rows side by side (``pack_u8s8`` in decode_kernels.c; zeros pad N to 16, K to 4)."""
+    n, k = w8.shape
+    packed = torch.empty(-(-n // 16) * 16 * (-(-k // 4) * 4), dtype=torch.int8)
+    decode_kernels.load().pack_u8s8(w8.contiguous().data_ptr(), n, k, packed.data_ptr())
+    return packed
 
 
 class QuantLinear:
@@ -107,7 +116,7 @@ class QuantLinear:
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
         self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
-        self.w8 = self.rowsum = None  # the avx2 kernel's (N, K) int8 weight and its row sums
+        self.w8 = self.rowsum = None  # the avx2 kernel's int8 weight (pack_u8s8's layout) and its row sums
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
@@ -168,8 +177,8 @@ class QuantLinear:
                 row += n
         self.inv_s = 1 / s if s is not None else torch.ones(k)
         self.w_scale = scale.squeeze(1)
-        if kernel == "avx2":
-            self.w8, self.rowsum = w8, rowsum
+        if kernel == "avx2":  # the kernel's panel layout (decode_kernels.c: pack_u8s8), rows padded to 16
+            self.w8, self.rowsum = pack_u8s8(w8), torch.nn.functional.pad(rowsum, (0, -len(rowsum) % 16))
         elif kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
             # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI.
             # Packed per tensor with scale 1, the per-channel scales applied to the output (int8 below): the
@@ -204,10 +213,11 @@ class QuantLinear:
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
         if self.w8 is not None:
-            out = torch.empty(x.shape[0], self.w8.shape[0], dtype=torch.int32)
+            n = sum(self.sizes)
+            out = torch.empty(x.shape[0], n, dtype=torch.int32)
             x = x.contiguous()
             decode_kernels.load().gemm_u8s8(x.data_ptr(), self.w8.data_ptr(), self.rowsum.data_ptr(), x.shape[0],
-                                            self.w8.shape[0], x.shape[1], out.data_ptr())
+                                            n, x.shape[1], out.data_ptr())
             return out
         return torch._int_mm(x, self.w8t)
 

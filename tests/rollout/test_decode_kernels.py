@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.rollout import decode_kernels
+from rlhfkit.rollout import decode_kernels, int8
 from rlhfkit.rollout.decode_kernels import ptr
 
 MODES = [0, 1]  # 0: fbgemm's fp32 rows of max |x| = 1 (fp32 GEMM output); 1: int8 rows (int32 GEMM output)
@@ -229,16 +229,24 @@ def test_qkv_post_prefill_writes_each_token_to_its_column(lib):
     assert not kc[:, :, [0, 4]].any()
 
 
-@pytest.mark.parametrize("shape", [(8, 96, 64), (37, 11, 100), (1, 3, 576)])  # (M, N, K): ragged tiles, a K tail
+# (M, N, K): ragged row tiles and panels, K tails of 1 to 3, a block of activation rows past the first
+@pytest.mark.parametrize("shape", [(8, 96, 64), (37, 11, 102), (1, 3, 577), (6, 35, 1539), (700, 20, 576)])
 def test_gemm_u8s8_is_the_exact_integer_product(lib, shape):
     m, n, k = shape
     g = torch.Generator().manual_seed(9)
     a = torch.randint(1, 128, (m, k), dtype=torch.uint8, generator=g)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-    rowsum = w.sum(1, dtype=torch.int32)
-    out = torch.empty(m, n, dtype=torch.int32)
-    lib.gemm_u8s8(ptr(a), ptr(w), ptr(rowsum), m, n, k, ptr(out))
+    rowsum = torch.nn.functional.pad(w.sum(1, dtype=torch.int32), (0, -n % 16))
+    out, packed = torch.full((m, n), 7, dtype=torch.int32), int8.pack_u8s8(w)  # named: alive through the call
+    lib.gemm_u8s8(ptr(a), ptr(packed), ptr(rowsum), m, n, k, ptr(out))
     assert torch.equal(out, (a.int() - 64) @ w.int().t())
+
+
+def test_pack_u8s8_puts_each_rows_four_bytes_side_by_side(lib):
+    w = torch.arange(18 * 6, dtype=torch.int32).remainder(127).to(torch.int8).view(18, 6)
+    packed = int8.pack_u8s8(w).view(2, 2, 16, 4)  # (panel, column group, row in the panel, column in the group)
+    assert torch.equal(packed[0, 1, 5, :2], w[5, 4:6]) and not packed[0, 1, 5, 2:].any()  # K = 6 padded to 8
+    assert torch.equal(packed[1, 0, 1], w[17, :4]) and not packed[1, :, 2:].any()  # N = 18 padded to 32
 
 
 def test_quantize_rows_sums_each_row(lib):

@@ -392,3 +392,13 @@ def test_int8_kernel_can_be_asked_for(monkeypatch):
     monkeypatch.setenv("RLHFKIT_INT8_KERNEL", "cublas")
     with pytest.raises(ValueError, match="RLHFKIT_INT8_KERNEL must be one of"):
         int8.int8_kernel()
+
+
+def test_without_vnni_the_pick_is_the_own_kernel_where_it_is_built(monkeypatch):
+    from rlhfkit.rollout import int8
+
+    monkeypatch.delenv("RLHFKIT_INT8_KERNEL", raising=False)
+    for built in (True, False):
+        monkeypatch.setattr(int8, "_KERNEL", None)
+        monkeypatch.setattr(int8, "avx2_available", lambda built=built: built)
+        assert int8.int8_kernel() in ("int_mm", "avx2" if built else "fbgemm")  # int_mm where the CPU has VNNI
