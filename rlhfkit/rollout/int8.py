@@ -148,17 +148,23 @@ class QuantLinear:
             # max |w| per input channel over the group (max and -min: abs() would be a full-size temporary)
             w_amax = torch.stack([torch.maximum(w.amax(0), w.amin(0).neg()).float() for w in weights]).amax(0)
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
-        w8 = torch.empty(sum(self.sizes), k, dtype=torch.int8)
-        scale = torch.empty(sum(self.sizes), 1)
-        rowsum = torch.empty(sum(self.sizes), dtype=torch.int32)
+        total = sum(self.sizes)
+        # avx2: rows written straight into the kernel's panel layout (decode_kernels.c: pack_u8s8)
+        panels = kernel == "avx2"
+        w8 = torch.empty(-(-total // 16) * 16 * (-(-k // 4) * 4) if panels else total * k, dtype=torch.int8)
+        scale = torch.empty(total, 1)
+        rowsum = torch.zeros(-(-total // 16) * 16 if panels else total, dtype=torch.int32)
         row = 0
         lib = decode_kernels.load()
         for w in weights:
+            if panels:  # the kernel is this library's, so it is loaded
+                w = w.float().contiguous()
             if lib is not None and w.dtype == torch.float32 and w.is_contiguous():
                 # the same two passes a row, fused in C, on this thread (the engine quantizes several at once)
                 n = w.shape[0]
-                lib.quantize_rows(w.data_ptr(), None if s is None else s.data_ptr(), n, k, w8[row:].data_ptr(),
-                                  scale[row:].data_ptr(), rowsum[row:].data_ptr(), 1)
+                lib.quantize_rows(w.data_ptr(), None if s is None else s.data_ptr(), n, k,
+                                  w8.data_ptr() if panels else w8[row * k:].data_ptr(), scale[row:].data_ptr(),
+                                  rowsum[row:].data_ptr(), 1, row if panels else -1)
                 row += n
                 continue
             for part in w.split(_CHUNK_ROWS):
@@ -171,21 +177,21 @@ class QuantLinear:
                 sc = torch.maximum(buf.amax(1, keepdim=True), buf.amin(1, keepdim=True).neg_())
                 sc = sc.div_(127).clamp_min_(1e-12)  # (n, 1)
                 scale[row:row + n] = sc
-                w8[row:row + n] = buf.div_(sc).round_()  # |w / scale| <= 127 by construction
-                if kernel == "avx2":
-                    rowsum[row:row + n] = w8[row:row + n].sum(1, dtype=torch.int32)
+                w8.view(total, k)[row:row + n] = buf.div_(sc).round_()  # |w / scale| <= 127 by construction
                 row += n
         self.inv_s = 1 / s if s is not None else torch.ones(k)
         self.w_scale = scale.squeeze(1)
-        if kernel == "avx2":  # the kernel's panel layout (decode_kernels.c: pack_u8s8), rows padded to 16
-            self.w8, self.rowsum = pack_u8s8(w8), torch.nn.functional.pad(rowsum, (0, -len(rowsum) % 16))
+        if panels:
+            if total % 16:  # the last panel's rows past the group's last row: zeros
+                w8.view(-1, -(-k // 4), 16, 4)[-1, :, total % 16:] = 0
+            self.w8, self.rowsum = w8, rowsum
         elif kernel == "fbgemm":  # quantized tensors are deprecated (pytorch#184982: callers
             # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI.
             # Packed per tensor with scale 1, the per-channel scales applied to the output (int8 below): the
             # per-channel prepack reads each channel's scale and zero point one by one (half its time)
-            self.packed = torch.ops.quantized.linear_prepack(torch._make_per_tensor_quantized_tensor(w8, 1.0, 0), None)
+            self.packed = torch.ops.quantized.linear_prepack(torch._make_per_tensor_quantized_tensor(w8.view(total, k), 1.0, 0), None)
         else:
-            self.w8t = w8.t()  # (K, N) view
+            self.w8t = w8.view(total, k).t()  # (K, N) view
 
     def int8(self, xs: torch.Tensor) -> torch.Tensor:
         """(M, K) input already divided by ``s`` (overwritten) -> (M, N) float32 output, all parts concatenated."""

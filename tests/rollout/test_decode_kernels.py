@@ -253,6 +253,21 @@ def test_quantize_rows_sums_each_row(lib):
     g = torch.Generator().manual_seed(10)
     w = torch.randn(9, 40, generator=g)
     w8, scale, rowsum = torch.empty(9, 40, dtype=torch.int8), torch.empty(9), torch.empty(9, dtype=torch.int32)
-    lib.quantize_rows(ptr(w), None, 9, 40, ptr(w8), ptr(scale), ptr(rowsum), 1)
+    lib.quantize_rows(ptr(w), None, 9, 40, ptr(w8), ptr(scale), ptr(rowsum), 1, -1)
     assert torch.equal(rowsum, w8.sum(1, dtype=torch.int32))
     assert lib.rlhfkit_has_avx2() in (0, 1)
+
+
+def test_avx2_weights_are_rounded_straight_into_the_panels(lib):
+    """QuantLinear.quantize(kernel='avx2') writes the kernel's layout in its rounding pass: the same bytes as
+    packing the plain int8 weight, for a group of two weights (rows 18 + 7 = 25, K = 10 not a multiple of 4)."""
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(18, 10, generator=g), torch.randn(7, 10, generator=g)]
+    plain, panels = int8.QuantLinear(weights, [None, None]), int8.QuantLinear(weights, [None, None])
+    amax = torch.rand(10, generator=g) + 0.1
+    for lin, kernel in ((plain, "int_mm"), (panels, "avx2")):
+        lin.amax = amax  # a smoothing vector too
+        lin.quantize(alpha=0.5, kernel=kernel)
+    w8 = plain.w8t.t()
+    assert torch.equal(panels.w8, int8.pack_u8s8(w8)) and torch.equal(panels.w_scale, plain.w_scale)
+    assert torch.equal(panels.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
