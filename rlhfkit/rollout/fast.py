@@ -91,17 +91,21 @@ class FastBackend:
         fused: when every part is quantized, run the int8 prefill and decode steps on the small ops fused
             in C (:mod:`rlhfkit.rollout.fused` over :mod:`rlhfkit.rollout.decode_kernels`, compiled on first
             use; where that fails, a warning and the torch ops). Same arithmetic to float rounding.
+        share_prefix: in the fused int8 prefill, run the tokens every prompt of the batch starts with (a
+            chat template's system turn) once, as one sequence, and copy their keys/values to every row
+            (:func:`rlhfkit.rollout.fused.prefill`; the same logits to the bit).
     Attributes set by :meth:`generate`:
         last_logps: (B, C) float32, the sampler's own ``log softmax(logits / T)`` at each generated token
             (T = 1 when greedy), 0 after a row's EOS. At ``quantize=False`` they equal the policy's to float
             rounding; otherwise they are the behaviour policy for importance weighting.
-        last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts, whether the
-            fused decode ops ran.
+        last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts, the shared
+            prefix's length (0: none), whether the fused decode ops ran.
         sync_s: seconds the last :meth:`sync_weights` took (the int8 refresh cost per policy update).
     """
 
     def __init__(self, model, tokenizer, *, quantize: bool | set = True, share_prefill: bool = True,
-                 alpha: float = 0.5, quantized_prefill: bool = True, kernel: str = "auto", fused: bool = True):
+                 alpha: float = 0.5, quantized_prefill: bool = True, kernel: str = "auto", fused: bool = True,
+                 share_prefix: bool = True):
         cfg = model.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"FastBackend supports {SUPPORTED_MODEL_TYPES} models, not {cfg.model_type!r}; use "
@@ -111,7 +115,7 @@ class FastBackend:
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("FastBackend is a CPU engine; on a GPU use HFBackend or the vLLM backend")
         self.tok, self.quantize, self.share_prefill, self.alpha = tokenizer, quantize, share_prefill, alpha
-        self.quantized_prefill, self.fused = quantized_prefill, fused
+        self.quantized_prefill, self.fused, self.share_prefix = quantized_prefill, fused, share_prefix
         if kernel not in ("auto", *INT8_KERNELS):
             raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
         self.kernel = int8_kernel() if kernel == "auto" else kernel
@@ -387,9 +391,11 @@ class FastBackend:
                 observe = None
             quantize_s = self._quantize()
         lib = decode_kernels.load() if self.quantize is True and self.fused else None
+        cache_mask, prefix = prompt_mask, 0  # which cache columns hold real keys
         if int8_prefill and lib is not None:
-            logits = fused_ops.prefill(self, lib, u_ids, positions, u_mask, caches, rows, observe)
-            logits = logits.index_select(0, rows)  # (B, V)
+            logits, layout, prefix = fused_ops.prefill(self, lib, u_ids, positions, u_mask, caches, rows,
+                                                       observe is not None, self.share_prefix)
+            logits, cache_mask = logits.index_select(0, rows), layout.index_select(0, rows)  # (B, V), (B, P)
         else:
             exact_rows = self._first_token_rows(u_ids, positions, u_mask) if int8_prefill else None
             h = self._forward(u_ids, positions, mask, caches, 0, rows, exact=not int8_prefill, observe=observe,
@@ -402,7 +408,7 @@ class FastBackend:
         t_prefill = time.perf_counter() - t0 - quantize_s
 
         # 2. decode: sample, feed back, until every row has ended or C tokens
-        key_mask = torch.cat([prompt_mask, torch.ones(b, c, dtype=torch.bool)], 1)  # (B, P + C)
+        key_mask = torch.cat([cache_mask, torch.ones(b, c, dtype=torch.bool)], 1)  # (B, P + C)
         next_pos = prompt_mask.sum(1, keepdim=True)  # (B, 1) position of token 0
         out = torch.full((b, c), pad, dtype=torch.long)
         logps = torch.zeros(b, c)
@@ -441,6 +447,6 @@ class FastBackend:
         self.last_logps = logps[:, :steps] if steps < c else logps
         self.last_stats = {"prefill_s": t_prefill, "quantize_s": quantize_s,
                            "decode_s": time.perf_counter() - t0 - t_prefill - quantize_s,
-                           "steps": steps, "distinct_prompts": len(keep),
+                           "steps": steps, "distinct_prompts": len(keep), "shared_prefix": prefix,
                            "fused": lib is not None}
         return out[:, :steps].to(prompt_ids.device)

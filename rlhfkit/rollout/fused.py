@@ -95,49 +95,105 @@ def decode_step(eng, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torc
     _lm_head(eng, lib, x, xs, logits, rows)
 
 
+def shared_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """The number of leading real tokens every prompt of ``ids`` (N, T, left-padded; ``mask`` its real
+    tokens) shares, at most the shortest prompt's length - 1 (each prompt keeps a token of its own, whose
+    logits start its completion). A chat template's system turn makes this ~24 tokens of the bundled model's
+    ~44-token prompts."""
+    lengths = mask.sum(1)
+    shortest = int(lengths.min())
+    # each row's real tokens left-aligned, as far as the shortest reaches
+    start = ids.shape[1] - lengths
+    cols = (start[:, None] + torch.arange(shortest)).clamp_max(ids.shape[1] - 1)
+    aligned = ids.gather(1, cols)
+    same = (aligned == aligned[:1]).all(0).int().cumprod(0)  # 1 up to the first column where two differ
+    return min(int(same.sum()), shortest - 1)
+
+
 def prefill(eng, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, rows: torch.Tensor,
-            observe: torch.Tensor | None) -> torch.Tensor:
+            observe: bool, share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The int8 prefill (``FastBackend._forward`` with ``exact_rows``, fused): ``ids`` (N, T) distinct prompts
-    left-padded, ``mask`` (N, T) their real tokens; keys/values into cache rows ``rows`` (B,); returns the
-    (N, V) logits of each prompt's last token.
+    left-padded, ``mask`` (N, T) their real tokens; keys/values into cache rows ``rows`` (B,); ``observe``:
+    feed the smoothing statistics (each real token after the first). Returns the (N, V) logits of each
+    prompt's last token, the (N, T) mask of the real keys in the cache columns and the shared prefix's
+    length (0: none run apart).
+
+    With ``share_prefix`` and prompts sharing their first ``c >= 2`` tokens (:func:`shared_prefix`: a chat
+    template's system turn), the prefix runs once, as one sequence, and the rest of each prompt after it:
+    a cache row then holds [prefix | pads | the rest], the returned mask says so, and each token's
+    arithmetic is the one it had in place (positions from the prompt, keys in the same order), so the
+    logits agree to the bit. At batch 32 on the sentiment prompts: 920 token rows instead of 1,664."""
+    n, t = ids.shape
+    c = shared_prefix(ids, mask) if share_prefix and n > 1 else 0
+    if c < 2:
+        return _prefill(eng, lib, ids, positions, mask, caches, rows, observe), mask, 0
+    before = []  # the prefix's keys/values, per layer (1, nkv, c, d)
+
+    def keep(i, kt, vt):
+        before.append((kt.clone(), vt.clone()))
+
+    start = t - int(mask[0].sum())  # the first prompt's first real column
+    _prefill(eng, lib, ids[:1, start:start + c], torch.arange(c).unsqueeze(0), torch.ones(1, c, dtype=torch.bool),
+             keep, None, observe, logits=False)
+    rest = mask[:, c:] & (positions[:, c:] >= c)  # the tokens after the prefix keep their columns
+    layout = torch.cat([torch.ones(n, c, dtype=torch.bool), rest], 1)
+    logits = _prefill(eng, lib, ids[:, c:], positions[:, c:].masked_fill(~rest, 0), layout, caches, rows, observe,
+                      before=before)
+    return logits, layout, c
+
+
+def _prefill(eng, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, caches, rows, observe: bool,
+             before: list | None = None, logits: bool = True) -> torch.Tensor | None:
+    """:func:`prefill` of the tokens ``ids`` (N, T') at cache columns ``c .. c + T' - 1``, c = ``mask``'s
+    width - T' (0 but after a shared prefix, whose per-layer keys/values ``before`` holds). ``caches``: the
+    cache list to fill (rows ``rows``), or a callable given each layer's keys/values (the prefix's run).
 
     Each prompt's first real token runs in fp32 on its own first (it attends only to itself: one pass for
     each distinct id, ``FastBackend._forward`` exact), and its keys/values replace the int8 ones in every
-    layer before any later token reads them; its int8 row goes on unused (rows never mix but in attention).
-    ``observe`` (N*T,) bool: the rows whose linear inputs feed the smoothing statistics."""
+    layer before any later token reads them; its int8 row goes on unused (rows never mix but in attention)."""
     n, t = ids.shape
+    width = mask.shape[1]
+    col = width - t
     r, d, nkv = n * t, eng.head_dim, eng.n_kv
     flat = ids.reshape(-1)
     h = F.embedding(flat, eng.embed)  # (R, H)
     cos, sin = (x.contiguous() for x in eng.rotary(h, positions.reshape(r, 1)))  # (R, 1, D)
 
     # each distinct first token in fp32 (position 0, alone), its keys/values per layer
-    rep, first, inverse = eng._first_token_rows(ids, positions, mask)
+    rep, first, inverse = eng._first_token_rows(ids, positions, mask[:, col:])
     u = len(rep)
     first_kv = [(eng.embed.new_empty(u, nkv, 1, d), eng.embed.new_empty(u, nkv, 1, d)) for _ in eng.layers]
     h_first = eng._forward(flat[rep].view(u, 1), torch.zeros(u, 1, dtype=torch.long),
-                           torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u), exact=True)
-    seq, col = first // t, first % t
+                           torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u), exact=True) if u else None
+    seq, at = first // t, col + first % t
 
-    def on_kv(i, kt, vt):  # the fp32 first tokens in, then this layer's keys/values to every copy's cache row
-        fk, fv = first_kv[i]
-        kt[seq, :, col] = fk[inverse, :, 0]
-        vt[seq, :, col] = fv[inverse, :, 0]
+    def on_kv(i, kt, vt):  # the prefix's and the fp32 first tokens' keys/values in, then to the cache rows
+        if before:
+            kt[:, :, :col], vt[:, :, :col] = before[i]
+        if u:
+            fk, fv = first_kv[i]
+            kt[seq, :, at] = fk[inverse, :, 0]
+            vt[seq, :, at] = fv[inverse, :, 0]
+        if callable(caches):
+            caches(i, kt, vt)
+            return
         k_cache, v_cache = caches[i]
-        k_cache[:, :, :t] = kt.index_select(0, rows)
-        v_cache[:, :, :t] = vt.index_select(0, rows)
+        k_cache[:, :, :width] = kt.index_select(0, rows)
+        v_cache[:, :, :width] = vt.index_select(0, rows)
 
     seen = None
-    if observe is not None:
-        rows_seen = observe.nonzero().squeeze(1)
+    if observe:
+        rows_seen = ((positions >= 1) & mask[:, col:]).reshape(-1).nonzero().squeeze(1)
 
         def seen(lin, x, smoothed):  # QuantLinear.observe on the unsmoothed input x * s = x / inv_s
             amax = x.index_select(0, rows_seen).abs().amax(0)
             amax = amax / lin.inv_s if smoothed else amax
             lin.amax = amax if lin.amax is None else torch.maximum(lin.amax, amax)
 
-    kv = (torch.empty(n, nkv, t, d), torch.empty(n, nkv, t, d))  # this prefill's keys/values, per prompt
-    x, xs = _layers(eng, lib, h, cos, sin, [kv] * len(eng.layers), mask.contiguous(), n, t, 0, on_kv, seen)
+    kv = (torch.empty(n, nkv, width, d), torch.empty(n, nkv, width, d))  # this prefill's keys/values, per prompt
+    x, xs = _layers(eng, lib, h, cos, sin, [kv] * len(eng.layers), mask.contiguous(), n, t, col, on_kv, seen)
+    if not logits:
+        return None
     last = torch.arange(n) * t + t - 1  # each prompt's last token (left padding)
     x_last, xs_last = x.index_select(0, last), xs.index_select(0, last)
     alone = (first.unsqueeze(1) == last).any(0)  # a one-token prompt: its last token is its first
@@ -148,6 +204,6 @@ def prefill(eng, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Te
         lib.prep(ptr(h_alone), ptr(eng.norm_s), eng.eps, 1, len(h_alone), h.shape[1], GEMM_IO[eng.kernel][0],
                  ptr(x_alone), ptr(xs_alone), None)
         x_last[alone], xs_last[alone] = x_alone, xs_alone
-    logits = torch.empty(n, eng.lm_head.w_scale.shape[0])
-    _lm_head(eng, lib, x_last, xs_last, logits, torch.arange(n))
-    return logits
+    out = torch.empty(n, eng.lm_head.w_scale.shape[0])
+    _lm_head(eng, lib, x_last, xs_last, out, torch.arange(n))
+    return out

@@ -402,3 +402,26 @@ def test_without_vnni_the_pick_is_the_own_kernel_where_it_is_built(monkeypatch):
         monkeypatch.setattr(int8, "_KERNEL", None)
         monkeypatch.setattr(int8, "avx2_available", lambda built=built: built)
         assert int8.int8_kernel() in ("int_mm", "avx2" if built else "fbgemm")  # int_mm where the CPU has VNNI
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+def test_a_shared_prefix_runs_once_with_the_same_results(tiny, kernel):
+    """The chat template's opening tokens, common to every prompt, run once in the fused prefill and their
+    keys/values go to every row: each token's arithmetic is unchanged (same positions, same keys in the
+    same order), so samples and log-probs are those of the prefill without it, over three calls (the
+    smoothing statistics the prefill gathers included)."""
+    model, tok = tiny
+    ids, mask = encode(tok)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=8)
+    runs = {}
+    for share in (True, False):
+        fast = FastBackend(model, tok, kernel=kernel, share_prefix=share)
+        for seed in range(3):
+            fast.sync_weights(model)
+            out = fast.generate(ids, mask, sampling, seed)
+        runs[share] = out, fast.last_logps, fast.last_stats["shared_prefix"]
+    (a, la, shared), (b, lb, none) = runs[True], runs[False]
+    assert shared >= 2 and none == 0
+    assert torch.equal(a, b)
+    # equal to the bit with each kernel (measured); fbgemm's input range is per tensor, so its bound is looser
+    assert torch.equal(la, lb) if kernel != "fbgemm" else (la - lb).abs().max() < 0.05
