@@ -144,9 +144,16 @@ class QuantLinear:
         self.bias = None if all(x is None for x in self.biases) else torch.cat(
             [x.detach().float() if x is not None else torch.zeros(n) for x, n in zip(self.biases, self.sizes)])
         s = None
+        lib = decode_kernels.load()
         if self.amax is not None and alpha > 0:
-            # max |w| per input channel over the group (max and -min: abs() would be a full-size temporary)
-            w_amax = torch.stack([torch.maximum(w.amax(0), w.amin(0).neg()).float() for w in weights]).amax(0)
+            # max |w| per input channel over the group: one pass in C, else max and -min (abs() would be a
+            # full-size temporary)
+            if lib is not None and all(w.dtype == torch.float32 and w.is_contiguous() for w in weights):
+                w_amax = torch.zeros(k)
+                for w in weights:
+                    lib.col_amax(w.data_ptr(), w.shape[0], k, w_amax.data_ptr())
+            else:
+                w_amax = torch.stack([torch.maximum(w.amax(0), w.amin(0).neg()).float() for w in weights]).amax(0)
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
         total = sum(self.sizes)
         # avx2: rows written straight into the kernel's panel layout (decode_kernels.c: pack_u8s8)
@@ -155,7 +162,6 @@ class QuantLinear:
         scale = torch.empty(total, 1)
         rowsum = torch.zeros(-(-total // 16) * 16 if panels else total, dtype=torch.int32)
         row = 0
-        lib = decode_kernels.load()
         for w in weights:
             if panels:  # the kernel is this library's, so it is loaded
                 w = w.float().contiguous()

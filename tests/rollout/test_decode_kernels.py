@@ -271,3 +271,13 @@ def test_avx2_weights_are_rounded_straight_into_the_panels(lib):
     w8 = plain.w8t.t()
     assert torch.equal(panels.w8, int8.pack_u8s8(w8)) and torch.equal(panels.w_scale, plain.w_scale)
     assert torch.equal(panels.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
+
+
+def test_col_amax_is_the_column_max_of_abs_over_a_group(lib):
+    g = torch.Generator().manual_seed(12)
+    a, b = torch.randn(13, 21, generator=g), torch.randn(5, 21, generator=g)  # K = 21: a vector tail
+    b[2, 20] = -9.0  # a negative extreme
+    out = torch.full((21,), 0.5)
+    lib.col_amax(ptr(a), 13, 21, ptr(out))
+    lib.col_amax(ptr(b), 5, 21, ptr(out))
+    assert torch.equal(out, torch.cat([a, b]).abs().amax(0).clamp_min(0.5)) and out[20] == 9.0
