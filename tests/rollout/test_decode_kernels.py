@@ -156,10 +156,11 @@ def test_build_without_a_compiler_says_why(tmp_path, monkeypatch):
 
 
 
-@pytest.mark.parametrize("groups", [1, 3])
-def test_attention_is_sdpa_over_the_unmasked_keys(lib, groups):
+# head size 16: the portable loop; 64 and 128: the AVX2 one (keys 8 at a time, here 2 blocks and a tail of 5)
+@pytest.mark.parametrize("groups,d", [(1, 16), (3, 16), (3, 64), (2, 128)])
+def test_attention_is_sdpa_over_the_unmasked_keys(lib, groups, d):
     g = torch.Generator().manual_seed(5)
-    b, nkv, d, length, n = 3, 2, 16, 12, 9  # the cache holds 12 columns, the step reads the first 9
+    b, nkv, length, n = 3, 2, 24, 21  # the cache holds 24 columns, the step reads the first 21
     nh = nkv * groups
     q = torch.randn(b, nh, d, generator=g)
     kc, vc = torch.randn(b, nkv, length, d, generator=g), torch.randn(b, nkv, length, d, generator=g)
@@ -192,11 +193,12 @@ def test_quantize_rows_is_quantize_with_torch_ops(lib):
     assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01
 
 
-def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib):
+@pytest.mark.parametrize("d", [8, 64])  # the portable loop, the AVX2 one
+def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib, d):
     """T queries a sequence (a prefill): token t reads keys 0..t that are real; a left pad, with no real key
     to read, gets zeros."""
     g = torch.Generator().manual_seed(7)
-    s, t, nkv, groups, d = 2, 5, 2, 3, 8
+    s, t, nkv, groups = 2, 11, 2, 3
     nh = nkv * groups
     q = torch.randn(s * t, nh, d, generator=g)
     kc, vc = torch.randn(s, nkv, t, d, generator=g), torch.randn(s, nkv, t, d, generator=g)
