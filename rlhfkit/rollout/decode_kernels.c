@@ -30,7 +30,7 @@
 #include <immintrin.h>
 #endif
 
-int rlhfkit_kernels_version(void) { return 7; }
+int rlhfkit_kernels_version(void) { return 8; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -142,27 +142,27 @@ void prep(const float *x, const float *w, float eps, int norm, int B, int K, int
 }
 
 /* the qkv GEMM's output (B, (nh + 2 nkv) d) -> q (B, nh, d) rotated; k rotated and v into the caches
- * (B / T, nkv, L, d): row b is token b % T of sequence b / T, written to column col + b % T (a decode step:
- * T = 1, one token a sequence; a prefill: T tokens each, from col 0); cos / sin (B, d) per row
- * (transformers' rotate_half layout) */
+ * (S, nkv, L, d): row b is a token of sequence seq[b], written to column col[b] (a decode step: one token a
+ * sequence; a prefill: each real token of each prompt, no pads); cos / sin (B, d) per row (transformers'
+ * rotate_half layout) */
 void qkv_post(const void *y, int ytype, const float *wscale, const float *xscale, const float *bias,
               const float *cos, const float *sin, int B, int nh, int nkv, int d, float *q, float *kc, float *vc,
-              int L, int col, int T) {
+              int L, const int32_t *seq, const int32_t *col) {
     int n = (nh + 2 * nkv) * d, half = d / 2;
 #pragma omp parallel for PAR(B * n)
     for (int b = 0; b < B; b++) {
         float row[n];
         dequant_row(y, ytype, (long)b * n, wscale, xscale[b], bias, n, row);
         const float *c = cos + (long)b * d, *s = sin + (long)b * d;
-        long seq = b / T, at = col + b % T;
+        long sq = seq[b], at = col[b];
         for (int hd = 0; hd < nh + nkv; hd++) {
             const float *x = row + hd * d;
-            float *dst = hd < nh ? q + ((long)b * nh + hd) * d : kc + ((seq * nkv + hd - nh) * L + at) * d;
+            float *dst = hd < nh ? q + ((long)b * nh + hd) * d : kc + ((sq * nkv + hd - nh) * L + at) * d;
             for (int i = 0; i < half; i++) dst[i] = x[i] * c[i] - x[i + half] * s[i];
             for (int i = half; i < d; i++) dst[i] = x[i] * c[i] + x[i - half] * s[i];
         }
         for (int j = 0; j < nkv; j++)
-            memcpy(vc + ((seq * nkv + j) * L + at) * d, row + (nh + nkv + j) * d, sizeof(float) * d);
+            memcpy(vc + ((sq * nkv + j) * L + at) * d, row + (nh + nkv + j) * d, sizeof(float) * d);
     }
 }
 
@@ -304,21 +304,20 @@ static inline __attribute__((always_inline)) void attention_job8(const float *qb
 }
 #endif
 
-/* attention of T query tokens per sequence against the KV cache: q (S T, nh, d), row s T + t is token t of
- * sequence s and reads keys [0, base + t + 1) of the caches (S, nkv, L, d) where mask[s * mask_stride + j]
- * != 0 (a decode step: T = 1, base = the new token's column; a prefill: base = 0, causal); the nh / nkv
- * query heads sharing a K/V head read it together. Softmax of q.k * scale, then the weighted sum of values,
- * into out (S T, nh, d); a query with no key to read (a left pad in a prefill) gets zeros. With AVX2 and a
- * head size of 64 or 128, attention_job8 (4x the portable loop at batch 32: its exp and its scores'
- * horizontal sums were scalar). */
-void attention(const float *q, const float *kc, const float *vc, const uint8_t *mask, long mask_stride, int S,
-               int T, int nh, int nkv, int d, int L, int base, float scale, float *out) {
+/* attention of R query tokens against the KV cache: q (R, nh, d), row r a token of sequence seq[r] at
+ * column col[r], reading keys [0, col[r]] of the caches (S, nkv, L, d) where mask[seq[r] * mask_stride + j]
+ * != 0 (a decode step: one row a sequence at the new token's column; a prefill: each real token, causal);
+ * the nh / nkv query heads sharing a K/V head read it together. Softmax of q.k * scale, then the weighted
+ * sum of values, into out (R, nh, d); a query with no key to read gets zeros. With AVX2 and a head size of
+ * 64 or 128, attention_job8 (4x the portable loop at batch 32: its exp and its scores' horizontal sums
+ * were scalar). */
+void attention(const float *q, const float *kc, const float *vc, const uint8_t *mask, long mask_stride, int R,
+               int nh, int nkv, int d, int L, const int32_t *seq, const int32_t *col, float scale, float *out) {
     int groups = nh / nkv;
-#pragma omp parallel for schedule(dynamic, 4) PAR((long)S * nkv * T * (base + T) * d)
-    for (long job = 0; job < (long)S * nkv * T; job++) {
-        int t = job % T, kv = (job / T) % nkv;
-        long s = job / ((long)T * nkv), r = s * T + t;
-        int n = base + t + 1;
+#pragma omp parallel for schedule(dynamic, 4) PAR((long)R * nkv * (R > 0 ? col[R - 1] + 1 : 0) * d)
+    for (long job = 0; job < (long)R * nkv; job++) {
+        long r = job / nkv, s = seq[r];
+        int kv = job % nkv, n = col[r] + 1;
         const float *k = kc + (s * nkv + kv) * L * d, *v = vc + (s * nkv + kv) * L * d;
         const float *qb = q + (r * nh + (long)kv * groups) * d;  /* head h = kv * groups + g */
         float *ob = out + (r * nh + (long)kv * groups) * d;

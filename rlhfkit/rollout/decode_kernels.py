@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-VERSION = 7  # rlhfkit_kernels_version() of the source this module calls
+VERSION = 8  # rlhfkit_kernels_version() of the source this module calls
 # OpenMP where the compiler has it (its loops then share torch's libgomp and thread count), else one thread
 # no -ffast-math: reassociated reductions would round differently with each buffer's alignment (a result that
 # changes from one process to the next); the C code spells out its vector lanes instead
@@ -36,11 +36,11 @@ _LOCK = threading.Lock()  # the engine's quantizing threads may be the first cal
 _p, _i, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 _SIGNATURES = {
     "prep": [_p, _p, _f, _i, _i, _i, _i, _p, _p, _p],
-    "qkv_post": [_p, _i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _p, _i, _i, _i],
+    "qkv_post": [_p, _i, _p, _p, _p, _p, _p, _i, _i, _i, _i, _p, _p, _p, _i, _p, _p],
     "residual_prep": [_p, _i, _p, _p, _p, _p, _p, _f, _i, _i, _i, _p, _p, _p],
     "gate_up_post": [_p, _i, _p, _p, _p, _i, _i, _i, _p, _p, _p],
     "dequant_rows": [_p, _i, _p, _p, _p, _i, _i, _p, _p],
-    "attention": [_p, _p, _p, _p, ctypes.c_long, _i, _i, _i, _i, _i, _i, _i, _f, _p],
+    "attention": [_p, _p, _p, _p, ctypes.c_long, _i, _i, _i, _i, _i, _p, _p, _f, _p],
     "quantize_rows": [_p, _p, _i, _i, _p, _p, _p, _i, _i],
     "gemm_u8s8": [_p, _p, _p, _i, _i, _i, _p],
     "pack_u8s8": [_p, _i, _i, _p],

@@ -83,8 +83,9 @@ def test_qkv_post_rotates_and_fills_the_cache_column(lib, mode, with_bias):
     cos, sin = ang.cos(), ang.sin()
     q = torch.empty(b, nh, d)
     kc, vc = torch.zeros(b, nkv, length, d), torch.zeros(b, nkv, length, d)
+    seq, cols = torch.arange(b, dtype=torch.int32), torch.full((b,), col, dtype=torch.int32)  # a decode step
     lib.qkv_post(ptr(y), mode, ptr(wscale), ptr(xscale), ptr(bias), ptr(cos), ptr(sin), b, nh, nkv, d, ptr(q),
-                 ptr(kc), ptr(vc), length, col, 1)
+                 ptr(kc), ptr(vc), length, ptr(seq), ptr(cols))
     full = dequant_ref(y, wscale, xscale, bias)
     qk = full[:, :(nh + nkv) * d].view(b, nh + nkv, d)
     rotated = qk * cos + torch.cat((-qk[..., d // 2:], qk[..., :d // 2]), -1) * sin  # transformers' rotate_half
@@ -168,8 +169,9 @@ def test_attention_is_sdpa_over_the_unmasked_keys(lib, groups, d):
     mask[0, :4] = False  # left padding
     mask[2, 5] = False
     out = torch.empty(b, nh, d)
-    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), mask.shape[1], b, 1, nh, nkv, d, length, n - 1, d ** -0.5,
-                  ptr(out))
+    seq, col = torch.arange(b, dtype=torch.int32), torch.full((b,), n - 1, dtype=torch.int32)  # a decode step
+    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), mask.shape[1], b, nh, nkv, d, length, ptr(seq), ptr(col),
+                  d ** -0.5, ptr(out))
     want = F.scaled_dot_product_attention(q.view(b, nkv, groups, d), kc[:, :, :n], vc[:, :, :n],
                                           attn_mask=mask[:, None, None, :n], scale=d ** -0.5)
     torch.testing.assert_close(out, want.reshape(b, nh, d), rtol=1e-5, atol=1e-5)
@@ -195,8 +197,8 @@ def test_quantize_rows_is_quantize_with_torch_ops(lib):
 
 @pytest.mark.parametrize("d", [8, 64])  # the portable loop, the AVX2 one
 def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib, d):
-    """T queries a sequence (a prefill): token t reads keys 0..t that are real; a left pad, with no real key
-    to read, gets zeros."""
+    """T queries a sequence (a prefill): token t reads keys 0..t that are real; a query with no real key to
+    read (a left pad: the engine leaves them out, the kernel must not fail on one) gets zeros."""
     g = torch.Generator().manual_seed(7)
     s, t, nkv, groups = 2, 11, 2, 3
     nh = nkv * groups
@@ -205,7 +207,9 @@ def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib, d):
     mask = torch.ones(s, t, dtype=torch.bool)
     mask[1, :2] = False  # sequence 1 is left-padded by two
     out = torch.empty(s * t, nh, d)
-    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), t, s, t, nh, nkv, d, t, 0, d ** -0.5, ptr(out))
+    seq, col = torch.arange(s * t, dtype=torch.int32) // t, torch.arange(s * t, dtype=torch.int32) % t
+    lib.attention(ptr(q), ptr(kc), ptr(vc), ptr(mask), t, s * t, nh, nkv, d, t, ptr(seq), ptr(col), d ** -0.5,
+                  ptr(out))
     causal = torch.ones(t, t, dtype=torch.bool).tril() & mask[:, None, None, :]  # (S, 1, T, T)
     qs = q.view(s, t, nkv, groups, d).permute(0, 2, 3, 1, 4).reshape(s, nkv, groups * t, d)
     want = F.scaled_dot_product_attention(qs, kc, vc, attn_mask=causal.repeat(1, 1, groups, 1), scale=d ** -0.5)
@@ -216,19 +220,21 @@ def test_attention_prefill_is_causal_sdpa_over_real_tokens(lib, d):
 
 
 def test_qkv_post_prefill_writes_each_token_to_its_column(lib):
+    """A prefill's rows are the real tokens only: row r goes to column col[r] of sequence seq[r]'s cache."""
     g = torch.Generator().manual_seed(8)
-    seqs, t, nh, nkv, d = 2, 3, 2, 1, 4
-    n = (nh + 2 * nkv) * d
-    y = torch.randn(seqs * t, n, generator=g)
-    ones, unit = torch.ones(n), torch.ones(seqs * t)
-    cos, sin = torch.ones(seqs * t, 1, d), torch.zeros(seqs * t, 1, d)  # no rotation: plain copies
-    q, kc, vc = torch.empty(seqs * t, nh, d), torch.zeros(seqs, nkv, 5, d), torch.zeros(seqs, nkv, 5, d)
-    lib.qkv_post(ptr(y), 0, ptr(ones), ptr(unit), None, ptr(cos), ptr(sin), seqs * t, nh, nkv, d, ptr(q), ptr(kc),
-                 ptr(vc), 5, 1, t)  # columns 1..3 of a 5-column cache
-    rows = y.view(seqs, t, nh + 2 * nkv, d)
-    torch.testing.assert_close(kc[:, 0, 1:4], rows[:, :, nh])
-    torch.testing.assert_close(vc[:, 0, 1:4], rows[:, :, nh + 1])
-    assert not kc[:, :, [0, 4]].any()
+    nh, nkv, d = 2, 1, 4
+    seq, col = torch.tensor([0, 0, 0, 1, 1], dtype=torch.int32), torch.tensor([1, 2, 3, 2, 3], dtype=torch.int32)
+    r, n = len(seq), (nh + 2 * nkv) * d
+    y = torch.randn(r, n, generator=g)
+    ones, unit = torch.ones(n), torch.ones(r)
+    cos, sin = torch.ones(r, 1, d), torch.zeros(r, 1, d)  # no rotation: plain copies
+    q, kc, vc = torch.empty(r, nh, d), torch.zeros(2, nkv, 5, d), torch.zeros(2, nkv, 5, d)
+    lib.qkv_post(ptr(y), 0, ptr(ones), ptr(unit), None, ptr(cos), ptr(sin), r, nh, nkv, d, ptr(q), ptr(kc),
+                 ptr(vc), 5, ptr(seq), ptr(col))
+    rows = y.view(r, nh + 2 * nkv, d)
+    torch.testing.assert_close(kc[seq.long(), 0, col.long()], rows[:, nh])
+    torch.testing.assert_close(vc[seq.long(), 0, col.long()], rows[:, nh + 1])
+    assert not kc[0, :, [0, 4]].any() and not kc[1, :, [0, 1, 4]].any()
 
 
 # (M, N, K): ragged row tiles and panels, K tails of 1 to 3, a block of activation rows past the first
