@@ -1,6 +1,6 @@
 """Online RL (GRPO) throughput and peak memory: rlhfkit against TRL's ``GRPOTrainer``; rlhfkit PPO's step time.
 
-    python bench/online.py [--steps 4] [--warmup 1] [--no-ppo]
+    python bench/online.py [--steps 4] [--warmup 1] [--rounds 2] [--no-ppo]
 
 Both GRPO runs train the bundled SmolLM2-135M-Instruct (TRL gets the directory
 ``rlhfkit.models.loading.bundled_model_dir()``) in fp32 on the sentiment task's train prompts, in the
@@ -39,8 +39,10 @@ one epoch over one mini-batch of 8 (PPO's default is 4 epochs over mini-batches 
 initialised from the policy; reported as mean seconds per step over the timed steps.
 
 Each run is its own subprocess (``bench/common.py``), so the peak RSS (``wait4``'s ``ru_maxrss``,
-model loading included) is per framework. On a machine shared with other work the timings are noisy;
-compare rates from one invocation only.
+model loading included) is per framework (the largest over rounds). ``--rounds`` repeats the
+rlhfkit / TRL pair, alternating, and pools each framework's timed steps over the rounds: this machine's
+speed drifts by up to 1.5x within minutes, and one run each would compare two different machines. On
+a machine shared with other work the timings are noisy; compare rates from one invocation only.
 
 The last line is machine-readable:
 
@@ -119,6 +121,11 @@ def _instrument_rlhfkit(run_dir: Path) -> list[float]:
     return cpu
 
 
+def run_dir_of(args) -> Path:
+    """The worker's own output folder, beside its result file: each run of each round starts empty."""
+    return Path(args.out).with_name(Path(args.out).stem + "-run")
+
+
 def _rows(run_dir: Path) -> list[dict]:
     from rlhfkit.tracking import read_metrics
 
@@ -129,7 +136,7 @@ def worker_rlhfkit(args) -> None:
     from rlhfkit.models.loading import BUNDLED
     from rlhfkit.train import grpo
 
-    run_dir = Path(args.out).parent / "rlhfkit-grpo"
+    run_dir = run_dir_of(args)
     cpu = _instrument_rlhfkit(run_dir)
     cfg = grpo.GRPOConfig(model=BUNDLED, task=TASK, reward="gold", output_dir=str(run_dir), seed=SEED,
                           max_steps=args.steps, prompts_per_step=PROMPTS_PER_STEP, samples_per_prompt=K,
@@ -178,7 +185,7 @@ def worker_trl(args) -> None:
     tok.pad_token = "<|endoftext|>"  # as rlhfkit's loader: a pad distinct from EOS (the GGUF's pad is EOS)
     ds = datasets.Dataset.from_list([{"prompt": p} for p in stream_prompts(args.steps, PROMPTS_PER_STEP)])
     targs = trl.GRPOConfig(
-        output_dir=str(Path(args.out).parent / "trl-grpo"), per_device_train_batch_size=PROMPTS_PER_STEP * K,
+        output_dir=str(run_dir_of(args)), per_device_train_batch_size=PROMPTS_PER_STEP * K,
         num_generations=K, gradient_accumulation_steps=1, num_iterations=1, max_steps=args.steps,
         max_completion_length=MAX_NEW_TOKENS, temperature=TEMPERATURE, learning_rate=LR, beta=BETA,
         bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=not torch.cuda.is_available(),
@@ -199,7 +206,7 @@ def worker_ppo(args) -> None:
     from rlhfkit.models.loading import BUNDLED
     from rlhfkit.train import ppo
 
-    run_dir = Path(args.out).parent / "rlhfkit-ppo"
+    run_dir = run_dir_of(args)
     cpu = _instrument_rlhfkit(run_dir)
     n = PROMPTS_PER_STEP * K
     cfg = ppo.PPOConfig(model=BUNDLED, task=TASK, reward="gold", output_dir=str(run_dir), seed=SEED,
@@ -217,13 +224,12 @@ def worker_ppo(args) -> None:
 WORKERS = {"rlhfkit": worker_rlhfkit, "trl": worker_trl, "ppo": worker_ppo}
 
 
-def timed(result: dict, warmup: int) -> dict:
-    """Rates over the steps after the first ``warmup``: completions per wall second and per CPU second,
-    mean wall and CPU seconds per step."""
-    step_s, cpu_s, done = result["step_s"][warmup:], result["cpu_s"][warmup:], result["completions"][warmup:]
+def timed(results: list[dict], warmup: int) -> dict:
+    """Rates over each run's steps after its first ``warmup``, pooled over the runs: completions per wall
+    second and per CPU second, mean wall and CPU seconds per step."""
+    step_s, cpu_s, done = ([x for r in results for x in r[key][warmup:]] for key in ("step_s", "cpu_s", "completions"))
     assert step_s and len(cpu_s) == len(step_s), (
-        f"{result['framework']}: {len(result['step_s'])} step times, {len(result['cpu_s'])} CPU times, "
-        f"{warmup} warm-up")
+        f"{results[0]['framework']}: {len(step_s)} step times, {len(cpu_s)} CPU times, {warmup} warm-up")
     return {"completions_s": sum(done) / sum(step_s), "completions_cpu_s": sum(done) / sum(cpu_s),
             "mean_step_s": sum(step_s) / len(step_s), "mean_step_cpu_s": sum(cpu_s) / len(cpu_s)}
 
@@ -233,6 +239,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per framework")
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the rates (one-off costs)")
     p.add_argument("--no-ppo", action="store_true", help="skip the rlhfkit PPO step-time run")
+    p.add_argument("--rounds", type=int, default=2, help="rlhfkit / TRL runs each, alternating; steps pooled")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per framework before it is killed")
     p.add_argument("--rollout-backend", choices=("auto", "hf", "fast"), default="auto",
                    help="rlhfkit's generation backend (GRPO and PPO): 'auto', the trainers' default, is the int8 CPU "
@@ -253,22 +260,25 @@ def main() -> None:
           f"{args.steps} steps ({args.warmup} warm-up); torch threads per process: "
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} CPUs", flush=True)
-    results = {}
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-        for name in ["rlhfkit", "trl"] + ([] if args.no_ppo else ["ppo"]):
-            out = Path(tmp) / f"{name}.json"
+        order = ["rlhfkit", "trl"] * args.rounds + ([] if args.no_ppo else ["ppo"])
+        for i, name in enumerate(order):
+            out = Path(tmp) / f"{name}-{i}.json"
             # rlhfkit runs with what its command sets (common.rlhfkit_env), TRL with its own defaults
             worker_env = env if name == "trl" else rlhfkit_env(env)
             r, m = run_worker(__file__, name, out, "--steps", args.steps, "--rollout-backend", args.rollout_backend,
                               env=worker_env, timeout=args.timeout)
-            r.update(timed(r, args.warmup), peak_rss_mb=m.peak_rss_mb)
-            results[name] = r
+            r.update(timed([r], args.warmup), peak_rss_mb=m.peak_rss_mb)
+            runs.setdefault(name, []).append(r)
             print(f"{name:>8}: {r['completions_s']:6.3f} completions/s ({r['completions_cpu_s']:6.3f} per CPU-s)  "
                   f"mean step {r['mean_step_s']:6.2f} s ({r['mean_step_cpu_s']:6.2f} CPU-s)  peak RSS "
                   f"{m.peak_rss_mb:6.0f} MiB  process wall {m.wall_s:6.1f} s  load {os.getloadavg()[0]:.1f}\n"
                   f"{'':>10}step s {[round(s, 1) for s in r['step_s']]}  CPU s {[round(s, 1) for s in r['cpu_s']]}  "
                   f"reward {[round(x, 3) for x in r['reward']]}", flush=True)
+    results = {name: {**rs[0], **timed(rs, args.warmup), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                      "length": [x for r in rs for x in r.get("length", [])]} for name, rs in runs.items()}
     ours, theirs = results["rlhfkit"], results["trl"]
     print(f"TRL {theirs['version']}: optimizer {theirs['optim']}, loss_type {theirs['loss_type']}; "
           f"load average now {os.getloadavg()[0]:.1f}")
@@ -288,7 +298,7 @@ def main() -> None:
                  rlhfkit_completions_s=ours["completions_s"], trl_completions_s=theirs["completions_s"],
                  ppo_step_s=results["ppo"]["mean_step_s"] if "ppo" in results else float("nan"),
                  cpu_speedup=ours["completions_cpu_s"] / theirs["completions_cpu_s"],
-                 rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=theirs["peak_rss_mb"], steps=args.steps,
+                 rlhfkit_rss_mb=ours["peak_rss_mb"], trl_rss_mb=theirs["peak_rss_mb"], steps=args.steps, rounds=args.rounds,
                  warmup=args.warmup, frac_of_peak=frac_of_peak(ours["completions_s"] * completion_flops, peak),
                  peak_gflop_s=peak / 1e9, rollout_backend=args.rollout_backend)
 

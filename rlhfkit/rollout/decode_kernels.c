@@ -376,7 +376,7 @@ static inline long panel_bytes(int K) { return (long)PANEL * ((K + 3) & ~3); }
  * int8 with its own symmetric scale max |w s| / 127 (scale[n]), and the row's sum of int8 values into
  * rowsum[n] unless NULL (gemm_u8s8's zero-point term); on `threads` threads (the engine quantizes several
  * weights at once, one thread each). Rows go to w8 (N, K) when panel_row < 0, else straight into
- * gemm_u8s8's panel layout (pack_u8s8, below) of a buffer whose row panel_row is this w's first row (a
+ * gemm_u8s8's panel layout (below; rows past N and columns past K are zeros) of a buffer whose row panel_row is this w's first row (a
  * group's weights share one buffer; the caller zeroes rows past the group's last), with no second pass */
 void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, float *scale, int32_t *rowsum,
                    int threads, int panel_row) {
@@ -414,8 +414,8 @@ void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, flo
 
 /* The int8 GEMM for CPUs without VNNI, rlhfkit's own: out (M, N) int32 = a (M, K) uint8 times w^T minus
  * 64 * rowsum[n], i.e. the product of the signed activations a - 64 (gemm input mode 2) with the int8
- * weight w (N, K). The weight is laid out once per re-quantization by pack_u8s8 (a plain reorder, no
- * per-call work): panels of 16 rows, and in a panel, for each group of 4 columns, the 16 rows' 4 bytes
+ * weight w (N, K). The weight is laid out once per re-quantization, by the rounding pass itself
+ * (quantize_rows): panels of 16 rows, and in a panel, for each group of 4 columns, the 16 rows' 4 bytes
  * side by side (64 bytes). One AVX2 step then broadcasts 4 bytes of an activation row and multiplies them
  * with a panel's 64 bytes: vpmaddubsw multiplies u8 by s8 and adds pairs into int16 (at most 2 * 127 * 127,
  * so 7-bit activations never saturate), vpmaddwd adds the pairs into int32, so each int32 lane sums one
@@ -434,20 +434,6 @@ int rlhfkit_has_avx2(void) {
 
 #define TILE_ROWS 5  /* 10 accumulators + 2 weight vectors + the broadcast + ones: 14 of AVX2's 16 registers
                         (4 rows: 1.2x slower on the engine's shapes; 6 spills) */
-
-/* w (N, K) int8 -> wp, ceil(N / 16) panels of panel_bytes(K) bytes (rows past N and columns past K: zeros) */
-void pack_u8s8(const int8_t *w, int N, int K, int8_t *wp) {
-    int groups = (K + 3) / 4, panels = (N + PANEL - 1) / PANEL;
-    memset(wp, 0, (size_t)panels * panel_bytes(K));
-    for (int n = 0; n < N; n++) {
-        int8_t *dst = wp + (long)(n / PANEL) * panel_bytes(K) + (n % PANEL) * 4;
-        const int8_t *src = w + (long)n * K;
-        for (int g = 0; g < groups; g++) {
-            int k0 = 4 * g, kn = K - k0 < 4 ? K - k0 : 4;
-            memcpy(dst + (long)g * PANEL * 4, src + k0, kn);
-        }
-    }
-}
 
 /* out[i, 0..nr) for i < MR rows of a, from one panel: the first k4 = K rounded down to 4 columns (the
  * last K % 4, a scalar loop in gemm_u8s8, are rare) minus 64 rowsum; MR is a constant at each call site,
@@ -489,7 +475,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_
 #endif
 }
 
-/* a (M, K) uint8 x wp (pack_u8s8 of w (N, K)) -> out (M, N) int32; rowsum: ceil(N / 16) * 16 entries (zeros
+/* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32; rowsum: ceil(N / 16) * 16 entries (zeros
  * past N) */
 void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
     int k4 = K & ~3, panels = (N + PANEL - 1) / PANEL;

@@ -43,7 +43,6 @@ _SIGNATURES = {
     "attention": [_p, _p, _p, _p, ctypes.c_long, _i, _i, _i, _i, _i, _p, _p, _f, _p],
     "quantize_rows": [_p, _p, _i, _i, _p, _p, _p, _i, _i],
     "gemm_u8s8": [_p, _p, _p, _i, _i, _i, _p],
-    "pack_u8s8": [_p, _i, _i, _p],
     "col_amax": [_p, _i, _i, _p],
 }
 

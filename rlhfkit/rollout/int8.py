@@ -85,15 +85,6 @@ def int8_kernel() -> str:
     return _KERNEL
 
 
-def pack_u8s8(w8: torch.Tensor) -> torch.Tensor:
-    """The ``avx2`` kernel's layout of an (N, K) int8 weight: panels of 16 rows, each column group of 4
-    bytes of the 16 rows side by side (``pack_u8s8`` in decode_kernels.c; zeros pad N to 16, K to 4)."""
-    n, k = w8.shape
-    packed = torch.empty(-(-n // 16) * 16 * (-(-k // 4) * 4), dtype=torch.int8)
-    decode_kernels.load().pack_u8s8(w8.contiguous().data_ptr(), n, k, packed.data_ptr())
-    return packed
-
-
 class QuantLinear:
     """``y = x W^T + b`` for one or several weights sharing the input (q/k/v, gate/up).
 
@@ -116,7 +107,7 @@ class QuantLinear:
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
         self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
-        self.w8 = self.rowsum = None  # the avx2 kernel's int8 weight (pack_u8s8's layout) and its row sums
+        self.w8 = self.rowsum = None  # the avx2 kernel's int8 weight (in its panels) and its row sums
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
@@ -156,7 +147,7 @@ class QuantLinear:
                 w_amax = torch.stack([torch.maximum(w.amax(0), w.amin(0).neg()).float() for w in weights]).amax(0)
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
         total = sum(self.sizes)
-        # avx2: rows written straight into the kernel's panel layout (decode_kernels.c: pack_u8s8)
+        # avx2: rows written straight into the kernel's panel layout (decode_kernels.c: gemm_u8s8)
         panels = kernel == "avx2"
         w8 = torch.empty(-(-total // 16) * 16 * (-(-k // 4) * 4) if panels else total * k, dtype=torch.int8)
         scale = torch.empty(total, 1)

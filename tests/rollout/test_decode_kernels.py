@@ -237,6 +237,14 @@ def test_qkv_post_prefill_writes_each_token_to_its_column(lib):
     assert not kc[0, :, [0, 4]].any() and not kc[1, :, [0, 1, 4]].any()
 
 
+def panels(w8: torch.Tensor) -> torch.Tensor:
+    """gemm_u8s8's weight layout: panels of 16 rows, each group of 4 columns of the 16 rows side by side
+    (rows padded to 16 and columns to 4 with zeros)."""
+    n, k = w8.shape
+    w = F.pad(w8, (0, -k % 4, 0, -n % 16))
+    return w.view(w.shape[0] // 16, 16, w.shape[1] // 4, 4).permute(0, 2, 1, 3).reshape(-1)
+
+
 # (M, N, K): ragged row tiles and panels, K tails of 1 to 3, a block of activation rows past the first
 @pytest.mark.parametrize("shape", [(8, 96, 64), (37, 11, 102), (1, 3, 577), (6, 35, 1539), (700, 20, 576)])
 def test_gemm_u8s8_is_the_exact_integer_product(lib, shape):
@@ -245,16 +253,9 @@ def test_gemm_u8s8_is_the_exact_integer_product(lib, shape):
     a = torch.randint(1, 128, (m, k), dtype=torch.uint8, generator=g)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
     rowsum = torch.nn.functional.pad(w.sum(1, dtype=torch.int32), (0, -n % 16))
-    out, packed = torch.full((m, n), 7, dtype=torch.int32), int8.pack_u8s8(w)  # named: alive through the call
+    out, packed = torch.full((m, n), 7, dtype=torch.int32), panels(w)  # named: alive through the call
     lib.gemm_u8s8(ptr(a), ptr(packed), ptr(rowsum), m, n, k, ptr(out))
     assert torch.equal(out, (a.int() - 64) @ w.int().t())
-
-
-def test_pack_u8s8_puts_each_rows_four_bytes_side_by_side(lib):
-    w = torch.arange(18 * 6, dtype=torch.int32).remainder(127).to(torch.int8).view(18, 6)
-    packed = int8.pack_u8s8(w).view(2, 2, 16, 4)  # (panel, column group, row in the panel, column in the group)
-    assert torch.equal(packed[0, 1, 5, :2], w[5, 4:6]) and not packed[0, 1, 5, 2:].any()  # K = 6 padded to 8
-    assert torch.equal(packed[1, 0, 1], w[17, :4]) and not packed[1, :, 2:].any()  # N = 18 padded to 32
 
 
 def test_quantize_rows_sums_each_row(lib):
@@ -267,18 +268,18 @@ def test_quantize_rows_sums_each_row(lib):
 
 
 def test_avx2_weights_are_rounded_straight_into_the_panels(lib):
-    """QuantLinear.quantize(kernel='avx2') writes the kernel's layout in its rounding pass: the same bytes as
-    packing the plain int8 weight, for a group of two weights (rows 18 + 7 = 25, K = 10 not a multiple of 4)."""
+    """QuantLinear.quantize(kernel='avx2') writes the kernel's layout in its rounding pass: the plain int8
+    weight's bytes in panels, for a group of two weights (rows 18 + 7 = 25, K = 10 not a multiple of 4)."""
     g = torch.Generator().manual_seed(11)
     weights = [torch.randn(18, 10, generator=g), torch.randn(7, 10, generator=g)]
-    plain, panels = int8.QuantLinear(weights, [None, None]), int8.QuantLinear(weights, [None, None])
+    plain, own = int8.QuantLinear(weights, [None, None]), int8.QuantLinear(weights, [None, None])
     amax = torch.rand(10, generator=g) + 0.1
-    for lin, kernel in ((plain, "int_mm"), (panels, "avx2")):
+    for lin, kernel in ((plain, "int_mm"), (own, "avx2")):
         lin.amax = amax  # a smoothing vector too
         lin.quantize(alpha=0.5, kernel=kernel)
     w8 = plain.w8t.t()
-    assert torch.equal(panels.w8, int8.pack_u8s8(w8)) and torch.equal(panels.w_scale, plain.w_scale)
-    assert torch.equal(panels.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
+    assert torch.equal(own.w8, panels(w8)) and torch.equal(own.w_scale, plain.w_scale)
+    assert torch.equal(own.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
 
 
 def test_col_amax_is_the_column_max_of_abs_over_a_group(lib):
