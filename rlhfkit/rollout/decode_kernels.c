@@ -11,14 +11,16 @@
  *   gate_up_post   gate/up GEMM output -> silu(gate) * up / s -> the down GEMM's input
  *   dequant_rows   lm-head GEMM output -> logits, written into chosen rows of the logits
  *   attention      one query token a row against the KV cache (grouped-query heads, masked keys)
- * and, once per policy update, quantize_rows (the int8 copy of a weight, QuantLinear.quantize).
+ * and, once per policy update, quantize_rows and col_amax (the int8 copy of a weight, QuantLinear.quantize);
+ * and gemm_u8s8, the int8 GEMM for CPUs without VNNI (at the end).
  *
  * GEMM outputs are fp32 (fbgemm's linear_dynamic) or int32 (torch._int_mm), `ytype` 0 / 1; the value of
  * output n of row b is y[b, n] * wscale[n] * xscale[b] (+ bias[n]). A GEMM input is written for its kernel,
  * `mode` 0 / 1 / 2: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that
  * per token), scale max |x|; int8 rows round(x / s), s = max |x| / 127, scale s (torch._int_mm); or uint8
- * rows round(x / s) + 64, s = max |x| / 63, scale s (gemm_u8s8, below, whose int32 output is read as ytype 1). The arithmetic is
- * QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results agree to float rounding.
+ * rows round(x / s) + 64, s = max |x| / 63, scale s (gemm_u8s8, below, whose int32 output is read as
+ * ytype 1). The arithmetic is QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results
+ * agree to float rounding.
  * Rows are independent, and the loops over them run on OpenMP's threads where the compiler has OpenMP: the
  * same runtime (libgomp) and thread count as torch's own ops, so nothing oversubscribes the cores. A call
  * too small to pay for waking the threads runs on one (`PAR`).
@@ -376,8 +378,9 @@ static inline long panel_bytes(int K) { return (long)PANEL * ((K + 3) & ~3); }
  * int8 with its own symmetric scale max |w s| / 127 (scale[n]), and the row's sum of int8 values into
  * rowsum[n] unless NULL (gemm_u8s8's zero-point term); on `threads` threads (the engine quantizes several
  * weights at once, one thread each). Rows go to w8 (N, K) when panel_row < 0, else straight into
- * gemm_u8s8's panel layout (below; rows past N and columns past K are zeros) of a buffer whose row panel_row is this w's first row (a
- * group's weights share one buffer; the caller zeroes rows past the group's last), with no second pass */
+ * gemm_u8s8's panel layout (below; columns past K are zeros) of a buffer whose row panel_row is this w's
+ * first row (a group's weights share one buffer; the caller zeroes rows past the group's last), with no
+ * second pass */
 void quantize_rows(const float *w, const float *s, int N, int K, int8_t *w8, float *scale, int32_t *rowsum,
                    int threads, int panel_row) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -432,6 +435,9 @@ int rlhfkit_has_avx2(void) {
 #endif
 }
 
+/* the byte of row j (< 16), column k of a panel */
+static inline int8_t panel_at(const int8_t *panel, int j, int k) { return panel[(k / 4) * PANEL * 4 + j * 4 + k % 4]; }
+
 #define TILE_ROWS 5  /* 10 accumulators + 2 weight vectors + the broadcast + ones: 14 of AVX2's 16 registers
                         (4 rows: 1.2x slower on the engine's shapes; 6 spills) */
 
@@ -469,14 +475,14 @@ static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < nr; j++) {
             int32_t t = 0;
-            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel[(long)(k / 4) * PANEL * 4 + j * 4 + k % 4];
+            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
             out[(long)i * ldo + j] = t - 64 * rowsum[j];
         }
 #endif
 }
 
-/* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32; rowsum: ceil(N / 16) * 16 entries (zeros
- * past N) */
+/* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32; rowsum:
+ * ceil(N / 16) * 16 entries (zeros past N) */
 void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
     int k4 = K & ~3, panels = (N + PANEL - 1) / PANEL;
     int block = (262144 / (K > 0 ? K : 1)) & ~3;  /* activation rows a block: ~256 KB, in L2 */
@@ -499,7 +505,7 @@ void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M,
             for (int i = m0; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
                 for (int j = 0; j < nr; j++)
                     for (int k = k4; k < K; k++)
-                        out[(long)i * N + n + j] += (int32_t)a[(long)i * K + k] * panel[(long)(k / 4) * PANEL * 4 + j * 4 + k % 4];
+                        out[(long)i * N + n + j] += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
         }
     }
 }

@@ -170,8 +170,9 @@ def _prefill(eng, lib, ids: torch.Tensor, positions: torch.Tensor, mask: torch.T
     rep, first, inverse = eng._first_token_rows(ids, positions, mask[:, col:])
     u = len(rep)
     first_kv = [(eng.embed.new_empty(u, nkv, 1, d), eng.embed.new_empty(u, nkv, 1, d)) for _ in eng.layers]
-    h_first = eng._forward(flat[rep].view(u, 1), torch.zeros(u, 1, dtype=torch.long),
-                           torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u), exact=True) if u else None
+    h_first = None if not u else eng._forward(flat[rep].view(u, 1), torch.zeros(u, 1, dtype=torch.long),
+                                              torch.ones(u, 1, 1, 1, dtype=torch.bool), first_kv, 0, torch.arange(u),
+                                              exact=True)
     seq, at = first // t, col + first % t
 
     def on_kv(i, kt, vt):  # the prefix's and the fp32 first tokens' keys/values in, then to the cache rows

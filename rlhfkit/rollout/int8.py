@@ -186,7 +186,8 @@ class QuantLinear:
             # silence the warning), but fbgemm's kernel behind them is torch's fast int8 GEMM without VNNI.
             # Packed per tensor with scale 1, the per-channel scales applied to the output (int8 below): the
             # per-channel prepack reads each channel's scale and zero point one by one (half its time)
-            self.packed = torch.ops.quantized.linear_prepack(torch._make_per_tensor_quantized_tensor(w8.view(total, k), 1.0, 0), None)
+            q = torch._make_per_tensor_quantized_tensor(w8.view(total, k), 1.0, 0)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
         else:
             self.w8t = w8.view(total, k).t()  # (K, N) view
 
