@@ -38,18 +38,38 @@ def avx2_available() -> bool:
     return lib is not None and bool(lib.rlhfkit_has_avx2())
 
 
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+"""``/proc/cpuinfo`` flags of an x86 CPU with an int8 dot-product instruction, where ``_int_mm`` is fast."""
+
+
+def cpu_has_vnni(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
+    """Whether this x86 CPU lists one of :data:`VNNI_FLAGS`; None where the file or its ``flags`` line is
+    missing (not Linux, not x86)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool(VNNI_FLAGS & set(line.partition(":")[2].split()))
+    except OSError:
+        pass
+    return None
+
+
 def int8_kernel() -> str:
     """The int8 GEMM for this CPU, chosen once per process: ``$RLHFKIT_INT8_KERNEL`` when set (one of
-    :data:`INT8_KERNELS`), else by timing ``int_mm`` against ``fbgemm`` on a decode-sized product.
+    :data:`INT8_KERNELS`), else by the CPU's flags, else by timing.
 
     ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
-    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU). ``_int_mm`` is taken unless its GEMM is
-    more than twice as slow as fbgemm's ``linear_dynamic`` on the product itself (576 -> 1536 at 8 rows,
-    weights from :meth:`QuantLinear.quantize`): the GEMMs alone are compared, since the per-token ops
-    around them cost a few microseconds either way and would let machine noise decide at this size.
-    Without VNNI the pick is ``avx2``, rlhfkit's own (``gemm_u8s8`` in decode_kernels.c), wherever its
-    library is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's kernel and needs no prepack
-    (docs/generation.md, "The own AVX2 GEMM"); ``fbgemm`` where it is not."""
+    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU). Where ``/proc/cpuinfo`` lists a VNNI
+    flag, the pick is ``int_mm``; where it lists none, ``avx2``, rlhfkit's own (``gemm_u8s8`` in
+    decode_kernels.c), wherever its library is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's
+    kernel and needs no prepack (docs/generation.md, "The own AVX2 GEMM"); ``fbgemm`` where it is not.
+    The flags decide, not a timing, wherever they can: on a VNNI CPU ``_int_mm``'s GEMM alone is 1.5x
+    fbgemm's at decode size (but faster inside the engine, with no prepack), close enough that a timing
+    against a 2x bar flipped with the machine's load, and each kernel rounds differently, so two runs of
+    one seed sampled different completions. Without the flags (no ``/proc/cpuinfo``), ``_int_mm`` is
+    timed against fbgemm's ``linear_dynamic`` on a decode-sized product (576 -> 1536 at 8 rows) and taken
+    unless more than twice as slow."""
     global _KERNEL
     if _KERNEL is None:
         asked = os.environ.get("RLHFKIT_INT8_KERNEL")
@@ -58,31 +78,39 @@ def int8_kernel() -> str:
                 raise ValueError(f"RLHFKIT_INT8_KERNEL must be one of {INT8_KERNELS}, got {asked!r}")
             _KERNEL = asked
             return _KERNEL
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(8, 576, generator=g)
-        x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
-        w = torch.randn(1536, 576, generator=g)
-        gemms = {"int_mm": lambda lin: torch._int_mm(x8, lin.w8t),
-                 "fbgemm": lambda lin: torch.ops.quantized.linear_dynamic(x, lin.packed, True)}
-        times = {}
-        for kernel, gemm in gemms.items():
-            lin = QuantLinear([w], [None])
-            try:
-                with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (see quantize)
-                    warnings.simplefilter("ignore", UserWarning)
-                    lin.quantize(alpha=0.0, kernel=kernel)
-                gemm(lin)
-                runs = []
-                for _ in range(5):
-                    t0 = time.perf_counter()
-                    gemm(lin)
-                    runs.append(time.perf_counter() - t0)
-                times[kernel] = min(runs)
-            except RuntimeError:  # a build without the kernel
-                times[kernel] = float("inf")
-        _KERNEL = ("int_mm" if times["int_mm"] <= 2 * times["fbgemm"] else
-                   "avx2" if avx2_available() else "fbgemm")
+        vnni = cpu_has_vnni()
+        if vnni is None:
+            vnni = _int_mm_is_fast()
+        _KERNEL = "int_mm" if vnni else "avx2" if avx2_available() else "fbgemm"
     return _KERNEL
+
+
+def _int_mm_is_fast() -> bool:
+    """``_int_mm`` at most twice as slow as fbgemm's ``linear_dynamic`` on a decode-sized product (the
+    GEMMs alone: the per-token ops around them would let machine noise decide at this size)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 576, generator=g)
+    x8 = x.mul(40).round_().clamp_(-127, 127).to(torch.int8)
+    w = torch.randn(1536, 576, generator=g)
+    gemms = {"int_mm": lambda lin: torch._int_mm(x8, lin.w8t),
+             "fbgemm": lambda lin: torch.ops.quantized.linear_dynamic(x, lin.packed, True)}
+    times = {}
+    for kernel, gemm in gemms.items():
+        lin = QuantLinear([w], [None])
+        try:
+            with warnings.catch_warnings():  # fbgemm's quantized tensors are deprecated (see quantize)
+                warnings.simplefilter("ignore", UserWarning)
+                lin.quantize(alpha=0.0, kernel=kernel)
+            gemm(lin)
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                gemm(lin)
+                runs.append(time.perf_counter() - t0)
+            times[kernel] = min(runs)
+        except RuntimeError:  # a build without the kernel
+            times[kernel] = float("inf")
+    return times["int_mm"] <= 2 * times["fbgemm"]
 
 
 class QuantLinear:

@@ -394,14 +394,28 @@ def test_int8_kernel_can_be_asked_for(monkeypatch):
         int8.int8_kernel()
 
 
-def test_without_vnni_the_pick_is_the_own_kernel_where_it_is_built(monkeypatch):
+def test_the_kernel_is_picked_by_the_cpu_flags_where_they_are_listed(monkeypatch, tmp_path):
+    """VNNI listed: int_mm; not listed: the own avx2 kernel where it is built, else fbgemm; no flags line
+    (not Linux/x86): the timing decides. The flags, not a timing, so two runs of one seed sample alike."""
     from rlhfkit.rollout import int8
 
     monkeypatch.delenv("RLHFKIT_INT8_KERNEL", raising=False)
-    for built in (True, False):
+    vnni, plain, arm = (tmp_path / n for n in ("vnni", "plain", "arm"))
+    vnni.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_int8\n")
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd\n")
+    assert int8.cpu_has_vnni(str(vnni)) is True and int8.cpu_has_vnni(str(plain)) is False
+    assert int8.cpu_has_vnni(str(arm)) is None and int8.cpu_has_vnni(str(tmp_path / "absent")) is None
+    timed = []
+    monkeypatch.setattr(int8, "_int_mm_is_fast", lambda: timed.append(1) or True)
+    cases = [(True, True, "int_mm"), (True, False, "int_mm"), (False, True, "avx2"), (False, False, "fbgemm"),
+             (None, False, "int_mm")]
+    for has, built, want in cases:
         monkeypatch.setattr(int8, "_KERNEL", None)
+        monkeypatch.setattr(int8, "cpu_has_vnni", lambda has=has: has)
         monkeypatch.setattr(int8, "avx2_available", lambda built=built: built)
-        assert int8.int8_kernel() in ("int_mm", "avx2" if built else "fbgemm")  # int_mm where the CPU has VNNI
+        assert int8.int8_kernel() == want, (has, built)
+    assert timed == [1]  # only where the flags are unknown
 
 
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
