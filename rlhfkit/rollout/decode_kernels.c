@@ -12,15 +12,16 @@
  *   dequant_rows   lm-head GEMM output -> logits, written into chosen rows of the logits
  *   attention      one query token a row against the KV cache (grouped-query heads, masked keys)
  * and, once per policy update, quantize_rows and col_amax (the int8 copy of a weight, QuantLinear.quantize);
- * and gemm_u8s8, the int8 GEMM for CPUs without VNNI (at the end).
+ * and gemm_u8s8 / gemm_u8s8_vnni, rlhfkit's own int8 GEMM (AVX2 / AVX-512 VNNI; at the end).
  *
  * GEMM outputs are fp32 (fbgemm's linear_dynamic) or int32 (torch._int_mm), `ytype` 0 / 1; the value of
  * output n of row b is y[b, n] * wscale[n] * xscale[b] (+ bias[n]). A GEMM input is written for its kernel,
- * `mode` 0 / 1 / 2: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that
- * per token), scale max |x|; int8 rows round(x / s), s = max |x| / 127, scale s (torch._int_mm); or uint8
- * rows round(x / s) + 64, s = max |x| / 63, scale s (gemm_u8s8, below, whose int32 output is read as
- * ytype 1). The arithmetic is QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results
- * agree to float rounding.
+ * `mode` 0 / 1 / 2 / 3: fp32 rows divided by their max |x| (fbgemm quantizes per tensor: rows of max 1 make that
+ * per token), scale max |x|; int8 rows round(x / s), s = max |x| / 127, scale s (torch._int_mm); uint8
+ * rows round(x / s) + 64, s = max |x| / 63, scale s (`mode` 2, gemm_u8s8, below, whose int32 output is read
+ * as ytype 1); or uint8 rows round(x / s) + 128, s = max |x| / 127 (`mode` 3, gemm_u8s8_vnni). The
+ * arithmetic is QuantLinear.int8's (rlhfkit/rollout/int8.py) in the same order, so results agree to float
+ * rounding.
  * Rows are independent, and the loops over them run on OpenMP's threads where the compiler has OpenMP: the
  * same runtime (libgomp) and thread count as torch's own ops, so nothing oversubscribes the cores. A call
  * too small to pay for waking the threads runs on one (`PAR`).
@@ -32,7 +33,7 @@
 #include <immintrin.h>
 #endif
 
-int rlhfkit_kernels_version(void) { return 8; }
+int rlhfkit_kernels_version(void) { return 9; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -112,10 +113,15 @@ static void quant_row(const float *x, int n, int mode, void *out, long offset, f
         float s = amax * (1.0f / 127.0f);
         for (int j = 0; j < n; j++) o[j] = (int8_t)nearbyintf(x[j] / s);
         *scale = s;
-    } else {  /* gemm_u8s8's input: 7 bits and zero point 64, round(x / s) + 64 in [1, 127], s = max |x| / 63 */
+    } else if (mode == 2) {  /* gemm_u8s8's input: 7 bits, zero point 64: round(x / s) + 64 in [1, 127], s = max |x| / 63 */
         uint8_t *o = (uint8_t *)out + offset;
         float s = amax * (1.0f / 63.0f);
         for (int j = 0; j < n; j++) o[j] = (uint8_t)(nearbyintf(x[j] / s) + 64.0f);
+        *scale = s;
+    } else {  /* gemm_u8s8_vnni's input: 8 bits, zero point 128: round(x / s) + 128 in [1, 255], s = max |x| / 127 */
+        uint8_t *o = (uint8_t *)out + offset;
+        float s = amax * (1.0f / 127.0f);
+        for (int j = 0; j < n; j++) o[j] = (uint8_t)(nearbyintf(x[j] / s) + 128.0f);
         *scale = s;
     }
 }
@@ -481,9 +487,57 @@ static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_
 #endif
 }
 
-/* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32; rowsum:
- * ceil(N / 16) * 16 entries (zeros past N) */
-void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+#define VNNI_TILE_ROWS 8  /* 8 of AVX-512's 32 registers: a batch-8 decode step's rows in one tile, each panel read once */
+
+/* gemm_tile with AVX-512 VNNI: one vpdpbusd multiplies the 4 broadcast activation bytes (u8) by a whole panel
+ * group (16 rows x 4 s8 = 64 bytes) and adds each output's 4 products into its int32 lane, with no int16 step
+ * (so no saturation: 8-bit activations, zero point 128); one instruction where AVX2 takes six. Without
+ * AVX-512 VNNI, the exact scalar product (correct everywhere, vectorized only where the compiler targets VNNI) */
+static inline __attribute__((always_inline)) void gemm_tile_vnni(int MR, const uint8_t *a, int K, int k4,
+                                                                 const int8_t *panel, const int32_t *rowsum, int nr,
+                                                                 int32_t *out, int ldo) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    __m512i acc[VNNI_TILE_ROWS];
+    for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_si512();
+    for (int k = 0; k < k4; k += 4) {
+        const int8_t *p = panel + (long)k * PANEL;
+        __m512i w = _mm512_loadu_si512((const void *)p);
+        _mm_prefetch((const char *)(p + 512), _MM_HINT_T0);  /* 8 groups ahead */
+        for (int i = 0; i < MR; i++) {
+            int32_t q;
+            memcpy(&q, a + (long)i * K + k, 4);
+            acc[i] = _mm512_dpbusd_epi32(acc[i], _mm512_set1_epi32(q), w);
+        }
+    }
+    __m512i z = _mm512_slli_epi32(_mm512_loadu_si512((const void *)rowsum), 7);
+    for (int i = 0; i < MR; i++) {
+        int32_t row[PANEL];
+        _mm512_storeu_si512((void *)row, _mm512_sub_epi32(acc[i], z));
+        memcpy(out + (long)i * ldo, row, sizeof(int32_t) * nr);
+    }
+#else
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t t = 0;
+            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
+            out[(long)i * ldo + j] = t - 128 * rowsum[j];
+        }
+#endif
+}
+
+int rlhfkit_has_vnni(void) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32, the activations'
+ * zero point (64: gemm_u8s8, 128: gemm_u8s8_vnni) folded out with rowsum: ceil(N / 16) * 16 entries (zeros
+ * past N); `vnni` is a constant at both call sites, so each compiles to its own loops */
+static inline __attribute__((always_inline)) void gemm_panels(int vnni, const uint8_t *a, const int8_t *wp,
+                                                              const int32_t *rowsum, int M, int N, int K, int32_t *out) {
     int k4 = K & ~3, panels = (N + PANEL - 1) / PANEL;
     int block = (262144 / (K > 0 ? K : 1)) & ~3;  /* activation rows a block: ~256 KB, in L2 */
     block = block < 4 ? 4 : block;
@@ -493,14 +547,34 @@ void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M,
         for (int p = 0; p < panels; p++) {
             const int8_t *panel = wp + p * panel_bytes(K);
             int n = p * PANEL, nr = N - n < PANEL ? N - n : PANEL;
+            const int32_t *rs = rowsum + n;
+            int32_t *o = out + n;
             int m = m0;
-            for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
-                gemm_tile(TILE_ROWS, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N);
-            switch (m1 - m) {
-                case 4: gemm_tile(4, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
-                case 3: gemm_tile(3, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
-                case 2: gemm_tile(2, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
-                case 1: gemm_tile(1, a + (long)m * K, K, k4, panel, rowsum + n, nr, out + (long)m * N + n, N); break;
+            if (vnni) {
+                for (; m + VNNI_TILE_ROWS <= m1; m += VNNI_TILE_ROWS)
+                    gemm_tile_vnni(VNNI_TILE_ROWS, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
+                const uint8_t *am = a + (long)m * K;
+                int32_t *om = o + (long)m * N;
+                switch (m1 - m) {
+                    case 7: gemm_tile_vnni(7, am, K, k4, panel, rs, nr, om, N); break;
+                    case 6: gemm_tile_vnni(6, am, K, k4, panel, rs, nr, om, N); break;
+                    case 5: gemm_tile_vnni(5, am, K, k4, panel, rs, nr, om, N); break;
+                    case 4: gemm_tile_vnni(4, am, K, k4, panel, rs, nr, om, N); break;
+                    case 3: gemm_tile_vnni(3, am, K, k4, panel, rs, nr, om, N); break;
+                    case 2: gemm_tile_vnni(2, am, K, k4, panel, rs, nr, om, N); break;
+                    case 1: gemm_tile_vnni(1, am, K, k4, panel, rs, nr, om, N); break;
+                }
+            } else {
+                for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
+                    gemm_tile(TILE_ROWS, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
+                const uint8_t *am = a + (long)m * K;
+                int32_t *om = o + (long)m * N;
+                switch (m1 - m) {
+                    case 4: gemm_tile(4, am, K, k4, panel, rs, nr, om, N); break;
+                    case 3: gemm_tile(3, am, K, k4, panel, rs, nr, om, N); break;
+                    case 2: gemm_tile(2, am, K, k4, panel, rs, nr, om, N); break;
+                    case 1: gemm_tile(1, am, K, k4, panel, rs, nr, om, N); break;
+                }
             }
             for (int i = m0; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
                 for (int j = 0; j < nr; j++)
@@ -508,4 +582,12 @@ void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M,
                         out[(long)i * N + n + j] += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
         }
     }
+}
+
+void gemm_u8s8(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+    gemm_panels(0, a, wp, rowsum, M, N, K, out);
+}
+
+void gemm_u8s8_vnni(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+    gemm_panels(1, a, wp, rowsum, M, N, K, out);
 }

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-VERSION = 8  # rlhfkit_kernels_version() of the source this module calls
+VERSION = 9  # rlhfkit_kernels_version() of the source this module calls
 # OpenMP where the compiler has it (its loops then share torch's libgomp and thread count), else one thread
 # no -ffast-math: reassociated reductions would round differently with each buffer's alignment (a result that
 # changes from one process to the next); the C code spells out its vector lanes instead
@@ -43,6 +43,7 @@ _SIGNATURES = {
     "attention": [_p, _p, _p, _p, ctypes.c_long, _i, _i, _i, _i, _i, _p, _p, _f, _p],
     "quantize_rows": [_p, _p, _i, _i, _p, _p, _p, _i, _i],
     "gemm_u8s8": [_p, _p, _p, _i, _i, _i, _p],
+    "gemm_u8s8_vnni": [_p, _p, _p, _i, _i, _i, _p],
     "col_amax": [_p, _i, _i, _p],
 }
 

@@ -41,7 +41,7 @@ from rlhfkit.rollout import decode_kernels
 from rlhfkit.rollout import fused as fused_ops
 from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
-from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, avx2_available, int8_kernel
+from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, avx2_available, int8_kernel, vnni_available
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
@@ -85,7 +85,8 @@ class FastBackend:
             set of parts from ``QUANTIZABLE`` to quantize (e.g. all but ``"down"``: half the log-prob gap).
         alpha: SmoothQuant's migration strength (0: no smoothing; 0.5 measured best on the bundled model).
         share_prefill: compute each distinct prompt's KV cache once for all its copies in the batch.
-        kernel: the int8 GEMM, ``"int_mm"``, ``"fbgemm"`` or ``"avx2"``; ``"auto"``: :func:`int8_kernel`'s pick.
+        kernel: the int8 GEMM, ``"int_mm"``, ``"fbgemm"``, ``"avx2"`` or ``"vnni"`` (rlhfkit's own with its
+            AVX2 / AVX-512 VNNI tile); ``"auto"``: :func:`int8_kernel`'s pick.
         quantized_prefill: when quantizing, prefill in int8 too (False: the prefill stays fp32, the
             sampler's log-prob gap a little smaller, a prefill 2-3x slower).
         fused: when every part is quantized, run the int8 prefill and decode steps on the small ops fused
@@ -122,6 +123,11 @@ class FastBackend:
         if self.kernel == "avx2" and not avx2_available():
             raise ValueError("kernel 'avx2' needs rlhfkit's C library built with AVX2 (decode_kernels.c: a C compiler "
                              "and an AVX2 CPU); use 'fbgemm' or 'int_mm'")
+        if self.kernel == "vnni" and decode_kernels.load() is None:
+            raise ValueError("kernel 'vnni' needs rlhfkit's C library (decode_kernels.c: a C compiler); use 'int_mm'")
+        if self.kernel == "vnni" and not vnni_available():
+            warnings.warn("kernel 'vnni': this CPU or compiler has no AVX-512 VNNI, so its GEMM runs as an exact "
+                          "scalar loop (slow); 'auto' picks the fast kernel here", stacklevel=2)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps

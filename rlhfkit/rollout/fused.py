@@ -16,8 +16,10 @@ import torch.nn.functional as F
 from rlhfkit.rollout.decode_kernels import ptr
 
 # how the fused ops meet each GEMM: input mode, output type, input dtype (decode_kernels.c's header).
-# fbgemm: fp32 rows of max 1 in, fp32 out; _int_mm: int8 in, int32 out; avx2: uint8 (zero point 64) in, int32 out
-GEMM_IO = {"fbgemm": (0, 0, torch.float32), "int_mm": (1, 1, torch.int8), "avx2": (2, 1, torch.uint8)}
+# fbgemm: fp32 rows of max 1 in, fp32 out; _int_mm: int8 in, int32 out; avx2: uint8 (zero point 64) in, int32 out;
+# vnni: uint8 (zero point 128) in, int32 out
+GEMM_IO = {"fbgemm": (0, 0, torch.float32), "int_mm": (1, 1, torch.int8), "avx2": (2, 1, torch.uint8),
+           "vnni": (3, 1, torch.uint8)}
 
 
 def _layers(eng, lib, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches, mask: torch.Tensor,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from rlhfkit.rollout import decode_kernels
 
-INT8_KERNELS = ("int_mm", "fbgemm", "avx2")
+INT8_KERNELS = ("int_mm", "fbgemm", "avx2", "vnni")
+OWN_KERNELS = ("avx2", "vnni")  # rlhfkit's own GEMM (decode_kernels.c), weights in its panel layout
 _KERNEL: str | None = None
 _CHUNK_ROWS = 1024  # rows of a weight re-quantized at a time (QuantLinear.quantize)
 _SCRATCH = threading.local()  # each quantizing thread's fp32 buffer for one chunk
@@ -36,6 +37,13 @@ def avx2_available() -> bool:
     """Whether rlhfkit's own AVX2 GEMM (``gemm_u8s8`` in decode_kernels.c) is built and vectorized here."""
     lib = decode_kernels.load()
     return lib is not None and bool(lib.rlhfkit_has_avx2())
+
+
+def vnni_available() -> bool:
+    """Whether the ``vnni`` kernel (``gemm_u8s8_vnni``) is built with AVX-512 VNNI here (elsewhere it runs
+    as an exact scalar loop: correct, slow)."""
+    lib = decode_kernels.load()
+    return lib is not None and bool(lib.rlhfkit_has_vnni())
 
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
@@ -59,17 +67,18 @@ def int8_kernel() -> str:
     """The int8 GEMM for this CPU, chosen once per process: ``$RLHFKIT_INT8_KERNEL`` when set (one of
     :data:`INT8_KERNELS`), else by the CPU's flags, else by timing.
 
-    ``torch._int_mm`` (oneDNN) is fast where the CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX) and falls back
-    to a slow loop elsewhere (10-100x fp32 on an AVX2-only CPU). Where ``/proc/cpuinfo`` lists a VNNI
-    flag, the pick is ``int_mm``; where it lists none, ``avx2``, rlhfkit's own (``gemm_u8s8`` in
-    decode_kernels.c), wherever its library is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's
-    kernel and needs no prepack (docs/generation.md, "The own AVX2 GEMM"); ``fbgemm`` where it is not.
+    Where ``/proc/cpuinfo`` lists a VNNI flag (:data:`VNNI_FLAGS`): ``vnni``, rlhfkit's own GEMM with an
+    AVX-512 VNNI tile (``gemm_u8s8_vnni`` in decode_kernels.c), wherever its library is built with it
+    (docs/generation.md, "On an AVX-512 VNNI / AMX CPU": 1.6-1.9x ``_int_mm`` inside the engine), else
+    ``int_mm`` (``torch._int_mm``, oneDNN, fast only with VNNI: elsewhere a loop 10-100x slower than fp32).
+    Where it lists none: ``avx2``, rlhfkit's own with its AVX2 tile (``gemm_u8s8``), wherever its library
+    is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's kernel and needs no prepack
+    (docs/generation.md, "The own AVX2 GEMM"); ``fbgemm`` where it is not.
     The flags decide, not a timing, wherever they can: on a VNNI CPU ``_int_mm``'s GEMM alone is 1.5x
-    fbgemm's at decode size (but faster inside the engine, with no prepack), close enough that a timing
-    against a 2x bar flipped with the machine's load, and each kernel rounds differently, so two runs of
-    one seed sampled different completions. Without the flags (no ``/proc/cpuinfo``), ``_int_mm`` is
-    timed against fbgemm's ``linear_dynamic`` on a decode-sized product (576 -> 1536 at 8 rows) and taken
-    unless more than twice as slow."""
+    fbgemm's at decode size, close enough that a timing against a 2x bar flipped with the machine's load,
+    and each kernel rounds differently, so two runs of one seed sampled different completions. Without
+    the flags (no ``/proc/cpuinfo``), ``_int_mm`` is timed against fbgemm's ``linear_dynamic`` on a
+    decode-sized product (576 -> 1536 at 8 rows) and taken unless more than twice as slow."""
     global _KERNEL
     if _KERNEL is None:
         asked = os.environ.get("RLHFKIT_INT8_KERNEL")
@@ -81,7 +90,10 @@ def int8_kernel() -> str:
         vnni = cpu_has_vnni()
         if vnni is None:
             vnni = _int_mm_is_fast()
-        _KERNEL = "int_mm" if vnni else "avx2" if avx2_available() else "fbgemm"
+        if vnni:
+            _KERNEL = "vnni" if vnni_available() else "int_mm"
+        else:
+            _KERNEL = "avx2" if avx2_available() else "fbgemm"
     return _KERNEL
 
 
@@ -135,7 +147,8 @@ class QuantLinear:
         self.sizes = [w.shape[0] for w in weights]
         self.weights, self.biases = weights, biases  # the policy's own tensors (no copy)
         self.w8t = self.w_scale = self.packed = self.bias = self.inv_s = self.amax = None
-        self.w8 = self.rowsum = None  # the avx2 kernel's int8 weight (in its panels) and its row sums
+        self.w8 = self.rowsum = None  # the own kernel's int8 weight (in its panels) and its row sums
+        self.kernel: str | None = None  # the kernel of the int8 copy (quantize)
 
     def observe(self, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Track the per-input-channel max |x| over the rows of ``x`` (N, T, K) where ``rows`` (N*T,) holds."""
@@ -175,8 +188,9 @@ class QuantLinear:
                 w_amax = torch.stack([torch.maximum(w.amax(0), w.amin(0).neg()).float() for w in weights]).amax(0)
             s = (self.amax.clamp_min(1e-5) ** alpha / w_amax.clamp_min(1e-5) ** (1 - alpha)).clamp(1e-2, 1e2)
         total = sum(self.sizes)
-        # avx2: rows written straight into the kernel's panel layout (decode_kernels.c: gemm_u8s8)
-        panels = kernel == "avx2"
+        # avx2 / vnni: rows written straight into the kernel's panel layout (decode_kernels.c: gemm_u8s8)
+        panels = kernel in OWN_KERNELS
+        self.kernel = kernel
         w8 = torch.empty(-(-total // 16) * 16 * (-(-k // 4) * 4) if panels else total * k, dtype=torch.int8)
         scale = torch.empty(total, 1)
         rowsum = torch.zeros(-(-total // 16) * 16 if panels else total, dtype=torch.int32)
@@ -225,9 +239,10 @@ class QuantLinear:
         if self.packed is not None:  # fbgemm: rows scaled to max |x| = 1, so its per-tensor scale is per token
             x_scale = x_max
             y = self.gemm(xs.div_(x_scale))
-        elif self.w8 is not None:  # avx2: 7 bits, zero point 64
-            x_scale = x_max.mul_(1 / 63)
-            y = self.gemm(xs.div_(x_scale).round_().add_(64).to(torch.uint8)).float()
+        elif self.w8 is not None:  # avx2: 7 bits, zero point 64; vnni: 8 bits, zero point 128
+            bits = 63 if self.kernel == "avx2" else 127
+            x_scale = x_max.mul_(1 / bits)
+            y = self.gemm(xs.div_(x_scale).round_().add_(bits + 1).to(torch.uint8)).float()
         else:
             x_scale = x_max.mul_(1 / 127)
             x8 = xs.div_(x_scale).round_().to(torch.int8)  # |xs / x_scale| <= 127
@@ -239,7 +254,8 @@ class QuantLinear:
 
     def gemm(self, x: torch.Tensor) -> torch.Tensor:
         """The int8 kernel alone, on an input already scaled (fbgemm: fp32 rows of max |x| = 1) or rounded
-        (``_int_mm``: int8; ``avx2``: uint8, zero point 64): everything else :meth:`int8` does is per-token
+        (``_int_mm``: int8; ``avx2``: uint8, zero point 64; ``vnni``: uint8, zero point 128): everything else
+        :meth:`int8` does is per-token
         scaling around it.
         ``bench/generate.py`` times this call to bound what the engine could reach with these kernels."""
         if self.packed is not None:
@@ -248,8 +264,9 @@ class QuantLinear:
             n = sum(self.sizes)
             out = torch.empty(x.shape[0], n, dtype=torch.int32)
             x = x.contiguous()
-            decode_kernels.load().gemm_u8s8(x.data_ptr(), self.w8.data_ptr(), self.rowsum.data_ptr(), x.shape[0],
-                                            n, x.shape[1], out.data_ptr())
+            lib = decode_kernels.load()
+            gemm = lib.gemm_u8s8_vnni if self.kernel == "vnni" else lib.gemm_u8s8
+            gemm(x.data_ptr(), self.w8.data_ptr(), self.rowsum.data_ptr(), x.shape[0], n, x.shape[1], out.data_ptr())
             return out
         return torch._int_mm(x, self.w8t)
 

@@ -258,6 +258,40 @@ def test_gemm_u8s8_is_the_exact_integer_product(lib, shape):
     assert torch.equal(out, (a.int() - 64) @ w.int().t())
 
 
+@pytest.mark.parametrize("shape", [(8, 96, 64), (37, 11, 102), (1, 3, 577), (6, 35, 1539), (700, 20, 576),
+                                   (15, 40, 64)])
+def test_gemm_u8s8_vnni_is_the_exact_integer_product(lib, shape):
+    """The AVX-512 VNNI tile (8 rows; 15 = a full tile and a 7-row rest) or, without VNNI, the scalar loop:
+    8-bit activations with zero point 128, extremes included (no int16 step to saturate)."""
+    m, n, k = shape
+    g = torch.Generator().manual_seed(9)
+    a = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    a[0, :8] = 255
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    w[0, :8] = 127
+    rowsum = torch.nn.functional.pad(w.sum(1, dtype=torch.int32), (0, -n % 16))
+    out, packed = torch.full((m, n), 7, dtype=torch.int32), panels(w)
+    lib.gemm_u8s8_vnni(ptr(a), ptr(packed), ptr(rowsum), m, n, k, ptr(out))
+    assert torch.equal(out, (a.int() - 128) @ w.int().t())
+    assert lib.rlhfkit_has_vnni() in (0, 1)
+
+
+@pytest.mark.parametrize("mode", [2, 3])
+def test_prep_writes_the_own_kernels_uint8_inputs(lib, mode):
+    """Mode 2 (avx2): round(x / s) + 64, s = max |x| / 63; mode 3 (vnni): round(x / s) + 128, s = max |x| / 127."""
+    g = torch.Generator().manual_seed(13)
+    b, k = 4, 70
+    x = torch.randn(b, k, generator=g)
+    x[2, 5] = -30.0
+    out, scale, ones = torch.empty(b, k, dtype=torch.uint8), torch.empty(b), torch.ones(k)  # named: alive in the call
+    lib.prep(ptr(x), ptr(ones), 1e-5, 0, b, k, mode, ptr(out), ptr(scale), None)
+    bits = 63 if mode == 2 else 127
+    s = x.abs().amax(1) / bits
+    torch.testing.assert_close(scale, s, rtol=1e-6, atol=0)
+    diff = (out.int() - ((x / s[:, None]).round() + bits + 1).int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.01 and int(out[2, 5]) == 1  # -max |x| -> 1
+
+
 def test_quantize_rows_sums_each_row(lib):
     g = torch.Generator().manual_seed(10)
     w = torch.randn(9, 40, generator=g)
@@ -274,12 +308,14 @@ def test_avx2_weights_are_rounded_straight_into_the_panels(lib):
     weights = [torch.randn(18, 10, generator=g), torch.randn(7, 10, generator=g)]
     plain, own = int8.QuantLinear(weights, [None, None]), int8.QuantLinear(weights, [None, None])
     amax = torch.rand(10, generator=g) + 0.1
-    for lin, kernel in ((plain, "int_mm"), (own, "avx2")):
+    vnni = int8.QuantLinear(weights, [None, None])
+    for lin, kernel in ((plain, "int_mm"), (own, "avx2"), (vnni, "vnni")):
         lin.amax = amax  # a smoothing vector too
         lin.quantize(alpha=0.5, kernel=kernel)
     w8 = plain.w8t.t()
-    assert torch.equal(own.w8, panels(w8)) and torch.equal(own.w_scale, plain.w_scale)
-    assert torch.equal(own.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
+    for lin in (own, vnni):  # the two own kernels share the layout
+        assert torch.equal(lin.w8, panels(w8)) and torch.equal(lin.w_scale, plain.w_scale)
+        assert torch.equal(lin.rowsum, F.pad(w8.sum(1, dtype=torch.int32), (0, 7)))
 
 
 def test_col_amax_is_the_column_max_of_abs_over_a_group(lib):

@@ -209,7 +209,7 @@ def test_quantized_logp_gap_on_the_bundled_model():
     prompts = get_task("sentiment").prompts("train")[:8]
     ids, mask = encode(tok, prompts, group=1)
     fast = FastBackend(model, tok)
-    bound = {"int_mm": 0.2, "fbgemm": 0.35, "avx2": 0.35}[fast.kernel]
+    bound = {"int_mm": 0.2, "fbgemm": 0.35, "avx2": 0.35, "vnni": 0.2}[fast.kernel]
     sampling = SamplingConfig(temperature=1.0, max_new_tokens=32)
     for seed in (0, 1):
         out = fast.generate(ids, mask, sampling, generator_seed=seed)
@@ -395,8 +395,9 @@ def test_int8_kernel_can_be_asked_for(monkeypatch):
 
 
 def test_the_kernel_is_picked_by_the_cpu_flags_where_they_are_listed(monkeypatch, tmp_path):
-    """VNNI listed: int_mm; not listed: the own avx2 kernel where it is built, else fbgemm; no flags line
-    (not Linux/x86): the timing decides. The flags, not a timing, so two runs of one seed sample alike."""
+    """VNNI listed: the own vnni kernel where it is built with VNNI, else int_mm; not listed: the own avx2
+    kernel where it is built, else fbgemm; no flags line (not Linux/x86): the timing decides. The flags, not
+    a timing, so two runs of one seed sample alike."""
     from rlhfkit.rollout import int8
 
     monkeypatch.delenv("RLHFKIT_INT8_KERNEL", raising=False)
@@ -408,12 +409,13 @@ def test_the_kernel_is_picked_by_the_cpu_flags_where_they_are_listed(monkeypatch
     assert int8.cpu_has_vnni(str(arm)) is None and int8.cpu_has_vnni(str(tmp_path / "absent")) is None
     timed = []
     monkeypatch.setattr(int8, "_int_mm_is_fast", lambda: timed.append(1) or True)
-    cases = [(True, True, "int_mm"), (True, False, "int_mm"), (False, True, "avx2"), (False, False, "fbgemm"),
+    cases = [(True, True, "vnni"), (True, False, "int_mm"), (False, True, "avx2"), (False, False, "fbgemm"),
              (None, False, "int_mm")]
     for has, built, want in cases:
         monkeypatch.setattr(int8, "_KERNEL", None)
         monkeypatch.setattr(int8, "cpu_has_vnni", lambda has=has: has)
         monkeypatch.setattr(int8, "avx2_available", lambda built=built: built)
+        monkeypatch.setattr(int8, "vnni_available", lambda built=built: built)
         assert int8.int8_kernel() == want, (has, built)
     assert timed == [1]  # only where the flags are unknown
 
