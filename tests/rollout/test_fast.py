@@ -8,6 +8,7 @@ documented gap of the policy's (``completion_logps``); ``sync_weights`` makes it
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,24 @@ def test_quantized_seeds_reproduce(tiny, kernel):
     a, b, c = (fast.generate(ids, mask, sampling, s) for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert not torch.equal(a[0], a[1]), "the copies of a prompt must get different samples"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_vnni_kernel_samples_exactly_as_int_mm(tiny, fused):
+    """Both take 8-bit activations with one scale a row: int_mm's round(x / s) and vnni's round(x / s) + 128
+    with the zero point folded out give the same integer products, so the same samples and log-probs to the
+    bit (a VNNI CPU may run either). Without VNNI the vnni kernel's exact scalar loop runs."""
+    model, tok = tiny
+    ids, mask = encode(tok)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=10)
+    runs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # 'vnni' on a CPU without it: slow, says a warning
+        for kernel in ("int_mm", "vnni"):
+            fast = FastBackend(model, tok, kernel=kernel, fused=fused)
+            runs.append((fast.generate(ids, mask, sampling, 3), fast.last_logps))
+    (a, la), (b, lb) = runs
+    assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 @pytest.mark.parametrize("kernel", INT8_KERNELS)
