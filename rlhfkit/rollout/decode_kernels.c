@@ -113,7 +113,7 @@ static void quant_row(const float *x, int n, int mode, void *out, long offset, f
         float s = amax * (1.0f / 127.0f);
         for (int j = 0; j < n; j++) o[j] = (int8_t)nearbyintf(x[j] / s);
         *scale = s;
-    } else if (mode == 2) {  /* gemm_u8s8's input: 7 bits, zero point 64: round(x / s) + 64 in [1, 127], s = max |x| / 63 */
+    } else if (mode == 2) {  /* gemm_u8s8's input, 7 bits: round(x / s) + 64 in [1, 127], s = max |x| / 63 */
         uint8_t *o = (uint8_t *)out + offset;
         float s = amax * (1.0f / 63.0f);
         for (int j = 0; j < n; j++) o[j] = (uint8_t)(nearbyintf(x[j] / s) + 64.0f);
@@ -444,6 +444,18 @@ int rlhfkit_has_avx2(void) {
 /* the byte of row j (< 16), column k of a panel */
 static inline int8_t panel_at(const int8_t *panel, int j, int k) { return panel[(k / 4) * PANEL * 4 + j * 4 + k % 4]; }
 
+/* a tile without vector instructions: the exact product, zero point zp folded out */
+static inline void tile_scalar(int MR, const uint8_t *a, int K, int k4, const int8_t *panel, const int32_t *rowsum,
+                               int nr, int32_t *out, int ldo, int zp) {
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t t = 0;
+            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
+            out[(long)i * ldo + j] = t - zp * rowsum[j];
+        }
+}
+
+#define MAX_TILE_ROWS 8  /* the largest tile either kernel's call sites name (the vnni kernel's) */
 #define TILE_ROWS 5  /* 10 accumulators + 2 weight vectors + the broadcast + ones: 14 of AVX2's 16 registers
                         (4 rows: 1.2x slower on the engine's shapes; 6 spills) */
 
@@ -455,7 +467,7 @@ static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_
                                                             int32_t *out, int ldo) {
 #ifdef __AVX2__
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[TILE_ROWS][2];
+    __m256i acc[MAX_TILE_ROWS][2];  /* MR <= TILE_ROWS runs; larger sizes compile but are never reached */
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
     for (int k = 0; k < k4; k += 4) {
         const int8_t *p = panel + (long)k * PANEL;
@@ -478,16 +490,12 @@ static inline __attribute__((always_inline)) void gemm_tile(int MR, const uint8_
         memcpy(out + (long)i * ldo, row, sizeof(int32_t) * nr);
     }
 #else
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nr; j++) {
-            int32_t t = 0;
-            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
-            out[(long)i * ldo + j] = t - 64 * rowsum[j];
-        }
+    tile_scalar(MR, a, K, k4, panel, rowsum, nr, out, ldo, 64);
 #endif
 }
 
-#define VNNI_TILE_ROWS 8  /* 8 of AVX-512's 32 registers: a batch-8 decode step's rows in one tile, each panel read once */
+/* 8 of AVX-512's 32 registers: a batch-8 decode step's rows in one tile, so each panel is read once */
+#define VNNI_TILE_ROWS 8
 
 /* gemm_tile with AVX-512 VNNI: one vpdpbusd multiplies the 4 broadcast activation bytes (u8) by a whole panel
  * group (16 rows x 4 s8 = 64 bytes) and adds each output's 4 products into its int32 lane, with no int16 step
@@ -497,7 +505,7 @@ static inline __attribute__((always_inline)) void gemm_tile_vnni(int MR, const u
                                                                  const int8_t *panel, const int32_t *rowsum, int nr,
                                                                  int32_t *out, int ldo) {
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-    __m512i acc[VNNI_TILE_ROWS];
+    __m512i acc[MAX_TILE_ROWS];
     for (int i = 0; i < MR; i++) acc[i] = _mm512_setzero_si512();
     for (int k = 0; k < k4; k += 4) {
         const int8_t *p = panel + (long)k * PANEL;
@@ -516,12 +524,7 @@ static inline __attribute__((always_inline)) void gemm_tile_vnni(int MR, const u
         memcpy(out + (long)i * ldo, row, sizeof(int32_t) * nr);
     }
 #else
-    for (int i = 0; i < MR; i++)
-        for (int j = 0; j < nr; j++) {
-            int32_t t = 0;
-            for (int k = 0; k < k4; k++) t += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);
-            out[(long)i * ldo + j] = t - 128 * rowsum[j];
-        }
+    tile_scalar(MR, a, K, k4, panel, rowsum, nr, out, ldo, 128);
 #endif
 }
 
@@ -533,11 +536,22 @@ int rlhfkit_has_vnni(void) {
 #endif
 }
 
+/* MR rows of one panel with the kernel `vnni` names (both constants at every call site) */
+static inline __attribute__((always_inline)) void tile(int vnni, int MR, const uint8_t *a, int K, int k4,
+                                                       const int8_t *panel, const int32_t *rowsum, int nr,
+                                                       int32_t *out, int ldo) {
+    if (vnni)
+        gemm_tile_vnni(MR, a, K, k4, panel, rowsum, nr, out, ldo);
+    else
+        gemm_tile(MR, a, K, k4, panel, rowsum, nr, out, ldo);
+}
+
 /* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32, the activations'
  * zero point (64: gemm_u8s8, 128: gemm_u8s8_vnni) folded out with rowsum: ceil(N / 16) * 16 entries (zeros
  * past N); `vnni` is a constant at both call sites, so each compiles to its own loops */
 static inline __attribute__((always_inline)) void gemm_panels(int vnni, const uint8_t *a, const int8_t *wp,
-                                                              const int32_t *rowsum, int M, int N, int K, int32_t *out) {
+                                                              const int32_t *rowsum, int M, int N, int K,
+                                                              int32_t *out) {
     int k4 = K & ~3, panels = (N + PANEL - 1) / PANEL;
     int block = (262144 / (K > 0 ? K : 1)) & ~3;  /* activation rows a block: ~256 KB, in L2 */
     block = block < 4 ? 4 : block;
@@ -549,32 +563,19 @@ static inline __attribute__((always_inline)) void gemm_panels(int vnni, const ui
             int n = p * PANEL, nr = N - n < PANEL ? N - n : PANEL;
             const int32_t *rs = rowsum + n;
             int32_t *o = out + n;
-            int m = m0;
-            if (vnni) {
-                for (; m + VNNI_TILE_ROWS <= m1; m += VNNI_TILE_ROWS)
-                    gemm_tile_vnni(VNNI_TILE_ROWS, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
-                const uint8_t *am = a + (long)m * K;
-                int32_t *om = o + (long)m * N;
-                switch (m1 - m) {
-                    case 7: gemm_tile_vnni(7, am, K, k4, panel, rs, nr, om, N); break;
-                    case 6: gemm_tile_vnni(6, am, K, k4, panel, rs, nr, om, N); break;
-                    case 5: gemm_tile_vnni(5, am, K, k4, panel, rs, nr, om, N); break;
-                    case 4: gemm_tile_vnni(4, am, K, k4, panel, rs, nr, om, N); break;
-                    case 3: gemm_tile_vnni(3, am, K, k4, panel, rs, nr, om, N); break;
-                    case 2: gemm_tile_vnni(2, am, K, k4, panel, rs, nr, om, N); break;
-                    case 1: gemm_tile_vnni(1, am, K, k4, panel, rs, nr, om, N); break;
-                }
-            } else {
-                for (; m + TILE_ROWS <= m1; m += TILE_ROWS)
-                    gemm_tile(TILE_ROWS, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
-                const uint8_t *am = a + (long)m * K;
-                int32_t *om = o + (long)m * N;
-                switch (m1 - m) {
-                    case 4: gemm_tile(4, am, K, k4, panel, rs, nr, om, N); break;
-                    case 3: gemm_tile(3, am, K, k4, panel, rs, nr, om, N); break;
-                    case 2: gemm_tile(2, am, K, k4, panel, rs, nr, om, N); break;
-                    case 1: gemm_tile(1, am, K, k4, panel, rs, nr, om, N); break;
-                }
+            int m = m0, rows = vnni ? VNNI_TILE_ROWS : TILE_ROWS;
+            for (; m + rows <= m1; m += rows)
+                tile(vnni, rows, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
+            const uint8_t *am = a + (long)m * K;
+            int32_t *om = o + (long)m * N;
+            switch (m1 - m) {  /* the rest, fewer rows than a tile (at most 4 for avx2) */
+                case 7: tile(vnni, 7, am, K, k4, panel, rs, nr, om, N); break;
+                case 6: tile(vnni, 6, am, K, k4, panel, rs, nr, om, N); break;
+                case 5: tile(vnni, 5, am, K, k4, panel, rs, nr, om, N); break;
+                case 4: tile(vnni, 4, am, K, k4, panel, rs, nr, om, N); break;
+                case 3: tile(vnni, 3, am, K, k4, panel, rs, nr, om, N); break;
+                case 2: tile(vnni, 2, am, K, k4, panel, rs, nr, om, N); break;
+                case 1: tile(vnni, 1, am, K, k4, panel, rs, nr, om, N); break;
             }
             for (int i = m0; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
                 for (int j = 0; j < nr; j++)
