@@ -29,11 +29,16 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#define RLHFKIT_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
 
-int rlhfkit_kernels_version(void) { return 9; }
+int rlhfkit_kernels_version(void) { return 10; }
 
 /* go parallel when a call touches more than ~64 KB of floats */
 #define PAR(work) if ((long)(work) > 16384)
@@ -546,6 +551,91 @@ static inline __attribute__((always_inline)) void tile(int vnni, int MR, const u
         gemm_tile(MR, a, K, k4, panel, rowsum, nr, out, ldo);
 }
 
+/* AMX (Intel's tile unit, Sapphire Rapids and later): one tdpbusd multiplies 16 activation rows x 64 bytes by
+ * a 16-output x 64-byte weight block into 16 x 16 int32 sums, 16x the work of a vpdpbusd. The panel layout is
+ * already AMX's B-tile layout (a tile row = one 4-column group of the panel's 16 outputs, 64 bytes), so a
+ * weight tile is 16 consecutive groups of a panel, read with stride 64. Used by the vnni kernel for blocks of
+ * 16 rows when K is a multiple of 64 (the prefill, batches of 16 and more), the VNNI tile for the rest.
+ * Linux hands out the tile registers per process on request (arch_prctl ARCH_REQ_XCOMP_PERM): asked once;
+ * refused (an old kernel, a VM without it) or switched off (rlhfkit_amx(0)), the VNNI tile runs everything. */
+static int amx_state = -1;  /* -1: not asked yet, 0: off, 1: on */
+
+int rlhfkit_amx(int want) {  /* 1: use AMX where it can be had, 0: do not, -1: only say whether it is in use */
+#ifdef RLHFKIT_AMX
+    if (want < 0)
+        return amx_state == 1;
+    if (!want)
+        amx_state = 0;
+    else if (amx_state != 1)
+        amx_state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return amx_state;
+#else
+    (void)want;
+    return 0;
+#endif
+}
+
+#ifdef RLHFKIT_AMX
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+
+/* one 16 x 16 block of sums (tile `t`, stored to c) minus 128 rowsum, its first nr columns into out */
+static inline void amx_store(const int32_t c[16][16], const int32_t *rowsum, int nr, int32_t *out, int ldo) {
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < nr; j++) out[(long)i * ldo + j] = c[i][j] - 128 * rowsum[j];
+}
+
+/* rows [m0, m1) (a multiple of 16 of them) of gemm_u8s8_vnni on AMX: panels in pairs over the threads (tiles
+ * 0, 1: the two panels' sums; 2: 16 activation rows; 3, 4: the two panels' weights) */
+static void amx_rows(const uint8_t *a, const int8_t *wp, const int32_t *rowsum, int m0, int m1, int N, int K,
+                     int32_t *out) {
+    int panels = (N + PANEL - 1) / PANEL, pairs = (panels + 1) / 2;
+    long pb = panel_bytes(K);
+#pragma omp parallel if ((long)(m1 - m0) * N * K > 262144)
+    {
+        amx_config cfg;
+        memset(&cfg, 0, sizeof cfg);
+        cfg.palette = 1;
+        for (int t = 0; t < 5; t++) {
+            cfg.colsb[t] = 64;
+            cfg.rows[t] = 16;
+        }
+        _tile_loadconfig(&cfg);  /* per thread: tile state is a thread's own */
+        int32_t c[16][16];
+#pragma omp for schedule(static)
+        for (int q = 0; q < pairs; q++) {
+            int p = 2 * q, two = p + 1 < panels, n = p * PANEL;
+            int nr0 = N - n < PANEL ? N - n : PANEL, nr1 = two ? (N - n - PANEL < PANEL ? N - n - PANEL : PANEL) : 0;
+            const int8_t *b0 = wp + p * pb, *b1 = b0 + pb;
+            for (int m = m0; m < m1; m += 16) {
+                const uint8_t *am = a + (long)m * K;
+                _tile_zero(0);
+                _tile_zero(1);
+                for (int k = 0; k < K; k += 64) {
+                    _tile_loadd(2, am + k, K);
+                    _tile_loadd(3, b0 + (long)k * PANEL, 64);
+                    _tile_dpbusd(0, 2, 3);
+                    if (two) {
+                        _tile_loadd(4, b1 + (long)k * PANEL, 64);
+                        _tile_dpbusd(1, 2, 4);
+                    }
+                }
+                _tile_stored(0, c, 64);
+                amx_store((const int32_t (*)[16])c, rowsum + n, nr0, out + (long)m * N + n, N);
+                if (two) {
+                    _tile_stored(1, c, 64);
+                    amx_store((const int32_t (*)[16])c, rowsum + n + PANEL, nr1, out + (long)m * N + n + PANEL, N);
+                }
+            }
+        }
+        _tile_release();
+    }
+}
+#endif
+
 /* a (M, K) uint8 x wp (w (N, K) in panels, as quantize_rows writes it) -> out (M, N) int32, the activations'
  * zero point (64: gemm_u8s8, 128: gemm_u8s8_vnni) folded out with rowsum: ceil(N / 16) * 16 entries (zeros
  * past N); `vnni` is a constant at both call sites, so each compiles to its own loops */
@@ -556,14 +646,22 @@ static inline __attribute__((always_inline)) void gemm_panels(int vnni, const ui
     int block = (262144 / (K > 0 ? K : 1)) & ~3;  /* activation rows a block: ~256 KB, in L2 */
     block = block < 4 ? 4 : block;
     for (int m0 = 0; m0 < M; m0 += block) {
-        int m1 = m0 + block < M ? m0 + block : M;
-#pragma omp parallel for schedule(static) if ((long)(m1 - m0) * N * K > 262144)
+        int m1 = m0 + block < M ? m0 + block : M, first = m0;  /* rows from `first` on: the vector tiles */
+#ifdef RLHFKIT_AMX
+        if (vnni && K % 64 == 0 && m1 - m0 >= 16 && amx_state == 1) {
+            first = m0 + (m1 - m0) / 16 * 16;
+            amx_rows(a, wp, rowsum, m0, first, N, K, out);
+            if (first == m1)
+                continue;
+        }
+#endif
+#pragma omp parallel for schedule(static) if ((long)(m1 - first) * N * K > 262144)
         for (int p = 0; p < panels; p++) {
             const int8_t *panel = wp + p * panel_bytes(K);
             int n = p * PANEL, nr = N - n < PANEL ? N - n : PANEL;
             const int32_t *rs = rowsum + n;
             int32_t *o = out + n;
-            int m = m0, rows = vnni ? VNNI_TILE_ROWS : TILE_ROWS;
+            int m = first, rows = vnni ? VNNI_TILE_ROWS : TILE_ROWS;
             for (; m + rows <= m1; m += rows)
                 tile(vnni, rows, a + (long)m * K, K, k4, panel, rs, nr, o + (long)m * N, N);
             const uint8_t *am = a + (long)m * K;
@@ -577,7 +675,7 @@ static inline __attribute__((always_inline)) void gemm_panels(int vnni, const ui
                 case 2: tile(vnni, 2, am, K, k4, panel, rs, nr, om, N); break;
                 case 1: tile(vnni, 1, am, K, k4, panel, rs, nr, om, N); break;
             }
-            for (int i = m0; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
+            for (int i = first; i < m1 && k4 < K; i++)  /* the last K % 4 columns (none for the usual sizes) */
                 for (int j = 0; j < nr; j++)
                     for (int k = k4; k < K; k++)
                         out[(long)i * N + n + j] += (int32_t)a[(long)i * K + k] * panel_at(panel, j, k);

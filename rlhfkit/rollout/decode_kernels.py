@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("decode_kernels.c")
-VERSION = 9  # rlhfkit_kernels_version() of the source this module calls
+VERSION = 10  # rlhfkit_kernels_version() of the source this module calls
 # OpenMP where the compiler has it (its loops then share torch's libgomp and thread count), else one thread
 # no -ffast-math: reassociated reductions would round differently with each buffer's alignment (a result that
 # changes from one process to the next); the C code spells out its vector lanes instead
@@ -107,6 +107,8 @@ def _load() -> None:
         for name, args in _SIGNATURES.items():
             getattr(lib, name).argtypes = args
             getattr(lib, name).restype = None
+        lib.rlhfkit_amx.argtypes = [_i]  # AMX tiles for the vnni kernel where the CPU has them; RLHFKIT_AMX=0: off
+        lib.rlhfkit_amx(0 if os.environ.get("RLHFKIT_AMX") == "0" else 1)
         _LIB = lib
     except (RuntimeError, OSError) as e:
         warnings.warn(f"the engine's fused decode ops are unavailable, its torch ops run instead ({e})",

@@ -100,7 +100,8 @@ class FastBackend:
             (T = 1 when greedy), 0 after a row's EOS. At ``quantize=False`` they equal the policy's to float
             rounding; otherwise they are the behaviour policy for importance weighting.
         last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts, the shared
-            prefix's length (0: none), whether the fused decode ops ran.
+            prefix's length (0: none), whether the fused decode ops ran, the int8 kernel
+            (:meth:`kernel_in_use`).
         sync_s: seconds the last :meth:`sync_weights` took (the int8 refresh cost per policy update).
     """
 
@@ -143,6 +144,14 @@ class FastBackend:
     # ---- weights ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def kernel_in_use(self) -> str:
+        """The int8 GEMM, ``"vnni+amx"`` where the vnni kernel runs blocks of 16 rows on AMX tiles
+        (decode_kernels.c; ``RLHFKIT_AMX=0`` switches them off); ``"fp32"`` when not quantizing."""
+        if self.quantize is False:
+            return "fp32"
+        lib = decode_kernels.load()
+        return "vnni+amx" if self.kernel == "vnni" and lib is not None and lib.rlhfkit_amx(-1) else self.kernel
+
     def sync_weights(self, model) -> None:
         """Rebuild the engine's weights from ``model`` (call after each optimizer step; int8: re-quantize)."""
         t0 = time.perf_counter()
@@ -454,5 +463,5 @@ class FastBackend:
         self.last_stats = {"prefill_s": t_prefill, "quantize_s": quantize_s,
                            "decode_s": time.perf_counter() - t0 - t_prefill - quantize_s,
                            "steps": steps, "distinct_prompts": len(keep), "shared_prefix": prefix,
-                           "fused": lib is not None}
+                           "fused": lib is not None, "kernel": self.kernel_in_use()}
         return out[:, :steps].to(prompt_ids.device)

@@ -276,6 +276,27 @@ def test_gemm_u8s8_vnni_is_the_exact_integer_product(lib, shape):
     assert lib.rlhfkit_has_vnni() in (0, 1)
 
 
+@pytest.mark.parametrize("shape", [(16, 16, 64), (40, 35, 128), (33, 96, 576), (17, 49, 64), (48, 20, 100)])
+def test_gemm_u8s8_vnni_on_amx_tiles_is_the_same_exact_product(lib, shape):
+    """Where the CPU has AMX, blocks of 16 rows run on its tiles (K a multiple of 64), the rest on the VNNI
+    tile: with AMX on and off, the exact product (elsewhere both runs take the VNNI tile)."""
+    m, n, k = shape
+    g = torch.Generator().manual_seed(14)
+    a = torch.randint(0, 256, (m, k), dtype=torch.uint8, generator=g)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    rowsum, packed = F.pad(w.sum(1, dtype=torch.int32), (0, -n % 16)), panels(w)
+    want = (a.int() - 128) @ w.int().t()
+    before = lib.rlhfkit_amx(-1)
+    try:
+        for on in (1, 0):
+            assert lib.rlhfkit_amx(on) in ((0, 1) if on else (0,))
+            out = torch.full((m, n), 7, dtype=torch.int32)
+            lib.gemm_u8s8_vnni(ptr(a), ptr(packed), ptr(rowsum), m, n, k, ptr(out))
+            assert torch.equal(out, want), f"AMX {'on' if on else 'off'}"
+    finally:
+        lib.rlhfkit_amx(before)
+
+
 @pytest.mark.parametrize("mode", [2, 3])
 def test_prep_writes_the_own_kernels_uint8_inputs(lib, mode):
     """Mode 2 (avx2): round(x / s) + 64, s = max |x| / 63; mode 3 (vnni): round(x / s) + 128, s = max |x| / 127."""
