@@ -69,8 +69,9 @@ def int8_kernel() -> str:
 
     Where ``/proc/cpuinfo`` lists a VNNI flag (:data:`VNNI_FLAGS`): ``vnni``, rlhfkit's own GEMM with an
     AVX-512 VNNI tile (``gemm_u8s8_vnni`` in decode_kernels.c), wherever its library is built with it
-    (docs/generation.md, "The own GEMM's VNNI tile": its decode GEMMs at 8 rows 1.3-2.2x ``_int_mm``'s, a
-    GRPO-shaped engine call 1.2x; level at 32 rows; the same integer products, so the same samples), else
+    and AMX tiles for blocks of 16 rows where the CPU has them (docs/generation.md, "The own GEMM's VNNI
+    tile": decode GEMMs at 8 rows 1.3-2.2x ``_int_mm``'s, at 32-100 rows 1.4-1.8x with AMX; the same
+    integer products, so the same samples), else
     ``int_mm`` (``torch._int_mm``, oneDNN, fast only with VNNI: elsewhere a loop 10-100x slower than fp32).
     Where it lists none: ``avx2``, rlhfkit's own with its AVX2 tile (``gemm_u8s8``), wherever its library
     is built with AVX2: inside the engine it is 1.1-1.3x fbgemm's kernel and needs no prepack
