@@ -41,7 +41,7 @@ from rlhfkit.rollout import decode_kernels
 from rlhfkit.rollout import fused as fused_ops
 from rlhfkit.rollout.draw import sample_tokens
 from rlhfkit.rollout.engine import SamplingConfig
-from rlhfkit.rollout.int8 import INT8_KERNELS, QuantLinear, avx2_available, int8_kernel, vnni_available
+from rlhfkit.rollout.int8 import QuantLinear, kernel_in_use, resolve_kernel
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 QUANTIZABLE = frozenset({"qkv", "o", "gate_up", "down", "lm_head"})
@@ -101,7 +101,7 @@ class FastBackend:
             rounding; otherwise they are the behaviour policy for importance weighting.
         last_stats: seconds spent in prefill / decode, decode steps run, distinct prompts, the shared
             prefix's length (0: none), whether the fused decode ops ran, the int8 kernel
-            (:meth:`kernel_in_use`).
+            (:func:`rlhfkit.rollout.int8.kernel_in_use`; ``"fp32"`` when not quantizing).
         sync_s: seconds the last :meth:`sync_weights` took (the int8 refresh cost per policy update).
     """
 
@@ -118,17 +118,7 @@ class FastBackend:
             raise ValueError("FastBackend is a CPU engine; on a GPU use HFBackend or the vLLM backend")
         self.tok, self.quantize, self.share_prefill, self.alpha = tokenizer, quantize, share_prefill, alpha
         self.quantized_prefill, self.fused, self.share_prefix = quantized_prefill, fused, share_prefix
-        if kernel not in ("auto", *INT8_KERNELS):
-            raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
-        self.kernel = int8_kernel() if kernel == "auto" else kernel
-        if self.kernel == "avx2" and not avx2_available():
-            raise ValueError("kernel 'avx2' needs rlhfkit's C library built with AVX2 (decode_kernels.c: a C compiler "
-                             "and an AVX2 CPU); use 'fbgemm' or 'int_mm'")
-        if self.kernel == "vnni" and decode_kernels.load() is None:
-            raise ValueError("kernel 'vnni' needs rlhfkit's C library (decode_kernels.c: a C compiler); use 'int_mm'")
-        if self.kernel == "vnni" and not vnni_available():
-            warnings.warn("kernel 'vnni': this CPU or compiler has no AVX-512 VNNI, so its GEMM runs as an exact "
-                          "scalar loop (slow); 'auto' picks the fast kernel here", stacklevel=2)
+        self.kernel = resolve_kernel(kernel)
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -144,14 +134,6 @@ class FastBackend:
     # ---- weights ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def kernel_in_use(self) -> str:
-        """The int8 GEMM, ``"vnni+amx"`` where the vnni kernel runs blocks of 16 rows on AMX tiles
-        (decode_kernels.c; ``RLHFKIT_AMX=0`` switches them off); ``"fp32"`` when not quantizing."""
-        if self.quantize is False:
-            return "fp32"
-        lib = decode_kernels.load()
-        return "vnni+amx" if self.kernel == "vnni" and lib is not None and lib.rlhfkit_amx(-1) else self.kernel
-
     def sync_weights(self, model) -> None:
         """Rebuild the engine's weights from ``model`` (call after each optimizer step; int8: re-quantize)."""
         t0 = time.perf_counter()
@@ -463,5 +445,6 @@ class FastBackend:
         self.last_stats = {"prefill_s": t_prefill, "quantize_s": quantize_s,
                            "decode_s": time.perf_counter() - t0 - t_prefill - quantize_s,
                            "steps": steps, "distinct_prompts": len(keep), "shared_prefix": prefix,
-                           "fused": lib is not None, "kernel": self.kernel_in_use()}
+                           "fused": lib is not None,
+                           "kernel": kernel_in_use(self.kernel) if self.quantize is not False else "fp32"}
         return out[:, :steps].to(prompt_ids.device)

@@ -99,6 +99,31 @@ def int8_kernel() -> str:
     return _KERNEL
 
 
+def resolve_kernel(kernel: str) -> str:
+    """``kernel`` (``"auto"``: :func:`int8_kernel`'s pick) checked against what this machine can run: an
+    own kernel needs the C library (``avx2`` its AVX2 build; ``vnni`` without AVX-512 VNNI runs, slowly,
+    with a warning)."""
+    if kernel not in ("auto", *INT8_KERNELS):
+        raise ValueError(f"kernel must be 'auto' or one of {INT8_KERNELS}, got {kernel!r}")
+    kernel = int8_kernel() if kernel == "auto" else kernel
+    if kernel == "avx2" and not avx2_available():
+        raise ValueError("kernel 'avx2' needs rlhfkit's C library built with AVX2 (decode_kernels.c: a C compiler "
+                         "and an AVX2 CPU); use 'fbgemm' or 'int_mm'")
+    if kernel == "vnni" and decode_kernels.load() is None:
+        raise ValueError("kernel 'vnni' needs rlhfkit's C library (decode_kernels.c: a C compiler); use 'int_mm'")
+    if kernel == "vnni" and not vnni_available():
+        warnings.warn("kernel 'vnni': this CPU or compiler has no AVX-512 VNNI, so its GEMM runs as an exact "
+                      "scalar loop (slow); 'auto' picks the fast kernel here", stacklevel=3)
+    return kernel
+
+
+def kernel_in_use(kernel: str) -> str:
+    """``kernel``, or ``"vnni+amx"`` where the vnni kernel runs blocks of 16 rows on AMX tiles
+    (decode_kernels.c; ``RLHFKIT_AMX=0`` switches them off)."""
+    lib = decode_kernels.load()
+    return "vnni+amx" if kernel == "vnni" and lib is not None and lib.rlhfkit_amx(-1) else kernel
+
+
 def _int_mm_is_fast() -> bool:
     """``_int_mm`` at most twice as slow as fbgemm's ``linear_dynamic`` on a decode-sized product (the
     GEMMs alone: the per-token ops around them would let machine noise decide at this size)."""
